@@ -1,0 +1,125 @@
+"""Run-directory outputs: resolved config, environment record, per-epoch metrics CSV, optional TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from leanprop.train.checkpoint import atomic_write_text
+
+METRIC_FIELDS = [
+    "epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
+    "val_loss", "val_top1", "val_top5", "epoch_seconds", "train_images_per_s", "data_images_per_s",
+]
+
+
+def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device, world_size: int = 1) -> dict:
+    """What a result depends on: versions, threads, allocator, machine."""
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "world_size": world_size,
+        "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
+        "git_sha": git_sha(),
+        "argv": sys.argv,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_config(run_dir: Path, cfg_dict: dict) -> None:
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+
+
+def write_env(run_dir: Path, env: dict) -> None:
+    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+
+
+class MetricsCSV:
+    """Append-only per-epoch metrics; on resume, rows after the checkpoint's epoch are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, epoch: int) -> None:
+        rows = self.read()
+        kept = [r for r in rows if int(r["epoch"]) <= epoch]
+        self._write_all(kept)
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _write_all(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        atomic_write_text(self.path, buf.getvalue())
+
+    def append(self, row: dict) -> None:
+        rows = self.read()
+        rows.append({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+        self._write_all(rows)
+
+
+def _fmt(v: object) -> object:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+class TensorBoard:
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError("train.tensorboard=true needs TensorBoard: pip install 'leanprop[tb]'") from e
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def log(self, row: dict, step: int) -> None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

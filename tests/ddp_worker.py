@@ -1,0 +1,20 @@
+"""Run by test_ddp under torchrun: train one epoch on every rank, save this rank's weights."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from leanprop import config as C
+from leanprop.train.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _synthetic import synth_overrides  # noqa: E402
+
+out = Path(sys.argv[1])
+cfg = C.load(None, synth_overrides(out, "train.epochs=1", "device=cpu"))
+t = Trainer(cfg, progress=False)
+res = t.fit()
+rank = torch.distributed.get_rank()
+torch.save({"model": t.model.state_dict(), "final": res.final, "samples": t.data.train.num_samples},
+           out / f"rank{rank}.pt")

@@ -1,0 +1,62 @@
+import pytest
+
+from leanprop import config as C
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name: resnet32}\ntrain: {epochs: 7}\n")
+    cfg = C.load(p, ["train.epochs=3", "optim.lr=0.05", "schedule.milestones=[1, 2]", "data.root=/x"])
+    assert cfg.model.name == "resnet32"
+    assert cfg.train.epochs == 3
+    assert cfg.optim.lr == 0.05
+    assert cfg.schedule.milestones == [1, 2]
+    assert cfg.data.root == "/x"
+    assert C.from_dict(C.to_dict(cfg)) == cfg
+
+
+def test_unknown_key_suggests_fix():
+    with pytest.raises(C.ConfigError, match="Did you mean 'epochs'"):
+        C.load(None, ["train.epoch=3"])
+    with pytest.raises(C.ConfigError, match="Unknown config key 'modle'"):
+        C.from_dict({"modle": {"name": "x"}})
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.epochs=three", "expected an integer"),
+        ("optim.lr=0", "optim.lr must be > 0"),
+        ("train.amp=fp8", "train.amp"),
+        ("data.name=mnist", "data.name"),
+        ("train.save_best=val", "data.val_split"),
+        ("schedule.name=piecewise", "one more entry"),
+        ("train.channels_last=maybe", "true or false"),
+        ("noequals", "key.path=value"),
+    ],
+)
+def test_bad_values(override, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.load(None, [override])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(FileNotFoundError, match="configs/"):
+        C.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(C.ConfigError, match="top level"):
+        C.load(lst)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+    assert len(files) >= 7
+    for f in files:
+        C.load(f)
