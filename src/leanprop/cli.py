@@ -85,16 +85,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                       ("device", "device"), ("progress", "train.progress")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    if args.config is None:
-        if args.resume in (None, "auto"):
-            raise C.ConfigError("leanprop train needs --config FILE (e.g. configs/quickstart.yaml), "
-                                "or --resume RUN_DIR to continue a run with its saved config")
+    if args.config is None and args.resume not in (None, "auto"):
         p = Path(args.resume)
         saved = load_checkpoint(p / CHECKPOINT_NAME if p.is_dir() else p)["config"]
         cfg = C.from_dict(C.apply_overrides(saved, overrides))
+    elif args.config is None:
+        if not args.overrides:
+            raise C.ConfigError("leanprop train needs --config FILE (e.g. configs/quickstart.yaml), "
+                                "or --resume RUN_DIR to continue a run with its saved config, "
+                                "or --set KEY=VALUE overrides of the defaults")
+        cfg = C.load(None, overrides)
     else:
         cfg = C.load(args.config, overrides)
-    progress = {"on": True, "off": False}.get(cfg.train.progress)
+    progress = {"on": True, "off": False, True: True, False: False}.get(cfg.train.progress)
     result = Trainer(cfg, resume=args.resume, progress=progress).fit()
     return 0 if result.final else 1
 

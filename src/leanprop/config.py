@@ -25,7 +25,7 @@ class DataConfig:
     name: str = "cifar10"  # cifar10 | cifar100 | npz | folder | imagenet | synthetic
     root: str | None = None  # data dir; None: $LEANPROP_DATA, then the user cache dir
     source: str = "auto"  # cifar10: auto | pickle (cifar-10-batches-py) | jpeg (shared JPEG tree)
-    path: str | None = None  # npz file for name=npz
+    path: str | None = None  # npz file (npz) or dataset folder (folder / imagenet); default: under root
     download: bool = False  # download the official CIFAR archive when it is missing
     batch_size: int = 128  # per process (DDP: per rank)
     eval_batch_size: int = 500
@@ -85,7 +85,7 @@ class TrainConfig:
     save_best: str = "none"  # none | val (never the test set)
     grad_clip: float | None = None
     tensorboard: bool = False
-    progress: str = "auto"  # auto (only on a TTY) | on | off
+    progress: bool | str = "auto"  # auto (only on a TTY) | on | off (YAML reads on/off as true/false)
     deterministic: bool = False
 
 
@@ -251,7 +251,7 @@ _CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("constant", "multistep", "cosine", "piecewise"),
     "train.save_best": ("none", "val"),
-    "train.progress": ("auto", "on", "off"),
+    "train.progress": ("auto", "on", "off", True, False),
 }
 
 
@@ -261,7 +261,7 @@ def validate(cfg: RunConfig) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
     if cfg.train.amp not in (None, "bf16", "fp16"):
         raise ConfigError(f"train.amp={cfg.train.amp!r}: use null, bf16 or fp16")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
