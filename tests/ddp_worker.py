@@ -9,7 +9,7 @@ from leanprop import config as C
 from leanprop.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _synthetic import synth_overrides  # noqa: E402
+from _helpers import synth_overrides  # noqa: E402
 
 out = Path(sys.argv[1])
 cfg = C.load(None, synth_overrides(out, "train.epochs=1", "device=cpu"))

@@ -2,7 +2,7 @@ import pytest
 
 from leanprop.cli import main
 
-from ._synthetic import synth_overrides
+from ._helpers import synth_overrides
 
 
 def _set(over):

@@ -60,3 +60,19 @@ def test_shipped_configs_load():
     assert len(files) >= 7
     for f in files:
         C.load(f)
+
+
+def test_every_config_key_is_documented():
+    import dataclasses
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    cfg = C.RunConfig()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            assert f"## `{f.name}`" in doc, f.name
+            for g in dataclasses.fields(value):
+                assert f"| `{g.name}` |" in doc, f"{f.name}.{g.name} missing from docs/configuration.md"
+        else:
+            assert f"| `{f.name}` |" in doc, f"{f.name} missing from docs/configuration.md"

@@ -7,7 +7,7 @@ from leanprop import config as C
 from leanprop.train.checkpoint import load_checkpoint
 from leanprop.train.trainer import Trainer
 
-from ._synthetic import synth_overrides
+from ._helpers import synth_overrides
 
 
 def _rows(run_dir):

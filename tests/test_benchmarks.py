@@ -1,0 +1,34 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import report  # noqa: E402
+import train_throughput  # noqa: E402
+
+
+def test_quick_throughput_writes_jsonl_and_report(tmp_path):
+    out, md = tmp_path / "r" / "tp.jsonl", tmp_path / "bench.md"
+    assert train_throughput.main(["--quick", "--no-data", "--threads", "1", "--out", str(out),
+                                  "--report", str(md)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 1
+    r = recs[0]
+    assert r["model"] == "resnet20" and r["batch"] == 128 and r["threads"] == 1 and r["dtype"] == "fp32"
+    assert r["images_per_s"] == pytest.approx(128 / (r["step_ms_median"] / 1000))
+    assert {"torch", "processor", "allocator", "git_sha", "timestamp"} <= set(r)
+    text = md.read_text()
+    assert "| resnet20 | 128 | 1 | fp32 |" in text and "Do not edit by hand" in text
+    # appending keeps old records; the report shows the newest per key
+    train_throughput.main(["--quick", "--no-data", "--threads", "1", "--out", str(out), "--report", ""])
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_report_rejects_corrupt_jsonl(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"bench": "train_throughput"}\nnot json\n')
+    with pytest.raises(ValueError, match="x.jsonl:2"):
+        report.read_records(tmp_path)
