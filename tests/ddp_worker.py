@@ -12,9 +12,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import synth_overrides  # noqa: E402
 
 out = Path(sys.argv[1])
-cfg = C.load(None, synth_overrides(out, "train.epochs=1", "device=cpu"))
+cfg = C.load(None, synth_overrides(out, "train.epochs=1", "device=cpu", *sys.argv[2:]))
 t = Trainer(cfg, progress=False)
 res = t.fit()
 rank = torch.distributed.get_rank()
-torch.save({"model": t.model.state_dict(), "final": res.final, "samples": t.data.train.num_samples},
-           out / f"rank{rank}.pt")
+masks = {}
+if t.controller is not None:
+    masks = {name: layer.weight_mask() for name, layer in t.controller.layers.items()}
+torch.save({"model": t.model.state_dict(), "final": res.final, "samples": t.data.train.num_samples,
+            "masks": masks}, out / f"rank{rank}.pt")

@@ -57,7 +57,7 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     files = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
-    assert len(files) >= 7
+    assert len(files) >= 50
     for f in files:
         C.load(f)
 
@@ -67,12 +67,29 @@ def test_every_config_key_is_documented():
     from pathlib import Path
 
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
-    cfg = C.RunConfig()
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
+    import typing
+
+    hints = typing.get_type_hints(C.RunConfig)
+    for f in dataclasses.fields(C.RunConfig):
+        section = [t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)]
+        if section:
+            value = section[0]
             assert f"## `{f.name}`" in doc, f.name
             for g in dataclasses.fields(value):
                 assert f"| `{g.name}` |" in doc, f"{f.name}.{g.name} missing from docs/configuration.md"
         else:
             assert f"| `{f.name}` |" in doc, f"{f.name} missing from docs/configuration.md"
+
+
+def test_base_include_merges_and_detects_loops(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {name: resnet32}\ntrain: {epochs: 9, channels_last: true}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {epochs: 2}\n")
+    cfg = C.load(tmp_path / "child.yaml")
+    assert cfg.model.name == "resnet32" and cfg.train.epochs == 2 and cfg.train.channels_last
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(C.ConfigError, match="loop"):
+        C.load(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        C.load(tmp_path / "c.yaml")

@@ -34,8 +34,13 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_is_bit_identical(tmp_path):
-    over = ["train.epochs=3", "data.augment=true"]
+SWAT_U = ["method.name=swat", "swat.sparsity=0.8", "swat.topk_period=3"]
+SWAT_M = ["method.name=swat", "swat.sparsity=0.8", "swat.distribution=momentum", "swat.topk_period=2"]
+
+
+@pytest.mark.parametrize("method", [[], SWAT_U, SWAT_M], ids=["dense", "swat-u", "swat-m"])
+def test_resume_is_bit_identical(tmp_path, method):
+    over = ["train.epochs=3", "data.augment=true", *method]
     ref = Trainer(C.load(None, synth_overrides(tmp_path / "a", *over)), progress=False)
     ref.fit()
 
@@ -62,6 +67,12 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b), k
     oa, ob = ref.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"]) for i in oa)
+    if method:
+        sa, sb = ref.controller.state_dict(), resumed.controller.state_dict()
+        assert sa["step"] == sb["step"] and sa["budget"] == sb["budget"]
+        for name, la in sa["layers"].items():
+            for key, value in la.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb["layers"][name][key])), (name, key)
     keys = ["epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1"]
     ra, rb = _rows(ref.run_dir), _rows(resumed.run_dir)
     assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb]
@@ -96,3 +107,14 @@ def test_save_best_uses_validation_only(tmp_path):
     assert (res.run_dir / "best.pt").exists()
     assert res.best["epoch"] in (1, 2) and "val_top1" in res.best
     assert all(r["val_top1"] != "" for r in _rows(res.run_dir))
+
+
+def test_swat_run_reports_flops_and_sparsity(tmp_path, capsys):
+    cfg = C.load(None, synth_overrides(tmp_path, "train.epochs=1", *SWAT_U))
+    res = Trainer(cfg, progress=False).fit()
+    out = capsys.readouterr().out
+    assert "training FLOPs -" in out and "measured sparsity" in out
+    assert (res.run_dir / "swat_layers.txt").exists()
+    row = _rows(res.run_dir)[-1]
+    assert 0.5 < float(row["weight_sparsity"]) < 0.9  # first layer dense, the rest at 80 %
+    assert load_checkpoint(res.run_dir / "checkpoint.pt")["method"]["step"] == 4

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from leanprop.accounting import flops_cli
+
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 LONG_RUNNING = {"train"}
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="draw loss/accuracy curves of a run to PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png)")
+    flops_cli.add_parser(sub)
     return p
 
 
@@ -170,7 +173,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "plot": cmd_plot, "flops": flops_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from leanprop.swat.config import SWATConfig
+
 
 @dataclass
 class DataConfig:
@@ -91,7 +93,7 @@ class TrainConfig:
 
 @dataclass
 class MethodConfig:
-    """Which back-propagation method trains the model. ``dense`` is plain PyTorch."""
+    """Which back-propagation method trains the model: ``dense`` (plain PyTorch) or ``swat``."""
 
     name: str = "dense"
 
@@ -109,6 +111,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    swat: SWATConfig | None = None  # method.name=swat; None: SWATConfig() defaults
 
 
 class ConfigError(ValueError):
@@ -179,7 +182,10 @@ def _from_dict(cls: type, data: dict, where: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"Unknown config key '{path}'.{_hint(key, names)}")
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
 
 
 def to_dict(cfg: Any) -> dict:
@@ -230,19 +236,36 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (optional), apply overrides, validate. Raises ConfigError / FileNotFoundError."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"Config file not found: {p}. Configs ship in the repository's configs/ folder.")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, model:, ...)")
+    data = _read_yaml(Path(path)) if path is not None else {}
     apply_overrides(data, overrides or [])
     return from_dict(data)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """One config file; a ``base: other.yaml`` entry (relative to this file) is loaded first and merged under."""
+    if not p.is_file():
+        raise FileNotFoundError(f"Config file not found: {p}. Configs ship in the repository's configs/ folder.")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: 'base:' files include each other in a loop")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, model:, ...)")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: 'base' must be a path to another YAML config")
+    return _deep_merge(_read_yaml(p.parent / base, (*seen, p.resolve())), data)
 
 
 _CHOICES = {
@@ -252,6 +275,7 @@ _CHOICES = {
     "schedule.name": ("constant", "multistep", "cosine", "piecewise"),
     "train.save_best": ("none", "val"),
     "train.progress": ("auto", "on", "off", True, False),
+    "method.name": ("dense", "swat"),
 }
 
 
@@ -281,5 +305,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("schedule.warmup_epochs must be >= 0")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError("threads must be >= 1")
+    if cfg.swat is not None and cfg.method.name != "swat":
+        raise ConfigError("a swat: section is set but method.name is not 'swat': set method.name=swat "
+                          "(or remove the swat: section)")
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path: the .npz file with x_train, y_train, x_test, y_test")

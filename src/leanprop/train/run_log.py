@@ -19,6 +19,7 @@ from leanprop.train.checkpoint import atomic_write_text
 METRIC_FIELDS = [
     "epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
     "val_loss", "val_top1", "val_top5", "epoch_seconds", "train_images_per_s", "data_images_per_s",
+    "weight_sparsity", "act_sparsity",
 ]
 
 

@@ -85,7 +85,12 @@ def build_method(model: nn.Module, cfg: RunConfig) -> Any | None:
     """The back-propagation method's controller (``None`` for dense training)."""
     if cfg.method.name == "dense":
         return None
-    raise ConfigError(f"method.name={cfg.method.name!r} is not available in this version; use 'dense'")
+    if cfg.method.name == "swat":
+        from leanprop.nn.convert import convert_
+        from leanprop.swat.config import SWATConfig
+
+        return convert_(model, cfg.swat or SWATConfig())
+    raise ConfigError(f"method.name={cfg.method.name!r} is not available; use 'dense' or 'swat'")
 
 
 def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
@@ -180,6 +185,8 @@ class Trainer:
         self.controller = build_method(self.model, cfg)
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout; parameters come from rank 0 via DDP
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        if self.controller is not None and hasattr(self.controller, "attach_optimizer"):
+            self.controller.attach_optimizer(self.optimizer)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, len(self.data.train), cfg.train.epochs)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" else None
         self.train_model: nn.Module = self.model
@@ -272,6 +279,8 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         loader = self.data.train
         loader.set_epoch(self.epoch)
+        if self.controller is not None:
+            self.controller.on_epoch_start(self.epoch)
         self.train_model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.float64, device=dev)
@@ -353,6 +362,8 @@ class Trainer:
             "data_images_per_s": (self.dist.world_size * stats["images"] / stats["data_seconds"]
                                   if stats["data_seconds"] > 0 else None),
         }
+        if self.controller is not None and hasattr(self.controller, "measured_sparsity"):
+            row.update(self.controller.measured_sparsity())
         dist_util.broadcast_buffers(self.model, self.dist)
         if self.epoch % cfg.train.eval_every == 0 or last:
             kw = dict(amp=cfg.train.amp, channels_last=cfg.train.channels_last, dist_info=self.dist)
@@ -379,9 +390,32 @@ class Trainer:
                 msg += f" | test top-1 {row['test_top1']:.2f}%"
             if "val_top1" in row:
                 msg += f" | val top-1 {row['val_top1']:.2f}%"
+            if row.get("weight_sparsity") is not None:
+                act = row.get("act_sparsity")
+                msg += f" | sparsity W {row['weight_sparsity']:.1%}" + (f" X {act:.1%}" if act is not None else "")
             self._say(msg)
         dist_util.barrier(self.dist)
         return row
+
+    def _method_summary_lines(self) -> list[str]:
+        """Counted training-FLOP reduction and measured sparsities (SWAT); the per-layer table goes to a file."""
+        if self.controller is None or not hasattr(self.controller, "summary"):
+            return []
+        from leanprop.accounting.flops import count_flops
+
+        shape = (1, self.data.in_channels, self.data.image_size, self.data.image_size)
+        report = count_flops(self.model, shape)
+        m = self.controller.measured_sparsity()
+        table = self.run_dir / "swat_layers.txt"
+        ckpt_io.atomic_write_text(table, self.controller.summary() + "\n\n" + report.table() + "\n")
+        act = "-" if m["act_sparsity"] is None else f"{m['act_sparsity']:.1%}"
+        out = [f"  training FLOPs -{report.training_reduction:.1%} vs dense (conv/linear, counted from budgets; "
+               f"inference -{report.inference_reduction:.1%})"]
+        if getattr(report, "measured_training_reduction", None) is not None:
+            out[0] = out[0][:-1] + f"; measured -{report.measured_training_reduction:.1%})"
+        out.append(f"  measured sparsity  weights {m['weight_sparsity']:.1%}  activations {act}  "
+                   f"(per layer: {table})")
+        return out
 
     def _say(self, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
@@ -396,6 +430,7 @@ class Trainer:
         if r.best:
             lines.append(f"  best on validation: epoch {r.best['epoch']}, val top-1 {r.best['val_top1']:.2f}% "
                          f"-> {BEST_NAME}")
+        lines += self._method_summary_lines()
         lines.append(f"  training speed {r.train_images_per_s:.0f} images/s "
                      f"(data pipeline alone {r.data_images_per_s:.0f} images/s), "
                      f"{torch.get_num_threads()} thread(s), {self.device}")

@@ -1,0 +1,78 @@
+"""``convert_(model, config, filter_fn)`` / ``revert_(model)``: swap layers in place, reusing Parameters.
+
+The swapped layers hold the very Parameter objects of the original ones, so optimizers built before or
+after conversion see the same tensors and ``state_dict()`` keys never change: a model trained with a
+method loads into the plain architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from leanprop.nn.swat_layers import SWAT_LAYERS, SWATConv2d, SWATLinear, to_dense
+from leanprop.swat.budget import assign_budget, collect_layers
+from leanprop.swat.config import SWATConfig
+from leanprop.swat.controller import SWATController
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def convert_(model: nn.Module, config: SWATConfig, filter_fn: FilterFn | None = None) -> SWATController:
+    """Convert ``model`` in place for ``config`` and return the method's controller.
+
+    ``filter_fn(name, module) -> bool`` restricts which Conv2d/Linear layers are converted; the first
+    and last of the *converted* layers are the ones the first/last-layer flags refer to.
+    """
+    if not isinstance(config, SWATConfig):
+        raise TypeError(f"convert_: unsupported config {type(config).__name__}; pass a leanprop.SWATConfig")
+    if any(isinstance(m, SWAT_LAYERS) for m in model.modules()):
+        raise ValueError("convert_: the model already holds SWAT layers; call leanprop.revert_(model) first")
+    modules = dict(model.named_modules())
+    specs = [s for s in collect_layers(model) if filter_fn is None or filter_fn(s.name, modules[s.name])]
+    if not specs:
+        raise ValueError("convert_: no nn.Conv2d or nn.Linear layer to convert "
+                         "(the model has none, or filter_fn rejected them all)")
+    budget = assign_budget(specs, config)
+    layers: dict[str, nn.Module] = {}
+    for spec in specs:
+        old = modules[spec.name]
+        cls = SWATConv2d if isinstance(old, nn.Conv2d) else SWATLinear
+        new = cls.from_dense(old, budget[spec.name], config)
+        _set_submodule(model, spec.name, new)
+        layers[spec.name] = new
+    return SWATController(model, layers, config, budget)
+
+
+def revert_(model: nn.Module) -> nn.Module:
+    """Swap every method layer back to its plain PyTorch class (same Parameters); returns ``model``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SWAT_LAYERS):
+            _set_submodule(model, name, to_dense(module))
+    return model
+
+
+@torch.no_grad()
+def hard_prune_(model: nn.Module) -> dict[str, float]:
+    """Zero the pruned weights of every SWAT layer for good (exact Top-K at its final budget, spec §1.8).
+
+    Returns the weight sparsity each layer ends with. Use it at the end of training to obtain the sparse
+    model; ``revert_`` afterwards gives a plain model whose zeros are the SWAT topology.
+    """
+    result = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SWAT_LAYERS):
+            module.refresh_weight_threshold()
+            mask = module.weight_mask()
+            if mask is not None:
+                module.weight.mul_(mask)
+            result[name] = 1.0 - float(torch.count_nonzero(module.weight)) / module.weight.numel()
+    return result

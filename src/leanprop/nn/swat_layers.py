@@ -1,0 +1,196 @@
+"""SWAT layers: ``nn.Conv2d`` / ``nn.Linear`` subclasses whose training step follows SWAT (spec §1.1).
+
+Forward ``Y = op(X, TopK(W))`` with the dense input; backward ``dX`` from ``TopK(W)``, ``dW`` from
+``TopK(X)`` (dense: pruned weights keep learning), ``G`` untouched. Thresholds are recomputed exactly
+when the controller sets ``recompute`` (every ``topk_period`` steps, §1.3) and reused in between.
+
+The layers reuse the Parameters of the module they replace, and their method state (thresholds,
+measured densities) lives in non-persistent buffers, so ``state_dict()`` keys are those of the plain
+model; the controller's ``state_dict()`` carries the SWAT state into checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanprop.swat.config import SWATConfig
+from leanprop.swat.functions import swat_conv2d, swat_linear
+from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify, structured_keep_mask
+
+
+class SWATMixin:
+    """State and Top-K logic shared by the SWAT conv and linear layers."""
+
+    weight: nn.Parameter
+    w_threshold: torch.Tensor
+    x_threshold: torch.Tensor
+
+    def _init_swat(self, sparsity: float, cfg: SWATConfig, structure: str | None) -> None:
+        self.sparsity = float(sparsity)
+        self.structure = structure
+        self.sparse_eval = cfg.sparse_eval
+        self.estimator = cfg.threshold_estimator
+        self.sample_size = cfg.sample_size
+        self.recompute = True  # set by the controller before each training step
+        self.measure = False  # count the realised densities on this step (set by the controller)
+        dev = self.weight.device
+        self.register_buffer("w_threshold", torch.zeros((), dtype=torch.float32, device=dev), persistent=False)
+        self.register_buffer("x_threshold", torch.zeros((), dtype=torch.float32, device=dev), persistent=False)
+        # running sums of measured densities: [weight nnz/numel sum, activation nnz/numel sum, count]
+        self.register_buffer("density_stats", torch.zeros(3, dtype=torch.float64, device=dev), persistent=False)
+        self.refresh_weight_threshold()
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def refresh_weight_threshold(self) -> None:
+        """Exact Top-K threshold of the current dense weights (unstructured layers)."""
+        if self.structure is None and self.sparsity > 0:
+            k = keep_count(self.weight.numel(), self.sparsity)
+            self.w_threshold.copy_(magnitude_threshold(self.weight.detach(), k))
+
+    @torch.no_grad()
+    def weight_mask(self) -> torch.Tensor | None:
+        """Boolean keep-mask of the weights under the current threshold / structure (None: dense)."""
+        if self.sparsity <= 0:
+            return None
+        w = self.weight.detach()
+        if self.structure is not None:
+            return structured_keep_mask(w, self.sparsity, self.structure).expand_as(w)
+        return w.abs() >= self.w_threshold
+
+    def _sparse_weight(self) -> torch.Tensor:
+        w = self.weight.detach()
+        if self.sparsity <= 0:
+            return w
+        if self.structure is not None:
+            return w * structured_keep_mask(w, self.sparsity, self.structure)
+        if self.training and torch.is_grad_enabled() and self._recompute_now():
+            self.refresh_weight_threshold()
+        return sparsify(w, self.w_threshold)
+
+    def _recompute_now(self) -> bool:
+        """Exact Top-K on this training step (else the cached thresholds are reused)."""
+        return self.recompute
+
+    # ------------------------------------------------------------------ activations
+    def _activation_threshold(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.sparsity <= 0:
+            return None
+        if self._recompute_now():
+            k = keep_count(x.numel(), self.sparsity)
+            with torch.no_grad():
+                self.x_threshold.copy_(magnitude_threshold(x.detach(), k, estimator=self.estimator,
+                                                           sample_size=self.sample_size))
+        return self.x_threshold
+
+    @torch.no_grad()
+    def _measure(self, x: torch.Tensor, w_s: torch.Tensor, x_thr: torch.Tensor | None) -> None:
+        d_w = float(torch.count_nonzero(w_s)) / w_s.numel()
+        d_x = 1.0 if x_thr is None else float((x.detach().abs() >= x_thr).sum()) / x.numel()
+        self.density_stats += torch.tensor([d_w, d_x, 1.0], dtype=torch.float64, device=self.density_stats.device)
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def swat_density(self) -> tuple[float, float]:
+        """Nominal (weight, activation) density: both ``1 - s_l`` (spec §1.1)."""
+        return (1.0 - self.sparsity, 1.0 - self.sparsity)
+
+    @property
+    def swat_measured_density(self) -> tuple[float, float] | None:
+        """Mean (weight, activation) density actually seen on the measured training steps."""
+        n = float(self.density_stats[2])
+        if n == 0:
+            return None
+        return (float(self.density_stats[0]) / n, float(self.density_stats[1]) / n)
+
+    def _swat_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_s = self._sparse_weight()
+        if self.training and torch.is_grad_enabled():
+            x_thr = self._activation_threshold(x)
+            if self.measure:
+                self._measure(x, w_s, x_thr)
+            return self._swat_op(x, w_s, x_thr)
+        # evaluation / no_grad: no activation Top-K (spec §5 item 15); sparse weights unless turned off
+        return self._plain_op(x, w_s if self.sparse_eval else self.weight)
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        s = super().extra_repr()  # type: ignore[misc]
+        structure = f", structure={self.structure}" if self.structure else ""
+        return f"{s}, sparsity={self.sparsity:.3f}{structure}"
+
+
+class SWATConv2d(SWATMixin, nn.Conv2d):
+    """``nn.Conv2d`` trained with SWAT (any stride, padding, dilation, groups, padding mode)."""
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, sparsity: float, cfg: SWATConfig) -> SWATConv2d:
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        new._init_swat(sparsity, cfg, cfg.structure)
+        return new
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return x, self.padding
+
+    def _swat_op(self, x, w_s, x_thr):
+        x, padding = self._pad(x)
+        return swat_conv2d(x, self.weight, w_s, self.bias, x_thr, self.stride, padding, self.dilation, self.groups)
+
+    def _plain_op(self, x, w):
+        x, padding = self._pad(x)
+        return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._swat_forward(x)
+
+
+class SWATLinear(SWATMixin, nn.Linear):
+    """``nn.Linear`` trained with SWAT (any number of leading input dimensions)."""
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, sparsity: float, cfg: SWATConfig) -> SWATLinear:
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        new.every_step = cfg.linear_topk_every_step
+        new._init_swat(sparsity, cfg, None)  # linear layers are always unstructured (spec §1.2)
+        return new
+
+    def _recompute_now(self) -> bool:
+        # the official code does exact Top-K of linear W and X on every step (spec §1.3)
+        return self.recompute or self.every_step
+
+    def _swat_op(self, x, w_s, x_thr):
+        return swat_linear(x, self.weight, w_s, self.bias, x_thr)
+
+    def _plain_op(self, x, w):
+        return F.linear(x, w, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._swat_forward(x)
+
+
+SWAT_LAYERS = (SWATConv2d, SWATLinear)
+
+
+def to_dense(layer: nn.Module) -> nn.Module:
+    """A plain ``nn.Conv2d`` / ``nn.Linear`` holding the same Parameters as a SWAT layer."""
+    if isinstance(layer, SWATConv2d):
+        new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                        layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+    elif isinstance(layer, SWATLinear):
+        new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+    else:
+        raise TypeError(f"not a SWAT layer: {type(layer).__name__}")
+    new.weight = layer.weight
+    new.bias = layer.bias
+    new.train(layer.training)
+    return new

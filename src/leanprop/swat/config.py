@@ -1,0 +1,74 @@
+"""SWAT configuration (Raihan & Aamodt, NeurIPS 2020; spec ../shared/specs/swat.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DISTRIBUTIONS = ("uniform", "erk", "momentum")
+STRUCTURES = (None, "channel", "filter")
+ESTIMATORS = ("exact", "sample")
+
+
+@dataclass
+class SWATConfig:
+    """How SWAT sparsifies a model.
+
+    sparsity: target fraction of zeros per layer (U) or overall (ERK, M), 0 <= s < 1.
+    distribution: per-layer budgets: "uniform" (SWAT-U), "erk" (SWAT-ERK), "momentum" (SWAT-M).
+    structure: None (unstructured weights), "channel" (L1 of each (out,in) kernel) or "filter" (L1 of
+        each output filter); activations are always unstructured, as in the paper.
+    topk_period: exact Top-K every this many training steps; thresholds are reused in between (§1.3).
+    exact_topk_epochs: leading epochs with exact Top-K on every step (the official "warmup").
+    sparsify_first_layer / sparsify_last_layer: None follows the official configs: first layer dense for
+        uniform and structured, sparse for ERK and M; last layer sparse (§1.4).
+    overrides: per-layer sparsity by module name or regular expression (full match), applied last.
+    sparse_eval: evaluate with the sparse weights, as the official code does.
+    threshold_estimator: "exact" (default) or "sample" (an approximate threshold from a random sample).
+    linear_topk_every_step: exact Top-K for linear layers on every step, as the official code does.
+    momentum_freeze / momentum_residual_steps: SWAT-M's 0.99 freeze rule and the maximum number of
+        redistribution passes (within one budget update) that spread a frozen layer's excess (§1.5).
+    """
+
+    sparsity: float = 0.9
+    distribution: str = "uniform"
+    structure: str | None = None
+    topk_period: int = 20
+    exact_topk_epochs: int = 0
+    sparsify_first_layer: bool | None = None
+    sparsify_last_layer: bool | None = None
+    overrides: dict[str, float] = field(default_factory=dict)
+    sparse_eval: bool = True
+    threshold_estimator: str = "exact"
+    sample_size: int = 16384
+    linear_topk_every_step: bool = True
+    momentum_freeze: float = 0.99
+    momentum_residual_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"SWAT sparsity must be in [0, 1), got {self.sparsity}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"SWAT distribution {self.distribution!r}: use one of {', '.join(DISTRIBUTIONS)}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"SWAT structure {self.structure!r}: use null, 'channel' or 'filter'")
+        if self.topk_period < 1:
+            raise ValueError(f"SWAT topk_period must be >= 1 (steps), got {self.topk_period}")
+        if self.exact_topk_epochs < 0:
+            raise ValueError("SWAT exact_topk_epochs must be >= 0")
+        if self.threshold_estimator not in ESTIMATORS:
+            raise ValueError(f"SWAT threshold_estimator {self.threshold_estimator!r}: use 'exact' or 'sample'")
+        for name, s in self.overrides.items():
+            if not 0.0 <= float(s) < 1.0:
+                raise ValueError(f"SWAT override {name!r}: sparsity must be in [0, 1), got {s}")
+        if not 0.0 < self.momentum_freeze <= 1.0:
+            raise ValueError("SWAT momentum_freeze must be in (0, 1]")
+
+    @property
+    def first_layer_sparse(self) -> bool:
+        if self.sparsify_first_layer is not None:
+            return self.sparsify_first_layer
+        return self.distribution in ("erk", "momentum") and self.structure is None
+
+    @property
+    def last_layer_sparse(self) -> bool:
+        return True if self.sparsify_last_layer is None else self.sparsify_last_layer

@@ -1,0 +1,142 @@
+"""The one object that drives SWAT during training: Top-K period, exact-Top-K epochs, SWAT-M budgets.
+
+Call order per iteration (as in spec §1.7): forward, backward, ``optimizer.step()``, ``controller.step()``.
+``on_epoch_start(epoch)`` before each epoch. Its ``state_dict()`` holds everything SWAT adds to a run
+(step, epoch, budgets, thresholds, measured densities, SWAT-M state), so resume is bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanprop.swat.config import SWATConfig
+
+
+class SWATController:
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], cfg: SWATConfig, budget: dict[str, float],
+                 measure_every: int = 50):
+        self.model = model
+        self.layers = layers
+        self.cfg = cfg
+        self.budget = dict(budget)
+        self.measure_every = measure_every
+        self.step_count = 0
+        self.epoch = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.momentum = None
+        if cfg.distribution == "momentum":
+            from leanprop.swat.budget import collect_layers
+            from leanprop.swat.momentum import MomentumRedistributor
+
+            specs = [s for s in collect_layers(model) if s.name in layers]
+            self.momentum = MomentumRedistributor(specs, cfg)
+        self._set_flags()
+
+    # ---------------------------------------------------------------- training hooks
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """SWAT-M reads the optimizer's momentum; other distributions ignore it."""
+        if self.momentum is not None:
+            from leanprop.swat.momentum import check_optimizer_supports_momentum
+
+            check_optimizer_supports_momentum(optimizer)
+        self.optimizer = optimizer
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._set_flags()
+
+    def step(self) -> None:
+        """After ``optimizer.step()``: update SWAT-M budgets, advance the step, set next step's flags."""
+        if self.momentum is not None:
+            self._momentum_update()
+        self.step_count += 1
+        self._set_flags()
+
+    def _recompute_due(self) -> bool:
+        return self.epoch < self.cfg.exact_topk_epochs or self.step_count % self.cfg.topk_period == 0
+
+    def _set_flags(self) -> None:
+        recompute = self._recompute_due()
+        measure = self.step_count % self.measure_every == self.measure_every - 1 or self.step_count == 0
+        for layer in self.layers.values():
+            layer.recompute = recompute
+            layer.measure = measure
+
+    def _momentum_update(self) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("SWAT-M needs the optimizer: call controller.attach_optimizer(optimizer) first")
+        from leanprop.swat.momentum import mean_abs_momentum
+
+        stats = {}
+        for name, layer in self.layers.items():
+            stats[name] = mean_abs_momentum(self.optimizer, layer.weight, layer.weight_mask())
+        self.budget = self.momentum.update(stats)
+        for name, layer in self.layers.items():
+            layer.sparsity = float(self.budget[name])  # applied at the layer's next Top-K recompute
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_count,
+            "epoch": self.epoch,
+            "budget": dict(self.budget),
+            "layers": {name: {"sparsity": layer.sparsity, "w_threshold": layer.w_threshold.detach().cpu().clone(),
+                              "x_threshold": layer.x_threshold.detach().cpu().clone(),
+                              "density_stats": layer.density_stats.detach().cpu().clone()}
+                       for name, layer in self.layers.items()},
+            "momentum": self.momentum.state_dict() if self.momentum is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.layers) ^ set(state["layers"])
+        if missing:
+            raise ValueError(f"SWAT state does not match the model's SWAT layers (differ: {sorted(missing)[:5]})")
+        self.step_count, self.epoch = state["step"], state["epoch"]
+        self.budget = dict(state["budget"])
+        for name, layer in self.layers.items():
+            s = state["layers"][name]
+            layer.sparsity = float(s["sparsity"])
+            layer.w_threshold.copy_(s["w_threshold"])
+            layer.x_threshold.copy_(s["x_threshold"])
+            layer.density_stats.copy_(s["density_stats"])
+        if self.momentum is not None and state.get("momentum") is not None:
+            self.momentum.load_state_dict(state["momentum"])
+        self._set_flags()
+
+    # ---------------------------------------------------------------- reporting
+    def layer_stats(self) -> list[dict[str, Any]]:
+        """Per layer: target sparsity and the measured weight and activation sparsity."""
+        rows = []
+        for name, layer in self.layers.items():
+            mask = layer.weight_mask()
+            w_now = 0.0 if mask is None else 1.0 - float(mask.sum()) / mask.numel()
+            measured = layer.swat_measured_density
+            rows.append({"name": name, "shape": tuple(layer.weight.shape), "numel": layer.weight.numel(),
+                         "target": layer.sparsity, "weight_sparsity": w_now,
+                         "act_sparsity": None if measured is None else 1.0 - measured[1]})
+        return rows
+
+    def measured_sparsity(self) -> dict[str, float | None]:
+        """Overall measured weight sparsity (by parameter count) and mean measured activation sparsity."""
+        rows = self.layer_stats()
+        total = sum(r["numel"] for r in rows)
+        w = sum(r["weight_sparsity"] * r["numel"] for r in rows) / max(1, total)
+        acts = [r["act_sparsity"] for r in rows if r["act_sparsity"] is not None]
+        return {"weight_sparsity": w, "act_sparsity": sum(acts) / len(acts) if acts else None}
+
+    def summary(self) -> str:
+        rows = self.layer_stats()
+        lines = [f"SWAT ({self.cfg.distribution}, target {self.cfg.sparsity:.0%}"
+                 + (f", {self.cfg.structure}" if self.cfg.structure else "") + f") after {self.step_count} steps",
+                 f"{'layer':<32} {'shape':<20} {'target':>7} {'weights':>8} {'acts':>8}"]
+        for r in rows:
+            act = "-" if r["act_sparsity"] is None else f"{r['act_sparsity']:.1%}"
+            lines.append(f"{r['name'][:32]:<32} {str(r['shape']):<20} {r['target']:>7.1%} "
+                         f"{r['weight_sparsity']:>8.1%} {act:>8}")
+        m = self.measured_sparsity()
+        act = "-" if m["act_sparsity"] is None else f"{m['act_sparsity']:.1%}"
+        lines.append(f"{'overall (weights by count, acts mean)':<53} {m['weight_sparsity']:>16.1%} {act:>8}")
+        return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""SWAT conv2d / linear as autograd Functions (spec ../shared/specs/swat.md §1.1, §6).
+
+Forward: ``Y = conv(X, W_s) + b`` with the dense input X. Saved for backward: ``X_s = sparsify(X, x_threshold)``
+and ``W_s`` only. Backward: ``dX`` from ``W_s`` and G, ``dW`` from ``X_s`` and G, returned as the gradient of the
+*dense* weight (pruned weights keep learning), ``db = ΣG``; G is never modified. ``weight_sparse`` is the caller's
+detached, already masked weight and gets no gradient, nor does ``x_threshold``.
+
+Under ``torch.autocast`` the forward computes in the autocast dtype like ``nn.Conv2d``/``nn.Linear`` do, saves the
+low-precision tensors, and the backward returns dW/db in the parameters' dtype and dX in x's dtype. Thresholds stay
+fp32 (see ``topk.sparsify``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
+
+from leanprop.swat.topk import sparsify
+
+__all__ = ["swat_conv2d", "swat_linear"]
+
+Threshold = Tensor | float | None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast compute dtype for this device type, or None when autocast is off."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError):  # torch < 2.4 or a device type without autocast
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
+
+
+def _no_autocast(device_type: str, active: bool):
+    return torch.autocast(device_type, enabled=False) if active else contextlib.nullcontext()
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """Autocast's rule: floating tensors other than float64 go to the autocast dtype."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
+
+
+def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class _SWATConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups):
+        dev = x.device.type
+        amp = _autocast_dtype(dev)
+        xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
+        with _no_autocast(dev, amp is not None):
+            y = F.conv2d(xc, ws, bc, stride, padding, dilation, groups)
+        need_w = ctx.needs_input_grad[1]
+        ctx.save_for_backward(sparsify(xc, x_threshold) if need_w else None, ws)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.x_shape = x.shape
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.amp = amp is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x_s, ws = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b_dtype is not None and ctx.needs_input_grad[3]]
+        if not any(mask):
+            return (None,) * 9
+        g = _to(grad_out, ws.dtype)
+        inp = x_s if x_s is not None else ws.new_empty(()).expand(ctx.x_shape)  # only its shape is read for dX
+        with _no_autocast(g.device.type, ctx.amp):
+            dx, dw, db = torch.ops.aten.convolution_backward(
+                g, inp, ws, [ws.shape[0]] if mask[2] else None, list(stride), list(padding), list(dilation),
+                False, [0, 0], groups, mask)
+        return (_to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype) if mask[2] else None,
+                None, None, None, None, None)
+
+
+class _SWATLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, weight_sparse, bias, x_threshold):
+        dev = x.device.type
+        amp = _autocast_dtype(dev)
+        xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
+        with _no_autocast(dev, amp is not None):
+            y = F.linear(xc, ws, bc)
+        need_w = ctx.needs_input_grad[1]
+        ctx.save_for_backward(sparsify(xc, x_threshold) if need_w else None, ws)
+        ctx.x_shape = x.shape
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.amp = amp is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x_s, ws = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = b_dtype is not None and ctx.needs_input_grad[3]
+        g = _to(grad_out, ws.dtype).reshape(-1, ws.shape[0])
+        dx = dw = db = None
+        with _no_autocast(g.device.type, ctx.amp):
+            if need_x:
+                dx = g.mm(ws).view(ctx.x_shape)
+            if need_w:
+                dw = g.t().mm(x_s.reshape(-1, ws.shape[1]))  # (X_sᵀ·G)ᵀ, spec §1.1 B2
+            if need_b:
+                db = g.sum(0)
+        return _to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype), None
+
+
+def _same_padding(x: Tensor, weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int]):
+    """Explicit padding for padding="same": symmetric ints, plus the extra right/bottom zero that even kernels
+    need, applied to x with F.pad exactly as PyTorch's own "same" convolution does."""
+    if stride != (1, 1):
+        raise ValueError("padding='same' is not supported for strided convolutions")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
+    left = [p // 2 for p in total]
+    extra = [p - 2 * lft for p, lft in zip(total, left, strict=True)]  # right minus left padding: 0 or 1
+    if any(extra):
+        x = F.pad(x, [0, extra[1], 0, extra[0]])
+    return x, (left[0], left[1])
+
+
+def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
+                x_threshold: Threshold = None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """SWAT 2-D convolution (spec §1.1): ``conv2d(x, weight_sparse, bias)`` in the forward; the backward gives
+    ``dX`` from ``weight_sparse``, ``dW = conv2d_weight(sparsify(x, x_threshold), G)`` to the dense ``weight``
+    and ``db = ΣG``.
+
+    ``weight_sparse`` must be the detached masked weight, same shape as ``weight``; ``x_threshold`` is a 0-d fp32
+    tensor or float (None or <= 0: X saved dense, no copy). ``stride``/``padding``/``dilation`` as in
+    ``F.conv2d``, including padding="valid"/"same". x may be (N, C, H, W) or unbatched (C, H, W).
+    """
+    if weight_sparse.shape != weight.shape:
+        raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
+    if x.dim() == 3:
+        return swat_conv2d(x.unsqueeze(0), weight, weight_sparse, bias, x_threshold, stride, padding, dilation,
+                           groups).squeeze(0)
+    stride, dilation = _pair(stride), _pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            x, padding = _same_padding(x, weight, stride, dilation)
+        else:
+            raise ValueError(f"padding {padding!r}: use an int, a pair, 'valid' or 'same'")
+    else:
+        padding = _pair(padding)
+    return _SWATConv2d.apply(x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups)
+
+
+def swat_linear(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
+                x_threshold: Threshold = None) -> Tensor:
+    """SWAT linear layer (spec §1.1): ``Y = x·W_sᵀ + b``; backward ``dX = G·W_s``, ``dW = (X_sᵀ·G)ᵀ`` for the
+    dense ``weight``, ``db = ΣG``. x has shape (..., in); the leading dims are flattened in the backward."""
+    if weight_sparse.shape != weight.shape:
+        raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
+    return _SWATLinear.apply(x, weight, weight_sparse, bias, x_threshold)
