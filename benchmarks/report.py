@@ -47,7 +47,7 @@ def _latest(recs: list[dict], key: tuple[str, ...]) -> list[dict]:
     """Keep the newest record for each key (records are appended in time order)."""
     out: OrderedDict = OrderedDict()
     for r in recs:
-        out[tuple(r.get(k) for k in key)] = r
+        out[tuple(str(r.get(k)) for k in key)] = r
     return list(out.values())
 
 
@@ -80,6 +80,30 @@ def render(recs: list[dict]) -> str:
                   "normalize to float32 NCHW), no model.", ""]
         rows = [[r["dataset"], str(r["batch"]), str(r["threads"]), f"{r['images_per_s']:.0f}"] for r in dp]
         parts += [_table(["dataset", "batch", "threads", "images/s"], rows), ""]
+    sw = _latest([r for r in recs if r.get("bench") == "swat_speed"],
+                 ("model", "method", "topk_period", "threads", "batch", "processor"))
+    if sw:
+        parts += ["## SWAT step time against dense (emulated sparsity, masked dense kernels)", "",
+                  "Dense and SWAT steps interleaved round by round in one process (bs 128, NHWC, fp32); the "
+                  "median ratio ignores the exact Top-K steps, the ratio of means amortises them over the "
+                  "period. Command: `python benchmarks/swat_speed.py [--topk-period P]`. Target: <= 1.10.", ""]
+        rows = [[r["model"], r["method"], str(r["topk_period"]), str(r["threads"]), f"{r['dense_ms']:.1f}",
+                 f"{r['swat_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_mean']:.3f}", str(r["rounds"]),
+                 r.get("git_sha") or "?"]
+                for r in sorted(sw, key=lambda r: (r["model"], r["topk_period"], r["threads"]))]
+        parts += [_table(["model", "method", "period", "threads", "dense ms", "SWAT ms", "ratio (median)",
+                          "ratio (mean)", "rounds", "git"], rows), ""]
+    th = _latest([r for r in recs if r.get("bench") == "swat_threshold"], ("shape", "op", "threads", "processor"))
+    if th:
+        parts += ["## Top-K threshold and mask cost", "",
+                  "Median ms per call on one tensor at 10 % kept. Command: `python benchmarks/swat_threshold.py`.",
+                  ""]
+        ops = list(dict.fromkeys(r["op"] for r in th))
+        keys = list(dict.fromkeys((str(r["shape"]), r["threads"]) for r in th))
+        cell = {(str(r["shape"]), r["threads"], r["op"]): r["ms"] for r in th}
+        rows = [[shape, str(t)] + [f"{cell[(shape, t, op)]:.1f}" if (shape, t, op) in cell else "" for op in ops]
+                for shape, t in keys]
+        parts += [_table(["tensor", "threads", *ops], rows), ""]
     machines = sorted({f"{r.get('processor', '?')} ({r.get('cpu_count', '?')} CPUs)" for r in recs})
     if machines:
         parts += ["Machines: " + "; ".join(machines) + ".", ""]

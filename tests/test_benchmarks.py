@@ -32,3 +32,15 @@ def test_report_rejects_corrupt_jsonl(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"bench": "train_throughput"}\nnot json\n')
     with pytest.raises(ValueError, match="x.jsonl:2"):
         report.read_records(tmp_path)
+
+
+def test_swat_speed_records_ratio(tmp_path):
+    import swat_speed
+
+    out = tmp_path / "s.jsonl"
+    assert swat_speed.main(["--models", "resnet20", "--threads", "1", "--batch", "8", "--rounds", "3",
+                            "--warmup", "1", "--topk-period", "2", "--out", str(out), "--report", ""]) == 0
+    r = json.loads(out.read_text())
+    assert r["bench"] == "swat_speed" and r["method"] == "swat-u90" and r["topk_period"] == 2
+    assert r["ratio"] == pytest.approx(r["swat_ms"] / r["dense_ms"])
+    assert 0.0 < r["measured"]["weight_sparsity"] < 0.9  # first layer dense, the rest at 90 %

@@ -120,11 +120,12 @@ class SWATController:
         return rows
 
     def measured_sparsity(self) -> dict[str, float | None]:
-        """Overall measured weight sparsity (by parameter count) and mean measured activation sparsity."""
+        """Overall measured weight sparsity (by parameter count, all SWAT layers) and the mean measured
+        activation sparsity of the sparsified layers (layers kept dense, e.g. the first, are left out)."""
         rows = self.layer_stats()
         total = sum(r["numel"] for r in rows)
         w = sum(r["weight_sparsity"] * r["numel"] for r in rows) / max(1, total)
-        acts = [r["act_sparsity"] for r in rows if r["act_sparsity"] is not None]
+        acts = [r["act_sparsity"] for r in rows if r["act_sparsity"] is not None and r["target"] > 0]
         return {"weight_sparsity": w, "act_sparsity": sum(acts) / len(acts) if acts else None}
 
     def summary(self) -> str:
@@ -138,5 +139,6 @@ class SWATController:
                          f"{r['weight_sparsity']:>8.1%} {act:>8}")
         m = self.measured_sparsity()
         act = "-" if m["act_sparsity"] is None else f"{m['act_sparsity']:.1%}"
-        lines.append(f"{'overall (weights by count, acts mean)':<53} {m['weight_sparsity']:>16.1%} {act:>8}")
+        lines.append(f"{'overall (weights by count; acts: mean of sparse layers)':<53} "
+                     f"{m['weight_sparsity']:>16.1%} {act:>8}")
         return "\n".join(lines)

@@ -12,6 +12,7 @@ The result is the exact K-th largest |value|, bit for bit equal to ``topk(|t|.fl
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -208,6 +209,13 @@ def _largest_below(thr: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(c.to(torch.float32) >= thr, torch.nextafter(c, torch.zeros_like(c)), c)
 
 
+@functools.lru_cache(maxsize=4096)
+def _hardshrink_lambda(thr: float, dtype: torch.dtype) -> float:
+    """λ for ``F.hardshrink`` so that ``|t| > λ`` ⟺ ``|t| >= thr`` for ``t`` of ``dtype`` (cached: thresholds
+    change only at Top-K recomputes, so this is computed once per layer and period)."""
+    return float(_largest_below(torch.tensor(thr, dtype=torch.float32), dtype))
+
+
 def _compiling() -> bool:
     fn = getattr(torch.compiler, "is_compiling", None)
     return bool(fn()) if fn is not None else False
@@ -244,8 +252,7 @@ def sparsify(t: Tensor, thr: Tensor | float | None) -> Tensor:
         return t
     if not t.is_floating_point():
         return torch.where(t.abs() >= thr, t, torch.zeros((), dtype=t.dtype, device=t.device))
-    lam = float(_largest_below(torch.tensor(thr, dtype=torch.float32), t.dtype))
-    return F.hardshrink(t, lam)
+    return F.hardshrink(t, _hardshrink_lambda(thr, t.dtype))
 
 
 def structured_scores(w: Tensor, structure: str) -> Tensor:

@@ -413,7 +413,7 @@ class Trainer:
                f"inference -{report.inference_reduction:.1%})"]
         if getattr(report, "measured_training_reduction", None) is not None:
             out[0] = out[0][:-1] + f"; measured -{report.measured_training_reduction:.1%})"
-        out.append(f"  measured sparsity  weights {m['weight_sparsity']:.1%}  activations {act}  "
+        out.append(f"  measured sparsity  weights {m['weight_sparsity']:.1%}  activations {act} (sparse layers)  "
                    f"(per layer: {table})")
         return out
 
