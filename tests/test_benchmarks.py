@@ -44,3 +44,22 @@ def test_swat_speed_records_ratio(tmp_path):
     assert r["bench"] == "swat_speed" and r["method"] == "swat-u90" and r["topk_period"] == 2
     assert r["ratio"] == pytest.approx(r["swat_ms"] / r["dense_ms"])
     assert 0.0 < r["measured"]["weight_sparsity"] < 0.9  # first layer dense, the rest at 90 %
+
+
+def test_swat_accuracy_report_from_run_dirs(tmp_path):
+    import swat_accuracy
+
+    out = tmp_path / "runs"
+    fields = "epoch,step,test_top1,weight_sparsity,act_sparsity"
+    for name, acc, epochs in (("dense", 90.0, 30), ("swat-u90", 88.5, 30), ("swat-erk90", 70.0, 12)):
+        d = swat_accuracy.run_dir(out, "resnet20", name)
+        d.mkdir(parents=True)
+        sp = "" if name == "dense" else "0.9,0.88"
+        (d / "metrics.csv").write_text(f"{fields}\n{epochs},{epochs * 391},{acc},{sp or ','}\n")
+    md = tmp_path / "swat.md"
+    text = swat_accuracy.report(out, "resnet20", 30, md)
+    assert md.read_text() == text
+    assert "| swat-u90 | 30/30 | 88.50 % | -1.50 |" in text
+    assert "| swat-erk90 | 12/30 (in progress) | 70.00 % |  |" in text
+    assert "| swat-m90 | 0/30 | not run yet |" in text
+    assert "--set swat.distribution=momentum" in text and "--set train.epochs=30" in text

@@ -118,3 +118,14 @@ def test_swat_run_reports_flops_and_sparsity(tmp_path, capsys):
     row = _rows(res.run_dir)[-1]
     assert 0.5 < float(row["weight_sparsity"]) < 0.9  # first layer dense, the rest at 80 %
     assert load_checkpoint(res.run_dir / "checkpoint.pt")["method"]["step"] == 4
+
+
+def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(tmp_path):
+    cfg = C.load(None, synth_overrides(tmp_path, "train.epochs=1"))
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "config.yaml").write_text("stale: true\n")
+    (d / "metrics.csv").write_text("epoch,step\n1,4\n")  # a row whose checkpoint was never written
+    res = Trainer(cfg, resume="auto", progress=False).fit()
+    assert res.run_dir == d
+    assert [r["epoch"] for r in _rows(d)] == ["1"] and _rows(d)[0]["test_top1"] != ""

@@ -74,6 +74,8 @@ def resolve_run_dir(cfg: RunConfig, resume: str | None) -> tuple[Path, Path | No
         if cands:
             d = max(cands, key=lambda d: (d / CHECKPOINT_NAME).stat().st_mtime)
             return d, d / CHECKPOINT_NAME
+        if base.is_dir():  # started before but died before its first checkpoint: start it again in place
+            return base, None
     run_dir, n = base, 1
     while run_dir.exists() and any(run_dir.iterdir()):
         n += 1
@@ -239,8 +241,9 @@ class Trainer:
         if self.resume_ckpt is not None:
             self.load_state_dict(ckpt_io.load_checkpoint(self.resume_ckpt, map_location=self.device))
             if main:
-                metrics.truncate_after(self.epoch)
                 self._say(f"Resumed {self.resume_ckpt} at epoch {self.epoch}, step {self.step}")
+        if main and metrics.path.exists():
+            metrics.truncate_after(self.epoch)  # rows of epochs whose checkpoint was never written
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(self.run_dir, to_dict(cfg))
