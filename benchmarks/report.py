@@ -23,6 +23,18 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def run_context() -> tuple[dict, str]:
+    """What every benchmark record carries: the machine/software environment and a UTC timestamp."""
+    import datetime as dt
+
+    import torch
+
+    from leanprop.train.run_log import environment
+
+    env = {k: v for k, v in environment(torch.device("cpu")).items() if k != "argv"}
+    return env, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def append_records(path: Path, records: list[dict]) -> None:
     """Append records to a JSONL file without ever leaving it half-written."""
     old = path.read_text() if path.exists() else ""

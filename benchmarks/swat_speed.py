@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import statistics
 import sys
 import time
@@ -24,11 +23,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import append_records, write_report  # noqa: E402
+from report import append_records, run_context, write_report  # noqa: E402
 
 import leanprop  # noqa: E402
 from leanprop import models  # noqa: E402
-from leanprop.train.run_log import environment  # noqa: E402
 
 DEFAULT_JSONL = ROOT / "benchmarks" / "results" / "swat_speed.jsonl"
 
@@ -86,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip the report")
     a = ap.parse_args(argv)
     cfg = leanprop.SWATConfig(sparsity=a.sparsity, distribution=a.distribution, topk_period=a.topk_period)
-    base = environment(torch.device("cpu"))
-    base.pop("argv", None)
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    base, stamp = run_context()
     records = []
     for threads in a.threads:
         torch.set_num_threads(threads)

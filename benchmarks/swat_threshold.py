@@ -20,7 +20,6 @@ the same allocator (jemalloc recommended: see ../shared/specs/performance-notes.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
 import statistics
 import sys
@@ -32,10 +31,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import append_records  # noqa: E402
+from report import append_records, run_context  # noqa: E402
 
 from leanprop.swat import topk  # noqa: E402
-from leanprop.train.run_log import environment  # noqa: E402
 
 DEFAULT_JSONL = ROOT / "benchmarks" / "results" / "swat_threshold.jsonl"
 
@@ -80,8 +78,7 @@ def check(t: torch.Tensor, keep: int) -> None:
 
 def bench(threads: int, rounds: int, warmup: int, keep_fraction: float, names: list[str] | None) -> list[dict]:
     torch.set_num_threads(threads)
-    env = {k: v for k, v in environment(torch.device("cpu")).items() if k != "argv"}
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    env, stamp = run_context()
     records = []
     for name, shape, x_shape, w_shape in TENSORS:
         if names and name not in names:

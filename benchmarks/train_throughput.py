@@ -15,7 +15,6 @@ record times the real augmented CIFAR-10 loader when the data is found, else the
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 import sys
 import time
@@ -26,12 +25,11 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import append_records, write_report  # noqa: E402
+from report import append_records, run_context, write_report  # noqa: E402
 
 from leanprop import models  # noqa: E402
 from leanprop.config import DataConfig  # noqa: E402
 from leanprop.data import build_data  # noqa: E402
-from leanprop.train.run_log import environment  # noqa: E402
 
 DEFAULT_JSONL = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
 
@@ -97,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.models, a.steps, a.warmup = ["resnet20"], 3, 1
     cl_opts = {"on": [True], "off": [False], "both": [False, True]}[a.channels_last]
-    base = environment(torch.device("cpu"))
-    base.pop("argv", None)
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    base, stamp = run_context()
     records = []
     for threads in a.threads:
         torch.set_num_threads(threads)

@@ -9,6 +9,9 @@ from leanprop.train.trainer import Trainer
 
 from ._helpers import synth_overrides
 
+SWAT_U = ["method.name=swat", "swat.sparsity=0.8", "swat.topk_period=3"]
+SWAT_M = ["method.name=swat", "swat.sparsity=0.8", "swat.distribution=momentum", "swat.topk_period=2"]
+
 
 def _rows(run_dir):
     with open(run_dir / "metrics.csv") as f:
@@ -32,10 +35,6 @@ def test_train_writes_run_dir(tmp_path):
 
 class Crash(RuntimeError):
     pass
-
-
-SWAT_U = ["method.name=swat", "swat.sparsity=0.8", "swat.topk_period=3"]
-SWAT_M = ["method.name=swat", "swat.sparsity=0.8", "swat.distribution=momentum", "swat.topk_period=2"]
 
 
 @pytest.mark.parametrize("method", [[], SWAT_U, SWAT_M], ids=["dense", "swat-u", "swat-m"])
@@ -95,10 +94,16 @@ def test_unknown_model_and_fp16_on_cpu(tmp_path):
         Trainer(C.load(None, synth_overrides(tmp_path, "train.amp=fp16", "device=cpu")), progress=False)
 
 
-def test_bf16_autocast_and_channels_last(tmp_path):
-    cfg = C.load(None, synth_overrides(tmp_path, "train.epochs=1", "train.amp=bf16", "train.channels_last=true"))
-    res = Trainer(cfg, progress=False).fit()
+@pytest.mark.parametrize("method", [[], SWAT_U], ids=["dense", "swat-u"])
+def test_bf16_autocast_and_channels_last(tmp_path, method):
+    cfg = C.load(None, synth_overrides(tmp_path, "train.epochs=1", "train.amp=bf16", "train.channels_last=true",
+                                       *method))
+    t = Trainer(cfg, progress=False)
+    res = t.fit()
     assert float(res.final["train_loss"]) > 0
+    if method:  # thresholds stay fp32 under autocast
+        assert all(layer.x_threshold.dtype == torch.float32 for layer in t.controller.layers.values())
+        assert any(float(layer.x_threshold) > 0 for layer in t.controller.layers.values())
 
 
 def test_save_best_uses_validation_only(tmp_path):
