@@ -167,3 +167,30 @@ def test_hard_prune_summary_and_state_dict_roundtrip():
     w = m.layer2[0].conv1.weight
     assert int(torch.count_nonzero(w)) == keep_count(w.numel(), 0.9)
     assert result["layer2.0.conv1"] == pytest.approx(0.9, abs=1e-3)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # small-batch steps of big models are faster on one thread here
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", [*models.list_models("cifar"), "resnet18"])
+def test_every_zoo_model_trains_a_step_with_swat_erk(name, one_thread):
+    torch.manual_seed(0)
+    m = models.create(name)
+    ctl = leanprop.convert_(m, leanprop.SWATConfig(sparsity=0.9, distribution="erk"))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    ctl.attach_optimizer(opt)
+    size = models.model_info(name).input_size if models.model_info(name).family == "cifar" else 64
+    out = m(torch.randn(2, 3, size, size))
+    out.logsumexp(1).mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    opt.step()
+    ctl.step()
+    total = sum(layer.weight.numel() for layer in ctl.layers.values())
+    kept = sum((1 - ctl.budget[n]) * layer.weight.numel() for n, layer in ctl.layers.items())
+    assert kept / total == pytest.approx(0.1, abs=0.01)  # ERK: the overall density is the target
