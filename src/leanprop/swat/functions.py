@@ -55,21 +55,27 @@ def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold):
+    """The shared SWAT forward: ``op(X, W_s, b)`` in the autocast dtype (like nn.Conv2d / nn.Linear), then save
+    ``X_s`` (only when dW is needed) and ``W_s``, plus the dtypes the backward must return."""
+    dev = x.device.type
+    amp = _autocast_dtype(dev)
+    xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
+    with _no_autocast(dev, amp is not None):
+        y = op(xc, ws, bc)
+    ctx.save_for_backward(sparsify(xc, x_threshold) if ctx.needs_input_grad[1] else None, ws)
+    ctx.x_shape = x.shape
+    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.amp = amp is not None
+    return y
+
+
 class _SWATConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups):
-        dev = x.device.type
-        amp = _autocast_dtype(dev)
-        xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
-        with _no_autocast(dev, amp is not None):
-            y = F.conv2d(xc, ws, bc, stride, padding, dilation, groups)
-        need_w = ctx.needs_input_grad[1]
-        ctx.save_for_backward(sparsify(xc, x_threshold) if need_w else None, ws)
         ctx.conf = (stride, padding, dilation, groups)
-        ctx.x_shape = x.shape
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.amp = amp is not None
-        return y
+        return _forward_and_save(ctx, lambda a, w, b: F.conv2d(a, w, b, stride, padding, dilation, groups),
+                                 x, weight, weight_sparse, bias, x_threshold)
 
     @staticmethod
     @once_differentiable
@@ -93,17 +99,7 @@ class _SWATConv2d(torch.autograd.Function):
 class _SWATLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_sparse, bias, x_threshold):
-        dev = x.device.type
-        amp = _autocast_dtype(dev)
-        xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
-        with _no_autocast(dev, amp is not None):
-            y = F.linear(xc, ws, bc)
-        need_w = ctx.needs_input_grad[1]
-        ctx.save_for_backward(sparsify(xc, x_threshold) if need_w else None, ws)
-        ctx.x_shape = x.shape
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.amp = amp is not None
-        return y
+        return _forward_and_save(ctx, F.linear, x, weight, weight_sparse, bias, x_threshold)
 
     @staticmethod
     @once_differentiable
