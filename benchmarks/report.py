@@ -12,6 +12,11 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
+from leanprop.accounting.context import append_jsonl as append_records
+from leanprop.accounting.context import run_context
+
+__all__ = ["append_records", "read_records", "render", "run_context", "write_report"]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,26 +26,6 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def run_context() -> tuple[dict, str]:
-    """What every benchmark record carries: the machine/software environment and a UTC timestamp."""
-    import datetime as dt
-
-    import torch
-
-    from leanprop.train.run_log import environment
-
-    env = {k: v for k, v in environment(torch.device("cpu")).items() if k != "argv"}
-    return env, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def append_records(path: Path, records: list[dict]) -> None:
-    """Append records to a JSONL file without ever leaving it half-written."""
-    old = path.read_text() if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    _atomic_write(path, old + "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def read_records(results_dir: Path) -> list[dict]:
@@ -67,6 +52,51 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+_METHOD_ORDER = ("dense", "checkpoint", "blpa8", "blpa4", "blpa2")
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _memory_section(recs: list[dict]) -> list[str]:
+    """"Memory kept for backward" from ``bench == "memory"`` records (benchmarks/blpa_memory.py,
+    ``leanprop bench memory --jsonl``)."""
+    mem = _latest([r for r in recs if r.get("bench") == "memory" and "saved_bytes" in r],
+                  ("model", "model_kwargs", "input_shape", "batch", "method", "device", "dtype", "threads",
+                   "processor"))
+    if not mem:
+        return []
+    parts = ["## Memory kept for backward", "",
+             "Kept: bytes autograd keeps for backward after one training-mode forward pass (saved-tensor audit, "
+             "deduplicated by storage, parameters and buffers excluded); vs dense: against the dense record of "
+             "the same invocation. Peak: one training step (forward, cross-entropy, backward; after a warm-up "
+             "step) in a fresh process, peak RSS on CPU (max allocated on CUDA); growth = peak minus the RSS "
+             "just before the forward. Command: `python benchmarks/blpa_memory.py`. Target (spec blpa.md §6): "
+             "BLPA-4 keeps >= 14x less than dense on pre-activation ResNet-164.", ""]
+
+    def order(r: dict) -> tuple:
+        m = r["method"]
+        return (r["model"], r["batch"], str(r.get("input_shape")), r.get("device", ""),
+                _METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m)
+
+    rows = []
+    for r in sorted(mem, key=order):
+        ratio = r.get("ratio_vs_dense")
+        vs = "-" if ratio is None else f"{ratio:.3f}" + (f" (1/{1 / ratio:.1f})" if ratio > 0 else "")
+        mb = r.get("max_batch")
+        cap = r.get("mem_cap_bytes")
+        opts = ",".join(f"{k}={v}" for k, v in (r.get("model_kwargs") or {}).items())
+        rows.append([r["model"] + (f" ({opts})" if opts else ""), str(r["batch"]), r["method"],
+                     _mib(r["saved_bytes"]), vs,
+                     _mib(r.get("peak_bytes")), _mib(r.get("step_peak_growth_bytes")),
+                     "-" if mb is None else f"{mb} (cap {cap / 2**30:.2f} GiB)", r.get("device", "?"),
+                     r.get("allocator", "?"), r.get("git_sha") or "?"])
+    parts += [_table(["model", "batch", "method", "kept MiB", "vs dense", "peak MiB", "growth MiB",
+                      "max batch", "device", "allocator", "git"], rows), ""]
+    return parts
 
 
 def render(recs: list[dict]) -> str:
@@ -116,6 +146,7 @@ def render(recs: list[dict]) -> str:
         rows = [[shape, str(t)] + [f"{cell[(shape, t, op)]:.1f}" if (shape, t, op) in cell else "" for op in ops]
                 for shape, t in keys]
         parts += [_table(["tensor", "threads", *ops], rows), ""]
+    parts += _memory_section(recs)
     machines = sorted({f"{r.get('processor', '?')} ({r.get('cpu_count', '?')} CPUs)" for r in recs})
     if machines:
         parts += ["Machines: " + "; ".join(machines) + ".", ""]

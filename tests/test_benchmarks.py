@@ -63,3 +63,104 @@ def test_swat_accuracy_report_from_run_dirs(tmp_path):
     assert "| swat-erk90 | 12/30 (in progress) | 70.00 % |  |" in text
     assert "| swat-m90 | 0/30 | not run yet |" in text
     assert "--set swat.distribution=momentum" in text and "--set train.epochs=30" in text
+
+
+SWAT_U90_COMMAND = [
+    "leanprop", "train", "--config", "configs/dense/cifar10_resnet18.yaml", "--set", "model.name=resnet20",
+    "--set", "train.epochs=30", "--set", "schedule.name=cosine", "--set", "train.amp=bf16",
+    "--set", "train.channels_last=true", "--set", "seed=0", "--set", "method.name=swat", "--set", "swat.sparsity=0.9",
+    "--set", "swat.distribution=uniform", "--set", "swat.topk_period=10", "--set", "run_name=acc-resnet20-swat-u90",
+]
+
+
+class _Ran:
+    """Stands in for subprocess.run in the runners: records the commands, trains nothing."""
+
+    def __init__(self):
+        self.commands = []
+
+    def __call__(self, cmd, check):
+        assert check is True
+        self.commands.append(cmd)
+
+
+def test_swat_accuracy_commands_and_run_names_are_unchanged(tmp_path, monkeypatch):
+    """Runs in progress resume by run name and the report quotes these commands: they must not drift."""
+    import _accuracy_matrix
+    import swat_accuracy
+
+    assert swat_accuracy.command("swat-u90", "resnet20", 30) == SWAT_U90_COMMAND
+    assert swat_accuracy.run_dir(tmp_path, "resnet20", "swat-m90") == tmp_path / "acc-resnet20-swat-m90"
+    assert list(swat_accuracy.VARIANTS) == ["dense", "swat-u90", "swat-erk90", "swat-m90", "swat-channel70"]
+    # the runner skips finished runs and resumes the others by name
+    done = swat_accuracy.run_dir(tmp_path, "resnet20", "dense")
+    done.mkdir(parents=True)
+    (done / "metrics.csv").write_text("epoch,step,test_top1\n30,11730,90.0\n")
+    ran = _Ran()
+    monkeypatch.setattr(_accuracy_matrix.subprocess, "run", ran)
+    md = tmp_path / "swat.md"
+    assert swat_accuracy.main(["--out-dir", str(tmp_path), "--data-dir", "../shared/data", "--report", str(md),
+                               "--only", "dense", "swat-u90"]) == 0
+    assert ran.commands == [[*SWAT_U90_COMMAND, "--out-dir", str(tmp_path), "--resume", "auto", "--progress", "off",
+                             "--data-dir", "../shared/data"]]
+    assert "| dense | 30/30 | 90.00 % | +0.00 | 0 % |  |" in md.read_text()
+
+
+def test_blpa_accuracy_commands_train_the_presets():
+    import blpa_accuracy
+
+    from leanprop import config as C
+
+    assert list(blpa_accuracy.VARIANTS) == ["exact", "blpa8", "blpa4", "blpa2"]
+    root = BENCH.parent
+    for name, bits in (("exact", None), ("blpa8", 8), ("blpa4", 4), ("blpa2", 2)):
+        cmd = blpa_accuracy.command(name, "preact_resnet20", 30)
+        assert cmd[:4] == ["leanprop", "train", "--config", cmd[3]] and (root / cmd[3]).is_file()
+        sets = cmd[5::2]
+        assert all(flag == "--set" for flag in cmd[4::2])
+        cfg = C.load(root / cmd[3], sets)  # what `leanprop train` would run
+        assert cfg.model.name == "preact_resnet20" and cfg.model.kwargs == {"shortcut": "pad"}
+        assert cfg.data.name == "cifar10" and cfg.train.epochs == 30 and cfg.seed == 0
+        assert cfg.train.amp == "bf16" and cfg.schedule.name == "cosine"  # as swat_accuracy runs its matrix
+        assert cfg.run_name == f"acc-preact_resnet20-{name}"
+        if bits is None:
+            assert cfg.method.name == "dense" and cfg.blpa is None
+        else:
+            assert cfg.method.name == "blpa" and cfg.blpa.bits == bits
+    assert "--set train.epochs=45" in " ".join(blpa_accuracy.command("blpa4", "preact_resnet20", 45))
+
+
+def test_blpa_accuracy_report_and_runner(tmp_path, monkeypatch):
+    import _accuracy_matrix
+    import blpa_accuracy
+
+    out = tmp_path / "runs"
+    for name, acc, epochs, cfg in (("exact", 91.0, 30, "method: {name: dense}\n"),
+                                   ("blpa8", 90.5, 30, "method: {name: blpa}\nblpa: {bits: 8}\n"),
+                                   ("blpa4", 60.0, 7, "method: {name: blpa}\nblpa: {bits: 4}\n")):
+        d = blpa_accuracy.run_dir(out, "preact_resnet20", name)
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(cfg)
+        rows = "".join(f"{e},{e * 391},{acc},{60 + e}\n" for e in range(1, epochs + 1))
+        (d / "metrics.csv").write_text("epoch,step,test_top1,epoch_seconds\n" + rows)
+    md = tmp_path / "blpa.md"
+    text = blpa_accuracy.report(out, "preact_resnet20", 30, md)
+    assert md.read_text() == text
+    assert "| method | epochs done | test top-1 | gap to exact |" in text
+    assert "| exact | 30/30 | 91.00 % | +0.00 | as PyTorch (exact) | 76 s |" in text
+    assert "| blpa8 | 30/30 | 90.50 % | -0.50 | 8-bit codes | 76 s |" in text
+    assert "| blpa4 | 7/30 (in progress) | 60.00 % |  | 4-bit codes | 64 s |" in text
+    assert "| blpa2 | 0/30 | not run yet | | | |" in text
+    assert "preact_resnet20 (shortcut=pad), 30 epochs" in text and "bf16 autocast" in text
+    assert ("- blpa2: `leanprop train --config configs/blpa/preact_resnet20_cifar10_2bit.yaml "
+            "--set model.name=preact_resnet20 --set train.epochs=30") in text
+    # the runner trains what is unfinished (resuming by run name), then rewrites the report
+    ran = _Ran()
+    monkeypatch.setattr(_accuracy_matrix.subprocess, "run", ran)
+    assert blpa_accuracy.main(["--out-dir", str(out), "--report", str(md)]) == 0
+    assert [c[3] for c in ran.commands] == ["configs/blpa/preact_resnet20_cifar10_4bit.yaml",
+                                            "configs/blpa/preact_resnet20_cifar10_2bit.yaml"]
+    assert all(c[-6:] == ["--out-dir", str(out), "--resume", "auto", "--progress", "off"] for c in ran.commands)
+    ran.commands.clear()
+    assert blpa_accuracy.main(["--out-dir", str(out), "--report", str(md), "--report-only"]) == 0
+    assert ran.commands == []

@@ -93,3 +93,92 @@ def test_base_include_merges_and_detects_loops(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         C.load(tmp_path / "c.yaml")
+
+
+# ---------------------------------------------------------------- method sections: blpa (and swat+blpa)
+def test_blpa_section_parses_and_round_trips(tmp_path):
+    from leanprop.blpa.config import BLPAConfig
+    from leanprop.swat.config import SWATConfig
+
+    p = tmp_path / "b.yaml"
+    p.write_text("model: {name: preact_resnet20, kwargs: {shortcut: pad}}\n"
+                 "method: {name: blpa}\nblpa: {bits: 8, mode: ref, codec_bits: null, kernels: torch}\n")
+    cfg = C.load(p, ["blpa.codec_min_bytes=0"])
+    assert cfg.blpa == BLPAConfig(bits=8, mode="ref", codec_bits=None, kernels="torch", codec_min_bytes=0)
+    assert isinstance(cfg.blpa.window, float)
+    assert C.from_dict(C.to_dict(cfg)) == cfg
+    assert C.method_configs(cfg) == [cfg.blpa]
+    # no section: the defaults; dense: nothing to convert
+    assert C.method_configs(C.load(None, ["method.name=blpa"])) == [BLPAConfig()]
+    assert C.method_configs(C.load(None, [])) == []
+    # swat+blpa: both configs, SWAT first, each from its own section (or its defaults)
+    both = C.load(None, ["method.name=swat+blpa", "blpa.bits=2"])
+    assert C.method_configs(both) == [SWATConfig(), BLPAConfig(bits=2)]
+    both = C.load(None, ["method.name=swat+blpa", "swat.sparsity=0.5"])
+    assert C.method_configs(both) == [SWATConfig(sparsity=0.5), BLPAConfig()]
+
+
+def test_section_inherited_from_base_can_be_removed(tmp_path):
+    (tmp_path / "base.yaml").write_text("method: {name: blpa}\nblpa: {bits: 8}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmethod: {name: dense}\n")
+    with pytest.raises(C.ConfigError, match="a blpa: section is set"):
+        C.load(tmp_path / "child.yaml")
+    cfg = C.load(tmp_path / "child.yaml", ["blpa=null"])
+    assert cfg.method.name == "dense" and cfg.blpa is None
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["blpa.bits=8"], r"a blpa: section is set but method.name is not 'blpa' or 'swat\+blpa' "
+                          r"\(it is 'dense'\): set method.name=blpa \(or remove the blpa: section\)"),
+        (["method.name=swat", "blpa.bits=8"], r"set method.name=swat\+blpa"),
+        (["method.name=blpa", "swat.sparsity=0.5"], r"a swat: section is set .* set method.name=swat\+blpa"),
+        (["swat.sparsity=0.5"], r"a swat: section is set .*\(it is 'dense'\): set method.name=swat "),
+        (["method.name=blpaa"], r"method.name='blpaa' is not one of: dense, swat, blpa, swat\+blpa. "
+                                r"Did you mean 'blpa'\?"),
+        (["method.name=blpa", "blpa.bitz=4"], r"Unknown config key 'blpa.bitz'. Did you mean 'bits'\?"),
+        (["method.name=blpa", "blpa.windw=2"], r"Did you mean 'window'\?"),
+        (["method.name=blpa", "blpa.bits=3"], r"blpa: BLPA bits must be one of \(2, 4, 8, 32\), got 3"),
+        (["method.name=blpa", "blpa.bits=eight"], r"blpa.bits: expected an integer"),
+        (["method.name=blpa", "blpa.mode=exact"], r"mode 'exact': use 'signaware' or 'ref'"),
+        (["method.name=blpa", "blpa.mode=ref", "blpa.window=2"], r"fixes window=3.0"),
+        (["method.name=blpa", "blpa.window=0"], r"window must be > 0"),
+        (["method.name=blpa", "blpa.codec_bits=16"], r"codec_bits must be 8, 4 or null"),
+        (["method.name=blpa", "blpa.kernels=cuda"], r"kernels 'cuda'"),
+        (["method.name=blpa", "blpa.simulate=maybe"], r"blpa.simulate: expected true or false"),
+        (["method.name=blpa", "blpa=4"], r"blpa: expected a mapping of keys"),
+    ],
+)
+def test_bad_blpa_input(overrides, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.load(None, overrides)
+
+
+def test_blpa_presets_follow_the_paper_and_differ_from_exact_only_in_the_method():
+    from pathlib import Path
+
+    folder = Path(__file__).parents[1] / "configs" / "blpa"
+    names = {p.name for p in folder.glob("*.yaml")}
+    expected = {f"preact_resnet164_{ds}_{v}.yaml" for ds in ("cifar10", "cifar100") for v in ("exact", "8bit", "4bit")}
+    expected |= {f"preact_resnet20_cifar10_{v}.yaml" for v in ("exact", "8bit", "4bit", "2bit")}
+    assert expected <= names
+    for ds in ("cifar10", "cifar100"):
+        exact = C.load(folder / f"preact_resnet164_{ds}_exact.yaml")
+        assert exact.data.name == ds and exact.method.name == "dense" and exact.blpa is None
+        assert exact.model.name == "preact_resnet164" and exact.model.kwargs == {"shortcut": "pad"}
+        # spec §2.1: batch 128, 64k iterations, momentum 0.9, wd 2e-4, 0.01 for 400 it, 0.1, /10 at 32k and 48k
+        assert exact.data.batch_size == 128 and exact.train.max_steps == 64000
+        assert exact.train.epochs * 391 >= 64000  # ~164 epochs of CIFAR's 50k images at batch 128
+        assert exact.optim.momentum == 0.9 and exact.optim.weight_decay == 2e-4
+        assert exact.schedule.name == "piecewise" and exact.schedule.boundaries == [400, 32000, 48000]
+        assert exact.schedule.values == [0.01, 0.1, 0.01, 0.001]
+    for stem, bits in [("preact_resnet164_cifar10", (8, 4)), ("preact_resnet164_cifar100", (8, 4)),
+                       ("preact_resnet20_cifar10", (8, 4, 2))]:
+        exact = C.load(folder / f"{stem}_exact.yaml")
+        assert exact.model.kwargs == {"shortcut": "pad"} and exact.method.name == "dense"
+        for k in bits:
+            cfg = C.load(folder / f"{stem}_{k}bit.yaml")
+            assert cfg.method.name == "blpa" and cfg.blpa is not None and cfg.blpa.bits == k
+            d, e = C.to_dict(cfg), C.to_dict(exact)
+            assert {key for key in d if d[key] != e[key]} == {"method", "blpa"}, (stem, k)

@@ -3,11 +3,13 @@
     controller = leanprop.convert_(model, leanprop.SWATConfig(sparsity=0.9))   # in place, same Parameters
     ... forward, backward, optimizer.step(), controller.step() ...
     leanprop.hard_prune_(model); leanprop.revert_(model)                        # a plain sparse model
+    controller = leanprop.convert_(model, leanprop.BLPAConfig(bits=4))          # 4-bit activations for backward
 """
 
 __version__ = "0.1.0"
 
+from leanprop.blpa.config import BLPAConfig  # noqa: E402
 from leanprop.nn.convert import convert_, hard_prune_, revert_  # noqa: E402
 from leanprop.swat.config import SWATConfig  # noqa: E402
 
-__all__ = ["SWATConfig", "convert_", "revert_", "hard_prune_", "__version__"]
+__all__ = ["SWATConfig", "BLPAConfig", "convert_", "revert_", "hard_prune_", "__version__"]

@@ -1,4 +1,4 @@
-"""Command-line interface: ``leanprop train|eval|models|plot``."""
+"""Command-line interface: ``leanprop train|eval|models|plot|flops|bench``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from leanprop.accounting import flops_cli
+from leanprop.accounting import flops_cli, memory_cli
 
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 LONG_RUNNING = {"train"}
+#: ``leanprop bench KIND``: modules with ``add_parser(subparsers)`` that set ``bench_run`` (add new kinds here).
+BENCH_KINDS = (memory_cli,)
 
 
 def _jemalloc_path() -> str | None:
@@ -75,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png)")
     flops_cli.add_parser(sub)
+
+    b = sub.add_parser("bench", help="measure a method: memory (more kinds to come)",
+                       description="Measurements that compare training methods on the same model.")
+    kinds = b.add_subparsers(dest="bench", required=True, metavar="KIND")
+    for module in BENCH_KINDS:
+        module.add_parser(kinds)
     return p
 
 
@@ -173,7 +181,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "plot": cmd_plot, "flops": flops_cli.run}
+def cmd_bench(args: argparse.Namespace) -> int:
+    return args.bench_run(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "plot": cmd_plot, "flops": flops_cli.run,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError, ImportError) as e:
         if os.environ.get("LEANPROP_DEBUG"):
             raise
-        print(f"leanprop {args.command}: error: {e}", file=sys.stderr)
+        what = " ".join(filter(None, (args.command, getattr(args, "bench", None))))
+        print(f"leanprop {what}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last complete epoch's checkpoint is kept (resume with --resume auto)",

@@ -1,7 +1,8 @@
 """Run configuration: nested dataclasses, strict YAML loading and ``--set key.path=value`` overrides.
 
 Unknown keys are errors (with a did-you-mean hint), so a typo in a config never silently falls back
-to a default. Method sections (``swat:``, ``blpa:``) are added by later issues under ``method``.
+to a default. ``method.name`` picks the back-propagation method; its settings live in the method's own
+top-level section (``swat:``, ``blpa:``), which may only be present when that method is used.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from leanprop.blpa.config import BLPAConfig
 from leanprop.swat.config import SWATConfig
 
 
@@ -91,9 +93,21 @@ class TrainConfig:
     deterministic: bool = False
 
 
+# method.name -> the method sections it uses, in the order convert_ applies them. "swat+blpa" combines both
+# (convert_ with a list of configs); each section may only be set when its method is in method.name.
+METHODS: dict[str, tuple[str, ...]] = {
+    "dense": (),
+    "swat": ("swat",),
+    "blpa": ("blpa",),
+    "swat+blpa": ("swat", "blpa"),
+}
+METHOD_SECTIONS: dict[str, type] = {"swat": SWATConfig, "blpa": BLPAConfig}
+
+
 @dataclass
 class MethodConfig:
-    """Which back-propagation method trains the model: ``dense`` (plain PyTorch) or ``swat``."""
+    """Which back-propagation method trains the model: ``dense`` (plain PyTorch), ``swat``, ``blpa`` or
+    ``swat+blpa``; the settings are in the top-level ``swat:`` / ``blpa:`` sections."""
 
     name: str = "dense"
 
@@ -111,7 +125,18 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    swat: SWATConfig | None = None  # method.name=swat; None: SWATConfig() defaults
+    swat: SWATConfig | None = None  # method.name=swat (or swat+blpa); None: SWATConfig() defaults
+    blpa: BLPAConfig | None = None  # method.name=blpa (or swat+blpa); None: BLPAConfig() defaults
+
+
+def method_configs(cfg: RunConfig) -> list[Any]:
+    """The method configs ``convert_`` needs for ``cfg.method.name`` (an unset section: its defaults).
+
+    ``[]`` for dense, ``[SWATConfig]``, ``[BLPAConfig]``, or ``[SWATConfig, BLPAConfig]`` for swat+blpa.
+    """
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name={cfg.method.name!r} is not one of: {', '.join(METHODS)}")
+    return [getattr(cfg, s) or METHOD_SECTIONS[s]() for s in METHODS[cfg.method.name]]
 
 
 class ConfigError(ValueError):
@@ -121,6 +146,13 @@ class ConfigError(ValueError):
 def _hint(key: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(key, choices, n=1)
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(choices))}."
+
+
+def _value_hint(value: Any, choices: tuple) -> str:
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -275,7 +307,7 @@ _CHOICES = {
     "schedule.name": ("constant", "multistep", "cosine", "piecewise"),
     "train.save_best": ("none", "val"),
     "train.progress": ("auto", "on", "off", True, False),
-    "method.name": ("dense", "swat"),
+    "method.name": tuple(METHODS),
 }
 
 
@@ -285,7 +317,8 @@ def validate(cfg: RunConfig) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}."
+                              + _value_hint(value, choices))
     if cfg.train.amp not in (None, "bf16", "fp16"):
         raise ConfigError(f"train.amp={cfg.train.amp!r}: use null, bf16 or fp16")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
@@ -305,8 +338,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("schedule.warmup_epochs must be >= 0")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError("threads must be >= 1")
-    if cfg.swat is not None and cfg.method.name != "swat":
-        raise ConfigError("a swat: section is set but method.name is not 'swat': set method.name=swat "
-                          "(or remove the swat: section)")
+    for section in METHOD_SECTIONS:
+        if getattr(cfg, section) is not None and section not in METHODS[cfg.method.name]:
+            users = " or ".join(repr(m) for m, parts in METHODS.items() if section in parts)
+            wanted = {*METHODS[cfg.method.name], section}
+            fix = next(m for m, parts in METHODS.items() if set(parts) == wanted)
+            raise ConfigError(f"a {section}: section is set but method.name is not {users} "
+                              f"(it is {cfg.method.name!r}): set method.name={fix} "
+                              f"(or remove the {section}: section)")
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path: the .npz file with x_train, y_train, x_test, y_test")

@@ -60,6 +60,18 @@ class _PreActBlock(nn.Module):
         self.shortcut = _make_shortcut(in_channels, out_channels, stride, mode)
         self.shortcut_from_preact = bool(shortcut_from_preact)
 
+    def _preact_conv1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(conv1(a), a)`` with ``a = relu1(bn1(x))`` (or ``x`` without pre-activation).
+
+        When BLPA fused bn1->relu1->conv1 and ``a`` also feeds the shortcut, the fused unit returns both
+        (``unit_with_activation``), so ``a`` is never stored for backward.
+        """
+        fused = getattr(self.bn1, "unit_with_activation", None) if self.preact else None
+        if fused is not None and self.shortcut_from_preact:
+            return fused(x)
+        a = self.relu1(self.bn1(x)) if self.preact else x
+        return self.conv1(a), a
+
 
 class PreActBasicBlock(_PreActBlock):
     """Pre-activation basic unit: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut, no ReLU after the add.
@@ -91,10 +103,19 @@ class PreActBasicBlock(_PreActBlock):
         self._init_shortcut(in_channels, out_channels, stride, shortcut, shortcut_from_preact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.relu1(self.bn1(x)) if self.preact else x
-        out = self.conv1(a)
+        out, a = self._preact_conv1(x)
         out = self.conv2(self.relu2(self.bn2(out)))
         return out + self.shortcut(a if self.shortcut_from_preact else x)
+
+    def blpa_units(self) -> list[tuple[str, str, str | None]]:
+        """BN->ReLU->Conv runs for BLPA (see leanprop.blpa.controller.find_units)."""
+        return _block_units(self, ("conv1", "conv2"))
+
+
+def _block_units(block: _PreActBlock, convs: tuple[str, ...]) -> list[tuple[str, str, str | None]]:
+    """``bnK -> reluK -> convK`` for each K. When the first run's output also feeds the shortcut, the block
+    asks the fused unit for it (``_preact_conv1``); a projection shortcut conv still saves it itself."""
+    return [(f"bn{k}", f"relu{k}", conv) for k, conv in enumerate(convs, start=1) if k > 1 or block.preact]
 
 
 class PreActBottleneck(_PreActBlock):
@@ -131,11 +152,14 @@ class PreActBottleneck(_PreActBlock):
         self._init_shortcut(in_channels, out_channels, stride, shortcut, shortcut_from_preact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.relu1(self.bn1(x)) if self.preact else x
-        out = self.conv1(a)
+        out, a = self._preact_conv1(x)
         out = self.conv2(self.relu2(self.bn2(out)))
         out = self.conv3(self.relu3(self.bn3(out)))
         return out + self.shortcut(a if self.shortcut_from_preact else x)
+
+    def blpa_units(self) -> list[tuple[str, str, str | None]]:
+        """BN->ReLU->Conv runs for BLPA (see leanprop.blpa.controller.find_units)."""
+        return _block_units(self, ("conv1", "conv2", "conv3"))
 
 
 def _make_stages(
@@ -204,6 +228,10 @@ class PreActResNetCifar(nn.Module):
         self.fc = nn.Linear(ch, num_classes)
         init_weights_(self)
 
+    def blpa_units(self) -> list[tuple[str, str, str | None]]:
+        """The final BN->ReLU feeds the pooling head: a half unit for BLPA."""
+        return [("bn_final", "relu_final", None)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         x = self.layer3(self.layer2(self.layer1(x)))
@@ -244,6 +272,10 @@ class PreActResNetImageNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(ch, num_classes)
         init_weights_(self)
+
+    def blpa_units(self) -> list[tuple[str, str, str | None]]:
+        """Stem BN->ReLU (feeds the max-pool) and the final BN->ReLU (feeds the pooling head): half units."""
+        return [("bn1", "relu", None), ("bn_final", "relu_final", None)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -12,6 +12,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from leanprop.blpa.codec import find_codec
+from leanprop.blpa.config import BLPAConfig
+from leanprop.blpa.controller import BLPAController
+from leanprop.nn.blpa_layers import BLPA_LAYERS, BLPABatchNorm2d, make_unit, unmake_unit
 from leanprop.nn.swat_layers import SWAT_LAYERS, SWATConv2d, SWATLinear, to_dense
 from leanprop.swat.budget import assign_budget, collect_layers
 from leanprop.swat.config import SWATConfig
@@ -26,14 +30,21 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def convert_(model: nn.Module, config: SWATConfig, filter_fn: FilterFn | None = None) -> SWATController:
+def convert_(model: nn.Module, config: SWATConfig | BLPAConfig, filter_fn: FilterFn | None = None
+             ) -> SWATController | BLPAController:
     """Convert ``model`` in place for ``config`` and return the method's controller.
 
-    ``filter_fn(name, module) -> bool`` restricts which Conv2d/Linear layers are converted; the first
+    SWAT: ``filter_fn(name, module) -> bool`` restricts which Conv2d/Linear layers are converted; the first
     and last of the *converted* layers are the ones the first/last-layer flags refer to.
+    BLPA: ``filter_fn(bn_name, bn_module)`` restricts which BN->ReLU(->Conv) units are fused.
     """
+    if isinstance(config, BLPAConfig):
+        return _convert_blpa(model, config, filter_fn)
+    if isinstance(config, (list, tuple)):
+        raise TypeError("convert_: combining SWAT and BLPA on one model is not supported yet; pass one config")
     if not isinstance(config, SWATConfig):
-        raise TypeError(f"convert_: unsupported config {type(config).__name__}; pass a leanprop.SWATConfig")
+        raise TypeError(f"convert_: unsupported config {type(config).__name__}; "
+                        "pass a leanprop.SWATConfig or leanprop.BLPAConfig")
     if any(isinstance(m, SWAT_LAYERS) for m in model.modules()):
         raise ValueError("convert_: the model already holds SWAT layers; call leanprop.revert_(model) first")
     modules = dict(model.named_modules())
@@ -52,12 +63,50 @@ def convert_(model: nn.Module, config: SWATConfig, filter_fn: FilterFn | None = 
     return SWATController(model, layers, config, budget)
 
 
+def _convert_blpa(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None) -> BLPAController:
+    from leanprop.blpa.codec import SavedTensorCodec
+    from leanprop.blpa.controller import find_units
+    from leanprop.blpa.kernels import load_kernels
+
+    if any(isinstance(m, BLPA_LAYERS) for m in model.modules()) or find_codec(model) is not None:
+        raise ValueError("convert_: the model is already BLPA-converted; call leanprop.revert_(model) first")
+    modules = dict(model.named_modules())
+    units = [u for u in find_units(model) if filter_fn is None or filter_fn(u.bn, modules[u.bn])]
+    kernels = None
+    if cfg.kernels != "torch" and units and cfg.bits != 32:
+        kernels = load_kernels(required=cfg.kernels == "c")
+    for u in units:
+        head, relu, tail = make_unit(modules[u.bn], modules[u.relu], modules[u.conv] if u.conv else None,
+                                     {"cfg": cfg, "kernels": kernels}, u.relu)
+        _set_submodule(model, u.bn, head)
+        _set_submodule(model, u.relu, relu)
+        if tail is not None:
+            _set_submodule(model, u.conv, tail)
+    codec = None
+    if cfg.codec_bits is not None:
+        codec = SavedTensorCodec(cfg.codec_bits, cfg.codec_min_bytes)
+        codec.attach(model)
+    return BLPAController(model, units, cfg, codec, str(kernels.path) if kernels is not None else None)
+
+
 def revert_(model: nn.Module) -> nn.Module:
     """Swap every method layer back to its plain PyTorch class (same Parameters); returns ``model``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SWAT_LAYERS):
             _set_submodule(model, name, to_dense(module))
+        elif isinstance(module, BLPABatchNorm2d):
+            bn, relu, conv = unmake_unit(module)
+            tail_name = next(n for n, m in model.named_modules() if m is module._conv) if module._conv else None
+            relu_name = module.blpa_relu_name
+            _set_submodule(model, name, bn)
+            _set_submodule(model, relu_name, relu)
+            if conv is not None:
+                _set_submodule(model, tail_name, conv)
+    codec = find_codec(model)
+    if codec is not None:
+        codec.detach()
     return model
+
 
 
 @torch.no_grad()

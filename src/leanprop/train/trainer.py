@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanprop import models
-from leanprop.config import ConfigError, RunConfig, to_dict
+from leanprop.config import METHODS, ConfigError, RunConfig, method_configs, to_dict
 from leanprop.data import DataBundle, build_data
 from leanprop.train import checkpoint as ckpt_io
 from leanprop.train import distributed as dist_util
@@ -84,15 +84,23 @@ def resolve_run_dir(cfg: RunConfig, resume: str | None) -> tuple[Path, Path | No
 
 
 def build_method(model: nn.Module, cfg: RunConfig) -> Any | None:
-    """The back-propagation method's controller (``None`` for dense training)."""
-    if cfg.method.name == "dense":
-        return None
-    if cfg.method.name == "swat":
-        from leanprop.nn.convert import convert_
-        from leanprop.swat.config import SWATConfig
+    """Convert ``model`` in place for ``cfg.method`` and return the method's controller (``None``: dense).
 
-        return convert_(model, cfg.swat or SWATConfig())
-    raise ConfigError(f"method.name={cfg.method.name!r} is not available; use 'dense' or 'swat'")
+    One method gets its own config (``convert_(model, SWATConfig(...))``); ``swat+blpa`` passes the list
+    ``[SWATConfig, BLPAConfig]``.
+    """
+    configs = method_configs(cfg)
+    if not configs:
+        return None
+    from leanprop.nn.convert import convert_
+
+    if len(configs) == 1:
+        return convert_(model, configs[0])
+    try:
+        return convert_(model, configs)
+    except TypeError as e:
+        raise ConfigError(f"method.name={cfg.method.name}: this version of leanprop.convert_ cannot combine "
+                          f"methods ({e}); train with one method") from e
 
 
 def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
@@ -401,9 +409,20 @@ class Trainer:
         return row
 
     def _method_summary_lines(self) -> list[str]:
-        """Counted training-FLOP reduction and measured sparsities (SWAT); the per-layer table goes to a file."""
+        """A few summary lines per method of the run; the controller's per-layer/per-unit table goes to a file
+        in the run dir (SWAT: ``swat_layers.txt``, BLPA: ``blpa_units.txt``)."""
         if self.controller is None or not hasattr(self.controller, "summary"):
             return []
+        parts = METHODS.get(self.cfg.method.name, ())
+        out: list[str] = []
+        if "swat" in parts and hasattr(self.controller, "measured_sparsity"):
+            out += self._swat_summary_lines()
+        if "blpa" in parts:
+            out += self._blpa_summary_lines()
+        return out
+
+    def _swat_summary_lines(self) -> list[str]:
+        """Counted training-FLOP reduction and measured sparsities; the per-layer table goes to swat_layers.txt."""
         from leanprop.accounting.flops import count_flops
 
         shape = (1, self.data.in_channels, self.data.image_size, self.data.image_size)
@@ -419,6 +438,20 @@ class Trainer:
         out.append(f"  measured sparsity  weights {m['weight_sparsity']:.1%}  activations {act} (sparse layers)  "
                    f"(per layer: {table})")
         return out
+
+    def _blpa_summary_lines(self) -> list[str]:
+        """The stored precision in one line; the controller's per-unit table goes to blpa_units.txt."""
+        from leanprop.blpa.config import BLPAConfig
+
+        b = self.cfg.blpa or BLPAConfig()
+        table = self.run_dir / "blpa_units.txt"
+        ckpt_io.atomic_write_text(table, self.controller.summary() + "\n")
+        stored = "fp32 (lossless check mode)" if b.bits == 32 else f"{b.bits}-bit codes"
+        window = "" if b.bits == 32 else f", window +-{b.window:g} std"
+        codec = "kept as they are" if b.codec_bits is None else f"{b.codec_bits}-bit codec"
+        sim = "; simulate=true: fake-quant, no memory saved" if b.simulate else ""
+        return [f"  BLPA activations  BN outputs stored as {stored} (mode {b.mode}{window}); other saved tensors "
+                f"{codec}{sim}  (per unit: {table})"]
 
     def _say(self, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)

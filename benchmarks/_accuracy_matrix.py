@@ -1,0 +1,129 @@
+"""Shared machinery of the accuracy runners (``swat_accuracy.py``, ``blpa_accuracy.py``).
+
+A matrix is a set of named variants of one recipe, each trained by one ``leanprop train`` command into
+``OUT_DIR/acc-<model>-<variant>`` with ``--resume auto``, so a matrix can be trained in pieces across
+sessions (a finished run is skipped, an interrupted one continues from its last epoch). The report is a
+markdown table built from whatever the runs' ``metrics.csv`` files hold so far, with the exact command
+of every row below it. The scripts stay thin: they describe their variants, the recipe text and their
+method-specific columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import _atomic_write  # noqa: E402
+
+# (run dir, variant name, last metrics row) -> the text of one extra column
+Column = Callable[[Path, str, dict], str]
+
+
+@dataclass
+class Matrix:
+    """One accuracy matrix.
+
+    variants: name -> (config file, ``key=value`` overrides of that variant). The first variant is the
+        baseline the "gap" column refers to.
+    common: (model, epochs) -> the overrides every variant shares (placed before the variant's own).
+    intro: (model, epochs) -> the paragraph under the title describing the recipe.
+    columns: extra columns after "gap to <baseline>", as (header, cell function) pairs.
+    """
+
+    title: str
+    variants: dict[str, tuple[str, list[str]]]
+    common: Callable[[str, int], list[str]]
+    intro: Callable[[str, int], str]
+    columns: list[tuple[str, Column]] = field(default_factory=list)
+    default_model: str = "resnet20"
+    default_epochs: int = 30
+    default_report: Path = ROOT / "docs" / "results" / "accuracy.md"
+
+    @property
+    def baseline(self) -> str:
+        return next(iter(self.variants))
+
+    def run_name(self, model: str, name: str) -> str:
+        return f"acc-{model}-{name}"
+
+    def run_dir(self, out_dir: Path, model: str, name: str) -> Path:
+        return out_dir / self.run_name(model, name)
+
+    def command(self, name: str, model: str, epochs: int) -> list[str]:
+        config, own = self.variants[name]
+        sets = [*self.common(model, epochs), *own, f"run_name={self.run_name(model, name)}"]
+        return ["leanprop", "train", "--config", config, *[a for s in sets for a in ("--set", s)]]
+
+    def report(self, out_dir: Path, model: str, epochs: int, path: Path) -> str:
+        headers = ["method", "epochs done", "test top-1", f"gap to {self.baseline}", *(h for h, _ in self.columns)]
+        lines = [f"# {self.title}", "", self.intro(model, epochs), "",
+                 "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        base = read_rows(self.run_dir(out_dir, model, self.baseline))
+        base_acc = float(base[-1]["test_top1"]) if base and int(base[-1]["epoch"]) >= epochs else None
+        cmds = []
+        for name in self.variants:
+            d = self.run_dir(out_dir, model, name)
+            rows = read_rows(d)
+            cmd = " ".join(shlex.quote(c) for c in self.command(name, model, epochs))
+            cmds.append(f"- {name}: `{cmd}`")
+            if not rows:
+                lines.append(f"| {name} | 0/{epochs} | not run yet |" + " |" * (1 + len(self.columns)))
+                continue
+            last = rows[-1]
+            acc = float(last["test_top1"])
+            done = int(last["epoch"])
+            status = f"{done}/{epochs}" + ("" if done >= epochs else " (in progress)")
+            gap = f"{acc - base_acc:+.2f}" if (base_acc is not None and done >= epochs) else ""
+            cells = [name, status, f"{acc:.2f} %", gap, *(cell(d, name, last) for _, cell in self.columns)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Commands (run from the repository root, data via `--data-dir` or `LEANPROP_DATA`):", "",
+                  *cmds, ""]
+        text = "\n".join(lines)
+        _atomic_write(path, text)
+        return text
+
+    def main(self, argv: list[str] | None, description: str) -> int:
+        ap = argparse.ArgumentParser(description=description)
+        ap.add_argument("--out-dir", default="runs/accuracy")
+        ap.add_argument("--model", default=self.default_model)
+        ap.add_argument("--epochs", type=int, default=self.default_epochs)
+        ap.add_argument("--only", nargs="+", choices=list(self.variants))
+        ap.add_argument("--data-dir")
+        ap.add_argument("--report-only", action="store_true")
+        ap.add_argument("--report", default=str(self.default_report))
+        a = ap.parse_args(argv)
+        out = Path(a.out_dir)
+        if not a.report_only:
+            for name in a.only or self.variants:
+                rows = read_rows(self.run_dir(out, a.model, name))
+                if rows and int(rows[-1]["epoch"]) >= a.epochs:
+                    continue
+                cmd = self.train_command(name, a.model, a.epochs, out, a.data_dir)
+                print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+                subprocess.run(cmd, check=True)
+                self.report(out, a.model, a.epochs, Path(a.report))
+        print(self.report(out, a.model, a.epochs, Path(a.report)))
+        return 0
+
+    def train_command(self, name: str, model: str, epochs: int, out: Path, data_dir: str | None) -> list[str]:
+        """The command the runner executes: the row's command plus where runs and data live."""
+        cmd = [*self.command(name, model, epochs), "--out-dir", str(out), "--resume", "auto", "--progress", "off"]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        return cmd
+
+
+def read_rows(d: Path) -> list[dict]:
+    f = d / "metrics.csv"
+    if not f.exists():
+        return []
+    with open(f) as fh:
+        return list(csv.DictReader(fh))

@@ -1,0 +1,66 @@
+"""Memory kept for backward by dense, per-block checkpointing and BLPA 8/4/2-bit (spec blpa.md §1.6, §6).
+
+For each model: the saved-tensor audit of one training forward pass (bytes kept for backward, deduplicated,
+parameters excluded), the peak of one training step in a fresh process, and optionally the largest batch under
+a memory cap; one JSONL record per (model, method), the same records as ``leanprop bench memory --jsonl``.
+``docs/benchmarks.md`` ("Memory kept for backward") is regenerated from them. Run it on a quiet machine.
+
+    python benchmarks/blpa_memory.py                                   # preact_resnet164 + 56, bs 128, 5 methods
+    python benchmarks/blpa_memory.py --models preact_resnet56 --methods dense,blpa4 --mem-cap 4GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import append_records, write_report  # noqa: E402
+
+from leanprop.accounting.memory import parse_size  # noqa: E402
+from leanprop.accounting.memory_cli import (  # noqa: E402
+    default_model_kwargs,
+    format_table,
+    measure_methods,
+    parse_methods,
+)
+
+DEFAULT_JSONL = ROOT / "benchmarks" / "results" / "memory.jsonl"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["preact_resnet164", "preact_resnet56"])
+    ap.add_argument("--methods", default="dense,checkpoint,blpa8,blpa4,blpa2")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--input-size", type=int, default=32, help="CIFAR: 32 (inputs 3xSxS)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mem-cap", default=None, help="also search the largest batch under this cap, e.g. 4GiB")
+    ap.add_argument("--no-peak", dest="peak", action="store_false", help="saved bytes only (no probe processes)")
+    ap.add_argument("--out", default=str(DEFAULT_JSONL))
+    ap.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip the report")
+    a = ap.parse_args(argv)
+    methods = parse_methods([a.methods])
+    cap = parse_size(a.mem_cap) if a.mem_cap else None
+    failed = False
+    for name in a.models:
+        base = {"model": name, "model_kwargs": default_model_kwargs(name, {}), "threads": a.threads,
+                "input_shape": [3, a.input_size, a.input_size], "device": a.device}
+        records = measure_methods(base, methods, a.batch, peak=a.peak, mem_cap=cap, progress=sys.stderr.isatty())
+        print(f"{name}, batch {a.batch}")
+        print(format_table(records), flush=True)
+        good = [r for r in records if "saved_bytes" in r]
+        failed |= len(good) < len(records) or any("error" in r for r in records)
+        if good:
+            append_records(Path(a.out), good)
+    if a.report:
+        write_report(Path(a.out).parent, Path(a.report))
+        print(f"wrote {a.out} and {a.report}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,629 @@
+"""Measured training memory: bytes kept for backward, peak memory of one step, and the largest batch that fits.
+
+Three instruments (spec ``shared/specs/blpa.md`` §1.6, §5.4, §6):
+
+* :func:`saved_bytes` audits one training-mode forward pass: every tensor autograd keeps for backward is
+  handed to a :class:`SavedTensorLedger` (through ``torch.autograd.graph.saved_tensors_hooks``, or through
+  the saved-tensor codec of a BLPA-converted model, whose hooks are inner-most and would hide its tensors
+  from ours).  Tensors are deduplicated by storage (the ReLU output that ReLU and the next conv both save
+  counts once; a view keeps its whole storage alive), and the model's parameters and buffers are reported
+  apart, since they exist whether or not backward runs.
+* :func:`peak_memory` runs ONE training step (forward, cross-entropy, backward; no optimizer) in a fresh
+  Python process (``python -m leanprop.accounting.memory_probe``) and reports its peak: the peak resident set
+  size (``VmHWM`` reset just before the step, ``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on
+  CUDA.  A fresh process per measurement, because neither the allocator's cached memory nor ``ru_maxrss``
+  ever goes down in a process.
+* :func:`max_batch` finds the largest batch whose fresh-process peak fits a memory cap: doubling, then
+  binary search; a probe that crashes or is killed (out of memory) counts as "does not fit".
+
+Methods (``spec["method"]``): ``dense`` (plain PyTorch), ``checkpoint`` (``torch.utils.checkpoint`` per
+residual block, :mod:`leanprop.nn.checkpointing`), ``blpaK`` (``leanprop.convert_(model, BLPAConfig(bits=K))``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .memory_probe import PROBE_MARKER
+
+__all__ = [
+    "KINDS", "METHODS", "SavedRecord", "SavedTensorLedger", "SavedBytesReport", "MaxBatchResult",
+    "MethodUnavailable", "saved_bytes", "peak_memory", "max_batch", "normalize_spec", "parse_method",
+    "apply_method", "build_model", "find_codec", "parse_size", "format_bytes",
+]
+
+#: Kinds of saved tensors, in display order.
+KINDS = ("float", "codes", "mask", "index", "other", "parameter")
+#: The methods the memory benchmark compares by default.
+METHODS = ("dense", "checkpoint", "blpa8", "blpa4", "blpa2")
+DTYPES = ("fp32", "bf16", "fp16")
+
+_CODES = (torch.uint8, torch.int8)
+_INDEX = (torch.int16, torch.int32, torch.int64)
+
+
+class MethodUnavailable(ValueError):
+    """The method exists but cannot run in this build (e.g. ``convert_`` does not accept a BLPAConfig yet)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# sizes
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
+          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size string: ``512MiB``, ``4GiB``, ``1.5GB`` (decimal), ``4G`` (binary, like ``ulimit``), ``1000``.
+
+    Raises ``ValueError`` with an example of the accepted forms.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"bad size {text!r}: use a number with an optional unit, e.g. 512MiB, 4GiB, 1.5GB")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"bad size {text!r}: must be > 0 bytes")
+    return value
+
+
+def format_bytes(n: float | None) -> str:
+    """``n`` bytes as B/KiB/MiB/GiB with one decimal (``-`` for None)."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+# --------------------------------------------------------------------------------------------------------
+# the ledger
+
+
+def _classify(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "mask"
+    if t.dtype in _CODES:
+        return "codes"
+    if t.dtype in _INDEX:
+        return "index"
+    if t.is_floating_point():
+        return "float"
+    return "other"
+
+
+def _storage(t: torch.Tensor) -> tuple[Any, int, Any]:
+    """``(dedup key or None, storage bytes, storage object to keep alive or None)`` of a tensor."""
+    try:
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        nbytes = s.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested or storage-less subclasses
+        return None, t.numel() * t.element_size(), None
+    if ptr == 0:  # empty or meta storage: nothing to share
+        return None, nbytes, None
+    return (str(s.device), ptr), nbytes, s
+
+
+@dataclass
+class SavedRecord:
+    """One tensor handed to the ledger. ``nbytes`` is its whole storage; ``duplicate`` rows share the storage of
+    an earlier row and are not counted again; ``tensor_bytes`` is the view's own ``numel * element_size``."""
+
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    duplicate: bool
+    tensor_bytes: int = 0
+
+
+class SavedTensorLedger:
+    """What a forward pass keeps for backward, deduplicated by storage.
+
+    ``record(t, kind=None)`` adds one saved tensor; ``kind`` None classifies it: ``parameter`` (shares the
+    storage of a parameter or buffer of ``model``: model state, present anyway), ``float``, ``codes``
+    (uint8/int8), ``mask`` (bool), ``index`` (int16/32/64) or ``other``.  A tensor sharing a parameter's
+    storage is always ``parameter``, whatever kind the caller gives.  Each storage is counted once, with its
+    full ``nbytes()``, under the kind of its first record.  The ledger keeps the storages it has seen alive
+    until :meth:`release` so that a freed address cannot be mistaken for a duplicate.
+    """
+
+    def __init__(self, model: nn.Module | None = None, parameters: Iterable[torch.Tensor] = ()):
+        self.records: list[SavedRecord] = []
+        self._param_keys: set[Any] = set()
+        self._seen: set[Any] = set()
+        self._alive: list[Any] = []
+        self.raw_bytes = 0
+        if model is not None:
+            self.add_parameters([*model.parameters(), *model.buffers()])
+        self.add_parameters(parameters)
+
+    def add_parameters(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Treat tensors sharing these tensors' storages as ``parameter``."""
+        for t in tensors:
+            key, _, _ = _storage(t)
+            if key is not None:
+                self._param_keys.add(key)
+
+    def record(self, t: torch.Tensor, kind: str | None = None) -> None:
+        """Add one tensor kept for backward (see the class docstring for kinds and deduplication)."""
+        key, nbytes, storage = _storage(t)
+        if key is not None and key in self._param_keys:
+            kind = "parameter"
+        elif kind is None:
+            kind = _classify(t)
+        duplicate = key is not None and key in self._seen
+        if key is not None and not duplicate:
+            self._seen.add(key)
+            self._alive.append(storage)
+        tensor_bytes = t.numel() * t.element_size()
+        if kind != "parameter":
+            self.raw_bytes += tensor_bytes
+        self.records.append(SavedRecord(kind, tuple(t.shape), str(t.dtype).removeprefix("torch."), nbytes,
+                                        duplicate, tensor_bytes))
+
+    def release(self) -> None:
+        """Drop the ledger's references to the recorded storages (the records stay)."""
+        self._alive.clear()
+
+    def by_kind(self) -> dict[str, int]:
+        """Deduplicated bytes per kind, ``parameter`` included (it is not part of :attr:`total_bytes`)."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            if not r.duplicate:
+                out[r.kind] = out.get(r.kind, 0) + r.nbytes
+        return {k: out[k] for k in sorted(out, key=lambda k: (KINDS.index(k) if k in KINDS else len(KINDS), k))}
+
+    @property
+    def total_bytes(self) -> int:
+        """Deduplicated bytes kept for backward, parameters and buffers excluded."""
+        return sum(r.nbytes for r in self.records if not r.duplicate and r.kind != "parameter")
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(r.nbytes for r in self.records if not r.duplicate and r.kind == "parameter")
+
+    @property
+    def num_saved(self) -> int:
+        """Saved tensors other than parameters, duplicates included."""
+        return sum(r.kind != "parameter" for r in self.records)
+
+    @property
+    def num_unique(self) -> int:
+        """Distinct storages counted in :attr:`total_bytes`."""
+        return sum(not r.duplicate and r.kind != "parameter" for r in self.records)
+
+    def table(self, max_rows: int | None = None, include_parameters: bool = False) -> str:
+        """A text table of the records (largest storages first when ``max_rows`` cuts it) and the totals."""
+        rows = [(i, r) for i, r in enumerate(self.records) if include_parameters or r.kind != "parameter"]
+        if max_rows is not None and len(rows) > max_rows:
+            rows = sorted(sorted(rows, key=lambda ir: -ir[1].nbytes)[:max_rows])
+        lines = [f"{'#':>5}  {'kind':<9} {'dtype':<9} {'shape':<24} {'bytes':>12}  dup"]
+        for i, r in rows:
+            lines.append(f"{i:>5}  {r.kind:<9} {r.dtype:<9} {str(list(r.shape)):<24} {r.nbytes:>12}  "
+                         f"{'yes' if r.duplicate else ''}")
+        kinds = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.by_kind().items())
+        lines.append(f"total kept for backward: {format_bytes(self.total_bytes)} in {self.num_unique} storages "
+                     f"({self.num_saved} saved tensors, {format_bytes(self.raw_bytes)} before dedup); by kind: "
+                     f"{kinds or 'none'}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# --------------------------------------------------------------------------------------------------------
+# saved bytes of one forward pass
+
+
+@dataclass
+class SavedBytesReport:
+    """Result of :func:`saved_bytes`. Bytes are deduplicated by storage unless named ``raw``.
+
+    ``total_bytes``: kept for backward, parameters/buffers excluded; ``raw_bytes``: the dense-equivalent, the
+    sum of every saved tensor's own bytes before deduplication (parameters excluded); ``by_kind``: deduplicated
+    bytes per kind, ``parameter`` included; ``via``: ``"hooks"`` or ``"codec"`` (the model's BLPA codec
+    recorded what it keeps).
+    """
+
+    model: str | None
+    input_shape: list[int]
+    batch: int
+    total_bytes: int
+    raw_bytes: int
+    parameter_bytes: int
+    num_saved: int
+    num_unique: int
+    by_kind: dict[str, int]
+    via: str
+    codec: str | None = None
+    records: list[SavedRecord] = field(default_factory=list, repr=False)
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.total_bytes / self.batch if self.batch else float("nan")
+
+    def to_dict(self, include_records: bool = False) -> dict[str, Any]:
+        """JSON-serialisable dict (records only on request: a deep model saves thousands of tensors)."""
+        d = asdict(self)
+        d["bytes_per_sample"] = self.bytes_per_sample
+        if include_records:
+            d["records"] = [{**asdict(r), "shape": list(r.shape)} for r in self.records]
+        else:
+            del d["records"]
+        return d
+
+    def table(self, max_rows: int | None = 30) -> str:
+        ledger = SavedTensorLedger()
+        ledger.records = list(self.records)
+        ledger.raw_bytes = self.raw_bytes
+        return ledger.table(max_rows=max_rows)
+
+
+def find_codec(model: nn.Module) -> Any | None:
+    """The saved-tensor codec of a BLPA-converted model (``leanprop.blpa.codec.find_codec``), or None when the
+    model has none or this build has no BLPA codec module yet."""
+    try:
+        from leanprop.blpa.codec import find_codec as _find
+    except ImportError as e:
+        if e.name in ("leanprop.blpa.codec", "leanprop.blpa"):
+            return None
+        raise
+    return _find(model)
+
+
+def _default_loss(output: Any) -> torch.Tensor:
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    return output.float().sum()
+
+
+def saved_bytes(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
+                loss_fn: Callable[[Any], torch.Tensor] | None = None, *, model_name: str | None = None,
+                ledger: SavedTensorLedger | None = None) -> SavedBytesReport:
+    """Bytes kept for backward by one training-mode forward pass of ``model(inputs)`` and its loss.
+
+    ``inputs``: a tensor, or a tuple/list of positional inputs.  ``loss_fn(output)`` reduces the output to a
+    scalar (default ``output.float().sum()``, which saves nothing itself).  Every tensor saved for backward is
+    recorded in a :class:`SavedTensorLedger` by our ``saved_tensors_hooks`` (pack records and returns the
+    tensor unchanged); when the model carries a BLPA saved-tensor codec, the forward also runs under
+    ``codec.recording(ledger)``: the codec's hooks are inner-most, so it records what it keeps (codes, masks,
+    tensors it leaves as they are), and ours still see anything saved outside them (e.g. by the loss).
+    Backward runs afterwards so the graph is freed; gradients, BN running statistics (all buffers) and the
+    module's train/eval mode are restored, so the model is left as it was.
+    """
+    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not args:
+        raise ValueError("saved_bytes: no inputs")
+    loss_fn = loss_fn or _default_loss
+    ledger = ledger if ledger is not None else SavedTensorLedger(model)
+    codec = find_codec(model)
+    was_training = model.training
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ledger.record(t)
+        return t
+
+    try:
+        for p in params:
+            p.grad = None
+        model.train()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inner = codec.recording(ledger) if codec is not None else contextlib.nullcontext()
+            with inner:
+                output = model(*args)
+                loss = loss_fn(output)
+        report = SavedBytesReport(
+            model=model_name, input_shape=list(args[0].shape), batch=int(args[0].shape[0]) if args[0].dim() else 1,
+            total_bytes=ledger.total_bytes, raw_bytes=ledger.raw_bytes, parameter_bytes=ledger.parameter_bytes,
+            num_saved=ledger.num_saved, num_unique=ledger.num_unique, by_kind=ledger.by_kind(),
+            via="codec" if codec is not None else "hooks",
+            codec=None if codec is None else type(codec).__name__, records=list(ledger.records))
+        if loss.requires_grad:
+            loss.backward()
+        del output, loss
+    finally:
+        ledger.release()
+        model.train(was_training)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------
+# benchmark specs: model + method
+
+
+def parse_method(method: str) -> tuple[str, int | None]:
+    """``"dense"`` -> ``("dense", None)``, ``"checkpoint"`` -> ``("checkpoint", None)``, ``"blpa4"`` ->
+    ``("blpa", 4)``.  Unknown names and bit widths BLPAConfig rejects raise ``ValueError``."""
+    name = str(method).strip().lower()
+    if name in ("dense", "checkpoint"):
+        return name, None
+    m = re.fullmatch(r"blpa(\d+)", name)
+    if m is None:
+        raise ValueError(f"unknown method {method!r}; use dense, checkpoint or blpaK (K = 8, 4, 2 or 32 bits)")
+    from leanprop.blpa.config import BITS
+
+    bits = int(m.group(1))
+    if bits not in BITS:
+        raise ValueError(f"unknown method {method!r}: BLPA bits must be one of {BITS}")
+    return "blpa", bits
+
+
+def apply_method(model: nn.Module, method: str) -> Any:
+    """Prepare ``model`` in place for ``method``; returns what the method returns (number of checkpointed
+    blocks, the BLPA controller, or None for dense).  Raises :class:`MethodUnavailable` when
+    ``leanprop.convert_`` does not take a BLPAConfig in this build, ``ValueError`` when a model has no block
+    to checkpoint."""
+    kind, bits = parse_method(method)
+    if kind == "dense":
+        return None
+    if kind == "checkpoint":
+        from leanprop.nn.checkpointing import checkpoint_blocks_
+
+        n = checkpoint_blocks_(model)
+        if n == 0:
+            raise ValueError(f"method 'checkpoint': {type(model).__name__} has no residual block to checkpoint "
+                             "(no composite child of an nn.Sequential)")
+        return n
+    import leanprop
+    from leanprop.blpa.config import BLPAConfig
+
+    try:
+        return leanprop.convert_(model, BLPAConfig(bits=bits))
+    except TypeError as e:
+        raise MethodUnavailable(f"method {method!r} is not available: leanprop.convert_ rejected a BLPAConfig "
+                                f"({e})") from e
+
+
+_SPEC_KEYS = ("model", "model_kwargs", "input_shape", "num_classes", "method", "device", "threads", "dtype",
+              "channels_last", "seed")
+
+
+def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A complete, validated copy of a benchmark spec (JSON-serialisable).
+
+    Keys: ``model`` (registry name, required), ``model_kwargs`` ({}), ``input_shape`` (per sample; default
+    ``[3, S, S]`` with the model's input size), ``num_classes`` (the model's default), ``method`` (dense),
+    ``device`` ("cpu"; "auto" picks cuda when available), ``threads`` (None: torch's default), ``dtype``
+    ("fp32"; "bf16"/"fp16" run under autocast), ``channels_last`` (False), ``seed`` (0).
+    """
+    from leanprop import models
+
+    unknown = sorted(set(spec) - set(_SPEC_KEYS) - {"batch"})
+    if unknown:
+        raise ValueError(f"unknown spec key(s) {unknown}; known: {', '.join(_SPEC_KEYS)}")
+    if "model" not in spec:
+        raise ValueError("spec needs a 'model' (a leanprop.models registry name)")
+    info = models.model_info(spec["model"])
+    out = {
+        "model": info.name,
+        "model_kwargs": dict(spec.get("model_kwargs") or {}),
+        "input_shape": [int(v) for v in (spec.get("input_shape") or (3, info.input_size, info.input_size))],
+        "num_classes": int(spec.get("num_classes") or info.default_num_classes),
+        "method": str(spec.get("method", "dense")).strip().lower(),
+        "device": str(spec.get("device") or "cpu"),
+        "threads": None if spec.get("threads") is None else int(spec["threads"]),
+        "dtype": str(spec.get("dtype") or "fp32"),
+        "channels_last": bool(spec.get("channels_last", False)),
+        "seed": int(spec.get("seed", 0)),
+    }
+    parse_method(out["method"])
+    if out["dtype"] not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {out['dtype']!r}")
+    if out["device"] == "auto":
+        out["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(out["device"])
+    except RuntimeError as e:
+        raise ValueError(f"bad device {out['device']!r} ({e})") from None
+    if out["threads"] is not None and out["threads"] < 1:
+        raise ValueError(f"threads must be >= 1, got {out['threads']}")
+    if any(v < 1 for v in out["input_shape"]):
+        raise ValueError(f"input_shape must be positive, got {out['input_shape']}")
+    return out
+
+
+def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """``(model, handle)``: the spec's model on its device, in training mode, prepared for its method
+    (``handle`` is what :func:`apply_method` returned).  Seeded with ``spec["seed"]``."""
+    from leanprop import models
+
+    spec = normalize_spec(spec)
+    torch.manual_seed(spec["seed"])
+    model = models.create(spec["model"], num_classes=spec["num_classes"], **spec["model_kwargs"])
+    device = torch.device(spec["device"])
+    model.to(device)
+    if spec["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    handle = apply_method(model, spec["method"])
+    model.to(device)
+    model.train()
+    return model, handle
+
+
+def autocast_context(spec: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """Autocast for ``spec["dtype"]`` on the spec's device (a no-op for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("dtype", "fp32"))
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(spec["device"]).type, dtype=dtype)
+
+
+def make_batch(spec: dict[str, Any], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random input batch and random targets for ``spec`` (seeded)."""
+    g = torch.Generator().manual_seed(spec.get("seed", 0) + 1)
+    x = torch.randn(batch, *spec["input_shape"], generator=g)
+    y = torch.randint(0, spec["num_classes"], (batch,), generator=g)
+    device = torch.device(spec["device"])
+    x, y = x.to(device), y.to(device)
+    if spec.get("channels_last") and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+# --------------------------------------------------------------------------------------------------------
+# peak memory of one step in a fresh process
+
+
+def _probe_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _crash_message(rc: int, stderr: str) -> str:
+    if rc < 0:
+        try:
+            import signal
+
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"probe killed by {name}" + (" (out of memory?)" if -rc == 9 else "")
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    return f"probe exited with status {rc}: {lines[-1] if lines else 'no message'}"
+
+
+def peak_memory(spec: dict[str, Any], batch: int, *, abort_above_bytes: int | None = None,
+                timeout: float | None = None, warmup: bool = True) -> dict[str, Any]:
+    """Peak memory of ONE training step (forward, cross-entropy, backward) at ``batch``, in a fresh process.
+
+    ``warmup``: first run one step on a batch of 2, so one-time costs (lazy imports such as the first
+    ``torch.utils.checkpoint`` call, ~100 MiB; kernel and thread-pool set-up) count in ``rss_before_bytes``, not
+    in the step.
+
+    CPU: ``rss_before_bytes`` (resident set just before the forward, model and batch built),
+    ``step_peak_rss_bytes`` (peak resident set during the step: ``VmHWM`` after resetting it just before the
+    step via ``/proc/self/clear_refs``; ``ru_maxrss`` where that is unavailable), ``step_peak_growth_bytes``
+    (the two subtracted: the step's own peak growth), ``ru_maxrss_bytes`` (``getrusage``; caution: Linux carries
+    the parent's peak across fork+exec into it, so a child of a large process reports at least that) and
+    ``peak_bytes`` (the process's own peak over its life from ``VmHWM``: what a memory cap sees).
+    CUDA: ``alloc_before_bytes``, ``max_allocated_bytes`` (``torch.cuda.max_memory_allocated`` after
+    ``reset_peak_memory_stats``), ``step_peak_growth_bytes``, ``max_reserved_bytes``; ``peak_bytes`` is the
+    max allocated.  ``abort_above_bytes`` stops the probe as soon as it is exceeded (a CPU watchdog thread;
+    ``set_per_process_memory_fraction`` on CUDA).  Always returns a dict with ``ok``; a probe that crashes,
+    is killed or runs out of memory gives ``ok: False`` and ``error``.
+    """
+    spec = normalize_spec(spec)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    payload = {**spec, "batch": int(batch), "abort_above_bytes": abort_above_bytes, "warmup": warmup}
+    cmd = [sys.executable, "-m", "leanprop.accounting.memory_probe", json.dumps(payload)]
+    base = {"ok": False, "batch": int(batch), "method": spec["method"], "device": spec["device"],
+            "peak_bytes": None}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_probe_env(spec["threads"]))
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"probe timed out after {timeout} s"}
+    result = None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(PROBE_MARKER):
+            result = json.loads(line[len(PROBE_MARKER):])
+            break
+    if result is None:
+        return {**base, "returncode": proc.returncode, "error": _crash_message(proc.returncode, proc.stderr)}
+    return {**base, **result, "returncode": proc.returncode}
+
+
+# --------------------------------------------------------------------------------------------------------
+# largest batch under a cap
+
+
+@dataclass
+class MaxBatchResult:
+    """Result of :func:`max_batch`: ``batch`` (0 when even ``start`` does not fit), the ``probes`` made in order
+    (``batch``, ``fits``, ``peak_bytes``, ``error``) and ``hit_limit`` (the search stopped at ``limit``)."""
+
+    batch: int
+    cap_bytes: int
+    probes: list[dict[str, Any]]
+    hit_limit: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def max_batch(spec: dict[str, Any] | None, mem_cap_bytes: int, *, start: int = 1, limit: int = 1 << 16,
+              probe: Callable[[int], dict[str, Any] | None] | None = None, timeout: float | None = None,
+              on_probe: Callable[[dict[str, Any]], None] | None = None) -> MaxBatchResult:
+    """The largest batch whose one-step peak (``peak_bytes``: process peak RSS on CPU, max allocated on CUDA)
+    is at most ``mem_cap_bytes``.
+
+    Doubling from ``start`` until a batch does not fit (or ``limit`` is reached), then binary search between
+    the last fitting and the first failing batch, assuming memory grows with the batch.  Each probe is a fresh
+    process (:func:`peak_memory`, stopped early once above the cap); ``probe(batch) -> dict`` replaces it
+    (tests, other devices).  A probe that returns None, ``ok: False`` (crash, OOM kill) or no ``peak_bytes``
+    does not fit.
+    """
+    if mem_cap_bytes <= 0:
+        raise ValueError(f"memory cap must be > 0 bytes, got {mem_cap_bytes}")
+    if not 1 <= start <= limit:
+        raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
+    if probe is None:
+        if spec is None:
+            raise ValueError("max_batch needs a spec or a probe function")
+
+        def probe(b: int) -> dict[str, Any]:
+            return peak_memory(spec, b, abort_above_bytes=mem_cap_bytes, timeout=timeout)
+
+    probes: list[dict[str, Any]] = []
+
+    def fits(b: int) -> bool:
+        r = probe(b) or {}
+        peak = r.get("peak_bytes")
+        ok = r.get("ok", True) and peak is not None and peak <= mem_cap_bytes
+        row = {"batch": b, "fits": bool(ok), "peak_bytes": peak, "error": r.get("error")}
+        probes.append(row)
+        if on_probe is not None:
+            on_probe(row)
+        return bool(ok)
+
+    if not fits(start):
+        return MaxBatchResult(0, mem_cap_bytes, probes)
+    lo, hi = start, None
+    while hi is None:
+        if lo >= limit:
+            return MaxBatchResult(lo, mem_cap_bytes, probes, hit_limit=True)
+        b = min(2 * lo, limit)
+        if fits(b):
+            lo = b
+        else:
+            hi = b
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return MaxBatchResult(lo, mem_cap_bytes, probes)

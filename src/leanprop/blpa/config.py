@@ -1,0 +1,61 @@
+"""BLPA configuration (Chakrabarti & Moseley, NeurIPS 2019; spec ../shared/specs/blpa.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BITS = (2, 4, 8, 32)
+MODES = ("signaware", "ref")
+KERNELS = ("auto", "c", "torch")
+
+
+@dataclass
+class BLPAConfig:
+    """How BLPA stores activations for the backward pass.
+
+    bits: K, the code width of the stored BN output: 8 or 4 (the paper), 2 (beyond the paper), or 32 =
+        lossless (fp32 normalised values + 1-bit ReLU mask; for checking gradients against PyTorch).
+    mode: "signaware" (default; any sign of gamma, ReLU mask always exact) or "ref" (the reference
+        formula bit for bit: Delta = 6/2^K, the 1e-6 offset, gamma clamped to >= 1e-8; spec §1.4).
+    window: R, the quantised range is +-R batch standard deviations ("ref" fixes R = 3).
+    simulate: fake-quant mode for accuracy debugging: same gradients, but keeps the dequantised fp32
+        values instead of packed codes (no memory saved). Never use it for benchmarks.
+    codec_bits: bits of the generic saved-tensor codec for float tensors saved *outside* the fused units
+        (stem, classifier, ops BLPA cannot fuse): 8 or 4, or None to leave them alone.
+    codec_min_bytes: tensors smaller than this are kept as they are by the codec.
+    kernels: "auto" (compiled C kernels when a C compiler works, else torch ops), "c" or "torch".
+    """
+
+    bits: int = 4
+    mode: str = "signaware"
+    window: float = 3.0
+    simulate: bool = False
+    codec_bits: int | None = 8
+    codec_min_bytes: int = 65536
+    kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"BLPA bits must be one of {BITS}, got {self.bits!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"BLPA mode {self.mode!r}: use 'signaware' or 'ref'")
+        if self.mode == "ref" and self.window != 3.0:
+            raise ValueError("BLPA mode='ref' fixes window=3.0 (Delta = 6/2^K); use mode='signaware' to change it")
+        if not self.window > 0:
+            raise ValueError(f"BLPA window must be > 0 (standard deviations), got {self.window}")
+        if self.codec_bits not in (None, 4, 8):
+            raise ValueError(f"BLPA codec_bits must be 8, 4 or null, got {self.codec_bits!r}")
+        if self.codec_min_bytes < 0:
+            raise ValueError("BLPA codec_min_bytes must be >= 0")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"BLPA kernels {self.kernels!r}: use one of {', '.join(KERNELS)}")
+
+    @property
+    def levels(self) -> int:
+        """n = 2^K code levels."""
+        return 1 << self.bits
+
+    @property
+    def step(self) -> float:
+        """Delta = 2R / 2^K in normalised units (6/2^K for the reference)."""
+        return 2.0 * self.window / self.levels

@@ -1,0 +1,108 @@
+"""BLPA's controller: finds BN->ReLU->Conv units, swaps them (``convert_``), attaches the codec, reports."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from leanprop.blpa.codec import SavedTensorCodec
+from leanprop.blpa.config import BLPAConfig
+
+__all__ = ["Unit", "find_units", "BLPAController"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One BN->ReLU(->Conv) run: full module names of its parts (conv None: a half unit)."""
+
+    bn: str
+    relu: str
+    conv: str | None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def find_units(model: nn.Module) -> list[Unit]:
+    """Every BN->ReLU->Conv (or BN->ReLU) run provable from the module structure.
+
+    A module may declare its runs with a ``blpa_units()`` method returning ``(bn, relu, conv_or_None)`` child
+    names, where the ReLU's output feeds only that conv (the project's pre-activation blocks do); in an
+    ``nn.Sequential`` consecutive ``BatchNorm2d, ReLU, Conv2d`` children form a unit and ``BatchNorm2d, ReLU``
+    followed by anything else a half unit.
+    """
+    units: list[Unit] = []
+    claimed: set[str] = set()
+    for prefix, module in model.named_modules():
+        runs: list[tuple[str, str, str | None]] = []
+        declared = getattr(module, "blpa_units", None)
+        if callable(declared):
+            runs = list(declared())
+        elif isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for i in range(len(names) - 1):
+                a, b = module._modules[names[i]], module._modules[names[i + 1]]
+                if type(a) is nn.BatchNorm2d and type(b) is nn.ReLU:
+                    c = module._modules[names[i + 2]] if i + 2 < len(names) else None
+                    runs.append((names[i], names[i + 1], names[i + 2] if type(c) is nn.Conv2d else None))
+        for bn, relu, conv in runs:
+            full = Unit(_join(prefix, bn), _join(prefix, relu), _join(prefix, conv) if conv else None)
+            parts = {full.bn, full.relu} | ({full.conv} if full.conv else set())
+            if parts & claimed:
+                continue
+            mods = dict(module.named_children())
+            if type(mods.get(bn)) is not nn.BatchNorm2d or type(mods.get(relu)) is not nn.ReLU:
+                continue
+            if conv is not None and type(mods.get(conv)) is not nn.Conv2d:
+                continue
+            claimed |= parts
+            units.append(full)
+    return units
+
+
+class BLPAController:
+    """State and reporting of a BLPA-converted model (BLPA keeps no per-step state of its own)."""
+
+    def __init__(self, model: nn.Module, units: list[Unit], cfg: BLPAConfig, codec: SavedTensorCodec | None,
+                 kernels_path: str | None):
+        self.model = model
+        self.units = units
+        self.cfg = cfg
+        self.codec = codec
+        self.kernels_path = kernels_path
+        if not units:
+            what = "only the generic saved-tensor codec applies" if codec is not None else "nothing changed"
+            warnings.warn(f"BLPA: the model has no BatchNorm2d->ReLU(->Conv2d) run that can be fused; {what}",
+                          RuntimeWarning, stacklevel=3)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.cfg), "units": len(self.units)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("config", {}).get("bits", self.cfg.bits) != self.cfg.bits:
+            raise ValueError(f"checkpoint was trained with BLPA bits={state['config']['bits']}, "
+                             f"this run uses bits={self.cfg.bits}")
+
+    def summary(self) -> str:
+        modules = dict(self.model.named_modules())
+        bits = "fp32 xhat + 1-bit mask" if self.cfg.bits == 32 else f"{self.cfg.bits}-bit codes"
+        lines = [f"BLPA {self.cfg.mode}, {bits}, window ±{self.cfg.window}σ, "
+                 f"kernels: {'compiled C' if self.kernels_path else 'torch ops'}, "
+                 f"codec outside units: {self.cfg.codec_bits or 'off'}"
+                 + (" (simulate: fake-quant, no memory saved)" if self.cfg.simulate else ""),
+                 f"{'unit (BN)':<32} {'kind':<6} {'channels':>8}  conv"]
+        for u in self.units:
+            c = modules[u.bn].num_features
+            lines.append(f"{u.bn:<32} {'fused' if u.conv else 'half':<6} {c:>8}  {u.conv or '-'}")
+        lines.append(f"{len(self.units)} units ({sum(u.conv is not None for u in self.units)} fused with a conv)")
+        return "\n".join(lines)

@@ -1,0 +1,271 @@
+/* Fused element-wise kernels of leanprop's BLPA unit (CPU, OpenMP, auto-vectorised by the compiler).
+ *
+ * A 4-D activation is walked as "rows" in memory order: NCHW rows are the H*W plane of one (n, c) -- one
+ * channel, scalar coefficients -- and channels-last rows are the C channels of one pixel -- per-element
+ * coefficients from the transposed table coefT[NCOEF][C] (leanprop.blpa.quantizer.channel_coefficients).
+ * Codes are packed k = 8/bits per byte, first code in the high bits, and a row starts on a byte boundary
+ * (the caller checks row_len % k == 0).  The arithmetic is written operation by operation like the torch
+ * reference and compiled with -ffp-contract=off, so the codes are bit-identical to quantizer.encode.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+enum { ALPHA = 0, OFFSET, S, BSH, A, B, A2, B2, T, K, GAMMA, BETA, NCOEF };
+#define CH 2048 /* elements per chunk (multiple of 8) */
+#define MAXF(a, b) ((a) > (b) ? (a) : (b)) /* not fmaxf: that is a libm call without -ffinite-math-only */
+#define MINF(a, b) ((a) < (b) ? (a) : (b))
+
+static inline float bf16_load(const uint16_t *p, int64_t i) {
+    uint32_t u = ((uint32_t)p[i]) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline void bf16_store(uint16_t *p, int64_t i, float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    p[i] = (uint16_t)((f != f) ? 0x7FC0u : r);
+}
+static inline float f32_load(const float *p, int64_t i) { return p[i]; }
+static inline void f32_store(float *p, int64_t i, float f) { p[i] = f; }
+
+static inline void pack_chunk(const uint8_t *q, int64_t len, int bits, uint8_t *out) {
+    switch (bits) {
+    case 8: memcpy(out, q, (size_t)len); break;
+    case 4: for (int64_t j = 0; j < len / 2; ++j) out[j] = (uint8_t)((q[2 * j] << 4) | q[2 * j + 1]); break;
+    case 2:
+        for (int64_t j = 0; j < len / 4; ++j)
+            out[j] = (uint8_t)((q[4 * j] << 6) | (q[4 * j + 1] << 4) | (q[4 * j + 2] << 2) | q[4 * j + 3]);
+        break;
+    default:
+        for (int64_t j = 0; j < len / 8; ++j) {
+            uint8_t v = 0;
+            for (int l = 0; l < 8; ++l) v |= (uint8_t)(q[8 * j + l] << (7 - l));
+            out[j] = v;
+        }
+    }
+}
+static inline void unpack_chunk(const uint8_t *p, int64_t len, int bits, uint8_t *q) {
+    switch (bits) {
+    case 8: memcpy(q, p, (size_t)len); break;
+    case 4:
+        for (int64_t j = 0; j < len / 2; ++j) { q[2 * j] = p[j] >> 4; q[2 * j + 1] = p[j] & 15; }
+        break;
+    case 2:
+        for (int64_t j = 0; j < len / 4; ++j) {
+            q[4 * j] = p[j] >> 6; q[4 * j + 1] = (p[j] >> 4) & 3; q[4 * j + 2] = (p[j] >> 2) & 3; q[4 * j + 3] = p[j] & 3;
+        }
+        break;
+    default:
+        for (int64_t j = 0; j < len / 8; ++j)
+            for (int l = 0; l < 8; ++l) q[8 * j + l] = (p[j] >> (7 - l)) & 1;
+    }
+}
+
+/* Loop skeleton: for every row (in parallel) and every chunk of it, `BODY` runs with
+ *   base (flat index of the chunk start), len, c0 (first channel of the chunk, channels-last only),
+ *   ch (channel of the row, NCHW only), pk (packed bytes of the chunk). */
+#define ROWS(cl, N, C, inner, bits, ...)                                                                    \
+    {                                                                                                       \
+        const int64_t rows = (cl) ? (N) * (inner) : (N) * (C);                                              \
+        const int64_t rlen = (cl) ? (C) : (inner);                                                          \
+        const int kk = 8 / (bits);                                                                          \
+        _Pragma("omp parallel for num_threads(nt) schedule(static)")                                        \
+        for (int64_t row = 0; row < rows; ++row) {                                                          \
+            uint8_t qb[CH];                                                                                 \
+            const int64_t ch = (cl) ? 0 : row % (C);                                                        \
+            for (int64_t off = 0; off < rlen; off += CH) {                                                  \
+                const int64_t len = rlen - off < CH ? rlen - off : CH;                                      \
+                const int64_t base = row * rlen + off;                                                      \
+                const int64_t c0 = (cl) ? off : 0;                                                          \
+                (void)ch; (void)c0; (void)kk;                                                               \
+                __VA_ARGS__                                                                                 \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
+#define DEFINE_KERNELS(T_, SUF, LOAD, STORE)                                                                \
+void blpa_encode_##SUF(const T_ *x, T_ *y, const float *cT, int64_t N, int64_t C, int64_t inner, int cl,    \
+                       int bits, int relu_inplace, uint8_t *packed, int nt) {                               \
+    const float hi = (float)((1 << bits) - 1);                                                              \
+    ROWS(cl, N, C, inner, bits, {                                                                           \
+        if (!cl) {                                                                                          \
+            const float al = cT[ALPHA * C + ch], of = cT[OFFSET * C + ch], s = cT[S * C + ch];              \
+            /* channels with gamma == 0 (t != s) keep unforced codes: widen the forcing bounds instead */    \
+            const int force = cT[T * C + ch] == s;                                                          \
+            const float lo_pos = force ? s : 0.0f, hi_neg = force ? s - 1.0f : hi;                          \
+            for (int64_t i = 0; i < len; ++i) {                                                             \
+                float u = LOAD(x, base + i) * al;                                                           \
+                u = u + of;                                                                                 \
+                float q = floorf(u);                                                                        \
+                q = q + s;                                                                                  \
+                q = MINF(MAXF(q, 0.0f), hi);                                                              \
+                const float yv = LOAD(y, base + i);                                                         \
+                q = yv > 0.0f ? MAXF(q, lo_pos) : MINF(q, hi_neg);                                        \
+                qb[i] = (uint8_t)(int)q;                                                                    \
+            }                                                                                               \
+        } else {                                                                                            \
+            const float *al = cT + ALPHA * C + c0, *of = cT + OFFSET * C + c0, *s = cT + S * C + c0;        \
+            const float *t = cT + T * C + c0;                                                               \
+            for (int64_t i = 0; i < len; ++i) {                                                             \
+                float u = LOAD(x, base + i) * al[i];                                                        \
+                u = u + of[i];                                                                              \
+                float q = floorf(u);                                                                        \
+                q = q + s[i];                                                                               \
+                q = MINF(MAXF(q, 0.0f), hi);                                                              \
+                const float yv = LOAD(y, base + i);                                                         \
+                const int force = t[i] == s[i];                                                             \
+                const float lo_pos = force ? s[i] : 0.0f, hi_neg = force ? s[i] - 1.0f : hi;                \
+                q = yv > 0.0f ? MAXF(q, lo_pos) : MINF(q, hi_neg);                                        \
+                qb[i] = (uint8_t)(int)q;                                                                    \
+            }                                                                                               \
+        }                                                                                                   \
+        if (relu_inplace)                                                                                   \
+            for (int64_t i = 0; i < len; ++i) {                                                             \
+                const float yv = LOAD(y, base + i);                                                         \
+                STORE(y, base + i, yv < 0.0f ? 0.0f : yv);                                                  \
+            }                                                                                               \
+        pack_chunk(qb, len, bits, packed + base / kk);                                                      \
+    })                                                                                                      \
+}                                                                                                           \
+/* z~ = [q >= t] * (q*A2 + B2) */                                                                           \
+void blpa_decode_z_##SUF(const uint8_t *packed, const float *cT, int64_t N, int64_t C, int64_t inner,       \
+                         int cl, int bits, T_ *z, int nt) {                                                 \
+    ROWS(cl, N, C, inner, bits, {                                                                           \
+        unpack_chunk(packed + base / kk, len, bits, qb);                                                    \
+        if (!cl) {                                                                                          \
+            const float a2 = cT[A2 * C + ch], b2 = cT[B2 * C + ch], t = cT[T * C + ch];                     \
+            for (int64_t i = 0; i < len; ++i) {                                                             \
+                const float q = (float)qb[i];                                                               \
+                float v = q * a2;                                                                           \
+                v = v + b2;                                                                                 \
+                STORE(z, base + i, q >= t ? v : 0.0f);                                                      \
+            }                                                                                               \
+        } else {                                                                                            \
+            const float *a2 = cT + A2 * C + c0, *b2 = cT + B2 * C + c0, *t = cT + T * C + c0;               \
+            for (int64_t i = 0; i < len; ++i) {                                                             \
+                const float q = (float)qb[i];                                                               \
+                float v = q * a2[i];                                                                        \
+                v = v + b2[i];                                                                              \
+                STORE(z, base + i, q >= t[i] ? v : 0.0f);                                                   \
+            }                                                                                               \
+        }                                                                                                   \
+    })                                                                                                      \
+}                                                                                                           \
+/* per-channel partial sums of g_y = m*g and g_y*xhat~ (xhat~ = q*A + B).  NCHW: partial[row][2] (float,   \
+ * row = n*C + c); channels-last: partial[thread][2][C] (double, zeroed by the caller, nt rows). */         \
+void blpa_bn_sums_##SUF(const uint8_t *packed, const T_ *g, const float *cT, int64_t N, int64_t C,          \
+                        int64_t inner, int cl, int bits, void *partial_, int nt) {                          \
+    if (!cl) {                                                                                              \
+        float *partial = (float *)partial_;                                                                 \
+        ROWS(0, N, C, inner, bits, {                                                                        \
+            unpack_chunk(packed + base / kk, len, bits, qb);                                                \
+            const float a = cT[A * C + ch], b = cT[B * C + ch], t = cT[T * C + ch];                         \
+            float s1 = 0.0f, s2 = 0.0f;                                                                     \
+            _Pragma("omp simd reduction(+:s1, s2)")                                                         \
+            for (int64_t i = 0; i < len; ++i) {                                                             \
+                const float q = (float)qb[i];                                                               \
+                const float gy = q >= t ? LOAD(g, base + i) : 0.0f;                                         \
+                float xh = q * a;                                                                           \
+                xh = xh + b;                                                                                \
+                s1 += gy;                                                                                   \
+                s2 += gy * xh;                                                                              \
+            }                                                                                               \
+            if (off == 0) { partial[row * 2] = 0.0f; partial[row * 2 + 1] = 0.0f; }                         \
+            partial[row * 2] += s1;                                                                         \
+            partial[row * 2 + 1] += s2;                                                                     \
+        })                                                                                                  \
+        return;                                                                                             \
+    }                                                                                                       \
+    double *acc = (double *)partial_;                                                                       \
+    const int kk = 8 / bits;                                                                                \
+    const int64_t rows = N * inner;                                                                         \
+    _Pragma("omp parallel num_threads(nt)")                                                                 \
+    {                                                                                                       \
+        double *pa = acc + (int64_t)omp_get_thread_num() * 2 * C;                                           \
+        uint8_t qb[CH];                                                                                     \
+        _Pragma("omp for schedule(static)")                                                                 \
+        for (int64_t row = 0; row < rows; ++row)                                                            \
+            for (int64_t off = 0; off < C; off += CH) {                                                     \
+                const int64_t len = C - off < CH ? C - off : CH;                                            \
+                const int64_t base = row * C + off;                                                         \
+                unpack_chunk(packed + base / kk, len, bits, qb);                                            \
+                const float *a = cT + A * C + off, *b = cT + B * C + off, *t = cT + T * C + off;            \
+                double *p1 = pa + off, *p2 = pa + C + off;                                                  \
+                for (int64_t i = 0; i < len; ++i) {                                                         \
+                    const float q = (float)qb[i];                                                           \
+                    const float gy = q >= t[i] ? LOAD(g, base + i) : 0.0f;                                  \
+                    float xh = q * a[i];                                                                    \
+                    xh = xh + b[i];                                                                         \
+                    p1[i] += gy;                                                                            \
+                    p2[i] += gy * xh;                                                                       \
+                }                                                                                           \
+            }                                                                                               \
+    }                                                                                                       \
+}                                                                                                           \
+/* g_x = K * (m*g - mean1 - xhat~*mean2) */                                                                 \
+void blpa_bn_grad_input_##SUF(const uint8_t *packed, const T_ *g, const float *cT, const float *mean1,     \
+                              const float *mean2, int64_t N, int64_t C, int64_t inner, int cl, int bits,    \
+                              T_ *gx, int nt) {                                                             \
+    ROWS(cl, N, C, inner, bits, {                                                                           \
+        unpack_chunk(packed + base / kk, len, bits, qb);                                                    \
+        if (!cl) {                                                                                          \
+            const float a = cT[A * C + ch], b = cT[B * C + ch], t = cT[T * C + ch], kc = cT[K * C + ch];    \
+            const float m1 = mean1[ch], m2 = mean2[ch];                                                     \
+            for (int64_t i = 0; i < len; ++i) {                                                             \
+                const float q = (float)qb[i];                                                               \
+                const float gy = q >= t ? LOAD(g, base + i) : 0.0f;                                         \
+                float xh = q * a;                                                                           \
+                xh = xh + b;                                                                                \
+                float v = gy - m1;                                                                          \
+                v = v - xh * m2;                                                                            \
+                STORE(gx, base + i, kc * v);                                                                \
+            }                                                                                               \
+        } else {                                                                                            \
+            const float *a = cT + A * C + c0, *b = cT + B * C + c0, *t = cT + T * C + c0;                   \
+            const float *kc = cT + K * C + c0, *m1 = mean1 + c0, *m2 = mean2 + c0;                          \
+            for (int64_t i = 0; i < len; ++i) {                                                             \
+                const float q = (float)qb[i];                                                               \
+                const float gy = q >= t[i] ? LOAD(g, base + i) : 0.0f;                                      \
+                float xh = q * a[i];                                                                        \
+                xh = xh + b[i];                                                                             \
+                float v = gy - m1[i];                                                                       \
+                v = v - xh * m2[i];                                                                         \
+                STORE(gx, base + i, kc[i] * v);                                                             \
+            }                                                                                               \
+        }                                                                                                   \
+    })                                                                                                      \
+}
+
+DEFINE_KERNELS(float, f32, f32_load, f32_store)
+DEFINE_KERNELS(uint16_t, bf16, bf16_load, bf16_store)
+
+/* standalone pack / unpack of a flat code buffer (any length) */
+void blpa_pack(const uint8_t *codes, int64_t numel, int bits, uint8_t *out, int nt) {
+    const int k = 8 / bits;
+    const int64_t full = numel / k;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t j0 = 0; j0 < full; j0 += CH) {
+        const int64_t nb = full - j0 < CH ? full - j0 : CH;
+        pack_chunk(codes + j0 * k, nb * k, bits, out + j0);
+    }
+    if (full * k < numel) {
+        uint8_t v = 0;
+        for (int64_t i = full * k; i < numel; ++i) v |= (uint8_t)(codes[i] << (8 - bits * (i - full * k + 1)));
+        out[full] = v;
+    }
+}
+void blpa_unpack(const uint8_t *packed, int64_t numel, int bits, uint8_t *codes, int nt) {
+    const int k = 8 / bits;
+    const int64_t full = numel / k;
+    const uint8_t mask = (uint8_t)((1u << bits) - 1u);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t j0 = 0; j0 < full; j0 += CH) {
+        const int64_t nb = full - j0 < CH ? full - j0 : CH;
+        unpack_chunk(packed + j0, nb * k, bits, codes + j0 * k);
+    }
+    for (int64_t i = full * k; i < numel; ++i) codes[i] = (uint8_t)((packed[full] >> (8 - bits * (i - full * k + 1))) & mask);
+}

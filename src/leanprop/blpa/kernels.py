@@ -1,0 +1,209 @@
+"""Compiled CPU kernels of the BLPA unit (``csrc/blpa_kernels.c``), with the torch-ops fallback.
+
+The C source is compiled once per machine with the system C compiler (``cc -O3 -fopenmp``) into the
+leanprop cache (``$LEANPROP_CACHE/kernels``) and loaded with ctypes; no PyTorch headers are needed, so
+the build takes about a second. Where no compiler works, ``kernels="auto"`` falls back to torch ops (same
+results, slower) with one warning; ``kernels="c"`` raises instead. Eager only (not traceable).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from leanprop.data.paths import cache_dir, file_lock
+
+__all__ = ["CKernels", "load_kernels", "kernel_layout"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "blpa_kernels.c"
+# -fno-trapping-math lets floorf vectorise; none of these flags changes a result (no fast-math)
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC",
+          "-shared"]
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_lock = threading.Lock()
+_loaded: dict[str, CKernels | Exception] = {}
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(cc: str, src: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp_so)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {src.name} with {cc} failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp_so, out)
+
+
+class CKernels:
+    """ctypes bindings of the compiled kernels. Activations must be CPU fp32/bf16, NCHW- or channels-last-
+    contiguous, with rows (an H*W plane, or the C channels of a pixel) a whole number of bytes long when
+    packed (:meth:`supports`); codes are passed around packed."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.lib = lib
+        self.path = path
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.blpa_pack.argtypes = [p, i64, i32, p, i32]
+        lib.blpa_unpack.argtypes = [p, i64, i32, p, i32]
+        for suf in _SUFFIX.values():
+            getattr(lib, f"blpa_encode_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, i32, p, i32]
+            getattr(lib, f"blpa_decode_z_{suf}").argtypes = [p, p, i64, i64, i64, i32, i32, p, i32]
+            getattr(lib, f"blpa_bn_sums_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, p, i32]
+            getattr(lib, f"blpa_bn_grad_input_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, i32, i32, p, i32]
+
+    @staticmethod
+    def supports(bits: int, *tensors: torch.Tensor) -> bool:
+        """Whether these tensors (same shape) can go through the kernels with ``bits``-bit codes."""
+        if bits not in (1, 2, 4, 8) or not all(t.device.type == "cpu" and t.dtype in _SUFFIX for t in tensors):
+            return False
+        try:
+            layouts = {kernel_layout(t) for t in tensors}
+        except ValueError:
+            return False
+        if len(layouts) != 1:
+            return False
+        n, c, inner, cl = layouts.pop()
+        return (c if cl else inner) % (8 // bits) == 0
+
+    def pack(self, codes: torch.Tensor, bits: int) -> torch.Tensor:
+        k = 8 // bits
+        out = torch.empty((codes.numel() + k - 1) // k, dtype=torch.uint8)
+        self.lib.blpa_pack(codes.data_ptr(), codes.numel(), bits, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def unpack(self, packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+        out = torch.empty(numel, dtype=torch.uint8)
+        self.lib.blpa_unpack(packed.data_ptr(), numel, bits, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, bits: int, relu_inplace: bool
+               ) -> torch.Tensor:
+        """Packed codes (memory order of ``x``); ``y`` (same layout) becomes ReLU(y) if asked."""
+        n, c, inner, cl, p = _geometry(x)
+        packed = torch.empty(x.numel() * bits // 8, dtype=torch.uint8)
+        getattr(self.lib, f"blpa_encode_{_SUFFIX[x.dtype]}")(
+            x.data_ptr(), y.data_ptr(), _transposed(coef, p), n, c, inner, cl, bits, int(relu_inplace),
+            packed.data_ptr(), torch.get_num_threads())
+        return packed
+
+    def decode_z(self, packed: torch.Tensor, coef: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor:
+        """z~ as a tensor with the shape, layout and dtype of ``like``."""
+        z = torch.empty_like(like)
+        n, c, inner, cl, p = _geometry(like)
+        getattr(self.lib, f"blpa_decode_z_{_SUFFIX[like.dtype]}")(
+            packed.data_ptr(), _transposed(coef, p), n, c, inner, cl, bits, z.data_ptr(), torch.get_num_threads())
+        return z
+
+    def bn_sums(self, packed: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, bits: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (sum m*g, sum m*g*xhat~), fp32 (rows reduced in fp64)."""
+        n, c, inner, cl, p = _geometry(g)
+        nt = torch.get_num_threads()
+        partial = torch.zeros(nt, 2, c, dtype=torch.float64) if cl else torch.empty(n, c, 2, dtype=torch.float32)
+        getattr(self.lib, f"blpa_bn_sums_{_SUFFIX[g.dtype]}")(
+            packed.data_ptr(), g.data_ptr(), _transposed(coef, p), n, c, inner, cl, bits, partial.data_ptr(), nt)
+        if cl:
+            s = partial.view(nt, 2, p, c // p).sum((0, 2)).float()
+            return s[0].contiguous(), s[1].contiguous()
+        s = partial.sum(0, dtype=torch.float64).float()
+        return s[:, 0].contiguous(), s[:, 1].contiguous()
+
+    def bn_grad_input(self, packed: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, mean1: torch.Tensor,
+                      mean2: torch.Tensor, bits: int) -> torch.Tensor:
+        """g_x = K*(m*g - mean1 - xhat~*mean2), same shape, layout and dtype as ``g``."""
+        gx = torch.empty_like(g)
+        n, c, inner, cl, p = _geometry(g)
+        m1, m2 = mean1.float().repeat(p), mean2.float().repeat(p)  # keep references during the call
+        getattr(self.lib, f"blpa_bn_grad_input_{_SUFFIX[g.dtype]}")(
+            packed.data_ptr(), g.data_ptr(), _transposed(coef, p), m1.data_ptr(), m2.data_ptr(), n, c, inner, cl, bits,
+            gx.data_ptr(), torch.get_num_threads())
+        return gx
+
+
+_CHUNK = 2048  # CH in the C source
+
+
+def _geometry(t: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(N, C, inner, channels_last, P) as the kernels see ``t``: a channels-last tensor is walked as rows of
+    P pixels, i.e. P*C "virtual channels" with per-channel tables tiled P times, so short rows (C = 16)
+    still vectorise."""
+    n, c, inner, cl = kernel_layout(t)
+    if not cl:
+        return n, c, inner, 0, 1
+    p = math.gcd(n * inner, max(1, _CHUNK // c))
+    return n * inner // p, c * p, 1, 1, p
+
+
+def _transposed(coef: torch.Tensor, p: int = 1) -> int:
+    """Pointer to a (NCOEF, P*C) fp32 copy of the table (tiled P times); kept alive on the table itself."""
+    cache = coef.__dict__.setdefault("_blpa_t", {})
+    if p not in cache:
+        cache[p] = coef.float().t().repeat(1, p).contiguous()
+    return cache[p].data_ptr()
+
+
+def kernel_layout(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(N, C, inner, channels_last) of a tensor the kernels can walk; raises if its layout is neither."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = t.shape
+        return n, c, h * w, 1
+    if not t.is_contiguous():
+        raise ValueError("BLPA kernels need an NCHW- or channels-last-contiguous tensor")
+    n, c = t.shape[0], t.shape[1]
+    return n, c, t[0, 0].numel() if t.dim() > 2 else 1, 0
+
+
+def load_kernels(required: bool = False) -> CKernels | None:
+    """The compiled kernels, building them on first use; ``None`` (with a warning) if that is impossible."""
+    key = "blpa"
+    with _lock:
+        cached = _loaded.get(key)
+        if cached is None:
+            try:
+                cached = _build()
+            except Exception as e:  # noqa: BLE001 - any failure means "no compiled kernels"
+                cached = e
+            _loaded[key] = cached
+    if isinstance(cached, Exception):
+        if required:
+            raise RuntimeError(f"BLPA C kernels unavailable ({cached}); use BLPAConfig(kernels='torch')") from cached
+        warnings.warn(f"BLPA: compiled kernels unavailable, using slower torch ops ({str(cached).splitlines()[0]})",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return cached
+
+
+def _build() -> CKernels:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    src = _SOURCE.read_bytes()
+    digest = hashlib.sha256(src + " ".join([cc, *_FLAGS, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"blpa_{digest}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(out.with_suffix(".lock")):
+            if not out.exists():
+                _compile(cc, _SOURCE, out)
+    return CKernels(ctypes.CDLL(str(out)), out)

@@ -1,0 +1,120 @@
+"""BLPA's swapped layers: a BN->ReLU->Conv run becomes one fused unit without changing state_dict keys.
+
+The BatchNorm2d becomes :class:`BLPABatchNorm2d` (same Parameters and buffers) that computes the whole unit
+through :func:`leanprop.blpa.functions.bn_relu_conv`; the ReLU becomes ``nn.Identity`` and the Conv2d becomes
+:class:`FusedConvTail` (same Parameters, identity forward), so the parent module's own ``forward`` -- e.g.
+``conv(relu(bn(x)))`` -- still computes the same function. A BN->ReLU whose output goes elsewhere becomes a
+"half" unit (``bn_relu``). Outside training mode (or without grad) the plain PyTorch ops run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv
+
+__all__ = ["BLPABatchNorm2d", "FusedConvTail", "BLPA_LAYERS", "make_unit", "unmake_unit"]
+
+
+def _swap_class(module: nn.Module, cls: type) -> nn.Module:
+    new = copy.copy(module)  # shares the Parameter and buffer objects
+    new.__class__ = cls
+    return new
+
+
+class FusedConvTail(nn.Conv2d):
+    """The Conv2d of a fused unit: holds the conv's Parameters (same keys); its forward passes the unit's output on."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if getattr(self, "_unit_active", False):
+            return x
+        return super().forward(x)
+
+
+class BLPABatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d heading a BLPA unit: ``conv(ReLU(BN(x)))`` (full unit) or ``ReLU(BN(x))`` (half unit)."""
+
+    blpa_spec: UnitSpec
+    _conv: FusedConvTail | None
+    _relu: nn.Module
+
+    def _momentum_factor(self) -> float:
+        """Exponential-average factor exactly as nn.BatchNorm2d computes it (updates num_batches_tracked)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        conv = self._conv
+        if not (self.training and torch.is_grad_enabled() and (x.requires_grad or _params_need_grad(self, conv))):
+            y = F.relu(super().forward(x))  # eval / no_grad: plain ops, nothing is saved anyway
+            return conv._conv_forward(y, conv.weight, conv.bias) if conv is not None else y
+        spec = dataclasses.replace(self.blpa_spec, momentum=self._momentum_factor())
+        rm = self.running_mean if self.track_running_stats else None
+        rv = self.running_var if self.track_running_stats else None
+        if conv is None:
+            return bn_relu(x, self.weight, self.bias, rm, rv, spec)
+        return bn_relu_conv(x, self.weight, self.bias, conv.weight, conv.bias, rm, rv, spec)
+
+    def unit_with_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(conv(z), z)`` with ``z = ReLU(BN(x))``, for a block whose ``z`` also feeds a parameter-free
+        shortcut: still only the codes are kept, and z's second gradient joins the conv's in backward."""
+        conv = self._conv
+        if conv is None:
+            raise ValueError("unit_with_activation needs a fused unit (a BN->ReLU->Conv run)")
+        if not (self.training and torch.is_grad_enabled() and (x.requires_grad or _params_need_grad(self, conv))):
+            z = F.relu(super().forward(x))
+            return conv._conv_forward(z, conv.weight, conv.bias), z
+        spec = dataclasses.replace(self.blpa_spec, momentum=self._momentum_factor())
+        rm = self.running_mean if self.track_running_stats else None
+        rv = self.running_var if self.track_running_stats else None
+        return bn_relu_conv(x, self.weight, self.bias, conv.weight, conv.bias, rm, rv, spec, return_z=True)
+
+
+def _params_need_grad(bn: nn.Module, conv: nn.Module | None) -> bool:
+    ps = list(bn.parameters()) + (list(conv.parameters()) if conv is not None else [])
+    return any(p.requires_grad for p in ps)
+
+
+BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail)
+
+
+def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_kwargs: dict, relu_name: str = ""
+              ) -> tuple[BLPABatchNorm2d, nn.Module, FusedConvTail | None]:
+    """The three replacement modules of one unit (conv None: a half unit)."""
+    if bn.training is False and not bn.track_running_stats:
+        raise ValueError("BLPA needs BatchNorm2d layers that use batch statistics in training")
+    head = _swap_class(bn, BLPABatchNorm2d)
+    tail = None
+    if conv is not None:
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError("BLPA units support zero, numeric conv padding only")
+        tail = _swap_class(conv, FusedConvTail)
+        tail._unit_active = True
+        head.blpa_spec = UnitSpec(eps=bn.eps, momentum=0.0, stride=tuple(conv.stride), padding=tuple(conv.padding),
+                                  dilation=tuple(conv.dilation), groups=conv.groups, **spec_kwargs)
+    else:
+        head.blpa_spec = UnitSpec(eps=bn.eps, momentum=0.0, **spec_kwargs)
+    object.__setattr__(head, "_conv", tail)  # a reference, not a submodule: keys stay where they were
+    object.__setattr__(head, "_relu", relu)
+    head.blpa_relu_name = relu_name
+    return head, nn.Identity(), tail
+
+
+def unmake_unit(head: BLPABatchNorm2d) -> tuple[nn.BatchNorm2d, nn.Module, nn.Conv2d | None]:
+    """The original modules (same Parameters) of a unit."""
+    bn = _swap_class(head, nn.BatchNorm2d)
+    for attr in ("blpa_spec", "_conv", "_relu", "blpa_relu_name"):
+        bn.__dict__.pop(attr, None)
+    conv = None
+    if head._conv is not None:
+        conv = _swap_class(head._conv, nn.Conv2d)
+        conv.__dict__.pop("_unit_active", None)
+    return bn, head._relu, conv
