@@ -146,6 +146,19 @@ def render(recs: list[dict]) -> str:
         rows = [[shape, str(t)] + [f"{cell[(shape, t, op)]:.1f}" if (shape, t, op) in cell else "" for op in ops]
                 for shape, t in keys]
         parts += [_table(["tensor", "threads", *ops], rows), ""]
+    bs = _latest([r for r in recs if r.get("bench") == "blpa_speed"],
+                 ("model", "method", "dtype", "channels_last", "threads", "batch", "processor"))
+    if bs:
+        parts += ["## BLPA training throughput against dense", "",
+                  "Dense and BLPA steps (same weights, shortcut=pad) interleaved round by round in one process, "
+                  "bs 128; throughput ratio = median dense step / median BLPA step. Command: "
+                  "`python benchmarks/blpa_speed.py`. Target: BLPA-4 >= 0.90.", ""]
+        rows = [[r["model"], r["method"], r["dtype"], "NHWC" if r["channels_last"] else "NCHW", str(r["threads"]),
+                 f"{r['dense_ms']:.1f}", f"{r['blpa_ms']:.1f}", f"{r['throughput_ratio']:.3f}", r["kernels"],
+                 str(r["rounds"]), r.get("git_sha") or "?"]
+                for r in sorted(bs, key=lambda r: (r["model"], r["method"], r["dtype"], r["channels_last"]))]
+        parts += [_table(["model", "method", "dtype", "layout", "threads", "dense ms", "BLPA ms", "throughput ratio",
+                          "kernels", "rounds", "git"], rows), ""]
     parts += _memory_section(recs)
     machines = sorted({f"{r.get('processor', '?')} ({r.get('cpu_count', '?')} CPUs)" for r in recs})
     if machines:
