@@ -142,7 +142,7 @@ def test_lossless_unit_equals_pytorch_float64():
     out1, g1 = _plain_unit(x, bn, conv, g)
     out2, g2 = _fused_unit(x, bn, conv, g, _spec(bits=32))
     assert torch.equal(out1, out2)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -269,9 +269,9 @@ def test_convert_preact_lossless_equals_plain(shortcut):
     assert torch.equal(out1, out2)
     out1.square().sum().backward()
     out2.square().sum().backward()
-    for (name, p1), p2 in zip(plain.named_parameters(), model.parameters()):
+    for (name, p1), p2 in zip(plain.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-6, msg=name)
-    for b1, b2 in zip(plain.buffers(), model.buffers()):
+    for b1, b2 in zip(plain.buffers(), model.buffers(), strict=True):
         assert torch.equal(b1, b2)  # running statistics updated exactly as nn.BatchNorm2d does
     model.eval()
     plain.eval()
