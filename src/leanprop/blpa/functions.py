@@ -44,7 +44,7 @@ class UnitSpec:
     eps: float
     momentum: float
     stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] | str = (0, 0)
+    padding: tuple[int, int] = (0, 0)  # numeric only: make_unit rejects 'same'/'valid'
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
 
@@ -182,7 +182,7 @@ class _BNReLUConv(torch.autograd.Function):
             need = ctx.needs_input_grad
             g_z, dw, db = torch.ops.aten.convolution_backward(
                 g_out, z_t, wc, [wc.shape[0]] if ctx.has_bias else None, list(spec.stride),
-                list(spec.padding) if not isinstance(spec.padding, str) else _same_padding(wc, spec),
+                list(spec.padding),
                 list(spec.dilation), False, [0, 0], spec.groups, [True, need[3], ctx.has_bias and need[4]])
             del z_t
             if g_z_extra is not None:
@@ -190,10 +190,6 @@ class _BNReLUConv(torch.autograd.Function):
             gx, dgamma, dbeta = store.bn_backward(saved, meta, g_z, x_dtype)
         return (gx, _to(dgamma, p_dtype) if ctx.has_gamma else None, _to(dbeta, p_dtype) if ctx.has_gamma else None,
                 _to(dw, w_dtype), _to(db, b_dtype) if db is not None else None, None, None, None, None)
-
-
-def _same_padding(w: Tensor, spec: UnitSpec) -> list[int]:
-    raise ValueError("BLPA units need explicit (numeric) conv padding, not padding='same'/'valid'")
 
 
 class _BNReLU(torch.autograd.Function):

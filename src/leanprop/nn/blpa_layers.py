@@ -51,31 +51,43 @@ class BLPABatchNorm2d(nn.BatchNorm2d):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return factor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def _fused_args(self, x: torch.Tensor) -> tuple | None:
+        """Arguments of the fused Functions, or None when the plain ops should run (eval, or nothing needs a
+        gradient: nothing is saved then anyway)."""
         conv = self._conv
         if not (self.training and torch.is_grad_enabled() and (x.requires_grad or _params_need_grad(self, conv))):
-            y = F.relu(super().forward(x))  # eval / no_grad: plain ops, nothing is saved anyway
-            return conv._conv_forward(y, conv.weight, conv.bias) if conv is not None else y
+            return None
         spec = dataclasses.replace(self.blpa_spec, momentum=self._momentum_factor())
         rm = self.running_mean if self.track_running_stats else None
         rv = self.running_var if self.track_running_stats else None
-        if conv is None:
-            return bn_relu(x, self.weight, self.bias, rm, rv, spec)
-        return bn_relu_conv(x, self.weight, self.bias, conv.weight, conv.bias, rm, rv, spec)
+        return x, self.weight, self.bias, rm, rv, spec
+
+    def _plain(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = F.relu(super().forward(x))
+        conv = self._conv
+        return z, conv._conv_forward(z, conv.weight, conv.bias) if conv is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        args = self._fused_args(x)
+        if args is None:
+            z, out = self._plain(x)
+            return z if out is None else out
+        x, gamma, beta, rm, rv, spec = args
+        if self._conv is None:
+            return bn_relu(x, gamma, beta, rm, rv, spec)
+        return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec)
 
     def unit_with_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(conv(z), z)`` with ``z = ReLU(BN(x))``, for a block whose ``z`` also feeds a parameter-free
         shortcut: still only the codes are kept, and z's second gradient joins the conv's in backward."""
-        conv = self._conv
-        if conv is None:
+        if self._conv is None:
             raise ValueError("unit_with_activation needs a fused unit (a BN->ReLU->Conv run)")
-        if not (self.training and torch.is_grad_enabled() and (x.requires_grad or _params_need_grad(self, conv))):
-            z = F.relu(super().forward(x))
-            return conv._conv_forward(z, conv.weight, conv.bias), z
-        spec = dataclasses.replace(self.blpa_spec, momentum=self._momentum_factor())
-        rm = self.running_mean if self.track_running_stats else None
-        rv = self.running_var if self.track_running_stats else None
-        return bn_relu_conv(x, self.weight, self.bias, conv.weight, conv.bias, rm, rv, spec, return_z=True)
+        args = self._fused_args(x)
+        if args is None:
+            z, out = self._plain(x)
+            return out, z
+        x, gamma, beta, rm, rv, spec = args
+        return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec, return_z=True)
 
 
 def _params_need_grad(bn: nn.Module, conv: nn.Module | None) -> bool:
@@ -86,8 +98,8 @@ def _params_need_grad(bn: nn.Module, conv: nn.Module | None) -> bool:
 BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail)
 
 
-def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_kwargs: dict, relu_name: str = ""
-              ) -> tuple[BLPABatchNorm2d, nn.Module, FusedConvTail | None]:
+def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_kwargs: dict, relu_name: str = "",
+              conv_name: str | None = None) -> tuple[BLPABatchNorm2d, nn.Module, FusedConvTail | None]:
     """The three replacement modules of one unit (conv None: a half unit)."""
     if bn.training is False and not bn.track_running_stats:
         raise ValueError("BLPA needs BatchNorm2d layers that use batch statistics in training")
@@ -105,13 +117,14 @@ def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_
     object.__setattr__(head, "_conv", tail)  # a reference, not a submodule: keys stay where they were
     object.__setattr__(head, "_relu", relu)
     head.blpa_relu_name = relu_name
+    head.blpa_conv_name = conv_name
     return head, nn.Identity(), tail
 
 
 def unmake_unit(head: BLPABatchNorm2d) -> tuple[nn.BatchNorm2d, nn.Module, nn.Conv2d | None]:
     """The original modules (same Parameters) of a unit."""
     bn = _swap_class(head, nn.BatchNorm2d)
-    for attr in ("blpa_spec", "_conv", "_relu", "blpa_relu_name"):
+    for attr in ("blpa_spec", "_conv", "_relu", "blpa_relu_name", "blpa_conv_name"):
         bn.__dict__.pop(attr, None)
     conv = None
     if head._conv is not None:

@@ -77,7 +77,7 @@ def _convert_blpa(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None)
         kernels = load_kernels(required=cfg.kernels == "c")
     for u in units:
         head, relu, tail = make_unit(modules[u.bn], modules[u.relu], modules[u.conv] if u.conv else None,
-                                     {"cfg": cfg, "kernels": kernels}, u.relu)
+                                     {"cfg": cfg, "kernels": kernels}, u.relu, u.conv)
         _set_submodule(model, u.bn, head)
         _set_submodule(model, u.relu, relu)
         if tail is not None:
@@ -95,13 +95,12 @@ def revert_(model: nn.Module) -> nn.Module:
         if isinstance(module, SWAT_LAYERS):
             _set_submodule(model, name, to_dense(module))
         elif isinstance(module, BLPABatchNorm2d):
+            relu_name, conv_name = module.blpa_relu_name, module.blpa_conv_name
             bn, relu, conv = unmake_unit(module)
-            tail_name = next(n for n, m in model.named_modules() if m is module._conv) if module._conv else None
-            relu_name = module.blpa_relu_name
             _set_submodule(model, name, bn)
             _set_submodule(model, relu_name, relu)
             if conv is not None:
-                _set_submodule(model, tail_name, conv)
+                _set_submodule(model, conv_name, conv)
     codec = find_codec(model)
     if codec is not None:
         codec.detach()
