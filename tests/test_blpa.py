@@ -352,3 +352,43 @@ def test_config_validation():
 def test_flat_memory_view_channels_last():
     x = torch.arange(24.0).view(1, 2, 3, 4).contiguous(memory_format=torch.channels_last)
     assert torch.equal(flat_memory_view(x), x.permute(0, 2, 3, 1).reshape(-1))
+
+
+@pytest.mark.parametrize("kernels", [None, "c"])
+def test_mask_relu_keeps_one_bit_and_exact_gradient(kernels):
+    from leanprop.blpa.functions import mask_relu
+
+    if kernels == "c" and KERNELS is None:
+        pytest.skip("no working C compiler")
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = mask_relu(x, KERNELS if kernels else None)
+    assert torch.equal(out, torch.relu(x))
+    assert len(saved) == 1 and saved[0].dtype == torch.uint8 and saved[0].numel() == -(-x.numel() // 8)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert torch.equal(x.grad, g * (x > 0))
+
+
+def test_convert_swaps_outside_relus_to_masks_and_reverts():
+    from leanprop.nn.blpa_layers import MaskReLU
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    with pytest.warns(RuntimeWarning, match="only the generic saved-tensor codec"):
+        leanprop.convert_(model, BLPAConfig(bits=4))
+    assert isinstance(model[1], MaskReLU) and isinstance(model[3], MaskReLU)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    leanprop.revert_(model)
+    assert type(model[1]) is nn.ReLU and type(model[3]) is nn.ReLU
+
+
+def test_convert_imagenet_preact_resnet152():
+    torch.manual_seed(0)
+    model = create("preact_resnet152", num_classes=10, shortcut="pad")
+    keys = list(model.state_dict())
+    ctl = leanprop.convert_(model, BLPAConfig(bits=4))
+    assert list(model.state_dict()) == keys
+    assert sum(u.conv is not None for u in ctl.units) == 3 * (3 + 8 + 36 + 3) - 1  # layer1[0] has no pre-act
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -32,7 +32,7 @@ from leanprop.blpa.kernels import CKernels
 from leanprop.blpa.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
 from leanprop.swat.functions import _autocast_dtype, _cast, _no_autocast, _to
 
-__all__ = ["UnitSpec", "bn_relu_conv", "bn_relu", "ActivationStore"]
+__all__ = ["UnitSpec", "bn_relu_conv", "bn_relu", "mask_relu", "ActivationStore"]
 
 
 @dataclass(frozen=True)
@@ -228,3 +228,29 @@ def bn_relu(x: Tensor, gamma: Tensor | None, beta: Tensor | None, running_mean: 
             running_var: Tensor | None, spec: UnitSpec) -> Tensor:
     """``ReLU(BN_train(x))`` keeping only K-bit codes for backward."""
     return _BNReLU.apply(x, gamma, beta, running_mean, running_var, spec)
+
+
+class _MaskReLU(torch.autograd.Function):
+    """ReLU that keeps a 1-bit packed mask ``[x > 0]`` for backward instead of its output (spec §5.1)."""
+
+    @staticmethod
+    def forward(ctx, x, kernels: CKernels | None):
+        out = torch.relu(x)
+        bits = (out > 0).to(torch.uint8)
+        flat = flat_memory_view(bits)
+        ctx.save_for_backward(kernels.pack(flat, 1) if kernels is not None else pack_bits(flat, 1))
+        ctx.meta = (x.shape, memory_format_of(x), x.numel())
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (packed,) = ctx.saved_tensors
+        shape, fmt, numel = ctx.meta
+        m = unpack_bits(packed, 1, numel)
+        return g * from_flat_memory(m, shape, fmt).to(g.dtype), None
+
+
+def mask_relu(x: Tensor, kernels: CKernels | None = None) -> Tensor:
+    """``ReLU(x)`` whose backward needs only 1 bit per element."""
+    return _MaskReLU.apply(x, kernels)

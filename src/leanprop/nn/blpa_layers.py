@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv
+from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv, mask_relu
 
-__all__ = ["BLPABatchNorm2d", "FusedConvTail", "BLPA_LAYERS", "make_unit", "unmake_unit"]
+__all__ = ["BLPABatchNorm2d", "FusedConvTail", "MaskReLU", "BLPA_LAYERS", "make_unit", "unmake_unit", "to_mask_relu",
+           "from_mask_relu"]
 
 
 def _swap_class(module: nn.Module, cls: type) -> nn.Module:
@@ -95,7 +96,30 @@ def _params_need_grad(bn: nn.Module, conv: nn.Module | None) -> bool:
     return any(p.requires_grad for p in ps)
 
 
-BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail)
+class MaskReLU(nn.ReLU):
+    """A ReLU outside fused units that keeps a 1-bit mask for backward (exact gradient, 1 bit per element)."""
+
+    kernels = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.training and torch.is_grad_enabled() and x.requires_grad:
+            return mask_relu(x, self.kernels)
+        return super().forward(x)
+
+
+def to_mask_relu(relu: nn.ReLU, kernels) -> MaskReLU:
+    new = _swap_class(relu, MaskReLU)
+    new.kernels = kernels
+    return new
+
+
+def from_mask_relu(relu: MaskReLU) -> nn.ReLU:
+    old = _swap_class(relu, nn.ReLU)
+    old.__dict__.pop("kernels", None)
+    return old
+
+
+BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail, MaskReLU)
 
 
 def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_kwargs: dict, relu_name: str = "",

@@ -15,7 +15,15 @@ from torch import nn
 from leanprop.blpa.codec import find_codec
 from leanprop.blpa.config import BLPAConfig
 from leanprop.blpa.controller import BLPAController
-from leanprop.nn.blpa_layers import BLPA_LAYERS, BLPABatchNorm2d, make_unit, unmake_unit
+from leanprop.nn.blpa_layers import (
+    BLPA_LAYERS,
+    BLPABatchNorm2d,
+    MaskReLU,
+    from_mask_relu,
+    make_unit,
+    to_mask_relu,
+    unmake_unit,
+)
 from leanprop.nn.swat_layers import SWAT_LAYERS, SWATConv2d, SWATLinear, to_dense
 from leanprop.swat.budget import assign_budget, collect_layers
 from leanprop.swat.config import SWATConfig
@@ -84,6 +92,10 @@ def _convert_blpa(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None)
             _set_submodule(model, u.conv, tail)
     codec = None
     if cfg.codec_bits is not None:
+        # ReLUs outside fused units keep an exact 1-bit mask instead of (a compressed copy of) their output
+        for name, m in list(model.named_modules()):
+            if type(m) is nn.ReLU:
+                _set_submodule(model, name, to_mask_relu(m, kernels))
         codec = SavedTensorCodec(cfg.codec_bits, cfg.codec_min_bytes)
         codec.attach(model)
     return BLPAController(model, units, cfg, codec, str(kernels.path) if kernels is not None else None)
@@ -94,6 +106,8 @@ def revert_(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, SWAT_LAYERS):
             _set_submodule(model, name, to_dense(module))
+        elif isinstance(module, MaskReLU):
+            _set_submodule(model, name, from_mask_relu(module))
         elif isinstance(module, BLPABatchNorm2d):
             relu_name, conv_name = module.blpa_relu_name, module.blpa_conv_name
             bn, relu, conv = unmake_unit(module)
