@@ -4,22 +4,31 @@ A matrix is a set of named variants of one recipe, each trained by one ``leanpro
 ``OUT_DIR/acc-<model>-<variant>`` with ``--resume auto``, so a matrix can be trained in pieces across
 sessions (a finished run is skipped, an interrupted one continues from its last epoch). The report is a
 markdown table built from whatever the runs' ``metrics.csv`` files hold so far, with the exact command
-of every row below it. The scripts stay thin: they describe their variants, the recipe text and their
-method-specific columns.
+of every row below it. A finished run's small result files (metrics, resolved config, environment, layer
+summaries; never checkpoints) are copied to ``benchmarks/results/accuracy/<run>/``, which is committed: the
+report falls back to that archive for runs absent from ``OUT_DIR``, so a committed table can be regenerated
+(``--report-only``) on any machine, and a matrix trained over several sessions keeps its finished rows.
+The scripts stay thin: they describe their variants, the recipe text and their method-specific columns.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ARCHIVE = ROOT / "benchmarks" / "results" / "accuracy"
+# what a finished run leaves that the report reads (checkpoints stay in OUT_DIR)
+ARCHIVED_FILES = ("metrics.csv", "config.yaml", "env.json", "swat_layers.txt", "blpa_units.txt")
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report import _atomic_write  # noqa: E402
 
@@ -46,6 +55,7 @@ class Matrix:
     default_model: str = "resnet20"
     default_epochs: int = 30
     default_report: Path = ROOT / "docs" / "results" / "accuracy.md"
+    archive: Path = ARCHIVE
 
     @property
     def baseline(self) -> str:
@@ -57,6 +67,29 @@ class Matrix:
     def run_dir(self, out_dir: Path, model: str, name: str) -> Path:
         return out_dir / self.run_name(model, name)
 
+    def result_dir(self, out_dir: Path, model: str, name: str) -> Path:
+        """Where the report reads a run from: ``OUT_DIR`` when it holds the run, else the committed archive."""
+        d = self.run_dir(out_dir, model, name)
+        if (d / "metrics.csv").exists():
+            return d
+        kept = self.archive / self.run_name(model, name)
+        return kept if (kept / "metrics.csv").exists() else d
+
+    def archive_run(self, out_dir: Path, model: str, name: str, epochs: int) -> Path | None:
+        """Copy a finished run's small result files into the archive (atomically per file)."""
+        d = self.run_dir(out_dir, model, name)
+        rows = read_rows(d)
+        if not rows or int(rows[-1]["epoch"]) < epochs:
+            return None
+        dest = self.archive / self.run_name(model, name)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ARCHIVED_FILES:
+            if (d / f).exists():
+                tmp = dest / f".{f}.tmp"
+                shutil.copyfile(d / f, tmp)
+                tmp.replace(dest / f)
+        return dest
+
     def command(self, name: str, model: str, epochs: int) -> list[str]:
         config, own = self.variants[name]
         sets = [*self.common(model, epochs), *own, f"run_name={self.run_name(model, name)}"]
@@ -66,11 +99,11 @@ class Matrix:
         headers = ["method", "epochs done", "test top-1", f"gap to {self.baseline}", *(h for h, _ in self.columns)]
         lines = [f"# {self.title}", "", self.intro(model, epochs), "",
                  "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        base = read_rows(self.run_dir(out_dir, model, self.baseline))
+        base = read_rows(self.result_dir(out_dir, model, self.baseline))
         base_acc = float(base[-1]["test_top1"]) if base and int(base[-1]["epoch"]) >= epochs else None
         cmds = []
         for name in self.variants:
-            d = self.run_dir(out_dir, model, name)
+            d = self.result_dir(out_dir, model, name)
             rows = read_rows(d)
             cmd = " ".join(shlex.quote(c) for c in self.command(name, model, epochs))
             cmds.append(f"- {name}: `{cmd}`")
@@ -99,25 +132,72 @@ class Matrix:
         ap.add_argument("--data-dir")
         ap.add_argument("--report-only", action="store_true")
         ap.add_argument("--report", default=str(self.default_report))
+        ap.add_argument("--threads", type=int, help="torch threads of each training run (default: cores / jobs)")
+        ap.add_argument("--archive", default=str(self.archive),
+                        help="where finished runs' result files are copied (committed; the report falls back to it)")
+        ap.add_argument("--jobs", type=int, default=1,
+                        help="variants trained at once (each in its own process, its log in OUT_DIR/<run>.log)")
         a = ap.parse_args(argv)
+        if a.jobs < 1:
+            raise SystemExit("--jobs must be >= 1")
         out = Path(a.out_dir)
+        self.archive = Path(a.archive)
         if not a.report_only:
+            todo = []
             for name in a.only or self.variants:
-                rows = read_rows(self.run_dir(out, a.model, name))
+                rows = read_rows(self.result_dir(out, a.model, name))
                 if rows and int(rows[-1]["epoch"]) >= a.epochs:
-                    continue
-                cmd = self.train_command(name, a.model, a.epochs, out, a.data_dir)
-                print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
-                subprocess.run(cmd, check=True)
-                self.report(out, a.model, a.epochs, Path(a.report))
+                    continue  # finished here or in the archive
+                todo.append(name)
+            threads = a.threads or (max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None)
+            cmds = {n: self.train_command(n, a.model, a.epochs, out, a.data_dir, threads) for n in todo}
+            if a.jobs == 1:
+                for name, cmd in cmds.items():
+                    print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+                    subprocess.run(cmd, check=True)
+                    self.archive_run(out, a.model, name, a.epochs)
+                    self.report(out, a.model, a.epochs, Path(a.report))
+            else:
+                self._run_parallel(cmds, a, out)
         print(self.report(out, a.model, a.epochs, Path(a.report)))
         return 0
 
-    def train_command(self, name: str, model: str, epochs: int, out: Path, data_dir: str | None) -> list[str]:
-        """The command the runner executes: the row's command plus where runs and data live."""
+    def _run_parallel(self, cmds: dict[str, list[str]], a: argparse.Namespace, out: Path) -> None:
+        """Train up to ``a.jobs`` variants at once; a failed run stops the matrix after the others end."""
+        out.mkdir(parents=True, exist_ok=True)
+        pending, running, failed = list(cmds), {}, []
+        while pending or running:
+            while pending and len(running) < a.jobs and not failed:
+                name = pending.pop(0)
+                log = open(out / f"{self.run_name(a.model, name)}.log", "a")
+                print("+", " ".join(shlex.quote(c) for c in cmds[name]), f"> {log.name}", flush=True)
+                running[name] = (subprocess.Popen(cmds[name], stdout=log, stderr=subprocess.STDOUT), log)
+            if failed and not running:
+                break
+            time.sleep(2)
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode != 0:
+                    failed.append(name)
+                    print(f"! {name} failed (exit {proc.returncode}); see {log.name}", flush=True)
+                    continue
+                self.archive_run(out, a.model, name, a.epochs)
+                self.report(out, a.model, a.epochs, Path(a.report))
+                print(f"= {name} finished", flush=True)
+        if failed:
+            raise SystemExit(f"training failed for {', '.join(failed)}")
+
+    def train_command(self, name: str, model: str, epochs: int, out: Path, data_dir: str | None,
+                      threads: int | None = None) -> list[str]:
+        """The command the runner executes: the row's command plus where runs and data live (and threads)."""
         cmd = [*self.command(name, model, epochs), "--out-dir", str(out), "--resume", "auto", "--progress", "off"]
         if data_dir:
             cmd += ["--data-dir", data_dir]
+        if threads:
+            cmd += ["--threads", str(threads)]
         return cmd
 
 

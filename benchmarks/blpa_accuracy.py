@@ -93,7 +93,7 @@ MATRIX = Matrix(
     common=common,
     intro=intro,
     columns=[("stored BN->ReLU->conv activations", stored), ("time/epoch (median)", epoch_seconds)],
-    default_model="preact_resnet20",
+    default_model="preact_resnet8",
     default_epochs=30,
     default_report=ROOT / "docs" / "results" / "blpa.md",
 )

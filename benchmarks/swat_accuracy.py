@@ -69,7 +69,7 @@ MATRIX = Matrix(
     intro=intro,
     columns=[("train FLOP reduction", lambda d, name, last: flops_reduction(d, name)),
              ("measured W / X sparsity", measured_sparsity)],
-    default_model="resnet20",
+    default_model="resnet8",
     default_epochs=30,
     default_report=ROOT / "docs" / "results" / "swat.md",
 )

@@ -99,8 +99,8 @@ def test_swat_accuracy_commands_and_run_names_are_unchanged(tmp_path, monkeypatc
     ran = _Ran()
     monkeypatch.setattr(_accuracy_matrix.subprocess, "run", ran)
     md = tmp_path / "swat.md"
-    assert swat_accuracy.main(["--out-dir", str(tmp_path), "--data-dir", "../shared/data", "--report", str(md),
-                               "--only", "dense", "swat-u90"]) == 0
+    assert swat_accuracy.main(["--out-dir", str(tmp_path), "--model", "resnet20", "--data-dir", "../shared/data",
+                               "--report", str(md), "--only", "dense", "swat-u90"]) == 0
     assert ran.commands == [[*SWAT_U90_COMMAND, "--out-dir", str(tmp_path), "--resume", "auto", "--progress", "off",
                              "--data-dir", "../shared/data"]]
     assert "| dense | 30/30 | 90.00 % | +0.00 | 0 % |  |" in md.read_text()
@@ -157,10 +157,11 @@ def test_blpa_accuracy_report_and_runner(tmp_path, monkeypatch):
     # the runner trains what is unfinished (resuming by run name), then rewrites the report
     ran = _Ran()
     monkeypatch.setattr(_accuracy_matrix.subprocess, "run", ran)
-    assert blpa_accuracy.main(["--out-dir", str(out), "--report", str(md)]) == 0
+    assert blpa_accuracy.main(["--out-dir", str(out), "--model", "preact_resnet20", "--report", str(md)]) == 0
     assert [c[3] for c in ran.commands] == ["configs/blpa/preact_resnet20_cifar10_4bit.yaml",
                                             "configs/blpa/preact_resnet20_cifar10_2bit.yaml"]
     assert all(c[-6:] == ["--out-dir", str(out), "--resume", "auto", "--progress", "off"] for c in ran.commands)
     ran.commands.clear()
-    assert blpa_accuracy.main(["--out-dir", str(out), "--report", str(md), "--report-only"]) == 0
+    assert blpa_accuracy.main(["--out-dir", str(out), "--model", "preact_resnet20", "--report", str(md),
+                               "--report-only"]) == 0
     assert ran.commands == []

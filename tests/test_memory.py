@@ -273,7 +273,11 @@ def test_method_and_option_parsing():
     assert memory_cli.parse_methods(None) == ["dense", "checkpoint", "blpa8", "blpa4", "blpa2"]
     assert memory_cli.parse_methods(["dense,blpa4", "Dense", "checkpoint"]) == ["dense", "blpa4", "checkpoint"]
     assert parse_method("blpa8") == ("blpa", 8)
-    for bad in ("blpa3", "sparse"):
+    kind, cfg = parse_method("swat-erk95-packed")
+    assert kind == "swat" and cfg.distribution == "erk" and cfg.sparsity == 0.95 and cfg.compress_saved
+    kind, cfg = parse_method("SWAT-filter70")
+    assert cfg.structure == "filter" and cfg.sparsity == 0.7 and not cfg.compress_saved
+    for bad in ("blpa3", "sparse", "swat-u100", "swat-x90", "swat-u90-zip"):
         with pytest.raises(ValueError, match="unknown method"):
             parse_method(bad)
     assert memory_cli.parse_input_shape("16") == [3, 16, 16]

@@ -21,9 +21,9 @@ from leanprop.models.shortcuts import ZeroPadShortcut
 from leanprop.models.wide_resnet import WideBasicBlock
 
 ALL_MODELS = [
-    "resnet20", "resnet32", "resnet56",
+    "resnet8", "resnet20", "resnet32", "resnet56",
     "cifar_resnet18", "cifar_resnet34", "cifar_resnet50",
-    "preact_resnet20", "preact_resnet56", "preact_resnet164",
+    "preact_resnet8", "preact_resnet20", "preact_resnet56", "preact_resnet164",
     "cifar_vgg16", "wrn16_8", "wrn28_10", "cifar_densenet121",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d",
     "preact_resnet152",
@@ -47,6 +47,9 @@ EXACT_PARAMS = {
     "cifar_resnet18": 11_173_962,
     "cifar_resnet34": 21_282_122,
     "cifar_resnet50": 23_520_842,
+    # ResNet-8 (n=1): 3x3 convs 3->16, 16->16 x2, 16->32, 32->32, 32->64, 64->64; 7 BNs of 16/16/16/32/32/64/64
+    "resnet8": (3 * 16 + 2 * 16 * 16 + 16 * 32 + 32 * 32 + 32 * 64 + 64 * 64) * 9
+    + 2 * (16 * 3 + 32 * 2 + 64 * 2) + 650,
 }
 
 # Approximate counts from the papers / common reports, checked to within 1 %.

@@ -17,7 +17,8 @@ Three instruments (spec ``shared/specs/blpa.md`` §1.6, §5.4, §6):
   binary search; a probe that crashes or is killed (out of memory) counts as "does not fit".
 
 Methods (``spec["method"]``): ``dense`` (plain PyTorch), ``checkpoint`` (``torch.utils.checkpoint`` per
-residual block, :mod:`leanprop.nn.checkpointing`), ``blpaK`` (``leanprop.convert_(model, BLPAConfig(bits=K))``).
+residual block, :mod:`leanprop.nn.checkpointing`), ``blpaK`` (``leanprop.convert_(model, BLPAConfig(bits=K))``),
+``swat-u90`` / ``swat-erk90`` / ``swat-filter70`` ... (``SWATConfig``; ``-packed``: ``compress_saved=True``).
 """
 
 from __future__ import annotations
@@ -360,15 +361,34 @@ def saved_bytes(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
 # benchmark specs: model + method
 
 
-def parse_method(method: str) -> tuple[str, int | None]:
+_SWAT_METHOD = re.compile(r"swat-(u|erk|m|channel|filter)(\d+)(-packed)?")
+_SWAT_KINDS = {"u": ("uniform", None), "erk": ("erk", None), "m": ("momentum", None),
+               "channel": ("uniform", "channel"), "filter": ("uniform", "filter")}
+_METHOD_HELP = ("use dense, checkpoint, blpaK (K = 8, 4, 2 or 32 bits) or swat-<u|erk|m|channel|filter><percent>"
+                "[-packed] (e.g. swat-u90, swat-u90-packed)")
+
+
+def parse_method(method: str) -> tuple[str, Any]:
     """``"dense"`` -> ``("dense", None)``, ``"checkpoint"`` -> ``("checkpoint", None)``, ``"blpa4"`` ->
-    ``("blpa", 4)``.  Unknown names and bit widths BLPAConfig rejects raise ``ValueError``."""
+    ``("blpa", 4)``, ``"swat-erk90"`` -> ``("swat", SWATConfig(sparsity=0.9, distribution="erk"))``;
+    ``-packed`` turns on ``compress_saved``.  Unknown names and bit widths BLPAConfig rejects raise
+    ``ValueError``."""
     name = str(method).strip().lower()
     if name in ("dense", "checkpoint"):
         return name, None
+    m = _SWAT_METHOD.fullmatch(name)
+    if m is not None:
+        from leanprop.swat.config import SWATConfig
+
+        percent = int(m.group(2))
+        if not 0 <= percent < 100:
+            raise ValueError(f"unknown method {method!r}: SWAT sparsity must be 0-99 %")
+        distribution, structure = _SWAT_KINDS[m.group(1)]
+        return "swat", SWATConfig(sparsity=percent / 100, distribution=distribution, structure=structure,
+                                  compress_saved=m.group(3) is not None)
     m = re.fullmatch(r"blpa(\d+)", name)
     if m is None:
-        raise ValueError(f"unknown method {method!r}; use dense, checkpoint or blpaK (K = 8, 4, 2 or 32 bits)")
+        raise ValueError(f"unknown method {method!r}; {_METHOD_HELP}")
     from leanprop.blpa.config import BITS
 
     bits = int(m.group(1))
@@ -379,10 +399,10 @@ def parse_method(method: str) -> tuple[str, int | None]:
 
 def apply_method(model: nn.Module, method: str) -> Any:
     """Prepare ``model`` in place for ``method``; returns what the method returns (number of checkpointed
-    blocks, the BLPA controller, or None for dense).  Raises :class:`MethodUnavailable` when
+    blocks, the BLPA or SWAT controller, or None for dense).  Raises :class:`MethodUnavailable` when
     ``leanprop.convert_`` does not take a BLPAConfig in this build, ``ValueError`` when a model has no block
     to checkpoint."""
-    kind, bits = parse_method(method)
+    kind, arg = parse_method(method)
     if kind == "dense":
         return None
     if kind == "checkpoint":
@@ -394,10 +414,13 @@ def apply_method(model: nn.Module, method: str) -> Any:
                              "(no composite child of an nn.Sequential)")
         return n
     import leanprop
+
+    if kind == "swat":
+        return leanprop.convert_(model, arg)
     from leanprop.blpa.config import BLPAConfig
 
     try:
-        return leanprop.convert_(model, BLPAConfig(bits=bits))
+        return leanprop.convert_(model, BLPAConfig(bits=arg))
     except TypeError as e:
         raise MethodUnavailable(f"method {method!r} is not available: leanprop.convert_ rejected a BLPAConfig "
                                 f"({e})") from e

@@ -36,7 +36,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     m.add_argument("--model", required=True, help="registry name (see `leanprop models`)")
     m.add_argument("--batch", type=int, help="batch size (default: 128 for CIFAR models, 32 for ImageNet ones)")
     m.add_argument("--method", action="append", metavar="M[,M...]",
-                   help="dense, checkpoint (torch.utils.checkpoint per residual block) or blpaK (K = 8, 4, 2, 32); "
+                   help="dense, checkpoint (torch.utils.checkpoint per residual block), blpaK (K = 8, 4, 2, 32) or "
+                        "swat-<u|erk|m|channel|filter><percent>[-packed] (swat-u90, swat-u90-packed: X_s/W_s "
+                        "stored compressed, 1-bit ReLU masks); "
                         "repeatable or comma-separated (default: " + ",".join(_DEFAULT_METHODS) + ")")
     m.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="model option, e.g. shortcut=pad (repeatable; VALUE parsed as YAML). preact_* models "
@@ -218,7 +220,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
     cuda = any(str(r.get("device", "")).startswith("cuda") for r in records)
     peak_name = "peak alloc" if cuda else "peak RSS"
-    head = (f"{'method':<11} {'kept':>11} {'vs dense':>9} {'per sample':>11} {'tensors':>8} {peak_name:>11} "
+    w = max([11, *(len(str(r["method"])) for r in records)])
+    head = (f"{'method':<{w}} {'kept':>11} {'vs dense':>9} {'per sample':>11} {'tensors':>8} {peak_name:>11} "
             f"{'step growth':>12} {'vs dense':>9} {'max batch':>10}")
     lines = [head]
     for r in records:
@@ -226,9 +229,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
         pratio = f"{r['peak_growth_ratio_vs_dense']:.3f}" if r.get("peak_growth_ratio_vs_dense") is not None else "-"
         mb = "-" if r.get("max_batch") is None else str(r["max_batch"]) + ("+" if r.get("max_batch_hit_limit") else "")
         if "saved_bytes" not in r:
-            lines.append(f"{r['method']:<11} error: {r.get('error')}")
+            lines.append(f"{r['method']:<{w}} error: {r.get('error')}")
             continue
-        lines.append(f"{r['method']:<11} {format_bytes(r['saved_bytes']):>11} {ratio:>9} "
+        lines.append(f"{r['method']:<{w}} {format_bytes(r['saved_bytes']):>11} {ratio:>9} "
                      f"{format_bytes(r['saved_bytes_per_sample']):>11} {r['saved_tensors']:>8} "
                      f"{format_bytes(r.get('peak_bytes')):>11} {format_bytes(r.get('step_peak_growth_bytes')):>12} "
                      f"{pratio:>9} {mb:>10}")

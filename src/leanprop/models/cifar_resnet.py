@@ -77,6 +77,15 @@ class CifarResNet(nn.Module):
 
 
 @register(
+    "resnet8", family="cifar", input_size=32,
+    description="CIFAR ResNet-8 (He et al. 2016 family, n=1), option-A shortcuts, ~0.08M params; "
+    "the CPU-budget model of the accuracy tables",
+)
+def resnet8(*, num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(1, num_classes)
+
+
+@register(
     "resnet20", family="cifar", input_size=32,
     description="CIFAR ResNet-20 (He et al. 2016), option-A shortcuts, ~0.27M params",
 )

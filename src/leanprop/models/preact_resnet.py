@@ -286,6 +286,15 @@ class PreActResNetImageNet(nn.Module):
 
 
 @register(
+    "preact_resnet8", family="cifar", input_size=32,
+    description="Pre-activation ResNet-8 for CIFAR (one basic block per stage), the CPU-budget model of the "
+    "BLPA accuracy table; shortcut='pad' for BLPA",
+)
+def preact_resnet8(*, num_classes: int = 10, shortcut: str = "projection") -> PreActResNetCifar:
+    return PreActResNetCifar(PreActBasicBlock, 1, num_classes, shortcut)
+
+
+@register(
     "preact_resnet20", family="cifar", input_size=32,
     description="Pre-activation ResNet-20 for CIFAR (He et al. 2016, Identity Mappings); "
     "shortcut='pad' for BLPA",

@@ -68,7 +68,19 @@ def convert_(model: nn.Module, config: SWATConfig | BLPAConfig, filter_fn: Filte
         new = cls.from_dense(old, budget[spec.name], config)
         _set_submodule(model, spec.name, new)
         layers[spec.name] = new
+    if config.compress_saved:
+        from leanprop.blpa.kernels import load_kernels
+
+        _relus_keep_masks(model, load_kernels(required=False))
     return SWATController(model, layers, config, budget)
+
+
+def _relus_keep_masks(model: nn.Module, kernels) -> None:
+    """Every plain ``nn.ReLU`` keeps an exact 1-bit mask for backward instead of its output (``MaskReLU``;
+    ``kernels``: the compiled packer, or None for the pure-torch one)."""
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.ReLU:
+            _set_submodule(model, name, to_mask_relu(m, kernels))
 
 
 def _convert_blpa(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None) -> BLPAController:
@@ -92,10 +104,7 @@ def _convert_blpa(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None)
             _set_submodule(model, u.conv, tail)
     codec = None
     if cfg.codec_bits is not None:
-        # ReLUs outside fused units keep an exact 1-bit mask instead of (a compressed copy of) their output
-        for name, m in list(model.named_modules()):
-            if type(m) is nn.ReLU:
-                _set_submodule(model, name, to_mask_relu(m, kernels))
+        _relus_keep_masks(model, kernels)
         codec = SavedTensorCodec(cfg.codec_bits, cfg.codec_min_bytes)
         codec.attach(model)
     return BLPAController(model, units, cfg, codec, str(kernels.path) if kernels is not None else None)

@@ -33,6 +33,7 @@ class SWATMixin:
         self.sparse_eval = cfg.sparse_eval
         self.estimator = cfg.threshold_estimator
         self.sample_size = cfg.sample_size
+        self.compress = cfg.compress_saved
         self.recompute = True  # set by the controller before each training step
         self.measure = False  # count the realised densities on this step (set by the controller)
         dev = self.weight.device
@@ -141,7 +142,8 @@ class SWATConv2d(SWATMixin, nn.Conv2d):
 
     def _swat_op(self, x, w_s, x_thr):
         x, padding = self._pad(x)
-        return swat_conv2d(x, self.weight, w_s, self.bias, x_thr, self.stride, padding, self.dilation, self.groups)
+        return swat_conv2d(x, self.weight, w_s, self.bias, x_thr, self.stride, padding, self.dilation, self.groups,
+                           self.compress)
 
     def _plain_op(self, x, w):
         x, padding = self._pad(x)
@@ -169,7 +171,7 @@ class SWATLinear(SWATMixin, nn.Linear):
         return self.recompute or self.every_step
 
     def _swat_op(self, x, w_s, x_thr):
-        return swat_linear(x, self.weight, w_s, self.bias, x_thr)
+        return swat_linear(x, self.weight, w_s, self.bias, x_thr, self.compress)
 
     def _plain_op(self, x, w):
         return F.linear(x, w, self.bias)

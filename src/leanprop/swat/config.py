@@ -25,6 +25,9 @@ class SWATConfig:
     sparse_eval: evaluate with the sparse weights, as the official code does.
     threshold_estimator: "exact" (default) or "sample" (an approximate threshold from a random sample).
     linear_topk_every_step: exact Top-K for linear layers on every step, as the official code does.
+    compress_saved: keep what backward needs compressed, for real memory savings (issue 5): X_s as values +
+        a 1-bit mask (or int32 indices), W_s as the dense Parameter + a 1-bit mask, and every nn.ReLU swapped
+        for one that keeps a 1-bit mask. Gradients are unchanged (exact restore); BN inputs stay dense.
     momentum_freeze / momentum_residual_steps: SWAT-M's 0.99 freeze rule and the maximum number of
         redistribution passes (within one budget update) that spread a frozen layer's excess (§1.5).
     """
@@ -41,6 +44,7 @@ class SWATConfig:
     threshold_estimator: str = "exact"
     sample_size: int = 16384
     linear_topk_every_step: bool = True
+    compress_saved: bool = False
     momentum_freeze: float = 0.99
     momentum_residual_steps: int = 1000
 

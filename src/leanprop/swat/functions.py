@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from leanprop.swat.topk import sparsify
+from leanprop.swat.storage import pack_mask, pack_sparse, unpack_mask, unpack_sparse
+from leanprop.swat.topk import _compiling, magnitude_mask, sparsify
 
 __all__ = ["swat_conv2d", "swat_linear"]
 
@@ -55,37 +56,77 @@ def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold):
+def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, compress=False):
     """The shared SWAT forward: ``op(X, W_s, b)`` in the autocast dtype (like nn.Conv2d / nn.Linear), then save
-    ``X_s`` (only when dW is needed) and ``W_s``, plus the dtypes the backward must return."""
+    ``X_s`` (only when dW is needed) and ``W_s``, plus the dtypes the backward must return.
+
+    ``compress``: keep ``X_s`` as values + positions and ``W_s`` as the dense Parameter + a 1-bit mask
+    (:mod:`leanprop.swat.storage`); the backward restores both exactly."""
     dev = x.device.type
     amp = _autocast_dtype(dev)
     xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
     with _no_autocast(dev, amp is not None):
         y = op(xc, ws, bc)
-    ctx.save_for_backward(sparsify(xc, x_threshold) if ctx.needs_input_grad[1] else None, ws)
+    need_dw = ctx.needs_input_grad[1]
+    ctx.x_meta = ctx.w_meta = None
+    if compress:
+        if not need_dw:
+            xs = (None, None)
+        elif _drops_nothing(x_threshold):  # dense X is smaller than values + positions
+            xs = (xc, None)
+        else:
+            positions, values, ctx.x_meta = pack_sparse(xc, magnitude_mask(xc, x_threshold))
+            xs = (positions, values)
+        w_bits, ctx.w_meta = pack_mask(weight_sparse != 0)
+        ctx.save_for_backward(*xs, weight, w_bits)
+    else:
+        ctx.save_for_backward(sparsify(xc, x_threshold) if need_dw else None, ws)
+    ctx.compress = compress
+    ctx.w_dtype = ws.dtype
     ctx.x_shape = x.shape
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.amp = amp is not None
     return y
 
 
+def _drops_nothing(thr: Threshold) -> bool:
+    """True when the threshold keeps every entry (None or <= 0); a device tensor is assumed to drop some."""
+    if thr is None:
+        return True
+    if isinstance(thr, Tensor):
+        if thr.device.type != "cpu" or _compiling():
+            return False
+        thr = float(thr)
+    return not thr > 0.0
+
+
+def _saved(ctx) -> tuple[Tensor | None, Tensor]:
+    """``(X_s or None, W_s)`` as the forward computed them, restored from compressed storage if need be."""
+    if not ctx.compress:
+        return ctx.saved_tensors
+    xa, xb, weight, w_bits = ctx.saved_tensors
+    ws = torch.where(unpack_mask(w_bits, ctx.w_meta), weight.detach(), 0).to(ctx.w_dtype)
+    if ctx.x_meta is not None:
+        return unpack_sparse(xa, xb, ctx.x_meta), ws
+    return xa, ws
+
+
 class _SWATConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups, compress):
         ctx.conf = (stride, padding, dilation, groups)
         return _forward_and_save(ctx, lambda a, w, b: F.conv2d(a, w, b, stride, padding, dilation, groups),
-                                 x, weight, weight_sparse, bias, x_threshold)
+                                 x, weight, weight_sparse, bias, x_threshold, compress)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x_s, ws = ctx.saved_tensors
+        x_s, ws = _saved(ctx)
         stride, padding, dilation, groups = ctx.conf
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b_dtype is not None and ctx.needs_input_grad[3]]
         if not any(mask):
-            return (None,) * 9
+            return (None,) * 10
         g = _to(grad_out, ws.dtype)
         inp = x_s if x_s is not None else ws.new_empty(()).expand(ctx.x_shape)  # only its shape is read for dX
         with _no_autocast(g.device.type, ctx.amp):
@@ -93,18 +134,18 @@ class _SWATConv2d(torch.autograd.Function):
                 g, inp, ws, [ws.shape[0]] if mask[2] else None, list(stride), list(padding), list(dilation),
                 False, [0, 0], groups, mask)
         return (_to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype) if mask[2] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class _SWATLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, weight_sparse, bias, x_threshold):
-        return _forward_and_save(ctx, F.linear, x, weight, weight_sparse, bias, x_threshold)
+    def forward(ctx, x, weight, weight_sparse, bias, x_threshold, compress):
+        return _forward_and_save(ctx, F.linear, x, weight, weight_sparse, bias, x_threshold, compress)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x_s, ws = ctx.saved_tensors
+        x_s, ws = _saved(ctx)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = b_dtype is not None and ctx.needs_input_grad[3]
@@ -117,7 +158,7 @@ class _SWATLinear(torch.autograd.Function):
                 dw = g.t().mm(x_s.reshape(-1, ws.shape[1]))  # (X_sᵀ·G)ᵀ, spec §1.1 B2
             if need_b:
                 db = g.sum(0)
-        return _to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype), None
+        return _to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype), None, None
 
 
 def _same_padding(x: Tensor, weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int]):
@@ -134,7 +175,8 @@ def _same_padding(x: Tensor, weight: Tensor, stride: tuple[int, int], dilation: 
 
 
 def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
-                x_threshold: Threshold = None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+                x_threshold: Threshold = None, stride=1, padding=0, dilation=1, groups: int = 1,
+                compress: bool = False) -> Tensor:
     """SWAT 2-D convolution (spec §1.1): ``conv2d(x, weight_sparse, bias)`` in the forward; the backward gives
     ``dX`` from ``weight_sparse``, ``dW = conv2d_weight(sparsify(x, x_threshold), G)`` to the dense ``weight``
     and ``db = ΣG``.
@@ -142,12 +184,13 @@ def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
     ``weight_sparse`` must be the detached masked weight, same shape as ``weight``; ``x_threshold`` is a 0-d fp32
     tensor or float (None or <= 0: X saved dense, no copy). ``stride``/``padding``/``dilation`` as in
     ``F.conv2d``, including padding="valid"/"same". x may be (N, C, H, W) or unbatched (C, H, W).
+    ``compress=True`` keeps X_s as values + positions and W_s as a 1-bit mask over ``weight`` (same gradients).
     """
     if weight_sparse.shape != weight.shape:
         raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
     if x.dim() == 3:
         return swat_conv2d(x.unsqueeze(0), weight, weight_sparse, bias, x_threshold, stride, padding, dilation,
-                           groups).squeeze(0)
+                           groups, compress).squeeze(0)
     stride, dilation = _pair(stride), _pair(dilation)
     if isinstance(padding, str):
         if padding == "valid":
@@ -158,13 +201,15 @@ def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
             raise ValueError(f"padding {padding!r}: use an int, a pair, 'valid' or 'same'")
     else:
         padding = _pair(padding)
-    return _SWATConv2d.apply(x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups)
+    return _SWATConv2d.apply(x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups,
+                             compress)
 
 
 def swat_linear(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
-                x_threshold: Threshold = None) -> Tensor:
+                x_threshold: Threshold = None, compress: bool = False) -> Tensor:
     """SWAT linear layer (spec §1.1): ``Y = x·W_sᵀ + b``; backward ``dX = G·W_s``, ``dW = (X_sᵀ·G)ᵀ`` for the
-    dense ``weight``, ``db = ΣG``. x has shape (..., in); the leading dims are flattened in the backward."""
+    dense ``weight``, ``db = ΣG``. x has shape (..., in); the leading dims are flattened in the backward.
+    ``compress`` as in :func:`swat_conv2d`."""
     if weight_sparse.shape != weight.shape:
         raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
-    return _SWATLinear.apply(x, weight, weight_sparse, bias, x_threshold)
+    return _SWATLinear.apply(x, weight, weight_sparse, bias, x_threshold, compress)
