@@ -54,7 +54,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-_METHOD_ORDER = ("dense", "checkpoint", "blpa8", "blpa4", "blpa2")
+_METHOD_ORDER = ("dense", "checkpoint", "blpa8", "blpa4", "blpa2", "swat-u90", "swat-u80-packed", "swat-u90-packed",
+                 "swat-u95-packed", "swat-erk90-packed")
 
 
 def _mib(n: float | None) -> str:
@@ -75,7 +76,11 @@ def _memory_section(recs: list[dict]) -> list[str]:
              "the same invocation. Peak: one training step (forward, cross-entropy, backward; after a warm-up "
              "step) in a fresh process, peak RSS on CPU (max allocated on CUDA); growth = peak minus the RSS "
              "just before the forward. Command: `python benchmarks/blpa_memory.py`. Target (spec blpa.md §6): "
-             "BLPA-4 keeps >= 14x less than dense on pre-activation ResNet-164.", ""]
+             "BLPA-4 keeps >= 14x less than dense on pre-activation ResNet-164. `swat-*`: SWAT as the paper runs it "
+             "(X_s and W_s kept as dense zero-filled tensors); `swat-*-packed`: `SWATConfig(compress_saved=True)` "
+             "(X_s as values + 1-bit mask, W_s as the Parameter + 1-bit mask, 1-bit ReLU masks; exact gradients; "
+             "BatchNorm inputs stay dense fp32 as SWAT specifies). Issue 5 target: packed SWAT-U90 <= 1/3 of dense "
+             "on ResNet-18 (CIFAR) and ResNet-50.", ""]
 
     def order(r: dict) -> tuple:
         m = r["method"]

@@ -392,3 +392,32 @@ def test_convert_imagenet_preact_resnet152():
     assert sum(u.conv is not None for u in ctl.units) == 3 * (3 + 8 + 36 + 3) - 1  # layer1[0] has no pre-act
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 16, 8, 8), (13,)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mask_relu_compiled_equals_torch_and_keeps_the_input_layout(dtype, shape, channels_last):
+    from leanprop.blpa.functions import mask_relu
+    from leanprop.blpa.kernels import load_kernels
+
+    k = load_kernels(required=False)
+    if k is None:
+        pytest.skip("no C compiler")
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last needs 4-D")
+    torch.manual_seed(0)
+    x0 = torch.randn(shape).to(dtype)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape).to(dtype)  # NCHW gradient even for a channels-last input
+    outs = []
+    for kernels in (None, k):
+        x = x0.clone().requires_grad_(True)
+        y = mask_relu(x, kernels)
+        y.backward(g)
+        outs.append((y, x.grad))
+    ref = torch.relu(x0)
+    for y, gx in outs:
+        assert torch.equal(y, ref) and torch.equal(gx, g * (x0 > 0).to(dtype))
+        assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last  # BN backward's fast layout

@@ -13,7 +13,7 @@ from leanprop import models
 from leanprop.accounting.memory import saved_bytes
 from leanprop.nn.blpa_layers import MaskReLU
 from leanprop.swat.functions import swat_conv2d, swat_linear
-from leanprop.swat.storage import pack_mask, pack_sparse, unpack_mask, unpack_sparse
+from leanprop.swat.storage import pack_above, pack_mask, pack_sparse, unpack_mask, unpack_sparse
 from leanprop.swat.topk import keep_count, magnitude_mask, magnitude_threshold, sparsify
 
 
@@ -136,3 +136,24 @@ def test_magnitude_mask_matches_sparsify_support():
     t = torch.randn(1000)
     thr = magnitude_threshold(t, 100)
     assert torch.equal(magnitude_mask(t, thr), sparsify(t, thr) != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1, 13, 8 * 1000, (1 << 16) * 3 + 5])  # tails: within a byte, a chunk, chunks
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.01])
+def test_compiled_pack_equals_the_torch_pack(dtype, numel, density):
+    from leanprop.swat.storage import _kernels
+
+    if _kernels() is None:
+        pytest.skip("no C compiler: the compiled packer is not built")
+    torch.manual_seed(numel)
+    t = torch.randn(numel).to(dtype)
+    t[0] = float("nan")  # dropped by both, like magnitude_mask
+    thr = float(t.abs().float().nan_to_num(0).quantile(1 - density)) if numel > 1 else 0.5
+    pos_c, val_c, meta_c = pack_above(t, thr)
+    pos_t, val_t, meta_t = pack_above(t, thr, use_kernels=False)
+    assert meta_c.indexed == meta_t.indexed
+    assert torch.equal(pos_c, pos_t) and torch.equal(val_c, val_t)  # same layout: either side can unpack
+    ref = torch.where(t.abs().float() >= thr, t, 0)
+    assert torch.equal(unpack_sparse(pos_c, val_c, meta_c), ref)
+    assert torch.equal(unpack_sparse(pos_t, val_t, meta_t), ref)

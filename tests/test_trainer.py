@@ -16,6 +16,8 @@ SWAT_U = ["method.name=swat", "swat.sparsity=0.8", "swat.topk_period=3"]
 SWAT_M = ["method.name=swat", "swat.sparsity=0.8", "swat.distribution=momentum", "swat.topk_period=2"]
 # BLPA needs BN->ReLU->conv units: the pre-activation ResNet with the reference code's shortcuts
 BLPA_4 = ["model.name=preact_resnet20", "model.kwargs.shortcut=pad", "method.name=blpa", "blpa.bits=4"]
+SWAT_BLPA = ["model.name=preact_resnet20", "model.kwargs.shortcut=pad", "method.name=swat+blpa", "swat.sparsity=0.8",
+             "swat.topk_period=3", "blpa.bits=4"]
 
 
 @functools.cache
@@ -61,7 +63,8 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("method", [[], SWAT_U, SWAT_M, BLPA_4], ids=["dense", "swat-u", "swat-m", "blpa4"])
+@pytest.mark.parametrize("method", [[], SWAT_U, SWAT_M, BLPA_4, SWAT_BLPA],
+                         ids=["dense", "swat-u", "swat-m", "blpa4", "swat+blpa4"])
 def test_resume_is_bit_identical(tmp_path, method):
     _need_blpa(method)
     over = ["train.epochs=3", "data.augment=true", *method]
@@ -91,8 +94,10 @@ def test_resume_is_bit_identical(tmp_path, method):
         assert torch.equal(a, b), k
     oa, ob = ref.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"]) for i in oa)
-    if "method.name=swat" in method:
+    if "method.name=swat" in method or "method.name=swat+blpa" in method:
         sa, sb = ref.controller.state_dict(), resumed.controller.state_dict()
+        if "swat" in sa:  # SWAT + BLPA: the SWAT part of the combined state
+            sa, sb = sa["swat"], sb["swat"]
         assert sa["step"] == sb["step"] and sa["budget"] == sb["budget"]
         for name, la in sa["layers"].items():
             for key, value in la.items():

@@ -364,18 +364,27 @@ def saved_bytes(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
 _SWAT_METHOD = re.compile(r"swat-(u|erk|m|channel|filter)(\d+)(-packed)?")
 _SWAT_KINDS = {"u": ("uniform", None), "erk": ("erk", None), "m": ("momentum", None),
                "channel": ("uniform", "channel"), "filter": ("uniform", "filter")}
-_METHOD_HELP = ("use dense, checkpoint, blpaK (K = 8, 4, 2 or 32 bits) or swat-<u|erk|m|channel|filter><percent>"
-                "[-packed] (e.g. swat-u90, swat-u90-packed)")
+_METHOD_HELP = ("use dense, checkpoint, blpaK (K = 8, 4, 2 or 32 bits), swat-<u|erk|m|channel|filter><percent>"
+                "[-packed] (e.g. swat-u90, swat-u90-packed) or swat-...+blpaK (e.g. swat-u90+blpa4)")
 
 
 def parse_method(method: str) -> tuple[str, Any]:
     """``"dense"`` -> ``("dense", None)``, ``"checkpoint"`` -> ``("checkpoint", None)``, ``"blpa4"`` ->
     ``("blpa", 4)``, ``"swat-erk90"`` -> ``("swat", SWATConfig(sparsity=0.9, distribution="erk"))``;
-    ``-packed`` turns on ``compress_saved``.  Unknown names and bit widths BLPAConfig rejects raise
+    ``-packed`` turns on ``compress_saved``; ``"swat-u90+blpa4"`` -> ``("swat+blpa", [SWATConfig, BLPAConfig])``.
+    Unknown names and bit widths BLPAConfig rejects raise
     ``ValueError``."""
     name = str(method).strip().lower()
     if name in ("dense", "checkpoint"):
         return name, None
+    if "+" in name:  # swat-u90+blpa4: both on one model
+        left, _, right = name.partition("+")
+        (k1, swat), (k2, bits) = parse_method(left), parse_method(right)
+        if (k1, k2) != ("swat", "blpa"):
+            raise ValueError(f"unknown method {method!r}: a combination is swat-...+blpaK, e.g. swat-u90+blpa4")
+        from leanprop.blpa.config import BLPAConfig
+
+        return "swat+blpa", [swat, BLPAConfig(bits=bits)]
     m = _SWAT_METHOD.fullmatch(name)
     if m is not None:
         from leanprop.swat.config import SWATConfig
@@ -415,7 +424,7 @@ def apply_method(model: nn.Module, method: str) -> Any:
         return n
     import leanprop
 
-    if kind == "swat":
+    if kind in ("swat", "swat+blpa"):
         return leanprop.convert_(model, arg)
     from leanprop.blpa.config import BLPAConfig
 

@@ -38,7 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     m.add_argument("--method", action="append", metavar="M[,M...]",
                    help="dense, checkpoint (torch.utils.checkpoint per residual block), blpaK (K = 8, 4, 2, 32) or "
                         "swat-<u|erk|m|channel|filter><percent>[-packed] (swat-u90, swat-u90-packed: X_s/W_s "
-                        "stored compressed, 1-bit ReLU masks); "
+                        "stored compressed, 1-bit ReLU masks) or swat-...+blpaK (both on one model); "
                         "repeatable or comma-separated (default: " + ",".join(_DEFAULT_METHODS) + ")")
     m.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="model option, e.g. shortcut=pad (repeatable; VALUE parsed as YAML). preact_* models "

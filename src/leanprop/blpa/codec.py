@@ -3,7 +3,9 @@
 Installed with ``torch.autograd.graph.saved_tensors_hooks`` around the model's forward (``convert_`` does it
 with forward hooks on the root module), it keeps parameters, integer/bool tensors, packed codes and small
 tensors as they are, stores each float tensor at most once (a tensor saved by several ops -- e.g. a ReLU
-output saved by the ReLU and by the next conv -- is de-duplicated on ``(data_ptr, version, shape, stride)``)
+output saved by the ReLU and by the next conv -- is de-duplicated on ``(data_ptr, version, shape, stride)``,
+and only while that tensor is alive: the codec does not keep what it packed, so a freed tensor's memory may
+be reused by a later one with the same key, which must not be taken for it)
 and stores it as ``bits``-bit codes with a per-group (256 contiguous elements) minimum and step, rounding to
 nearest. Eager only: saved-tensor hooks are not traced by ``torch.compile``.
 """
@@ -11,6 +13,7 @@ nearest. Eager only: saved-tensor hooks are not traced by ``torch.compile``.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,10 +118,12 @@ class SavedTensorCodec:
             self._record(t, None)
             return t
         key = (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype)
-        packed = self._seen.get(key)
+        hit = self._seen.get(key)
+        # a live weak reference proves the memory still belongs to the tensor packed under this key
+        packed = hit[0] if hit is not None and hit[1]() is not None else None
         if packed is None:
             packed = _Packed(t, self.bits)
-            self._seen[key] = packed
+            self._seen[key] = (packed, weakref.ref(t))
             for part in packed.tensors():
                 self._record(part, "codes" if part.dtype == torch.uint8 else None)
         return packed

@@ -13,6 +13,11 @@ weights -- never ``x``, ``y = BN(x)`` or ``z = ReLU(y)``. Backward (closed form,
 ``bn_relu``: the same without the convolution (a BN->ReLU whose output feeds something other than one
 conv, e.g. a pooling head or a shared shortcut): returns ``z`` and keeps only the codes.
 
+With a SWAT conv (SWAT + BLPA, issue 5) the unit also takes the SWAT layer: the forward convolves with
+``W_s = TopK(W)``, the activation threshold is taken from the exact ``z`` (the layer's own Top-K schedule),
+and the backward computes ``g_z`` from ``W_s`` and ``dW = conv_weight(TopK(z~), g)`` for the dense weight; ``W_s``
+is kept as a 1-bit mask over the weight Parameter. Still only the codes are kept of the activation.
+
 Under ``torch.autocast`` the convolution runs in the autocast dtype like ``nn.Conv2d``; BN keeps the input
 dtype with fp32 statistics like ``nn.BatchNorm2d``; the coefficient table is always fp32.
 """
@@ -31,6 +36,8 @@ from leanprop.blpa.config import BLPAConfig
 from leanprop.blpa.kernels import CKernels
 from leanprop.blpa.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
 from leanprop.swat.functions import _autocast_dtype, _cast, _no_autocast, _to
+from leanprop.swat.storage import pack_mask, unpack_mask
+from leanprop.swat.topk import sparsify
 
 __all__ = ["UnitSpec", "bn_relu_conv", "bn_relu", "mask_relu", "ActivationStore"]
 
@@ -147,7 +154,8 @@ def _bn_forward(x: Tensor, gamma: Tensor | None, beta: Tensor | None, running_me
 
 class _BNReLUConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, beta, weight, bias, running_mean, running_var, spec: UnitSpec, return_z: bool):
+    def forward(ctx, x, gamma, beta, weight, bias, running_mean, running_var, spec: UnitSpec, return_z: bool,
+                weight_sparse=None, swat=None):
         dev = x.device.type
         amp = _autocast_dtype(dev)
         with _no_autocast(dev, amp is not None):
@@ -155,9 +163,20 @@ class _BNReLUConv(torch.autograd.Function):
             store = ActivationStore(spec)
             saved, meta = store.save(x, y, mean, invstd, gamma, beta)  # y is now z = ReLU(y)
             z = y
-            wc, bc = _cast(weight, amp), _cast(bias, amp)
+            ctx.x_threshold = None
+            if swat is not None:  # SWAT's Top-K threshold of the exact conv input (cached by the layer)
+                with torch.no_grad():
+                    ctx.x_threshold = swat._activation_threshold(z)
+                    if swat.measure:
+                        swat._measure(z, weight_sparse, ctx.x_threshold)
+            wc, bc = _cast(weight if weight_sparse is None else weight_sparse, amp), _cast(bias, amp)
             out = F.conv2d(_cast(z, amp), wc, bc, spec.stride, spec.padding, spec.dilation, spec.groups)
-        ctx.save_for_backward(*saved, wc)
+        if weight_sparse is None:
+            ctx.save_for_backward(*saved, wc)
+            ctx.w_meta = None
+        else:
+            w_bits, ctx.w_meta = pack_mask(weight_sparse != 0)  # W_s = where(mask, W): no second dense copy
+            ctx.save_for_backward(*saved, weight, w_bits)
         ctx.meta, ctx.spec, ctx.amp = meta, spec, amp
         ctx.dtypes = (x.dtype, None if gamma is None else gamma.dtype, weight.dtype,
                       None if bias is None else bias.dtype, wc.dtype)
@@ -169,15 +188,21 @@ class _BNReLUConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_z_extra=None):
-        *saved, wc = ctx.saved_tensors
-        spec, meta = ctx.spec, ctx.meta
         x_dtype, p_dtype, w_dtype, b_dtype, conv_dtype = ctx.dtypes
+        if ctx.w_meta is None:
+            *saved, wc = ctx.saved_tensors
+        else:
+            *saved, weight, w_bits = ctx.saved_tensors
+            wc = torch.where(unpack_mask(w_bits, ctx.w_meta), weight.detach(), 0).to(conv_dtype)
+        spec, meta = ctx.spec, ctx.meta
         store = ActivationStore(spec)
         dev = g_out.device.type
         with _no_autocast(dev, ctx.amp is not None):
             like = torch.empty(meta["shape"], dtype=conv_dtype, device=g_out.device,
                                memory_format=meta["format"])
             z_t = store.decode_z(saved, meta, like)
+            if ctx.x_threshold is not None:
+                z_t = sparsify(z_t, ctx.x_threshold)  # SWAT: dW from TopK(z~); g_z needs only its shape
             g_out = g_out.to(conv_dtype)
             need = ctx.needs_input_grad
             g_z, dw, db = torch.ops.aten.convolution_backward(
@@ -189,7 +214,7 @@ class _BNReLUConv(torch.autograd.Function):
                 g_z = g_z + g_z_extra.to(g_z.dtype)
             gx, dgamma, dbeta = store.bn_backward(saved, meta, g_z, x_dtype)
         return (gx, _to(dgamma, p_dtype) if ctx.has_gamma else None, _to(dbeta, p_dtype) if ctx.has_gamma else None,
-                _to(dw, w_dtype), _to(db, b_dtype) if db is not None else None, None, None, None, None)
+                _to(dw, w_dtype), _to(db, b_dtype) if db is not None else None, None, None, None, None, None, None)
 
 
 class _BNReLU(torch.autograd.Function):
@@ -218,10 +243,16 @@ class _BNReLU(torch.autograd.Function):
 
 def bn_relu_conv(x: Tensor, gamma: Tensor | None, beta: Tensor | None, weight: Tensor, bias: Tensor | None,
                  running_mean: Tensor | None, running_var: Tensor | None, spec: UnitSpec,
-                 return_z: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                 return_z: bool = False, weight_sparse: Tensor | None = None, swat=None
+                 ) -> Tensor | tuple[Tensor, Tensor]:
     """``conv(ReLU(BN_train(x)))`` keeping only K-bit codes for backward. ``return_z`` also returns
-    ``z = ReLU(BN(x))`` for a second consumer (e.g. an identity shortcut); its gradient joins the conv's."""
-    return _BNReLUConv.apply(x, gamma, beta, weight, bias, running_mean, running_var, spec, return_z)
+    ``z = ReLU(BN(x))`` for a second consumer (e.g. an identity shortcut); its gradient joins the conv's.
+    ``weight_sparse`` + ``swat`` (the SWAT conv layer whose Top-K schedule gives the activation threshold):
+    SWAT's forward and backward for the conv (module docstring); the dense ``weight`` gets the gradient."""
+    if (weight_sparse is None) != (swat is None):
+        raise ValueError("bn_relu_conv: pass weight_sparse and swat together (SWAT conv) or neither")
+    return _BNReLUConv.apply(x, gamma, beta, weight, bias, running_mean, running_var, spec, return_z,
+                             weight_sparse, swat)
 
 
 def bn_relu(x: Tensor, gamma: Tensor | None, beta: Tensor | None, running_mean: Tensor | None,
@@ -235,11 +266,16 @@ class _MaskReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kernels: CKernels | None):
-        out = torch.relu(x)
-        bits = (out > 0).to(torch.uint8)
-        flat = flat_memory_view(bits)
-        ctx.save_for_backward(kernels.pack(flat, 1) if kernels is not None else pack_bits(flat, 1))
-        ctx.meta = (x.shape, memory_format_of(x), x.numel())
+        fmt = memory_format_of(x)
+        fast = kernels is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        if fast:
+            out_flat, packed = kernels.relu_mask(flat_memory_view(x))
+            out = from_flat_memory(out_flat, x.shape, fmt)
+        else:
+            out = torch.relu(x)
+            packed = pack_bits(flat_memory_view((out > 0).to(torch.uint8)), 1)
+        ctx.save_for_backward(packed)
+        ctx.meta, ctx.kernels = (x.shape, fmt, x.numel()), kernels if fast else None
         return out
 
     @staticmethod
@@ -247,6 +283,9 @@ class _MaskReLU(torch.autograd.Function):
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
         shape, fmt, numel = ctx.meta
+        g = g.contiguous(memory_format=fmt)  # the gradient in the layout of the forward input (and of BN's)
+        if ctx.kernels is not None and g.dtype in (torch.float32, torch.bfloat16):
+            return from_flat_memory(ctx.kernels.relu_mask_backward(flat_memory_view(g), packed), shape, fmt), None
         m = unpack_bits(packed, 1, numel)
         return g * from_flat_memory(m, shape, fmt).to(g.dtype), None
 

@@ -71,6 +71,11 @@ class CKernels:
             getattr(lib, f"blpa_decode_z_{suf}").argtypes = [p, p, i64, i64, i64, i32, i32, p, i32]
             getattr(lib, f"blpa_bn_sums_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, p, i32]
             getattr(lib, f"blpa_bn_grad_input_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, i32, i32, p, i32]
+            getattr(lib, f"swat_mask_count_{suf}").argtypes = [p, i64, ctypes.c_float, i64, i64, p, p, i32]
+            getattr(lib, f"swat_compact_{suf}").argtypes = [p, i64, p, i64, i64, p, p, i32]
+            getattr(lib, f"swat_expand_{suf}").argtypes = [p, i64, p, i64, i64, p, p, i32]
+            getattr(lib, f"relu_mask_{suf}").argtypes = [p, i64, p, p, i32]
+            getattr(lib, f"relu_mask_backward_{suf}").argtypes = [p, p, i64, p, i32]
 
     @staticmethod
     def supports(bits: int, *tensors: torch.Tensor) -> bool:
@@ -114,6 +119,49 @@ class CKernels:
         getattr(self.lib, f"blpa_decode_z_{_SUFFIX[like.dtype]}")(
             packed.data_ptr(), _transposed(coef, p), n, c, inner, cl, bits, z.data_ptr(), torch.get_num_threads())
         return z
+
+    # ------------------------------------------------------------------ SWAT sparse storage
+    SPARSE_CHUNK = 1 << 16  # elements per chunk of the sparse pack (a multiple of 8)
+
+    def sparse_pack(self, flat: torch.Tensor, thr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mask bits, kept values, chunk offsets)`` of a contiguous 1-D fp32/bf16 tensor, keep = ``|x| >= thr``
+        (``thr`` an fp32 value). The mask is laid out as ``pack_bits(keep, 1)``."""
+        n, chunk = flat.numel(), self.SPARSE_CHUNK
+        nch = max(1, -(-n // chunk))
+        bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+        counts = torch.empty(nch, dtype=torch.int64)
+        suf, nt = _SUFFIX[flat.dtype], torch.get_num_threads()
+        getattr(self.lib, f"swat_mask_count_{suf}")(flat.data_ptr(), n, thr, chunk, nch, bits.data_ptr(),
+                                                    counts.data_ptr(), nt)
+        offsets = torch.zeros(nch, dtype=torch.int64)
+        torch.cumsum(counts[:-1], 0, out=offsets[1:])
+        values = torch.empty(int(offsets[-1] + counts[-1]), dtype=flat.dtype)
+        getattr(self.lib, f"swat_compact_{suf}")(flat.data_ptr(), n, bits.data_ptr(), chunk, nch,
+                                                 offsets.data_ptr(), values.data_ptr(), nt)
+        return bits, values, offsets
+
+    def sparse_expand(self, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+        """Inverse of :meth:`sparse_pack`: the flat dense tensor (zeros where the mask is 0)."""
+        out = torch.empty(n, dtype=values.dtype)
+        getattr(self.lib, f"swat_expand_{_SUFFIX[values.dtype]}")(
+            values.data_ptr(), n, bits.data_ptr(), self.SPARSE_CHUNK, offsets.numel(), offsets.data_ptr(),
+            out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def relu_mask(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ReLU(x), [x > 0] as 1-bit packed)`` of a contiguous 1-D fp32/bf16 tensor, in one pass."""
+        n = flat.numel()
+        out, bits = torch.empty_like(flat), torch.empty((n + 7) // 8, dtype=torch.uint8)
+        getattr(self.lib, f"relu_mask_{_SUFFIX[flat.dtype]}")(flat.data_ptr(), n, out.data_ptr(), bits.data_ptr(),
+                                                              torch.get_num_threads())
+        return out, bits
+
+    def relu_mask_backward(self, g_flat: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """``g`` where the packed mask is set, else 0 (contiguous 1-D fp32/bf16 ``g``)."""
+        gx = torch.empty_like(g_flat)
+        getattr(self.lib, f"relu_mask_backward_{_SUFFIX[g_flat.dtype]}")(
+            g_flat.data_ptr(), bits.data_ptr(), g_flat.numel(), gx.data_ptr(), torch.get_num_threads())
+        return gx
 
     def bn_sums(self, packed: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, bits: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,9 +66,8 @@ class _PreActBlock(nn.Module):
         When BLPA fused bn1->relu1->conv1 and ``a`` also feeds the shortcut, the fused unit returns both
         (``unit_with_activation``), so ``a`` is never stored for backward.
         """
-        fused = getattr(self.bn1, "unit_with_activation", None) if self.preact else None
-        if fused is not None and self.shortcut_from_preact:
-            return fused(x)
+        if self.preact and self.shortcut_from_preact and getattr(self.bn1, "fuses_conv", False):
+            return self.bn1.unit_with_activation(x)
         a = self.relu1(self.bn1(x)) if self.preact else x
         return self.conv1(a), a
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv, mask_relu
+from leanprop.nn.swat_layers import SWATConv2d, to_dense
 
 __all__ = ["BLPABatchNorm2d", "FusedConvTail", "MaskReLU", "BLPA_LAYERS", "make_unit", "unmake_unit", "to_mask_relu",
            "from_mask_relu"]
@@ -30,6 +31,17 @@ def _swap_class(module: nn.Module, cls: type) -> nn.Module:
 
 class FusedConvTail(nn.Conv2d):
     """The Conv2d of a fused unit: holds the conv's Parameters (same keys); its forward passes the unit's output on."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if getattr(self, "_unit_active", False):
+            return x
+        return super().forward(x)
+
+
+class SWATFusedConvTail(SWATConv2d):
+    """A SWAT conv inside a fused BLPA unit (SWAT + BLPA): the unit's head runs it with SWAT's policy, so its own
+    forward passes the unit's output on; the object (and with it the SWAT controller's reference) is the one
+    ``convert_`` made, with its class changed in place."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if getattr(self, "_unit_active", False):
@@ -66,7 +78,16 @@ class BLPABatchNorm2d(nn.BatchNorm2d):
     def _plain(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = F.relu(super().forward(x))
         conv = self._conv
+        if isinstance(conv, SWATConv2d):
+            return z, conv._swat_forward(z)  # eval / no grad: SWAT's own rule (sparse weights by default)
         return z, conv._conv_forward(z, conv.weight, conv.bias) if conv is not None else None
+
+    def _swat_args(self) -> dict:
+        """SWAT's arguments of the fused Function when the unit's conv is a SWAT layer (else none)."""
+        conv = self._conv
+        if not isinstance(conv, SWATConv2d) or conv.sparsity <= 0:
+            return {}
+        return {"weight_sparse": conv._sparse_weight(), "swat": conv}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         args = self._fused_args(x)
@@ -76,7 +97,12 @@ class BLPABatchNorm2d(nn.BatchNorm2d):
         x, gamma, beta, rm, rv, spec = args
         if self._conv is None:
             return bn_relu(x, gamma, beta, rm, rv, spec)
-        return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec)
+        return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec, **self._swat_args())
+
+    @property
+    def fuses_conv(self) -> bool:
+        """Whether this head runs its conv too (a full unit), i.e. :meth:`unit_with_activation` applies."""
+        return self._conv is not None
 
     def unit_with_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(conv(z), z)`` with ``z = ReLU(BN(x))``, for a block whose ``z`` also feeds a parameter-free
@@ -88,7 +114,8 @@ class BLPABatchNorm2d(nn.BatchNorm2d):
             z, out = self._plain(x)
             return out, z
         x, gamma, beta, rm, rv, spec = args
-        return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec, return_z=True)
+        return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec, return_z=True,
+                            **self._swat_args())
 
 
 def _params_need_grad(bn: nn.Module, conv: nn.Module | None) -> bool:
@@ -119,7 +146,7 @@ def from_mask_relu(relu: MaskReLU) -> nn.ReLU:
     return old
 
 
-BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail, MaskReLU)
+BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail, SWATFusedConvTail, MaskReLU)
 
 
 def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_kwargs: dict, relu_name: str = "",
@@ -132,7 +159,11 @@ def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_
     if conv is not None:
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             raise ValueError("BLPA units support zero, numeric conv padding only")
-        tail = _swap_class(conv, FusedConvTail)
+        if isinstance(conv, SWATConv2d):  # SWAT + BLPA: same object, so the SWAT controller still drives it
+            conv.__class__ = SWATFusedConvTail
+            tail = conv
+        else:
+            tail = _swap_class(conv, FusedConvTail)
         tail._unit_active = True
         head.blpa_spec = UnitSpec(eps=bn.eps, momentum=0.0, stride=tuple(conv.stride), padding=tuple(conv.padding),
                                   dilation=tuple(conv.dilation), groups=conv.groups, **spec_kwargs)
@@ -151,7 +182,9 @@ def unmake_unit(head: BLPABatchNorm2d) -> tuple[nn.BatchNorm2d, nn.Module, nn.Co
     for attr in ("blpa_spec", "_conv", "_relu", "blpa_relu_name", "blpa_conv_name"):
         bn.__dict__.pop(attr, None)
     conv = None
-    if head._conv is not None:
+    if isinstance(head._conv, SWATConv2d):
+        conv = to_dense(head._conv)
+    elif head._conv is not None:
         conv = _swap_class(head._conv, nn.Conv2d)
         conv.__dict__.pop("_unit_active", None)
     return bn, head._relu, conv

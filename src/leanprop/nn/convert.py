@@ -7,6 +7,7 @@ method loads into the plain architecture.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,7 @@ from leanprop.nn.blpa_layers import (
     to_mask_relu,
     unmake_unit,
 )
+from leanprop.nn.combined import CombinedController
 from leanprop.nn.swat_layers import SWAT_LAYERS, SWATConv2d, SWATLinear, to_dense
 from leanprop.swat.budget import assign_budget, collect_layers
 from leanprop.swat.config import SWATConfig
@@ -38,18 +40,48 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def convert_(model: nn.Module, config: SWATConfig | BLPAConfig, filter_fn: FilterFn | None = None
-             ) -> SWATController | BLPAController:
+def convert_(model: nn.Module, config: SWATConfig | BLPAConfig | list | tuple, filter_fn: FilterFn | None = None
+             ) -> SWATController | BLPAController | CombinedController:
     """Convert ``model`` in place for ``config`` and return the method's controller.
 
     SWAT: ``filter_fn(name, module) -> bool`` restricts which Conv2d/Linear layers are converted; the first
     and last of the *converted* layers are the ones the first/last-layer flags refer to.
     BLPA: ``filter_fn(bn_name, bn_module)`` restricts which BN->ReLU(->Conv) units are fused.
+    ``[SWATConfig, BLPAConfig]`` (either order): both on one model (:mod:`leanprop.nn.combined`; SWAT's saved
+    tensors are always packed, ``compress_saved=True``); ``filter_fn`` then applies to the SWAT layers.
     """
     if isinstance(config, BLPAConfig):
         return _convert_blpa(model, config, filter_fn)
     if isinstance(config, (list, tuple)):
-        raise TypeError("convert_: combining SWAT and BLPA on one model is not supported yet; pass one config")
+        return _convert_combined(model, list(config), filter_fn)
+    return _convert_swat(model, config, filter_fn)
+
+
+def _convert_combined(model: nn.Module, configs: list, filter_fn: FilterFn | None) -> CombinedController:
+    swat = [c for c in configs if isinstance(c, SWATConfig)]
+    blpa = [c for c in configs if isinstance(c, BLPAConfig)]
+    if len(configs) == 1:
+        return convert_(model, configs[0], filter_fn)
+    if len(swat) != 1 or len(blpa) != 1 or len(configs) != 2:
+        raise TypeError("convert_: a list of configs must be one SWATConfig and one BLPAConfig, got "
+                        + ", ".join(type(c).__name__ for c in configs))
+    from leanprop.blpa.controller import find_units
+
+    if any(isinstance(m, (*SWAT_LAYERS, *BLPA_LAYERS)) for m in model.modules()) or find_codec(model) is not None:
+        raise ValueError("convert_: the model is already converted; call leanprop.revert_(model) first")
+    units = find_units(model)  # on the plain model: SWAT layers are not nn.Conv2d for find_units
+    swat_ctl = _convert_swat(model, dataclasses.replace(swat[0], compress_saved=True), filter_fn, swap_relus=False)
+    # a unit whose conv became a SWAT layer runs it inside the fused Function (SWATFusedConvTail)
+    blpa_ctl = _convert_blpa(model, blpa[0], None, units=units)
+    if blpa[0].codec_bits is None:  # BLPA's codec path swaps the remaining ReLUs itself
+        from leanprop.blpa.kernels import load_kernels
+
+        _relus_keep_masks(model, load_kernels(required=False) if blpa[0].kernels != "torch" else None)
+    return CombinedController(swat_ctl, blpa_ctl)
+
+
+def _convert_swat(model: nn.Module, config: SWATConfig, filter_fn: FilterFn | None, swap_relus: bool = True
+                  ) -> SWATController:
     if not isinstance(config, SWATConfig):
         raise TypeError(f"convert_: unsupported config {type(config).__name__}; "
                         "pass a leanprop.SWATConfig or leanprop.BLPAConfig")
@@ -68,7 +100,7 @@ def convert_(model: nn.Module, config: SWATConfig | BLPAConfig, filter_fn: Filte
         new = cls.from_dense(old, budget[spec.name], config)
         _set_submodule(model, spec.name, new)
         layers[spec.name] = new
-    if config.compress_saved:
+    if config.compress_saved and swap_relus:
         from leanprop.blpa.kernels import load_kernels
 
         _relus_keep_masks(model, load_kernels(required=False))
@@ -83,7 +115,8 @@ def _relus_keep_masks(model: nn.Module, kernels) -> None:
             _set_submodule(model, name, to_mask_relu(m, kernels))
 
 
-def _convert_blpa(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None) -> BLPAController:
+def _convert_blpa(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, units: list | None = None
+                  ) -> BLPAController:
     from leanprop.blpa.codec import SavedTensorCodec
     from leanprop.blpa.controller import find_units
     from leanprop.blpa.kernels import load_kernels
@@ -91,7 +124,8 @@ def _convert_blpa(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None)
     if any(isinstance(m, BLPA_LAYERS) for m in model.modules()) or find_codec(model) is not None:
         raise ValueError("convert_: the model is already BLPA-converted; call leanprop.revert_(model) first")
     modules = dict(model.named_modules())
-    units = [u for u in find_units(model) if filter_fn is None or filter_fn(u.bn, modules[u.bn])]
+    units = [u for u in (find_units(model) if units is None else units)
+             if filter_fn is None or filter_fn(u.bn, modules[u.bn])]
     kernels = None
     if cfg.kernels != "torch" and units and cfg.bits != 32:
         kernels = load_kernels(required=cfg.kernels == "c")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanprop.swat.config import SWATConfig
-from leanprop.swat.functions import swat_conv2d, swat_linear
+from leanprop.swat.functions import swat_conv2d, swat_filter_conv2d, swat_linear
 from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify, structured_keep_mask
 
 
@@ -34,6 +34,8 @@ class SWATMixin:
         self.estimator = cfg.threshold_estimator
         self.sample_size = cfg.sample_size
         self.compress = cfg.compress_saved
+        self.structured_compute = cfg.structured_compute
+        self.dense_grad = True  # this step's weight gradient covers pruned filters (set by the controller)
         self.recompute = True  # set by the controller before each training step
         self.measure = False  # count the realised densities on this step (set by the controller)
         dev = self.weight.device
@@ -149,7 +151,34 @@ class SWATConv2d(SWATMixin, nn.Conv2d):
         x, padding = self._pad(x)
         return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
 
+    def computes_kept_filters(self) -> bool:
+        """Whether training steps run only the kept filters (``structure="filter"``, groups 1, numeric padding)."""
+        return (self.structure == "filter" and self.structured_compute and self.sparsity > 0 and self.groups == 1
+                and not isinstance(self.padding, str))
+
+    def kept_filters(self) -> torch.Tensor:
+        """Sorted int64 indices of the output filters the current Top-K keeps."""
+        with torch.no_grad():
+            mask = structured_keep_mask(self.weight.detach(), self.sparsity, "filter")
+        return mask.view(-1).nonzero().view(-1)
+
+    def _filter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.kept_filters()
+        x_thr = self._activation_threshold(x)
+        if self.measure:
+            with torch.no_grad():
+                kept_w = self.weight.detach().index_select(0, keep)
+                d_w = float(torch.count_nonzero(kept_w)) / self.weight.numel()
+                d_x = 1.0 if x_thr is None else float((x.detach().abs() >= x_thr).sum()) / x.numel()
+                self.density_stats += torch.tensor([d_w, d_x, 1.0], dtype=torch.float64,
+                                                   device=self.density_stats.device)
+        x, padding = self._pad(x)
+        return swat_filter_conv2d(x, self.weight, keep, self.bias, x_thr, self.stride, padding, self.dilation,
+                                  dense_grad=self.dense_grad, compress=self.compress)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and x.dim() == 4 and self.computes_kept_filters():
+            return self._filter_forward(x)
         return self._swat_forward(x)
 
 

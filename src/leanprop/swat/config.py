@@ -28,6 +28,12 @@ class SWATConfig:
     compress_saved: keep what backward needs compressed, for real memory savings (issue 5): X_s as values +
         a 1-bit mask (or int32 indices), W_s as the dense Parameter + a 1-bit mask, and every nn.ReLU swapped
         for one that keeps a 1-bit mask. Gradients are unchanged (exact restore); BN inputs stay dense.
+    structured_compute: "filter" layers (groups=1) compute only the kept filters -- smaller dense convolutions
+        for the forward and dX, gather/scatter around them -- instead of convolving with zeroed filters; same
+        results up to summation order (issue 5). False: the masked dense convolution, as the official code.
+    dense_grad_period: P >= 1. With P > 1 (an extension beyond the paper), "filter" layers compute the weight
+        gradient of the *pruned* filters only every P steps (the kept filters' every step); P = 1 is the
+        paper's dense weight gradient.
     momentum_freeze / momentum_residual_steps: SWAT-M's 0.99 freeze rule and the maximum number of
         redistribution passes (within one budget update) that spread a frozen layer's excess (§1.5).
     """
@@ -45,6 +51,8 @@ class SWATConfig:
     sample_size: int = 16384
     linear_topk_every_step: bool = True
     compress_saved: bool = False
+    structured_compute: bool = True
+    dense_grad_period: int = 1
     momentum_freeze: float = 0.99
     momentum_residual_steps: int = 1000
 
@@ -57,6 +65,8 @@ class SWATConfig:
             raise ValueError(f"SWAT structure {self.structure!r}: use null, 'channel' or 'filter'")
         if self.topk_period < 1:
             raise ValueError(f"SWAT topk_period must be >= 1 (steps), got {self.topk_period}")
+        if self.dense_grad_period < 1:
+            raise ValueError(f"SWAT dense_grad_period must be >= 1 (steps), got {self.dense_grad_period}")
         if self.exact_topk_epochs < 0:
             raise ValueError("SWAT exact_topk_epochs must be >= 0")
         if self.threshold_estimator not in ESTIMATORS:

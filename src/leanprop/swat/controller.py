@@ -61,9 +61,11 @@ class SWATController:
     def _set_flags(self) -> None:
         recompute = self._recompute_due()
         measure = self.step_count % self.measure_every == self.measure_every - 1 or self.step_count == 0
+        dense_grad = self.step_count % self.cfg.dense_grad_period == 0
         for layer in self.layers.values():
             layer.recompute = recompute
             layer.measure = measure
+            layer.dense_grad = dense_grad
 
     def _momentum_update(self) -> None:
         if self.optimizer is None:

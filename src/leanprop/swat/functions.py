@@ -20,10 +20,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from leanprop.swat.storage import pack_mask, pack_sparse, unpack_mask, unpack_sparse
+from leanprop.blpa.packing import memory_format_of
+from leanprop.swat.storage import pack_above, pack_mask, pack_sparse, unpack_mask, unpack_sparse
 from leanprop.swat.topk import _compiling, magnitude_mask, sparsify
 
-__all__ = ["swat_conv2d", "swat_linear"]
+__all__ = ["swat_conv2d", "swat_linear", "swat_filter_conv2d"]
 
 Threshold = Tensor | float | None
 
@@ -75,7 +76,10 @@ def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, comp
         elif _drops_nothing(x_threshold):  # dense X is smaller than values + positions
             xs = (xc, None)
         else:
-            positions, values, ctx.x_meta = pack_sparse(xc, magnitude_mask(xc, x_threshold))
+            if isinstance(x_threshold, Tensor) and (x_threshold.device.type != "cpu" or _compiling()):
+                positions, values, ctx.x_meta = pack_sparse(xc, magnitude_mask(xc, x_threshold))
+            else:
+                positions, values, ctx.x_meta = pack_above(xc, float(x_threshold))
             xs = (positions, values)
         w_bits, ctx.w_meta = pack_mask(weight_sparse != 0)
         ctx.save_for_backward(*xs, weight, w_bits)
@@ -213,3 +217,96 @@ def swat_linear(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
     if weight_sparse.shape != weight.shape:
         raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
     return _SWATLinear.apply(x, weight, weight_sparse, bias, x_threshold, compress)
+
+
+def _gather_channels(t: Tensor, keep: Tensor, fmt) -> Tensor:
+    """``t[:, keep]`` in ``t``'s layout (channels-last: a gather along the innermost, contiguous dimension)."""
+    if fmt is torch.channels_last:
+        return t.contiguous(memory_format=fmt).permute(0, 2, 3, 1).index_select(3, keep).permute(0, 3, 1, 2)
+    return t.index_select(1, keep)
+
+
+def _scatter_channels(y_k: Tensor, keep: Tensor, channels: int, bias: Tensor | None, fmt) -> Tensor:
+    """The full (N, channels, H, W) output: ``y_k`` at ``keep``, the bias (or 0) elsewhere, in ``y_k``'s layout."""
+    n, _, h, w = y_k.shape
+    if fmt is torch.channels_last:
+        full = y_k.new_zeros((n, h, w, channels)) if bias is None else bias.expand(n, h, w, channels).clone()
+        full.index_copy_(3, keep, y_k.contiguous(memory_format=fmt).permute(0, 2, 3, 1))
+        return full.permute(0, 3, 1, 2)
+    full = (y_k.new_zeros((n, channels, h, w)) if bias is None
+            else bias.view(1, -1, 1, 1).expand(n, channels, h, w).clone())
+    return full.index_copy_(1, keep, y_k.contiguous())
+
+
+class _SWATFilterConv2d(torch.autograd.Function):
+    """Filter-structured SWAT that computes only the kept filters (issue 5: real speed, not masking)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, keep, x_threshold, stride, padding, dilation, dense_grad, compress):
+        dev = x.device.type
+        amp = _autocast_dtype(dev)
+        fmt = torch.channels_last if x.dim() == 4 and memory_format_of(x) is torch.channels_last else None
+        w_k = weight.detach().index_select(0, keep)
+        xc, wc = _cast(x, amp), _cast(w_k, amp)
+        bc = None if bias is None else _cast(bias.detach(), amp)
+        with _no_autocast(dev, amp is not None):
+            y_k = F.conv2d(xc, wc, None if bc is None else bc.index_select(0, keep), stride, padding, dilation, 1)
+            y = _scatter_channels(y_k, keep, weight.shape[0], bc, fmt)
+        ctx.conf = (stride, padding, dilation)
+        ctx.dense_grad, ctx.compress, ctx.amp, ctx.fmt = dense_grad, compress, amp is not None, fmt
+        ctx.x_meta = None
+        if not ctx.needs_input_grad[1]:
+            xs = (None, None)
+        elif compress and not _drops_nothing(x_threshold):
+            positions, values, ctx.x_meta = pack_above(xc, float(x_threshold))
+            xs = (positions, values)
+        else:
+            xs = (sparsify(xc, x_threshold), None)
+        ctx.save_for_backward(*xs, wc, keep)
+        ctx.x_shape, ctx.w_shape = x.shape, weight.shape
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        xa, xb, wc, keep = ctx.saved_tensors
+        x_s = unpack_sparse(xa, xb, ctx.x_meta) if ctx.x_meta is not None else xa
+        stride, padding, dilation = ctx.conf
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = b_dtype is not None and ctx.needs_input_grad[2]
+        g = _to(g, wc.dtype)
+        dx = dw = db = None
+        with _no_autocast(g.device.type, ctx.amp):
+            g_k = _gather_channels(g, keep, ctx.fmt)
+            inp = x_s if x_s is not None else wc.new_empty(()).expand(ctx.x_shape)
+            sparse_dw = need_w and not ctx.dense_grad
+            dx, dw_k, _ = torch.ops.aten.convolution_backward(
+                g_k, inp, wc, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+                [need_x, sparse_dw, False])
+            if sparse_dw:  # dense_grad_period: pruned filters get no weight gradient on this step
+                dw = dw_k.new_zeros(ctx.w_shape).index_copy_(0, keep, dw_k)
+            elif need_w:  # the paper's semantics: the dense weight gradient of every filter
+                _, dw, _ = torch.ops.aten.convolution_backward(
+                    g, x_s, wc.new_empty(()).expand(ctx.w_shape), None, list(stride), list(padding), list(dilation),
+                    False, [0, 0], 1, [False, True, False])
+            if need_b:
+                db = g.sum((0, 2, 3))
+        return (_to(dx, x_dtype), _to(dw, w_dtype), _to(db, b_dtype), None, None, None, None, None, None, None)
+
+
+def swat_filter_conv2d(x: Tensor, weight: Tensor, keep: Tensor, bias: Tensor | None = None,
+                       x_threshold: Threshold = None, stride=1, padding=0, dilation=1, dense_grad: bool = True,
+                       compress: bool = False) -> Tensor:
+    """Filter-structured SWAT conv (spec §1.2 "filter", groups=1) computing only the kept output filters ``keep``
+    (sorted int64 indices): the forward and dX run a convolution with ``len(keep)`` filters (the pruned channels of
+    Y are the bias, or 0), ``dW`` is the dense weight gradient of every filter (the paper's semantics) or, with
+    ``dense_grad=False``, that of the kept filters only (zeros elsewhere). Same results as :func:`swat_conv2d`
+    with the filter-masked weight, up to floating-point summation order."""
+    if x.dim() != 4:
+        raise ValueError(f"swat_filter_conv2d needs an (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if keep.dtype != torch.int64 or keep.dim() != 1:
+        raise ValueError("keep must be a 1-D int64 tensor of kept filter indices")
+    return _SWATFilterConv2d.apply(x, weight, bias, keep, x_threshold, _pair(stride), _pair(padding),
+                                   _pair(dilation), dense_grad, compress)

@@ -11,10 +11,14 @@ At density ``d`` and fp32 values that is ``32·d + 1`` bits per element with the
 7.6× less than fp32). The weights need no second copy at all: the backward rebuilds ``W_s`` from the dense
 Parameter (which exists anyway) and a 1-bit mask of its kept entries. Restoring is exact: ``unpack(pack(t))``
 equals ``t`` bit for bit, so gradients are those of the uncompressed SWAT Functions.
+
+On CPU the mask and the compaction run in one compiled pass each (``swat_*`` in ``blpa/csrc/blpa_kernels.c``,
+the same build as BLPA's kernels); elsewhere, or without a C compiler, torch ops do the same (same layout).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +26,14 @@ from torch import Tensor
 
 from leanprop.blpa.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
 
-__all__ = ["PackedSparse", "pack_sparse", "unpack_sparse", "pack_mask", "unpack_mask"]
+__all__ = ["PackedSparse", "pack_sparse", "pack_above", "unpack_sparse", "pack_mask", "unpack_mask"]
+
+
+@functools.cache
+def _kernels():
+    from leanprop.blpa.kernels import load_kernels
+
+    return load_kernels(required=False)
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,7 @@ class PackedSparse:
     memory_format: torch.memory_format
     numel: int
     indexed: bool  # positions are int32 indices (True) or a packed 1-bit mask (False)
+    offsets: Tensor | None = None  # per-chunk value offsets of the compiled packer (mask form only)
 
 
 def pack_mask(keep: Tensor) -> tuple[Tensor, tuple[torch.Size, torch.memory_format, int]]:
@@ -64,8 +76,30 @@ def pack_sparse(t: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, PackedSparse]:
     return positions, values, PackedSparse(t.shape, fmt, numel, indexed)
 
 
+def pack_above(t: Tensor, thr: float, use_kernels: bool = True) -> tuple[Tensor, Tensor, PackedSparse]:
+    """:func:`pack_sparse` of ``keep = |t| >= thr`` (``thr`` compared as fp32), through the compiled kernels
+    for CPU fp32/bf16 tensors when they are available."""
+    k = _kernels() if use_kernels and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) else None
+    if k is None:
+        from leanprop.swat.topk import magnitude_mask
+
+        return pack_sparse(t, magnitude_mask(t, thr))
+    flat = flat_memory_view(t)
+    bits, values, offsets = k.sparse_pack(flat, float(torch.tensor(thr, dtype=torch.float32)))
+    meta = PackedSparse(t.shape, memory_format_of(t), t.numel(), False, offsets)
+    if 4 * values.numel() < bits.numel() and t.numel() < 2**31:  # very sparse: int32 indices are smaller
+        keep = unpack_bits(bits, 1, t.numel()).bool()
+        return keep.nonzero().view(-1).to(torch.int32), values, PackedSparse(meta.shape, meta.memory_format,
+                                                                             meta.numel, True)
+    return bits, values, meta
+
+
 def unpack_sparse(positions: Tensor, values: Tensor, meta: PackedSparse) -> Tensor:
     """The dense tensor (zeros where nothing was kept) in its original shape, dtype and memory format."""
+    k = _kernels() if meta.offsets is not None and values.device.type == "cpu" else None
+    if k is not None:
+        return from_flat_memory(k.sparse_expand(positions, values, meta.offsets, meta.numel), meta.shape,
+                                meta.memory_format)
     flat = values.new_zeros(meta.numel)
     if meta.indexed:
         flat.index_copy_(0, positions.long(), values)

@@ -269,3 +269,137 @@ void blpa_unpack(const uint8_t *packed, int64_t numel, int bits, uint8_t *codes,
     }
     for (int64_t i = full * k; i < numel; ++i) codes[i] = (uint8_t)((packed[full] >> (8 - bits * (i - full * k + 1))) & mask);
 }
+
+/* SWAT sparse storage (leanprop.swat.storage): keep = |x| >= thr, as a 1-bit mask (element i -> byte i/8, bit
+ * 7 - i%8, like blpa_pack with bits=1) plus the kept values in memory order. The flat tensor is cut into
+ * `nch` chunks of `chunk` elements (a multiple of 8; the last may be shorter); pass 1 writes the mask and
+ * counts each chunk, the caller turns the counts into offsets (exclusive prefix sums), pass 2 copies the
+ * kept values of chunk j to values + offsets[j]; expand is the inverse (zeros where the mask is 0). */
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* bit-reversed bytes: movemask puts element 0 in the low bit, the mask layout wants it in the high bit */
+static const uint8_t REV8[256] = {
+#define R2(n) n, n + 2 * 64, n + 1 * 64, n + 3 * 64
+#define R4(n) R2(n), R2(n + 2 * 16), R2(n + 1 * 16), R2(n + 3 * 16)
+#define R6(n) R4(n), R4(n + 2 * 4), R4(n + 1 * 4), R4(n + 3 * 4)
+    R6(0), R6(2), R6(1), R6(3)
+#undef R2
+#undef R4
+#undef R6
+};
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8_bf16(const uint16_t *p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+/* |x| >= thr for 8 elements (ordered compare: NaN is dropped, as in magnitude_mask) */
+#define MASK8(SUF, x, b, thrv) REV8[_mm256_movemask_ps(_mm256_cmp_ps( \
+    _mm256_andnot_ps(_mm256_set1_ps(-0.0f), load8_##SUF((x) + (b))), thrv, _CMP_GE_OQ))]
+#else
+#define MASK8(SUF, x, b, thrv) mask8_scalar_##SUF((x), (b), thr)
+#endif
+static inline unsigned mask8_scalar_f32(const float *x, int64_t b, float thr) {
+    unsigned v = 0;
+    for (int t = 0; t < 8; ++t) v |= (unsigned)(fabsf(x[b + t]) >= thr) << (7 - t);
+    return v;
+}
+static inline unsigned mask8_scalar_bf16(const uint16_t *x, int64_t b, float thr) {
+    unsigned v = 0;
+    for (int t = 0; t < 8; ++t) v |= (unsigned)(fabsf(bf16_load(x, b + t)) >= thr) << (7 - t);
+    return v;
+}
+
+#if defined(__AVX2__)
+#define SPARSE_THR_VEC const __m256 thrv = _mm256_set1_ps(thr);
+#else
+#define SPARSE_THR_VEC
+#endif
+#define DEFINE_SPARSE(T_, SUF, LOAD)                                                                          \
+void swat_mask_count_##SUF(const T_ *x, int64_t n, float thr, int64_t chunk, int64_t nch, uint8_t *bits,     \
+                           int64_t *counts, int nt) {                                                         \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t j = 0; j < nch; ++j) {                                                                     \
+        const int64_t lo = j * chunk, hi = lo + chunk < n ? lo + chunk : n;                                  \
+        const int64_t full = lo + ((hi - lo) & ~(int64_t)7);                                                 \
+        int64_t cnt = 0;                                                                                      \
+        SPARSE_THR_VEC                                                                                                \
+        for (int64_t b = lo; b < full; b += 8) {                                                             \
+            const unsigned v = MASK8(SUF, x, b, thrv);                                                                \
+            bits[b >> 3] = (uint8_t)v;                                                                        \
+            cnt += __builtin_popcount(v);                                                                     \
+        }                                                                                                     \
+        if (full < hi) {                                                                                      \
+            unsigned v = 0;                                                                                   \
+            for (int64_t i = full; i < hi; ++i) v |= (unsigned)(fabsf(LOAD(x, i)) >= thr) << (7 - (i - full)); \
+            bits[full >> 3] = (uint8_t)v;                                                                     \
+            cnt += __builtin_popcount(v);                                                                     \
+        }                                                                                                     \
+        counts[j] = cnt;                                                                                      \
+    }                                                                                                         \
+}                                                                                                             \
+void swat_compact_##SUF(const T_ *x, int64_t n, const uint8_t *bits, int64_t chunk, int64_t nch,             \
+                        const int64_t *offsets, T_ *values, int nt) {                                         \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t j = 0; j < nch; ++j) {                                                                     \
+        const int64_t lo = j * chunk, hi = lo + chunk < n ? lo + chunk : n;                                  \
+        T_ *out = values + offsets[j];                                                                        \
+        for (int64_t b = lo; b < hi; b += 8) {                                                               \
+            unsigned v = bits[b >> 3];                                                                        \
+            while (v) { /* set bits high to low = elements in order */                                       \
+                const int t = __builtin_clz(v) - 24;                                                          \
+                *out++ = x[b + t];                                                                            \
+                v &= ~(0x80u >> t);                                                                           \
+            }                                                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+}                                                                                                             \
+void swat_expand_##SUF(const T_ *values, int64_t n, const uint8_t *bits, int64_t chunk, int64_t nch,         \
+                       const int64_t *offsets, T_ *out, int nt) {                                             \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t j = 0; j < nch; ++j) {                                                                     \
+        const int64_t lo = j * chunk, hi = lo + chunk < n ? lo + chunk : n;                                  \
+        const T_ *in = values + offsets[j];                                                                   \
+        memset(out + lo, 0, (size_t)(hi - lo) * sizeof(T_));                                                  \
+        for (int64_t b = lo; b < hi; b += 8) {                                                               \
+            unsigned v = bits[b >> 3];                                                                        \
+            while (v) {                                                                                       \
+                const int t = __builtin_clz(v) - 24;                                                          \
+                out[b + t] = *in++;                                                                           \
+                v &= ~(0x80u >> t);                                                                           \
+            }                                                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+}
+
+DEFINE_SPARSE(float, f32, f32_load)
+DEFINE_SPARSE(uint16_t, bf16, bf16_load)
+
+/* ReLU keeping a 1-bit mask (MaskReLU): out = max(x, 0) and bits = [x > 0] (layout of blpa_pack, bits=1) in one
+ * pass; backward gx = g where the bit is set, else 0. Flat buffers in the tensor's memory order. */
+#define DEFINE_RELU_MASK(T_, SUF, LOAD)                                                                       \
+void relu_mask_##SUF(const T_ *x, int64_t n, T_ *out, uint8_t *bits, int nt) {                               \
+    const int64_t nb = (n + 7) / 8;                                                                           \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t j = 0; j < nb; ++j) {                                                                      \
+        const int64_t b = j * 8, e = b + 8 < n ? b + 8 : n;                                                  \
+        unsigned v = 0;                                                                                       \
+        for (int64_t i = b; i < e; ++i) {                                                                    \
+            const int k = LOAD(x, i) > 0.0f;                                                                  \
+            out[i] = k ? x[i] : (T_)0;                                                                        \
+            v |= (unsigned)k << (7 - (i - b));                                                                \
+        }                                                                                                     \
+        bits[j] = (uint8_t)v;                                                                                 \
+    }                                                                                                         \
+}                                                                                                             \
+void relu_mask_backward_##SUF(const T_ *g, const uint8_t *bits, int64_t n, T_ *gx, int nt) {                 \
+    const int64_t nb = (n + 7) / 8;                                                                           \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t j = 0; j < nb; ++j) {                                                                      \
+        const int64_t b = j * 8, e = b + 8 < n ? b + 8 : n;                                                  \
+        const unsigned v = bits[j];                                                                           \
+        for (int64_t i = b; i < e; ++i) gx[i] = (v & (0x80u >> (i - b))) ? g[i] : (T_)0;                    \
+    }                                                                                                         \
+}
+
+DEFINE_RELU_MASK(float, f32, f32_load)
+DEFINE_RELU_MASK(uint16_t, bf16, bf16_load)
