@@ -1,178 +1,26 @@
 """JSONL benchmark records -> ``docs/benchmarks.md`` (generated; do not edit by hand).
 
-    python benchmarks/report.py            # regenerate the report from benchmarks/results/*.jsonl
+    python benchmarks/report.py            # the same as `leanprop report` (run from the repository root)
+
+The report lives in the package (:mod:`leanprop.accounting.report`); this wrapper keeps the benchmark scripts'
+imports (``from report import append_records, write_report``) working.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-from collections import OrderedDict
 from pathlib import Path
 
-from leanprop.accounting.context import append_jsonl as append_records
-from leanprop.accounting.context import run_context
-
-__all__ = ["append_records", "read_records", "render", "run_context", "write_report"]
+from leanprop.accounting.report import (  # noqa: F401 -- re-exported for the benchmark scripts
+    _atomic_write,
+    append_records,
+    read_records,
+    render,
+    run_context,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def read_records(results_dir: Path) -> list[dict]:
-    recs = []
-    for f in sorted(results_dir.glob("*.jsonl")):
-        for i, line in enumerate(f.read_text().splitlines()):
-            if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{i + 1}: not valid JSON ({e}); fix or delete that line") from e
-    return recs
-
-
-def _latest(recs: list[dict], key: tuple[str, ...]) -> list[dict]:
-    """Keep the newest record for each key (records are appended in time order)."""
-    out: OrderedDict = OrderedDict()
-    for r in recs:
-        out[tuple(str(r.get(k)) for k in key)] = r
-    return list(out.values())
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-_METHOD_ORDER = ("dense", "checkpoint", "blpa8", "blpa4", "blpa2", "swat-u90", "swat-u80-packed", "swat-u90-packed",
-                 "swat-u95-packed", "swat-erk90-packed")
-
-
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
-
-
-def _memory_section(recs: list[dict]) -> list[str]:
-    """"Memory kept for backward" from ``bench == "memory"`` records (benchmarks/blpa_memory.py,
-    ``leanprop bench memory --jsonl``)."""
-    mem = _latest([r for r in recs if r.get("bench") == "memory" and "saved_bytes" in r],
-                  ("model", "model_kwargs", "input_shape", "batch", "method", "device", "dtype", "threads",
-                   "processor"))
-    if not mem:
-        return []
-    parts = ["## Memory kept for backward", "",
-             "Kept: bytes autograd keeps for backward after one training-mode forward pass (saved-tensor audit, "
-             "deduplicated by storage, parameters and buffers excluded); vs dense: against the dense record of "
-             "the same invocation. Peak: one training step (forward, cross-entropy, backward; after a warm-up "
-             "step) in a fresh process, peak RSS on CPU (max allocated on CUDA); growth = peak minus the RSS "
-             "just before the forward. Command: `python benchmarks/blpa_memory.py`. Target (spec blpa.md §6): "
-             "BLPA-4 keeps >= 14x less than dense on pre-activation ResNet-164. `swat-*`: SWAT as the paper runs it "
-             "(X_s and W_s kept as dense zero-filled tensors); `swat-*-packed`: `SWATConfig(compress_saved=True)` "
-             "(X_s as values + 1-bit mask, W_s as the Parameter + 1-bit mask, 1-bit ReLU masks; exact gradients; "
-             "BatchNorm inputs stay dense fp32 as SWAT specifies). Issue 5 target: packed SWAT-U90 <= 1/3 of dense "
-             "on ResNet-18 (CIFAR) and ResNet-50.", ""]
-
-    def order(r: dict) -> tuple:
-        m = r["method"]
-        return (r["model"], r["batch"], str(r.get("input_shape")), r.get("device", ""),
-                _METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m)
-
-    rows = []
-    for r in sorted(mem, key=order):
-        ratio = r.get("ratio_vs_dense")
-        vs = "-" if ratio is None else f"{ratio:.3f}" + (f" (1/{1 / ratio:.1f})" if ratio > 0 else "")
-        mb = r.get("max_batch")
-        cap = r.get("mem_cap_bytes")
-        opts = ",".join(f"{k}={v}" for k, v in (r.get("model_kwargs") or {}).items())
-        rows.append([r["model"] + (f" ({opts})" if opts else ""), str(r["batch"]), r["method"],
-                     _mib(r["saved_bytes"]), vs,
-                     _mib(r.get("peak_bytes")), _mib(r.get("step_peak_growth_bytes")),
-                     "-" if mb is None else f"{mb} (cap {cap / 2**30:.2f} GiB)", r.get("device", "?"),
-                     r.get("allocator", "?"), r.get("git_sha") or "?"])
-    parts += [_table(["model", "batch", "method", "kept MiB", "vs dense", "peak MiB", "growth MiB",
-                      "max batch", "device", "allocator", "git"], rows), ""]
-    return parts
-
-
-def render(recs: list[dict]) -> str:
-    parts = ["# Benchmarks", "",
-             "Generated by `benchmarks/report.py` from `benchmarks/results/*.jsonl`; every number below was "
-             "written by a committed benchmark command. Do not edit by hand.", ""]
-    tp = _latest([r for r in recs if r.get("bench") == "train_throughput"],
-                 ("method", "model", "batch", "threads", "dtype", "channels_last", "processor"))
-    if tp:
-        parts += ["## Dense training throughput", "",
-                  "Full SGD steps (forward, cross-entropy, backward, momentum update) on a fixed batch; median "
-                  "of the timed steps. Command: `python benchmarks/train_throughput.py`.", ""]
-        rows = [[r["model"], str(r["batch"]), str(r["threads"]), r["dtype"], "NHWC" if r["channels_last"] else "NCHW",
-                 f"{r['step_ms_median']:.1f}", f"{r['images_per_s']:.1f}", r.get("allocator", "?"),
-                 r.get("torch", "?"), r.get("git_sha") or "?"]
-                for r in sorted(tp, key=lambda r: (r["model"], r["threads"], r["dtype"], r["channels_last"]))]
-        parts += [_table(["model", "batch", "threads", "dtype", "layout", "ms/step", "images/s", "allocator",
-                          "torch", "git"], rows), ""]
-    dp = _latest([r for r in recs if r.get("bench") == "data_pipeline"], ("dataset", "threads", "processor"))
-    if dp:
-        parts += ["## Data pipeline alone", "",
-                  "One epoch of the training loader (shuffle, pad-4 random crop + flip on uint8 batches, "
-                  "normalize to float32 NCHW), no model.", ""]
-        rows = [[r["dataset"], str(r["batch"]), str(r["threads"]), f"{r['images_per_s']:.0f}"] for r in dp]
-        parts += [_table(["dataset", "batch", "threads", "images/s"], rows), ""]
-    sw = _latest([r for r in recs if r.get("bench") == "swat_speed"],
-                 ("model", "method", "topk_period", "threads", "batch", "processor"))
-    if sw:
-        parts += ["## SWAT step time against dense (emulated sparsity, masked dense kernels)", "",
-                  "Dense and SWAT steps interleaved round by round in one process (bs 128, NHWC, fp32); the "
-                  "median ratio ignores the exact Top-K steps, the ratio of means amortises them over the "
-                  "period. Command: `python benchmarks/swat_speed.py [--topk-period P]`. Target: <= 1.10.", ""]
-        rows = [[r["model"], r["method"], str(r["topk_period"]), str(r["threads"]), f"{r['dense_ms']:.1f}",
-                 f"{r['swat_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_mean']:.3f}", str(r["rounds"]),
-                 r.get("git_sha") or "?"]
-                for r in sorted(sw, key=lambda r: (r["model"], r["topk_period"], r["threads"]))]
-        parts += [_table(["model", "method", "period", "threads", "dense ms", "SWAT ms", "ratio (median)",
-                          "ratio (mean)", "rounds", "git"], rows), ""]
-    th = _latest([r for r in recs if r.get("bench") == "swat_threshold"], ("shape", "op", "threads", "processor"))
-    if th:
-        parts += ["## Top-K threshold and mask cost", "",
-                  "Median ms per call on one tensor at 10 % kept. Command: `python benchmarks/swat_threshold.py`.",
-                  ""]
-        ops = list(dict.fromkeys(r["op"] for r in th))
-        keys = list(dict.fromkeys((str(r["shape"]), r["threads"]) for r in th))
-        cell = {(str(r["shape"]), r["threads"], r["op"]): r["ms"] for r in th}
-        rows = [[shape, str(t)] + [f"{cell[(shape, t, op)]:.1f}" if (shape, t, op) in cell else "" for op in ops]
-                for shape, t in keys]
-        parts += [_table(["tensor", "threads", *ops], rows), ""]
-    bs = _latest([r for r in recs if r.get("bench") == "blpa_speed"],
-                 ("model", "method", "dtype", "channels_last", "threads", "batch", "processor"))
-    if bs:
-        parts += ["## BLPA training throughput against dense", "",
-                  "Dense and BLPA steps (same weights, shortcut=pad) interleaved round by round in one process, "
-                  "bs 128; throughput ratio = median dense step / median BLPA step. Command: "
-                  "`python benchmarks/blpa_speed.py`. Target: BLPA-4 >= 0.90.", ""]
-        rows = [[r["model"], r["method"], r["dtype"], "NHWC" if r["channels_last"] else "NCHW", str(r["threads"]),
-                 f"{r['dense_ms']:.1f}", f"{r['blpa_ms']:.1f}", f"{r['throughput_ratio']:.3f}", r["kernels"],
-                 str(r["rounds"]), r.get("git_sha") or "?"]
-                for r in sorted(bs, key=lambda r: (r["model"], r["method"], r["dtype"], r["channels_last"]))]
-        parts += [_table(["model", "method", "dtype", "layout", "threads", "dense ms", "BLPA ms", "throughput ratio",
-                          "kernels", "rounds", "git"], rows), ""]
-    parts += _memory_section(recs)
-    machines = sorted({f"{r.get('processor', '?')} ({r.get('cpu_count', '?')} CPUs)" for r in recs})
-    if machines:
-        parts += ["Machines: " + "; ".join(machines) + ".", ""]
-    return "\n".join(parts)
-
-
-def write_report(results_dir: Path, out: Path) -> None:
-    _atomic_write(out, render(read_records(results_dir)))
 
 
 def main(argv: list[str] | None = None) -> int:

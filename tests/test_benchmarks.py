@@ -165,3 +165,44 @@ def test_blpa_accuracy_report_and_runner(tmp_path, monkeypatch):
     assert blpa_accuracy.main(["--out-dir", str(out), "--model", "preact_resnet20", "--report", str(md),
                                "--report-only"]) == 0
     assert ran.commands == []
+
+
+def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
+    """`leanprop bench matrix --quick` (what CI runs): one record per method with the ratios to the dense step of
+    the same run, a second call skips what is measured, and `leanprop report` writes tables and plots."""
+    from leanprop.cli import main
+
+    out = tmp_path / "res" / "matrix.jsonl"
+    assert main(["bench", "matrix", "--quick", "--threads", "1", "--progress", "off", "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in recs] == ["dense", "swat-u90", "blpa4", "swat-u90+blpa4"]
+    by = {r["method"]: r for r in recs}
+    for r in recs:
+        assert r["bench"] == "matrix" and r["model"] == "resnet20" and r["batch"] == 16 and r["threads"] == 1
+        assert {"torch", "processor", "git_sha", "timestamp"} <= set(r)
+        assert r["time_vs_dense"] == pytest.approx(r["step_s"] / by["dense"]["step_s"])
+        assert len(r["step_s_all"]) == 2 and r["saved_bytes"] > 0
+        assert [p[0] for p in r["kept_vs_batch"]] == [4, 8, 16]
+    assert by["dense"]["train_flops_vs_dense"] == 1.0 and by["blpa4"]["train_flops_vs_dense"] == 1.0
+    assert 0.05 < by["swat-u90"]["train_flops_vs_dense"] < 0.2  # first layer dense, the rest at 10 %
+    assert by["blpa4"]["ratio_vs_dense"] < 0.4 and by["swat-u90+blpa4"]["ratio_vs_dense"] < 0.4
+    capsys.readouterr()
+    assert main(["bench", "matrix", "--quick", "--threads", "1", "--progress", "off", "--out", str(out)]) == 0
+    assert "already measured" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 4
+    md = tmp_path / "docs" / "benchmarks.md"
+    assert main(["report", "--results", str(out.parent), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert "## Every method on every model" in text and "| swat-u90+blpa4 |" in text
+    assert (md.parent / "img" / "matrix_time_resnet20.png").stat().st_size > 1000
+    assert "![memory of resnet20](img/matrix_memory_resnet20.png)" in text
+    assert main(["report", "--results", str(tmp_path / "nothing"), "--out", str(md)]) == 2  # clear error
+
+
+def test_bench_matrix_rejects_unknown_methods_and_models(capsys):
+    from leanprop.cli import main
+
+    assert main(["bench", "matrix", "--methods", "dense,sparse9", "--out", "/dev/null"]) == 2
+    assert "unknown method 'sparse9'" in capsys.readouterr().err
+    assert main(["bench", "matrix", "--models", "resnet21", "--out", "/dev/null"]) == 2
+    assert "resnet20" in capsys.readouterr().err

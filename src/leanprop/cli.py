@@ -1,4 +1,4 @@
-"""Command-line interface: ``leanprop train|eval|models|plot|flops|bench``."""
+"""Command-line interface: ``leanprop train|eval|models|plot|flops|bench|report``."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from leanprop.accounting import flops_cli, memory_cli
+from leanprop.accounting import flops_cli, matrix, memory_cli, report
 
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
-LONG_RUNNING = {"train"}
+LONG_RUNNING = {"train", "bench"}
 #: ``leanprop bench KIND``: modules with ``add_parser(subparsers)`` that set ``bench_run`` (add new kinds here).
-BENCH_KINDS = (memory_cli,)
+BENCH_KINDS = (memory_cli, matrix)
 
 
 def _jemalloc_path() -> str | None:
@@ -77,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png)")
     flops_cli.add_parser(sub)
+    report.add_parser(sub)
 
-    b = sub.add_parser("bench", help="measure a method: memory (more kinds to come)",
+    b = sub.add_parser("bench", help="measure methods: memory, matrix (every method x model)",
                        description="Measurements that compare training methods on the same model.")
     kinds = b.add_subparsers(dest="bench", required=True, metavar="KIND")
     for module in BENCH_KINDS:
@@ -186,7 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "models": cmd_models, "plot": cmd_plot, "flops": flops_cli.run,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "report": report.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,285 @@
+"""``leanprop bench matrix``: every method on every model, measured the same way in one run (issue 5).
+
+Per model, every method is built from the same initial weights and trained on the same random batch:
+
+* **step time**: one training step (forward, cross-entropy, backward, SGD step, the method controller's
+  ``step()``) of each method, interleaved round by round in one process, median over the rounds; the ratio to
+  the dense step of the *same* run (the machines are shared and noisy);
+* **bytes kept for backward** (saved-tensor audit), **peak memory** of one step in a fresh process and, with a
+  memory cap, the **largest batch** that fits (:mod:`leanprop.accounting.memory`);
+* **kept bytes against batch** (the audit at 1/4, 1/2 and all of the batch), for the memory-vs-batch plot;
+* **counted training FLOPs** against dense (conv/linear MACs, :func:`leanprop.accounting.count_flops` from the
+  SWAT budgets; BLPA computes what dense computes; per-block checkpointing adds the forward of its blocks).
+
+One JSONL record per (model, method), with the machine, threads, torch version and git sha. Resumable: a model
+whose methods all have a record for the same settings and git sha is skipped; otherwise its missing methods are
+measured again together with dense (the ratio baseline). ``--quick`` is a smoke version for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_MODELS", "DEFAULT_METHODS", "add_parser", "run", "measure_model", "done_keys"]
+
+DEFAULT_MODELS = ("resnet20", "cifar_resnet18", "preact_resnet56", "resnet50")
+DEFAULT_METHODS = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70", "blpa8",
+                   "blpa4", "blpa2", "swat-u90+blpa4")
+QUICK = {"models": ("resnet20",), "methods": ("dense", "swat-u90", "blpa4", "swat-u90+blpa4"), "batch": 16,
+         "imagenet_batch": 2, "rounds": 2, "warmup": 1, "peak": False}
+_KEY = ("model", "method", "batch", "threads", "dtype", "channels_last", "device", "git_sha")
+
+
+def add_parser(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "matrix", help="every method x model: step time, memory kept for backward, peak, FLOPs, max batch",
+        description=__doc__.split("\n\n")[0] + " Writes JSONL records; `leanprop report` turns them into "
+        "docs/benchmarks.md tables and PNG plots.")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated registry names")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated (see `leanprop bench memory --help`); dense is always measured")
+    p.add_argument("--batch", type=int, default=128, help="batch of the CIFAR models (default 128)")
+    p.add_argument("--imagenet-batch", type=int, default=8, help="batch of the ImageNet-shape models (default 8)")
+    p.add_argument("--rounds", type=int, default=5, help="timed steps per method (interleaved)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mem-cap", help="also find the largest batch under this cap, e.g. 4GiB (fresh processes)")
+    p.add_argument("--no-peak", dest="peak", action="store_false", help="skip the fresh-process peak probes")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (resnet20, 4 methods, batch 16, 2 rounds, no peak probes; ~1 minute)")
+    p.add_argument("--force", action="store_true", help="measure again what the JSONL already holds")
+    p.add_argument("--out", default="benchmarks/results/matrix.jsonl", help="JSONL file records are appended to")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
+    p.set_defaults(bench_run=run)
+
+
+def _train_step(model, handle, opt, x, y, spec) -> float:
+    import torch.nn.functional as F
+
+    from .memory import autocast_context
+
+    t0 = time.perf_counter()
+    with autocast_context(spec):
+        out = model(x)
+    loss = F.cross_entropy(out.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if hasattr(handle, "step"):
+        handle.step()
+    if x.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int, warmup: int,
+               note=lambda s: None) -> dict[str, list[float]]:
+    """Seconds of each method's training steps, interleaved round by round (one model per method)."""
+    import torch
+
+    from .memory import build_model, make_batch, normalize_spec
+
+    built = {}
+    for m in methods:
+        spec = normalize_spec({**base, "method": m})
+        model, handle = build_model(spec)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if hasattr(handle, "attach_optimizer"):
+            handle.attach_optimizer(opt)
+        built[m] = (model, handle, opt, spec)
+    x, y = make_batch(built[methods[0]][3], batch)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(warmup + rounds):
+        for m in methods:
+            note(f"step {r + 1}/{warmup + rounds} {m}")
+            dt = _train_step(*built[m][:3], x, y, built[m][3])
+            if r >= warmup:
+                times[m].append(dt)
+    return times
+
+
+def flops_ratio(base: dict[str, Any], method: str) -> tuple[float | None, str]:
+    """(counted training FLOPs of ``method`` / dense, how they were counted) for conv/linear MACs."""
+    from .flops import count_flops
+    from .memory import build_model, normalize_spec, parse_method
+
+    spec = normalize_spec({**base, "method": method})
+    kind, _ = parse_method(method)
+    shape = (1, *spec["input_shape"])
+    if kind in ("dense", "blpa"):
+        return 1.0, "as dense" if kind == "dense" else "as dense (BLPA changes storage only)"
+    if kind == "checkpoint":
+        from leanprop.nn.checkpointing import default_blocks
+
+        model, _ = build_model({**spec, "method": "dense"})
+        rep = count_flops(model, shape)
+        names = {id(b): n for n, b in model.named_modules()}
+        prefixes = [names[id(b)] + "." for b in default_blocks(model)]
+        extra = sum(layer.macs for layer in rep.layers if any(layer.name.startswith(p) for p in prefixes))
+        return (rep.train_dense_macs + extra) / rep.train_dense_macs, "dense + one more forward of each block"
+    model, _ = build_model(spec)
+    rep = count_flops(model, shape)
+    return 1.0 - rep.training_reduction, "from the SWAT budgets (forward·d_w + grad-input·d_w + grad-weight·d_a)"
+
+
+def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namespace, bar=None) -> list[dict]:
+    """The records of one model: memory (and peak / max batch), step times and FLOPs of every method."""
+    import torch
+
+    from leanprop import models as zoo
+
+    from .context import run_context
+    from .memory import parse_size, saved_bytes
+    from .memory_cli import default_model_kwargs, measure_methods
+
+    def note(s: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{model}: {s}")
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    base = {"model": model, "model_kwargs": default_model_kwargs(model, {}), "threads": a.threads,
+            "device": a.device, "dtype": a.dtype, "channels_last": a.channels_last}
+    cap = parse_size(a.mem_cap) if a.mem_cap else None
+    note("memory")
+    records = measure_methods(base, methods, batch, peak=a.peak, mem_cap=cap, progress=False)
+    note("step times")
+    times = step_times(base, methods, batch, a.rounds, a.warmup, note)
+    env, stamp = run_context(a.device)
+    dense_s = statistics.median(times["dense"])
+    info = zoo.model_info(model)
+    for rec in records:
+        m = rec["method"]
+        if bar is not None:
+            bar.update(1)
+        med = statistics.median(times[m])
+        rec.update(env)
+        rec.update(bench="matrix", family=info.family, timestamp=stamp, rounds=a.rounds, warmup=a.warmup,
+                   step_s=med, step_s_all=times[m], dense_step_s=dense_s, time_vs_dense=med / dense_s,
+                   throughput_vs_dense=dense_s / med, images_per_s=batch / med)
+        note(f"FLOPs {m}")
+        try:
+            rec["train_flops_vs_dense"], rec["flops_note"] = flops_ratio(base, m)
+        except Exception as e:  # noqa: BLE001 -- a FLOP-counting failure must not lose the measurements
+            rec["train_flops_vs_dense"], rec["flops_note"] = None, f"not counted: {e}"
+        note(f"kept vs batch {m}")
+        rec["kept_vs_batch"] = _kept_vs_batch({**base, "method": m}, batch, rec.get("saved_bytes"), saved_bytes)
+    return records
+
+
+def _kept_vs_batch(spec: dict[str, Any], batch: int, full: int | None, saved_bytes) -> list[list[int]]:
+    """``[[batch, kept bytes], ...]`` at 1/4, 1/2 and the whole batch (the last from the main audit)."""
+    import torch.nn.functional as F
+
+    from .memory import autocast_context, build_model, make_batch, normalize_spec
+
+    spec = normalize_spec(spec)
+    points = []
+    for b in sorted({max(1, batch // 4), max(1, batch // 2)} - {batch}):
+        model, _ = build_model(spec)
+        x, y = make_batch(spec, b)
+        with autocast_context(spec):
+            rep = saved_bytes(model, x, lambda out, y=y: F.cross_entropy(out.float(), y))
+        points.append([b, rep.total_bytes])
+    if full is not None:
+        points.append([batch, full])
+    return points
+
+
+def done_keys(path: Path) -> set[tuple]:
+    """Keys (model, method, batch, threads, dtype, layout, device, git sha) already in the JSONL."""
+    if not path.exists():
+        return set()
+    keys = set()
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e}); fix or delete that line") from e
+        if r.get("bench") == "matrix" and "step_s" in r:
+            keys.add(tuple(str(r.get(k)) for k in _KEY))
+    return keys
+
+
+def _key(model: str, method: str, batch: int, a: argparse.Namespace, threads: int, sha: str | None) -> tuple:
+    return tuple(str(v) for v in (model, method, batch, threads, a.dtype, a.channels_last, a.device, sha))
+
+
+def run(a: argparse.Namespace) -> int:
+    """Measure the matrix, appending one record per (model, method) to ``--out`` after each model."""
+    import torch
+    from tqdm import tqdm
+
+    from leanprop import models as zoo
+
+    from .context import append_jsonl, run_context
+    from .memory import parse_method
+
+    if a.quick:
+        for k, v in QUICK.items():
+            setattr(a, k.replace("-", "_"), v if not isinstance(v, tuple) else ",".join(v))
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    methods = [m.strip().lower() for m in a.methods.split(",") if m.strip()]
+    for m in methods:
+        parse_method(m)  # a ValueError naming the accepted forms
+    for name in models:
+        zoo.model_info(name)  # a ValueError listing the models
+    if "dense" in methods:
+        methods.remove("dense")
+    methods = ["dense", *methods]
+    if a.rounds < 1 or a.warmup < 0:
+        raise ValueError("--rounds must be >= 1 and --warmup >= 0")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    threads = a.threads or torch.get_num_threads()
+    sha = run_context(a.device)[0].get("git_sha")
+    out = Path(a.out)
+    have = set() if a.force else done_keys(out)
+    plan = []
+    for name in models:
+        batch = a.imagenet_batch if zoo.model_info(name).family == "imagenet" else a.batch
+        missing = [m for m in methods if _key(name, m, batch, a, threads, sha) not in have]
+        if missing:
+            plan.append((name, batch, ["dense", *[m for m in missing if m != "dense"]]))
+        else:
+            print(f"{name}: every method already measured in {out} (use --force to measure again)")
+    show = {"on": True, "off": False}.get(a.progress, sys.stderr.isatty())
+    bar = tqdm(total=sum(len(p[2]) for p in plan), desc="bench matrix", unit="method", disable=not show,
+               file=sys.stderr)
+    failed = False
+    for name, batch, ms in plan:
+        records = measure_model(name, ms, batch, a, bar)
+        append_jsonl(out, records)
+        failed |= any("error" in r for r in records)
+        print(_summary(name, batch, records), flush=True)
+    bar.close()
+    print(f"records in {out}; `leanprop report` writes docs/benchmarks.md and the plots")
+    return 1 if failed else 0
+
+
+def _summary(model: str, batch: int, records: list[dict]) -> str:
+    from .memory import format_bytes
+
+    w = max(12, *(len(r["method"]) for r in records))
+    lines = [f"{model}, batch {batch}",
+             f"{'method':<{w}} {'step ms':>9} {'x dense':>8} {'kept':>11} {'x dense':>8} {'FLOPs x':>8}"]
+    for r in records:
+        kept = r.get("ratio_vs_dense")
+        fl = r.get("train_flops_vs_dense")
+        lines.append(f"{r['method']:<{w}} {r['step_s'] * 1000:>9.1f} {r['time_vs_dense']:>8.3f} "
+                     f"{format_bytes(r.get('saved_bytes')):>11} {'-' if kept is None else f'{kept:.3f}':>8} "
+                     f"{'-' if fl is None else f'{fl:.3f}':>8}" + (f"  error: {r['error']}" if "error" in r else ""))
+    return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""JSONL benchmark records -> ``docs/benchmarks.md`` tables and PNG plots (generated; do not edit by hand).
+
+    leanprop report                        # from benchmarks/results/*.jsonl; plots into docs/img/
+    python benchmarks/report.py            # the same (a thin wrapper kept for the benchmark scripts)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+from leanprop.accounting.context import append_jsonl as append_records
+from leanprop.accounting.context import run_context
+
+__all__ = ["append_records", "read_records", "render", "run_context", "write_report", "write_plots", "main"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_records(results_dir: Path) -> list[dict]:
+    recs = []
+    for f in sorted(results_dir.glob("*.jsonl")):
+        for i, line in enumerate(f.read_text().splitlines()):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{i + 1}: not valid JSON ({e}); fix or delete that line") from e
+    return recs
+
+
+def _latest(recs: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """Keep the newest record for each key (records are appended in time order)."""
+    out: OrderedDict = OrderedDict()
+    for r in recs:
+        out[tuple(str(r.get(k)) for k in key)] = r
+    return list(out.values())
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+_METHOD_ORDER = ("dense", "checkpoint", "blpa8", "blpa4", "blpa2", "swat-u90", "swat-u80-packed", "swat-u90-packed",
+                 "swat-u95-packed", "swat-erk90-packed")
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _memory_section(recs: list[dict]) -> list[str]:
+    """"Memory kept for backward" from ``bench == "memory"`` records (benchmarks/blpa_memory.py,
+    ``leanprop bench memory --jsonl``)."""
+    mem = _latest([r for r in recs if r.get("bench") == "memory" and "saved_bytes" in r],
+                  ("model", "model_kwargs", "input_shape", "batch", "method", "device", "dtype", "threads",
+                   "processor"))
+    if not mem:
+        return []
+    parts = ["## Memory kept for backward", "",
+             "Kept: bytes autograd keeps for backward after one training-mode forward pass (saved-tensor audit, "
+             "deduplicated by storage, parameters and buffers excluded); vs dense: against the dense record of "
+             "the same invocation. Peak: one training step (forward, cross-entropy, backward; after a warm-up "
+             "step) in a fresh process, peak RSS on CPU (max allocated on CUDA); growth = peak minus the RSS "
+             "just before the forward. Command: `python benchmarks/blpa_memory.py`. Target (spec blpa.md §6): "
+             "BLPA-4 keeps >= 14x less than dense on pre-activation ResNet-164. `swat-*`: SWAT as the paper runs it "
+             "(X_s and W_s kept as dense zero-filled tensors); `swat-*-packed`: `SWATConfig(compress_saved=True)` "
+             "(X_s as values + 1-bit mask, W_s as the Parameter + 1-bit mask, 1-bit ReLU masks; exact gradients; "
+             "BatchNorm inputs stay dense fp32 as SWAT specifies). Issue 5 target: packed SWAT-U90 <= 1/3 of dense "
+             "on ResNet-18 (CIFAR) and ResNet-50.", ""]
+
+    def order(r: dict) -> tuple:
+        m = r["method"]
+        return (r["model"], r["batch"], str(r.get("input_shape")), r.get("device", ""),
+                _METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m)
+
+    rows = []
+    for r in sorted(mem, key=order):
+        ratio = r.get("ratio_vs_dense")
+        vs = "-" if ratio is None else f"{ratio:.3f}" + (f" (1/{1 / ratio:.1f})" if ratio > 0 else "")
+        mb = r.get("max_batch")
+        cap = r.get("mem_cap_bytes")
+        opts = ",".join(f"{k}={v}" for k, v in (r.get("model_kwargs") or {}).items())
+        rows.append([r["model"] + (f" ({opts})" if opts else ""), str(r["batch"]), r["method"],
+                     _mib(r["saved_bytes"]), vs,
+                     _mib(r.get("peak_bytes")), _mib(r.get("step_peak_growth_bytes")),
+                     "-" if mb is None else f"{mb} (cap {cap / 2**30:.2f} GiB)", r.get("device", "?"),
+                     r.get("allocator", "?"), r.get("git_sha") or "?"])
+    parts += [_table(["model", "batch", "method", "kept MiB", "vs dense", "peak MiB", "growth MiB",
+                      "max batch", "device", "allocator", "git"], rows), ""]
+    return parts
+
+
+def _matrix_records(recs: list[dict]) -> list[dict]:
+    return _latest([r for r in recs if r.get("bench") == "matrix" and "step_s" in r],
+                   ("model", "method", "batch", "threads", "dtype", "channels_last", "device", "processor"))
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _matrix_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
+    """"Every method on every model" from ``bench == "matrix"`` records (``leanprop bench matrix``)."""
+    mx = _matrix_records(recs)
+    if not mx:
+        return []
+    order = {m: i for i, m in enumerate(_MATRIX_ORDER)}
+    parts = ["## Every method on every model", "",
+             "`leanprop bench matrix` (defaults: the models and methods below; CIFAR batch 128, ImageNet-shape "
+             "batch 8, fp32). Step: one training step (forward, cross-entropy, backward, SGD step, controller "
+             "step) of each method, interleaved round by round in one process, median; x dense = step time / the "
+             "dense step of the same run (lower is faster). Kept: bytes kept for backward (saved-tensor audit). "
+             "Peak growth: one step in a fresh process, peak minus the memory before the forward. FLOPs: counted "
+             "conv/linear training MACs / dense. Max batch: the largest batch whose fresh-process peak fits the cap "
+             "(when measured).", ""]
+    for model in dict.fromkeys(r["model"] for r in mx):
+        rows = sorted((r for r in mx if r["model"] == model), key=lambda r: (order.get(r["method"], 99), r["method"]))
+        r0 = rows[0]
+        parts += [f"### {model} (batch {r0['batch']}, {r0.get('threads')} threads, {r0.get('dtype', 'fp32')}, "
+                  f"{r0.get('device', 'cpu')}, git {r0.get('git_sha') or '?'})", ""]
+        table = []
+        for r in rows:
+            mb = r.get("max_batch")
+            cap = r.get("mem_cap_bytes")
+            table.append([r["method"], f"{r['step_s'] * 1000:.1f}", f"{r['time_vs_dense']:.3f}",
+                          _mib(r.get("saved_bytes")), _fmt(r.get("ratio_vs_dense")),
+                          _mib(r.get("step_peak_growth_bytes")), _fmt(r.get("peak_growth_ratio_vs_dense")),
+                          _fmt(r.get("train_flops_vs_dense")),
+                          "-" if mb is None else f"{mb} ({cap / 2**30:.1f} GiB)",
+                          r.get("error", "")[:60]])
+        parts += [_table(["method", "step ms", "x dense", "kept MiB", "kept x dense", "peak growth MiB",
+                          "growth x dense", "train FLOPs x dense", "max batch (cap)", "error"], table), ""]
+        for kind in ("time", "memory"):
+            if f"{model}:{kind}" in plots:
+                parts += [f"![{kind} of {model}]({plots[f'{model}:{kind}']})", ""]
+    return parts
+
+
+_MATRIX_ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70", "blpa8",
+                 "blpa4", "blpa2", "swat-u90+blpa4")
+
+
+def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]:
+    """PNG plots of the matrix records: time vs method and kept memory vs batch, one pair per model.
+    Returns ``{"<model>:time"|"<model>:memory": path relative to rel_to}``."""
+    mx = _matrix_records(recs)
+    if not mx:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = {m: i for i, m in enumerate(_MATRIX_ORDER)}
+    written = {}
+    for model in dict.fromkeys(r["model"] for r in mx):
+        rows = sorted((r for r in mx if r["model"] == model), key=lambda r: (order.get(r["method"], 99), r["method"]))
+        names = [r["method"] for r in rows]
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        vals = [r["time_vs_dense"] for r in rows]
+        ax.bar(names, vals, color=["#777" if n == "dense" else "#3a7" if v <= 1 else "#c55"
+                                   for n, v in zip(names, vals, strict=True)])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylabel("step time / dense")
+        ax.set_title(f"{model}: training step time by method (batch {rows[0]['batch']})")
+        ax.tick_params(axis="x", rotation=35)
+        fig.tight_layout()
+        path = out_dir / f"matrix_time_{model}.png"
+        _save_fig(fig, path)
+        plt.close(fig)
+        written[f"{model}:time"] = os.path.relpath(path, rel_to)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in rows:
+            pts = r.get("kept_vs_batch") or []
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] / 2**20 for p in pts], marker="o", label=r["method"])
+        ax.set_xlabel("batch")
+        ax.set_ylabel("bytes kept for backward (MiB)")
+        ax.set_title(f"{model}: memory kept for backward against batch")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"matrix_memory_{model}.png"
+        _save_fig(fig, path)
+        plt.close(fig)
+        written[f"{model}:memory"] = os.path.relpath(path, rel_to)
+    return written
+
+
+def _save_fig(fig, path: Path) -> None:
+    """Write a figure atomically (a PNG is never left half-written)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
+    parts = ["# Benchmarks", "",
+             "Generated by `leanprop report` from `benchmarks/results/*.jsonl`; every number below was "
+             "written by a committed benchmark command. Do not edit by hand.", ""]
+    parts += _matrix_section(recs, plots or {})
+    tp = _latest([r for r in recs if r.get("bench") == "train_throughput"],
+                 ("method", "model", "batch", "threads", "dtype", "channels_last", "processor"))
+    if tp:
+        parts += ["## Dense training throughput", "",
+                  "Full SGD steps (forward, cross-entropy, backward, momentum update) on a fixed batch; median "
+                  "of the timed steps. Command: `python benchmarks/train_throughput.py`.", ""]
+        rows = [[r["model"], str(r["batch"]), str(r["threads"]), r["dtype"], "NHWC" if r["channels_last"] else "NCHW",
+                 f"{r['step_ms_median']:.1f}", f"{r['images_per_s']:.1f}", r.get("allocator", "?"),
+                 r.get("torch", "?"), r.get("git_sha") or "?"]
+                for r in sorted(tp, key=lambda r: (r["model"], r["threads"], r["dtype"], r["channels_last"]))]
+        parts += [_table(["model", "batch", "threads", "dtype", "layout", "ms/step", "images/s", "allocator",
+                          "torch", "git"], rows), ""]
+    dp = _latest([r for r in recs if r.get("bench") == "data_pipeline"], ("dataset", "threads", "processor"))
+    if dp:
+        parts += ["## Data pipeline alone", "",
+                  "One epoch of the training loader (shuffle, pad-4 random crop + flip on uint8 batches, "
+                  "normalize to float32 NCHW), no model.", ""]
+        rows = [[r["dataset"], str(r["batch"]), str(r["threads"]), f"{r['images_per_s']:.0f}"] for r in dp]
+        parts += [_table(["dataset", "batch", "threads", "images/s"], rows), ""]
+    sw = _latest([r for r in recs if r.get("bench") == "swat_speed"],
+                 ("model", "method", "topk_period", "threads", "batch", "processor"))
+    if sw:
+        parts += ["## SWAT step time against dense (emulated sparsity, masked dense kernels)", "",
+                  "Dense and SWAT steps interleaved round by round in one process (bs 128, NHWC, fp32); the "
+                  "median ratio ignores the exact Top-K steps, the ratio of means amortises them over the "
+                  "period. Command: `python benchmarks/swat_speed.py [--topk-period P]`. Target: <= 1.10.", ""]
+        rows = [[r["model"], r["method"], str(r["topk_period"]), str(r["threads"]), f"{r['dense_ms']:.1f}",
+                 f"{r['swat_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_mean']:.3f}", str(r["rounds"]),
+                 r.get("git_sha") or "?"]
+                for r in sorted(sw, key=lambda r: (r["model"], r["topk_period"], r["threads"]))]
+        parts += [_table(["model", "method", "period", "threads", "dense ms", "SWAT ms", "ratio (median)",
+                          "ratio (mean)", "rounds", "git"], rows), ""]
+    th = _latest([r for r in recs if r.get("bench") == "swat_threshold"], ("shape", "op", "threads", "processor"))
+    if th:
+        parts += ["## Top-K threshold and mask cost", "",
+                  "Median ms per call on one tensor at 10 % kept. Command: `python benchmarks/swat_threshold.py`.",
+                  ""]
+        ops = list(dict.fromkeys(r["op"] for r in th))
+        keys = list(dict.fromkeys((str(r["shape"]), r["threads"]) for r in th))
+        cell = {(str(r["shape"]), r["threads"], r["op"]): r["ms"] for r in th}
+        rows = [[shape, str(t)] + [f"{cell[(shape, t, op)]:.1f}" if (shape, t, op) in cell else "" for op in ops]
+                for shape, t in keys]
+        parts += [_table(["tensor", "threads", *ops], rows), ""]
+    bs = _latest([r for r in recs if r.get("bench") == "blpa_speed"],
+                 ("model", "method", "dtype", "channels_last", "threads", "batch", "processor"))
+    if bs:
+        parts += ["## BLPA training throughput against dense", "",
+                  "Dense and BLPA steps (same weights, shortcut=pad) interleaved round by round in one process, "
+                  "bs 128; throughput ratio = median dense step / median BLPA step. Command: "
+                  "`python benchmarks/blpa_speed.py`. Target: BLPA-4 >= 0.90.", ""]
+        rows = [[r["model"], r["method"], r["dtype"], "NHWC" if r["channels_last"] else "NCHW", str(r["threads"]),
+                 f"{r['dense_ms']:.1f}", f"{r['blpa_ms']:.1f}", f"{r['throughput_ratio']:.3f}", r["kernels"],
+                 str(r["rounds"]), r.get("git_sha") or "?"]
+                for r in sorted(bs, key=lambda r: (r["model"], r["method"], r["dtype"], r["channels_last"]))]
+        parts += [_table(["model", "method", "dtype", "layout", "threads", "dense ms", "BLPA ms", "throughput ratio",
+                          "kernels", "rounds", "git"], rows), ""]
+    parts += _memory_section(recs)
+    machines = sorted({f"{r.get('processor', '?')} ({r.get('cpu_count', '?')} CPUs)" for r in recs})
+    if machines:
+        parts += ["Machines: " + "; ".join(machines) + ".", ""]
+    return "\n".join(parts)
+
+
+def write_report(results_dir: Path, out: Path, plots_dir: Path | None = None) -> None:
+    """Regenerate ``out`` from the JSONL files of ``results_dir``; matrix plots go to ``plots_dir`` (default:
+    ``img/`` beside ``out``)."""
+    if not Path(results_dir).is_dir():
+        raise FileNotFoundError(f"no benchmark results folder {results_dir}: run a benchmark first (e.g. "
+                                "`leanprop bench matrix --quick`) or pass --results DIR")
+    recs = read_records(Path(results_dir))
+    out = Path(out)
+    plots = write_plots(recs, Path(plots_dir) if plots_dir else out.parent / "img", out.parent)
+    _atomic_write(out, render(recs, plots))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="turn benchmark JSONL records into docs/benchmarks.md and PNG plots",
+                       description="Regenerate the benchmark report (markdown tables + PNG plots) from the JSONL "
+                       "records the benchmarks wrote.")
+    p.add_argument("--results", default="benchmarks/results", help="folder of *.jsonl records")
+    p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--plots", help="folder for the PNG plots (default: img/ beside --out)")
+
+
+def main(args: argparse.Namespace) -> int:
+    write_report(Path(args.results), Path(args.out), Path(args.plots) if args.plots else None)
+    print(f"wrote {args.out}")
+    return 0
