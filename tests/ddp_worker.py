@@ -17,7 +17,8 @@ t = Trainer(cfg, progress=False)
 res = t.fit()
 rank = torch.distributed.get_rank()
 masks = {}
-if t.controller is not None:
-    masks = {name: layer.weight_mask() for name, layer in t.controller.layers.items()}
+swat = getattr(t.controller, "swat", t.controller)  # SWAT+BLPA: the SWAT part; BLPA alone has no layers
+for name, layer in getattr(swat, "layers", {}).items():
+    masks[name] = layer.weight_mask()
 torch.save({"model": t.model.state_dict(), "final": res.final, "samples": t.data.train.num_samples,
             "masks": masks}, out / f"rank{rank}.pt")

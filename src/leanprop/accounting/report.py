@@ -103,6 +103,31 @@ def _memory_section(recs: list[dict]) -> list[str]:
     return parts
 
 
+def _sparse_kernels_section(recs: list[dict]) -> list[str]:
+    """Sparse (CSR) against dense kernels per GEMM (``benchmarks/sparse_kernels.py``) and the break-even."""
+    sk = _latest([r for r in recs if r.get("bench") == "sparse_kernels"],
+                 ("layer", "op", "sparsity", "batch", "threads", "processor"))
+    if not sk:
+        return []
+    sps = sorted({r["sparsity"] for r in sk})
+    parts = ["## Unstructured sparse kernels against dense (per GEMM)", "",
+             "CSR SpMM on im2col (`torch.sparse.mm`), including im2col/col2im and the dense->CSR conversion a "
+             "real sparse path pays every step, against oneDNN on the zero-filled tensors; ratio = sparse time / "
+             "dense time (below 1: sparse wins). Break-even: the lowest measured sparsity at which sparse wins. "
+             "Command: `python benchmarks/sparse_kernels.py`. SWAT uses a sparse kernel only where it wins; "
+             "where no op wins at the layer's sparsity, none is used.", ""]
+    rows = []
+    for (layer, op) in dict.fromkeys((r["layer"], r["op"]) for r in sk):
+        cell = {r["sparsity"]: r for r in sk if r["layer"] == layer and r["op"] == op}
+        wins = [s for s in sps if s in cell and cell[s]["ratio"] < 1]
+        r0 = next(iter(cell.values()))
+        rows.append([layer, op, str(r0["batch"]), str(r0["threads"]),
+                     *[f"{cell[s]['ratio']:.2f}" if s in cell else "" for s in sps],
+                     f"{min(wins):.0%}" if wins else f"none up to {max(sps):.0%}"])
+    parts += [_table(["layer", "op", "batch", "threads", *[f"{s:.0%}" for s in sps], "break-even"], rows), ""]
+    return parts
+
+
 def _matrix_records(recs: list[dict]) -> list[dict]:
     return _latest([r for r in recs if r.get("bench") == "matrix" and "step_s" in r],
                    ("model", "method", "batch", "threads", "dtype", "channels_last", "device", "processor"))
@@ -271,6 +296,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
         parts += [_table(["model", "method", "dtype", "layout", "threads", "dense ms", "BLPA ms", "throughput ratio",
                           "kernels", "rounds", "git"], rows), ""]
     parts += _memory_section(recs)
+    parts += _sparse_kernels_section(recs)
     machines = sorted({f"{r.get('processor', '?')} ({r.get('cpu_count', '?')} CPUs)" for r in recs})
     if machines:
         parts += ["Machines: " + "; ".join(machines) + ".", ""]
