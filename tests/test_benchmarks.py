@@ -191,12 +191,17 @@ def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
     assert "already measured" in capsys.readouterr().out
     assert len(out.read_text().splitlines()) == 4
     md = tmp_path / "docs" / "benchmarks.md"
-    assert main(["report", "--results", str(out.parent), "--out", str(md)]) == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- report:headline -->\nold\n<!-- /report:headline -->\nrest\n")
+    assert main(["report", "--results", str(out.parent), "--out", str(md), "--readme", str(readme)]) == 0
+    head = readme.read_text()
+    assert "old" not in head and head.endswith("<!-- /report:headline -->\nrest\n")
+    assert "| resnet20 | 16 | blpa4 |" in head and "| resnet20 | 16 | swat-u90+blpa4 |" in head
     text = md.read_text()
     assert "## Every method on every model" in text and "| swat-u90+blpa4 |" in text
     assert (md.parent / "img" / "matrix_time_resnet20.png").stat().st_size > 1000
     assert "![memory of resnet20](img/matrix_memory_resnet20.png)" in text
-    assert main(["report", "--results", str(tmp_path / "nothing"), "--out", str(md)]) == 2  # clear error
+    assert main(["report", "--results", str(tmp_path / "nothing"), "--out", str(md), "--readme", ""]) == 2
 
 
 def test_bench_matrix_rejects_unknown_methods_and_models(capsys):

@@ -277,9 +277,11 @@ def test_method_and_option_parsing():
     assert kind == "swat" and cfg.distribution == "erk" and cfg.sparsity == 0.95 and cfg.compress_saved
     kind, cfg = parse_method("SWAT-filter70")
     assert cfg.structure == "filter" and cfg.sparsity == 0.7 and not cfg.compress_saved
+    assert parse_method("swat-filter70-p10")[1].dense_grad_period == 10
     kind, cfgs = parse_method("swat-u90+blpa4")
     assert kind == "swat+blpa" and cfgs[0].sparsity == 0.9 and cfgs[1].bits == 4
-    for bad in ("blpa3", "sparse", "swat-u100", "swat-x90", "swat-u90-zip", "blpa4+swat-u90", "swat-u90+blpa3"):
+    for bad in ("blpa3", "sparse", "swat-u100", "swat-x90", "swat-u90-zip", "blpa4+swat-u90", "swat-u90+blpa3",
+                "swat-u90-p10"):
         with pytest.raises(ValueError, match="unknown method"):
             parse_method(bad)
     assert memory_cli.parse_input_shape("16") == [3, 16, 16]

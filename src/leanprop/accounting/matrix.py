@@ -29,8 +29,8 @@ from typing import Any
 __all__ = ["DEFAULT_MODELS", "DEFAULT_METHODS", "add_parser", "run", "measure_model", "done_keys"]
 
 DEFAULT_MODELS = ("resnet20", "cifar_resnet18", "preact_resnet56", "resnet50")
-DEFAULT_METHODS = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70", "blpa8",
-                   "blpa4", "blpa2", "swat-u90+blpa4")
+DEFAULT_METHODS = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70",
+                   "swat-filter70-p10", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
 QUICK = {"models": ("resnet20",), "methods": ("dense", "swat-u90", "blpa4", "swat-u90+blpa4"), "batch": 16,
          "imagenet_batch": 2, "rounds": 2, "warmup": 1, "peak": False}
 _KEY = ("model", "method", "batch", "threads", "dtype", "channels_last", "device", "git_sha")

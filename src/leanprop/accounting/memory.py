@@ -361,11 +361,12 @@ def saved_bytes(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
 # benchmark specs: model + method
 
 
-_SWAT_METHOD = re.compile(r"swat-(u|erk|m|channel|filter)(\d+)(-packed)?")
+_SWAT_METHOD = re.compile(r"swat-(u|erk|m|channel|filter)(\d+)(-p\d+)?(-packed)?")
 _SWAT_KINDS = {"u": ("uniform", None), "erk": ("erk", None), "m": ("momentum", None),
                "channel": ("uniform", "channel"), "filter": ("uniform", "filter")}
 _METHOD_HELP = ("use dense, checkpoint, blpaK (K = 8, 4, 2 or 32 bits), swat-<u|erk|m|channel|filter><percent>"
-                "[-packed] (e.g. swat-u90, swat-u90-packed) or swat-...+blpaK (e.g. swat-u90+blpa4)")
+                "[-packed] (e.g. swat-u90, swat-u90-packed; swat-filter70-p10: pruned filters' weight gradient every "
+                "10 steps) or swat-...+blpaK (e.g. swat-u90+blpa4)")
 
 
 def parse_method(method: str) -> tuple[str, Any]:
@@ -393,8 +394,11 @@ def parse_method(method: str) -> tuple[str, Any]:
         if not 0 <= percent < 100:
             raise ValueError(f"unknown method {method!r}: SWAT sparsity must be 0-99 %")
         distribution, structure = _SWAT_KINDS[m.group(1)]
+        period = int(m.group(3)[2:]) if m.group(3) else 1
+        if period > 1 and structure != "filter":
+            raise ValueError(f"unknown method {method!r}: -pN (dense_grad_period) applies to swat-filterNN only")
         return "swat", SWATConfig(sparsity=percent / 100, distribution=distribution, structure=structure,
-                                  compress_saved=m.group(3) is not None)
+                                  dense_grad_period=max(1, period), compress_saved=m.group(4) is not None)
     m = re.fullmatch(r"blpa(\d+)", name)
     if m is None:
         raise ValueError(f"unknown method {method!r}; {_METHOD_HELP}")

@@ -174,8 +174,8 @@ def _matrix_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
     return parts
 
 
-_MATRIX_ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70", "blpa8",
-                 "blpa4", "blpa2", "swat-u90+blpa4")
+_MATRIX_ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70",
+                 "swat-filter70-p10", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
 
 
 def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]:
@@ -303,9 +303,43 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
     return "\n".join(parts)
 
 
-def write_report(results_dir: Path, out: Path, plots_dir: Path | None = None) -> None:
+HEADLINE_BEGIN, HEADLINE_END = "<!-- report:headline -->", "<!-- /report:headline -->"
+HEADLINE_METHODS = ("swat-u90-packed", "swat-filter70", "blpa4", "swat-u90+blpa4")
+
+
+def headline(recs: list[dict]) -> str:
+    """The README's headline table: a few methods per model, from the newest matrix records."""
+    mx = _matrix_records(recs)
+    rows = []
+    for r in mx:
+        if r["method"] in HEADLINE_METHODS:
+            rows.append([r["model"], str(r["batch"]), r["method"], _fmt(r.get("ratio_vs_dense")),
+                         f"{r['time_vs_dense']:.2f}", _fmt(r.get("train_flops_vs_dense"), ".2f")])
+    if not rows:
+        return "(no `leanprop bench matrix` records yet)"
+    order = {m: i for i, m in enumerate(HEADLINE_METHODS)}
+    rows.sort(key=lambda row: (row[0], order[row[2]]))
+    sha = sorted({str(r.get("git_sha")) for r in mx})
+    return (_table(["model", "batch", "method", "memory kept for backward x dense", "step time x dense",
+                    "training FLOPs x dense"], rows)
+            + f"\n\nFrom `leanprop bench matrix` (git {', '.join(sha)}), written here by `leanprop report`; "
+            "all methods and columns: [docs/benchmarks.md](docs/benchmarks.md).")
+
+
+def update_readme(readme: Path, recs: list[dict]) -> bool:
+    """Replace the text between the headline markers of ``readme`` (if it has them); True when it did."""
+    text = readme.read_text()
+    if HEADLINE_BEGIN not in text or HEADLINE_END not in text:
+        return False
+    head, rest = text.split(HEADLINE_BEGIN, 1)
+    _, tail = rest.split(HEADLINE_END, 1)
+    _atomic_write(readme, f"{head}{HEADLINE_BEGIN}\n{headline(recs)}\n{HEADLINE_END}{tail}")
+    return True
+
+
+def write_report(results_dir: Path, out: Path, plots_dir: Path | None = None, readme: Path | None = None) -> None:
     """Regenerate ``out`` from the JSONL files of ``results_dir``; matrix plots go to ``plots_dir`` (default:
-    ``img/`` beside ``out``)."""
+    ``img/`` beside ``out``); ``readme``: also refresh its headline table (between the report markers)."""
     if not Path(results_dir).is_dir():
         raise FileNotFoundError(f"no benchmark results folder {results_dir}: run a benchmark first (e.g. "
                                 "`leanprop bench matrix --quick`) or pass --results DIR")
@@ -313,6 +347,8 @@ def write_report(results_dir: Path, out: Path, plots_dir: Path | None = None) ->
     out = Path(out)
     plots = write_plots(recs, Path(plots_dir) if plots_dir else out.parent / "img", out.parent)
     _atomic_write(out, render(recs, plots))
+    if readme is not None:
+        update_readme(Path(readme), recs)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -322,9 +358,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results", default="benchmarks/results", help="folder of *.jsonl records")
     p.add_argument("--out", default="docs/benchmarks.md")
     p.add_argument("--plots", help="folder for the PNG plots (default: img/ beside --out)")
+    p.add_argument("--readme", default="README.md",
+                   help="refresh the headline table between the report markers of this file ('' to skip)")
 
 
 def main(args: argparse.Namespace) -> int:
-    write_report(Path(args.results), Path(args.out), Path(args.plots) if args.plots else None)
-    print(f"wrote {args.out}")
+    readme = Path(args.readme) if args.readme and Path(args.readme).exists() else None
+    write_report(Path(args.results), Path(args.out), Path(args.plots) if args.plots else None, readme)
+    print(f"wrote {args.out}" + (f" and the headline of {readme}" if readme else ""))
     return 0
