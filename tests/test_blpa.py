@@ -408,6 +408,7 @@ def test_mask_relu_compiled_equals_torch_and_keeps_the_input_layout(dtype, shape
         pytest.skip("channels_last needs 4-D")
     torch.manual_seed(0)
     x0 = torch.randn(shape).to(dtype)
+    x0.view(-1)[:3] = torch.tensor([float("nan"), 0.0, -0.0])  # relu keeps NaN; none of the three passes g
     if channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     g = torch.randn(shape).to(dtype)  # NCHW gradient even for a channels-last input
@@ -419,5 +420,6 @@ def test_mask_relu_compiled_equals_torch_and_keeps_the_input_layout(dtype, shape
         outs.append((y, x.grad))
     ref = torch.relu(x0)
     for y, gx in outs:
-        assert torch.equal(y, ref) and torch.equal(gx, g * (x0 > 0).to(dtype))
+        assert torch.allclose(y, ref, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(gx, torch.where(x0 > 0, g, 0))
         assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last  # BN backward's fast layout

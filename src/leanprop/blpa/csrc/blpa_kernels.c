@@ -384,8 +384,9 @@ void relu_mask_##SUF(const T_ *x, int64_t n, T_ *out, uint8_t *bits, int nt) {  
         const int64_t b = j * 8, e = b + 8 < n ? b + 8 : n;                                                  \
         unsigned v = 0;                                                                                       \
         for (int64_t i = b; i < e; ++i) {                                                                    \
-            const int k = LOAD(x, i) > 0.0f;                                                                  \
-            out[i] = k ? x[i] : (T_)0;                                                                        \
+            const float f = LOAD(x, i);                                                                       \
+            const int k = f > 0.0f;                                                                           \
+            out[i] = (k || f != f) ? x[i] : (T_)0; /* NaN stays NaN, like torch.relu */                      \
             v |= (unsigned)k << (7 - (i - b));                                                                \
         }                                                                                                     \
         bits[j] = (uint8_t)v;                                                                                 \
