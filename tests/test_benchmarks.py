@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -211,3 +212,47 @@ def test_bench_matrix_rejects_unknown_methods_and_models(capsys):
     assert "unknown method 'sparse9'" in capsys.readouterr().err
     assert main(["bench", "matrix", "--models", "resnet21", "--out", "/dev/null"]) == 2
     assert "resnet20" in capsys.readouterr().err
+
+
+def test_accuracy_runner_archives_finished_runs_and_trains_in_parallel(tmp_path, monkeypatch):
+    """--jobs 2 runs variants as parallel processes (logs in OUT_DIR); a finished run's result files (never its
+    checkpoint) go to the archive, from which the report and the skip logic read when OUT_DIR lacks the run."""
+    import _accuracy_matrix
+    import swat_accuracy
+
+    out, archive, md = tmp_path / "runs", tmp_path / "archive", tmp_path / "swat.md"
+    started = []
+
+    class FakeProc:  # a "training" that finishes at once with a complete metrics.csv
+        def __init__(self, cmd, stdout, stderr):
+            started.append(cmd)
+            name = next(c for c in cmd if c.startswith("run_name=")).split("=", 1)[1]
+            run = out / name
+            run.mkdir(parents=True)
+            (run / "metrics.csv").write_text("epoch,step,test_top1\n3,30,50.0\n")
+            (run / "config.yaml").write_text("method: {name: swat}\n")
+            (run / "checkpoint.pt").write_text("not archived")
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(_accuracy_matrix.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(_accuracy_matrix.time, "sleep", lambda s: None)
+    args = ["--out-dir", str(out), "--model", "resnet20", "--epochs", "3", "--report", str(md),
+            "--archive", str(archive), "--jobs", "2", "--only", "dense", "swat-u90"]
+    assert swat_accuracy.main(args) == 0
+    assert len(started) == 2 and all(c[-2:] == ["--threads", str(max(1, (os.cpu_count() or 1) // 2))]
+                                      for c in started)
+    kept = archive / "acc-resnet20-dense"
+    assert (kept / "metrics.csv").exists() and (kept / "config.yaml").exists()
+    assert not (kept / "checkpoint.pt").exists()
+    assert (out / "acc-resnet20-dense.log").exists()
+    # a fresh machine: OUT_DIR empty, the archive still makes the table and stops retraining
+    empty = tmp_path / "fresh"
+    started.clear()
+    assert swat_accuracy.main(["--out-dir", str(empty), *args[2:]]) == 0
+    assert started == []
+    assert "| dense | 3/3 | 50.00 % | +0.00 |" in md.read_text()
+    with pytest.raises(SystemExit):
+        swat_accuracy.main([*args, "--jobs", "0"])
