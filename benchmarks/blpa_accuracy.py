@@ -1,5 +1,5 @@
-"""BLPA accuracy on CIFAR-10: exact vs BLPA with 8-, 4- and 2-bit stored activations on pre-activation
-ResNet-20 (parameter-free "pad" shortcuts, as in the BLPA reference code), same model, seed, data and
+"""BLPA accuracy on CIFAR-10: exact vs BLPA with 8-, 4- and 2-bit stored activations on a pre-activation
+ResNet (parameter-free "pad" shortcuts, as in the BLPA reference code), same model, seed, data and
 epochs; each run resumable (``--resume auto``), so the matrix can be trained in pieces across sessions.
 Writes ``docs/results/blpa.md`` from whatever the runs have finished so far.
 
@@ -8,10 +8,10 @@ Writes ``docs/results/blpa.md`` from whatever the runs have finished so far.
     python benchmarks/blpa_accuracy.py --only exact blpa4 --epochs 30
 
 The recipe is the small-budget preset ``configs/blpa/preact_resnet20_cifar10_{exact,8bit,4bit,2bit}.yaml``
-run with bf16 autocast, channels_last and seed 0, as ``swat_accuracy.py`` runs its matrix. Expected cost
-on 2 CPU cores: preact_resnet20 with pad shortcuts has the convolutions of resnet20 (40.6 M MACs per image
-forward), whose dense epochs took a median 77 s there in swat_accuracy's matrix (bf16, channels_last; 52
-minutes for 30 epochs), so expect about an hour per 30-epoch run, plus BLPA's quantise/pack overhead.
+run with bf16 autocast, channels_last and seed 0, as ``swat_accuracy.py`` runs its matrix. The default model is
+``preact_resnet8`` (one block per stage), which fits the 2-core CPU budget: a 30-epoch run takes about 15 minutes
+on one core (``--threads 1 --jobs 2`` trains two at once); ``--model preact_resnet20`` runs the preset's own model
+(about twice the time per epoch here).
 Every row of the report shows the exact ``leanprop train`` command that produced it.
 """
 

@@ -157,3 +157,15 @@ def test_compiled_pack_equals_the_torch_pack(dtype, numel, density):
     ref = torch.where(t.abs().float() >= thr, t, 0)
     assert torch.equal(unpack_sparse(pos_c, val_c, meta_c), ref)
     assert torch.equal(unpack_sparse(pos_t, val_t, meta_t), ref)
+
+
+def test_measured_activation_density_counts_the_nonzeros_of_x_s():
+    """A threshold of 0 (more natural zeros than the target drops) keeps only the non-zeros, and so says the
+    measurement (it used to count every entry as kept)."""
+    from leanprop.nn.swat_layers import _kept_density
+
+    x = torch.zeros(1000)
+    x[:150] = torch.rand(150) + 0.1  # 85 % zeros
+    assert _kept_density(x, torch.tensor(0.0)) == pytest.approx(0.15)
+    assert _kept_density(x, torch.tensor(0.6)) == pytest.approx(float((x >= 0.6).sum()) / 1000)
+    assert _kept_density(x, None) == pytest.approx(0.15)

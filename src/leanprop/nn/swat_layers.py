@@ -20,6 +20,14 @@ from leanprop.swat.functions import swat_conv2d, swat_filter_conv2d, swat_linear
 from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify, structured_keep_mask
 
 
+def _kept_density(x: torch.Tensor, thr: torch.Tensor | None) -> float:
+    """nnz(X_s) / numel: the entries the saved ``X_s`` really holds. Zeros never count, also when the
+    threshold is 0 (a layer whose input has more natural ReLU zeros than its sparsity asks for)."""
+    a = x.detach().abs()
+    kept = a > 0 if thr is None else (a >= thr) & (a > 0)
+    return float(kept.sum()) / x.numel()
+
+
 class SWATMixin:
     """State and Top-K logic shared by the SWAT conv and linear layers."""
 
@@ -91,7 +99,7 @@ class SWATMixin:
     @torch.no_grad()
     def _measure(self, x: torch.Tensor, w_s: torch.Tensor, x_thr: torch.Tensor | None) -> None:
         d_w = float(torch.count_nonzero(w_s)) / w_s.numel()
-        d_x = 1.0 if x_thr is None else float((x.detach().abs() >= x_thr).sum()) / x.numel()
+        d_x = _kept_density(x, x_thr)
         self.density_stats += torch.tensor([d_w, d_x, 1.0], dtype=torch.float64, device=self.density_stats.device)
 
     # ------------------------------------------------------------------ reporting
@@ -169,7 +177,7 @@ class SWATConv2d(SWATMixin, nn.Conv2d):
             with torch.no_grad():
                 kept_w = self.weight.detach().index_select(0, keep)
                 d_w = float(torch.count_nonzero(kept_w)) / self.weight.numel()
-                d_x = 1.0 if x_thr is None else float((x.detach().abs() >= x_thr).sum()) / x.numel()
+                d_x = _kept_density(x, x_thr)
                 self.density_stats += torch.tensor([d_w, d_x, 1.0], dtype=torch.float64,
                                                    device=self.density_stats.device)
         x, padding = self._pad(x)
