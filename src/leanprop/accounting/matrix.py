@@ -140,7 +140,7 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
     from leanprop import models as zoo
 
     from .context import run_context
-    from .memory import parse_size, saved_bytes
+    from .memory import parse_size
     from .memory_cli import default_model_kwargs, measure_methods
 
     def note(s: str) -> None:
@@ -174,24 +174,16 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
         except Exception as e:  # noqa: BLE001 -- a FLOP-counting failure must not lose the measurements
             rec["train_flops_vs_dense"], rec["flops_note"] = None, f"not counted: {e}"
         note(f"kept vs batch {m}")
-        rec["kept_vs_batch"] = _kept_vs_batch({**base, "method": m}, batch, rec.get("saved_bytes"), saved_bytes)
+        rec["kept_vs_batch"] = _kept_vs_batch({**base, "method": m}, batch, rec.get("saved_bytes"))
     return records
 
 
-def _kept_vs_batch(spec: dict[str, Any], batch: int, full: int | None, saved_bytes) -> list[list[int]]:
+def _kept_vs_batch(spec: dict[str, Any], batch: int, full: int | None) -> list[list[int]]:
     """``[[batch, kept bytes], ...]`` at 1/4, 1/2 and the whole batch (the last from the main audit)."""
-    import torch.nn.functional as F
+    from .memory_cli import audit_saved
 
-    from .memory import autocast_context, build_model, make_batch, normalize_spec
-
-    spec = normalize_spec(spec)
-    points = []
-    for b in sorted({max(1, batch // 4), max(1, batch // 2)} - {batch}):
-        model, _ = build_model(spec)
-        x, y = make_batch(spec, b)
-        with autocast_context(spec):
-            rep = saved_bytes(model, x, lambda out, y=y: F.cross_entropy(out.float(), y))
-        points.append([b, rep.total_bytes])
+    points = [[b, audit_saved(spec, b).total_bytes]
+              for b in sorted({max(1, batch // 4), max(1, batch // 2)} - {batch})]
     if full is not None:
         points.append([batch, full])
     return points

@@ -132,20 +132,29 @@ def parse_input_shape(text: str | None) -> list[int] | None:
 # measuring
 
 
-def _measure_one(spec: dict[str, Any], batch: int, peak: bool, mem_cap: int | None, limit: int,
-                 timeout: float | None, note: Any) -> dict[str, Any]:
-    import torch
+def audit_saved(spec: dict[str, Any], batch: int):
+    """The saved-tensor audit (:func:`leanprop.accounting.memory.saved_bytes`) of one training forward of the
+    spec's model and method at ``batch``, with the cross-entropy loss of random targets."""
     import torch.nn.functional as F
 
-    from .memory import autocast_context, build_model, make_batch, max_batch, peak_memory, saved_bytes
+    from .memory import autocast_context, build_model, make_batch, normalize_spec, saved_bytes
 
-    rec: dict[str, Any] = {}
-    note("saved bytes")
+    spec = normalize_spec(spec)
     model, _ = build_model(spec)
     x, y = make_batch(spec, batch)
     with autocast_context(spec):
-        rep = saved_bytes(model, x, lambda out: F.cross_entropy(out.float(), y), model_name=spec["model"])
-    del model, x
+        return saved_bytes(model, x, lambda out: F.cross_entropy(out.float(), y), model_name=spec["model"])
+
+
+def _measure_one(spec: dict[str, Any], batch: int, peak: bool, mem_cap: int | None, limit: int,
+                 timeout: float | None, note: Any) -> dict[str, Any]:
+    import torch
+
+    from .memory import max_batch, peak_memory
+
+    rec: dict[str, Any] = {}
+    note("saved bytes")
+    rep = audit_saved(spec, batch)
     rec.update(saved_bytes=rep.total_bytes, saved_raw_bytes=rep.raw_bytes, saved_tensors=rep.num_saved,
                saved_storages=rep.num_unique, saved_by_kind=rep.by_kind, saved_via=rep.via, saved_codec=rep.codec,
                saved_bytes_per_sample=rep.bytes_per_sample, parameter_bytes=rep.parameter_bytes)

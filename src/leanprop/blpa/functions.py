@@ -36,7 +36,7 @@ from leanprop.blpa.config import BLPAConfig
 from leanprop.blpa.kernels import CKernels
 from leanprop.blpa.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
 from leanprop.swat.functions import _autocast_dtype, _cast, _no_autocast, _to
-from leanprop.swat.storage import pack_mask, unpack_mask
+from leanprop.swat.storage import pack_weight_mask, restore_sparse_weight
 from leanprop.swat.topk import sparsify
 
 __all__ = ["UnitSpec", "bn_relu_conv", "bn_relu", "mask_relu", "ActivationStore"]
@@ -175,7 +175,7 @@ class _BNReLUConv(torch.autograd.Function):
             ctx.save_for_backward(*saved, wc)
             ctx.w_meta = None
         else:
-            w_bits, ctx.w_meta = pack_mask(weight_sparse != 0)  # W_s = where(mask, W): no second dense copy
+            w_bits, ctx.w_meta = pack_weight_mask(weight_sparse)  # W_s = where(mask, W): no second dense copy
             ctx.save_for_backward(*saved, weight, w_bits)
         ctx.meta, ctx.spec, ctx.amp = meta, spec, amp
         ctx.dtypes = (x.dtype, None if gamma is None else gamma.dtype, weight.dtype,
@@ -193,7 +193,7 @@ class _BNReLUConv(torch.autograd.Function):
             *saved, wc = ctx.saved_tensors
         else:
             *saved, weight, w_bits = ctx.saved_tensors
-            wc = torch.where(unpack_mask(w_bits, ctx.w_meta), weight.detach(), 0).to(conv_dtype)
+            wc = restore_sparse_weight(weight, w_bits, ctx.w_meta, conv_dtype)
         spec, meta = ctx.spec, ctx.meta
         store = ActivationStore(spec)
         dev = g_out.device.type

@@ -98,7 +98,9 @@ class SWATMixin:
 
     @torch.no_grad()
     def _measure(self, x: torch.Tensor, w_s: torch.Tensor, x_thr: torch.Tensor | None) -> None:
-        d_w = float(torch.count_nonzero(w_s)) / w_s.numel()
+        """Add this step's realised densities: nnz(W_s) / numel(W) (``w_s`` may be the kept filters only) and
+        nnz(X_s) / numel(X)."""
+        d_w = float(torch.count_nonzero(w_s)) / self.weight.numel()
         d_x = _kept_density(x, x_thr)
         self.density_stats += torch.tensor([d_w, d_x, 1.0], dtype=torch.float64, device=self.density_stats.device)
 
@@ -174,12 +176,7 @@ class SWATConv2d(SWATMixin, nn.Conv2d):
         keep = self.kept_filters()
         x_thr = self._activation_threshold(x)
         if self.measure:
-            with torch.no_grad():
-                kept_w = self.weight.detach().index_select(0, keep)
-                d_w = float(torch.count_nonzero(kept_w)) / self.weight.numel()
-                d_x = _kept_density(x, x_thr)
-                self.density_stats += torch.tensor([d_w, d_x, 1.0], dtype=torch.float64,
-                                                   device=self.density_stats.device)
+            self._measure(x, self.weight.detach().index_select(0, keep), x_thr)
         x, padding = self._pad(x)
         return swat_filter_conv2d(x, self.weight, keep, self.bias, x_thr, self.stride, padding, self.dilation,
                                   dense_grad=self.dense_grad, compress=self.compress)

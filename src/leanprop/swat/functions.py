@@ -21,8 +21,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from leanprop.blpa.packing import memory_format_of
-from leanprop.swat.storage import pack_above, pack_mask, pack_sparse, unpack_mask, unpack_sparse
-from leanprop.swat.topk import _compiling, magnitude_mask, sparsify
+from leanprop.swat.storage import pack_above, pack_weight_mask, restore_sparse_weight, unpack_sparse
+from leanprop.swat.topk import _compiling, sparsify
 
 __all__ = ["swat_conv2d", "swat_linear", "swat_filter_conv2d"]
 
@@ -68,29 +68,36 @@ def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, comp
     xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
     with _no_autocast(dev, amp is not None):
         y = op(xc, ws, bc)
-    need_dw = ctx.needs_input_grad[1]
-    ctx.x_meta = ctx.w_meta = None
     if compress:
-        if not need_dw:
-            xs = (None, None)
-        elif _drops_nothing(x_threshold):  # dense X is smaller than values + positions
-            xs = (xc, None)
-        else:
-            if isinstance(x_threshold, Tensor) and (x_threshold.device.type != "cpu" or _compiling()):
-                positions, values, ctx.x_meta = pack_sparse(xc, magnitude_mask(xc, x_threshold))
-            else:
-                positions, values, ctx.x_meta = pack_above(xc, float(x_threshold))
-            xs = (positions, values)
-        w_bits, ctx.w_meta = pack_mask(weight_sparse != 0)
-        ctx.save_for_backward(*xs, weight, w_bits)
+        w_bits, ctx.w_meta = pack_weight_mask(weight_sparse)
+        ctx.save_for_backward(*_save_x_s(ctx, xc, x_threshold, compress), weight, w_bits)
     else:
-        ctx.save_for_backward(sparsify(xc, x_threshold) if need_dw else None, ws)
+        ctx.save_for_backward(_save_x_s(ctx, xc, x_threshold, compress)[0], ws)
     ctx.compress = compress
     ctx.w_dtype = ws.dtype
     ctx.x_shape = x.shape
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.amp = amp is not None
     return y
+
+
+def _save_x_s(ctx, xc: Tensor, x_threshold: Threshold, compress: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The two saved tensors that hold ``X_s`` (None when dW is not needed): ``(X_s, None)`` dense, or
+    ``(positions, values)`` packed; sets ``ctx.x_meta`` (None unless packed). :func:`_x_s` restores it."""
+    ctx.x_meta = None
+    if not ctx.needs_input_grad[1]:
+        return None, None
+    if not compress:
+        return sparsify(xc, x_threshold), None
+    if _drops_nothing(x_threshold):  # dense X is smaller than values + positions
+        return xc, None
+    positions, values, ctx.x_meta = pack_above(xc, x_threshold)
+    return positions, values
+
+
+def _x_s(ctx, a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``X_s`` from the two tensors :func:`_save_x_s` saved."""
+    return unpack_sparse(a, b, ctx.x_meta) if ctx.x_meta is not None else a
 
 
 def _drops_nothing(thr: Threshold) -> bool:
@@ -109,10 +116,7 @@ def _saved(ctx) -> tuple[Tensor | None, Tensor]:
     if not ctx.compress:
         return ctx.saved_tensors
     xa, xb, weight, w_bits = ctx.saved_tensors
-    ws = torch.where(unpack_mask(w_bits, ctx.w_meta), weight.detach(), 0).to(ctx.w_dtype)
-    if ctx.x_meta is not None:
-        return unpack_sparse(xa, xb, ctx.x_meta), ws
-    return xa, ws
+    return _x_s(ctx, xa, xb), restore_sparse_weight(weight, w_bits, ctx.w_meta, ctx.w_dtype)
 
 
 class _SWATConv2d(torch.autograd.Function):
@@ -253,16 +257,8 @@ class _SWATFilterConv2d(torch.autograd.Function):
             y_k = F.conv2d(xc, wc, None if bc is None else bc.index_select(0, keep), stride, padding, dilation, 1)
             y = _scatter_channels(y_k, keep, weight.shape[0], bc, fmt)
         ctx.conf = (stride, padding, dilation)
-        ctx.dense_grad, ctx.compress, ctx.amp, ctx.fmt = dense_grad, compress, amp is not None, fmt
-        ctx.x_meta = None
-        if not ctx.needs_input_grad[1]:
-            xs = (None, None)
-        elif compress and not _drops_nothing(x_threshold):
-            positions, values, ctx.x_meta = pack_above(xc, float(x_threshold))
-            xs = (positions, values)
-        else:
-            xs = (sparsify(xc, x_threshold), None)
-        ctx.save_for_backward(*xs, wc, keep)
+        ctx.dense_grad, ctx.amp, ctx.fmt = dense_grad, amp is not None, fmt
+        ctx.save_for_backward(*_save_x_s(ctx, xc, x_threshold, compress), wc, keep)
         ctx.x_shape, ctx.w_shape = x.shape, weight.shape
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -271,7 +267,7 @@ class _SWATFilterConv2d(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         xa, xb, wc, keep = ctx.saved_tensors
-        x_s = unpack_sparse(xa, xb, ctx.x_meta) if ctx.x_meta is not None else xa
+        x_s = _x_s(ctx, xa, xb)
         stride, padding, dilation = ctx.conf
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

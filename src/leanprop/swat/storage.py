@@ -26,7 +26,8 @@ from torch import Tensor
 
 from leanprop.blpa.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
 
-__all__ = ["PackedSparse", "pack_sparse", "pack_above", "unpack_sparse", "pack_mask", "unpack_mask"]
+__all__ = ["PackedSparse", "pack_sparse", "pack_above", "unpack_sparse", "pack_mask", "unpack_mask",
+           "pack_weight_mask", "restore_sparse_weight"]
 
 
 @functools.cache
@@ -59,6 +60,18 @@ def unpack_mask(bits: Tensor, meta: tuple[torch.Size, torch.memory_format, int])
     return from_flat_memory(unpack_bits(bits, 1, numel).bool(), shape, fmt)
 
 
+def pack_weight_mask(weight_sparse: Tensor) -> tuple[Tensor, tuple[torch.Size, torch.memory_format, int]]:
+    """What backward keeps of ``W_s`` besides the dense Parameter: a 1-bit mask of its non-zeros."""
+    return pack_mask(weight_sparse != 0)
+
+
+def restore_sparse_weight(weight: Tensor, bits: Tensor, meta: tuple[torch.Size, torch.memory_format, int],
+                          dtype: torch.dtype) -> Tensor:
+    """``W_s`` from the dense Parameter and :func:`pack_weight_mask`'s mask, in ``dtype`` (exact: zeros stay zero
+    under a cast, kept entries are the Parameter's)."""
+    return torch.where(unpack_mask(bits, meta), weight.detach(), 0).to(dtype)
+
+
 def pack_sparse(t: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, PackedSparse]:
     """``(positions, values, meta)`` of ``where(keep, t, 0)``: values of the kept entries in memory order and
     their positions as a 1-bit mask or int32 indices, whichever takes fewer bytes."""
@@ -76,13 +89,16 @@ def pack_sparse(t: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, PackedSparse]:
     return positions, values, PackedSparse(t.shape, fmt, numel, indexed)
 
 
-def pack_above(t: Tensor, thr: float, use_kernels: bool = True) -> tuple[Tensor, Tensor, PackedSparse]:
+def pack_above(t: Tensor, thr: Tensor | float, use_kernels: bool = True) -> tuple[Tensor, Tensor, PackedSparse]:
     """:func:`pack_sparse` of ``keep = |t| >= thr`` (``thr`` compared as fp32), through the compiled kernels
-    for CPU fp32/bf16 tensors when they are available."""
-    k = _kernels() if use_kernels and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) else None
-    if k is None:
-        from leanprop.swat.topk import magnitude_mask
+    for CPU fp32/bf16 tensors when they are available. A threshold tensor on an accelerator, or under
+    ``torch.compile``, stays a tensor (no host sync) and takes the torch ops."""
+    from leanprop.swat.topk import _compiling, magnitude_mask
 
+    on_host = not isinstance(thr, Tensor) or (thr.device.type == "cpu" and not _compiling())
+    k = (_kernels() if use_kernels and on_host and t.device.type == "cpu"
+         and t.dtype in (torch.float32, torch.bfloat16) else None)
+    if k is None:
         return pack_sparse(t, magnitude_mask(t, thr))
     flat = flat_memory_view(t)
     bits, values, offsets = k.sparse_pack(flat, float(torch.tensor(thr, dtype=torch.float32)))
