@@ -17,7 +17,6 @@ import argparse
 import csv
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -86,7 +85,7 @@ class Matrix:
         for f in ARCHIVED_FILES:
             if (d / f).exists():
                 tmp = dest / f".{f}.tmp"
-                shutil.copyfile(d / f, tmp)
+                tmp.write_bytes(_portable((d / f).read_bytes().decode(), out_dir).encode())  # keep line ends
                 tmp.replace(dest / f)
         return dest
 
@@ -199,6 +198,14 @@ class Matrix:
         if threads:
             cmd += ["--threads", str(threads)]
         return cmd
+
+
+def _portable(text: str, out_dir: Path) -> str:
+    """``text`` without this machine's absolute paths (the archive is committed): the runs folder becomes
+    ``OUT_DIR``, the repository ``.`` and the home folder ``~``."""
+    for path, name in ((Path(out_dir).resolve(), "OUT_DIR"), (ROOT, "."), (Path.home(), "~")):
+        text = text.replace(str(path), name)
+    return text
 
 
 def read_rows(d: Path) -> list[dict]:

@@ -256,3 +256,26 @@ def test_accuracy_runner_archives_finished_runs_and_trains_in_parallel(tmp_path,
     assert "| dense | 3/3 | 50.00 % | +0.00 |" in md.read_text()
     with pytest.raises(SystemExit):
         swat_accuracy.main([*args, "--jobs", "0"])
+
+
+def test_archived_run_files_carry_no_machine_paths(tmp_path):
+    """The archive is committed: the runs folder, the repository and the home folder are written as OUT_DIR, .
+    and ~ (and the CSV's line ends are kept)."""
+    import swat_accuracy
+
+    out = tmp_path / "runs"
+    d = swat_accuracy.run_dir(out, "resnet20", "dense")
+    d.mkdir(parents=True)
+    (d / "metrics.csv").write_bytes(b"epoch,step,test_top1\r\n30,11730,90.0\r\n")
+    (d / "config.yaml").write_text(f"out_dir: {out.resolve()}\n")
+    (d / "env.json").write_text(json.dumps({"argv": [str(BENCH.parent / "src" / "x.py"), str(Path.home())]}))
+    matrix = swat_accuracy.MATRIX
+    old = matrix.archive
+    try:
+        matrix.archive = tmp_path / "archive"
+        dest = matrix.archive_run(out, "resnet20", "dense", 30)
+    finally:
+        matrix.archive = old
+    assert (dest / "config.yaml").read_text() == "out_dir: OUT_DIR\n"
+    assert json.loads((dest / "env.json").read_text())["argv"] == ["./src/x.py", "~"]
+    assert (dest / "metrics.csv").read_bytes() == (d / "metrics.csv").read_bytes()
