@@ -222,7 +222,7 @@ def run(a: argparse.Namespace) -> int:
 
     if a.quick:
         for k, v in QUICK.items():
-            setattr(a, k.replace("-", "_"), v if not isinstance(v, tuple) else ",".join(v))
+            setattr(a, k, ",".join(v) if isinstance(v, tuple) else v)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     methods = [m.strip().lower() for m in a.methods.split(",") if m.strip()]
     for m in methods:

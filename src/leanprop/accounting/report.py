@@ -142,7 +142,6 @@ def _matrix_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
     mx = _matrix_records(recs)
     if not mx:
         return []
-    order = {m: i for i, m in enumerate(_MATRIX_ORDER)}
     parts = ["## Every method on every model", "",
              "`leanprop bench matrix` (defaults: the models and methods below; CIFAR batch 128, ImageNet-shape "
              "batch 8, fp32). Step: one training step (forward, cross-entropy, backward, SGD step, controller "
@@ -152,7 +151,7 @@ def _matrix_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
              "conv/linear training MACs / dense. Max batch: the largest batch whose fresh-process peak fits the cap "
              "(when measured).", ""]
     for model in dict.fromkeys(r["model"] for r in mx):
-        rows = sorted((r for r in mx if r["model"] == model), key=lambda r: (order.get(r["method"], 99), r["method"]))
+        rows = _model_rows(mx, model)
         r0 = rows[0]
         parts += [f"### {model} (batch {r0['batch']}, {r0.get('threads')} threads, {r0.get('dtype', 'fp32')}, "
                   f"{r0.get('device', 'cpu')}, git {r0.get('git_sha') or '?'})", ""]
@@ -178,6 +177,12 @@ _MATRIX_ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk
                  "swat-filter70-p10", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
 
 
+def _model_rows(mx: list[dict], model: str) -> list[dict]:
+    """One model's matrix records in the methods' display order."""
+    order = {m: i for i, m in enumerate(_MATRIX_ORDER)}
+    return sorted((r for r in mx if r["model"] == model), key=lambda r: (order.get(r["method"], 99), r["method"]))
+
+
 def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]:
     """PNG plots of the matrix records: time vs method and kept memory vs batch, one pair per model.
     Returns ``{"<model>:time"|"<model>:memory": path relative to rel_to}``."""
@@ -190,10 +195,9 @@ def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    order = {m: i for i, m in enumerate(_MATRIX_ORDER)}
     written = {}
     for model in dict.fromkeys(r["model"] for r in mx):
-        rows = sorted((r for r in mx if r["model"] == model), key=lambda r: (order.get(r["method"], 99), r["method"]))
+        rows = _model_rows(mx, model)
         names = [r["method"] for r in rows]
         fig, ax = plt.subplots(figsize=(8, 3.6))
         vals = [r["time_vs_dense"] for r in rows]
