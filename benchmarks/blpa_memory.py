@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mem-cap", default=None, help="also search the largest batch under this cap, e.g. 4GiB")
+    ap.add_argument("--max-batch-tolerance", type=float, default=0.0,
+                    help="relative resolution of the --mem-cap search (0: exact; 0.02: within 2 %%, fewer probes)")
     ap.add_argument("--no-peak", dest="peak", action="store_false", help="saved bytes only (no probe processes)")
     ap.add_argument("--out", default=str(DEFAULT_JSONL))
     ap.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip the report")
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.models:
         base = {"model": name, "model_kwargs": default_model_kwargs(name, {}), "threads": a.threads,
                 "input_shape": [3, a.input_size, a.input_size], "device": a.device}
-        records = measure_methods(base, methods, a.batch, peak=a.peak, mem_cap=cap, progress=sys.stderr.isatty())
+        records = measure_methods(base, methods, a.batch, peak=a.peak, mem_cap=cap, progress=sys.stderr.isatty(),
+                                  tolerance=a.max_batch_tolerance)
         print(f"{name}, batch {a.batch}")
         print(format_table(records), flush=True)
         good = [r for r in records if "saved_bytes" in r]

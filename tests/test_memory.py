@@ -105,6 +105,26 @@ def test_saved_bytes_conv_stack_matches_hand_count():
     assert not model.training                                        # train/eval mode restored
 
 
+def test_saved_bytes_by_origin_names_the_saving_module():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1, bias=False))
+    r = saved_bytes(model, torch.randn(2, 3, 6, 6))
+    act = 2 * 4 * 36 * F32
+    # the ReLU output is also the last conv's input: one storage, counted for the ReLU that saved it first
+    assert r.by_origin["Conv2d"] == 2 * 3 * 36 * F32
+    assert r.by_origin["BatchNorm2d"] >= act and r.by_origin["ReLU"] == act
+    assert sum(r.by_origin.values()) == r.total_bytes
+    assert list(r.by_origin) == sorted(r.by_origin, key=lambda k: -r.by_origin[k])
+    square = _Square()
+    assert saved_bytes(square, torch.randn(2, 3, 6, 6, requires_grad=True)).by_origin == {"_Square": 2 * 3 * 36 * F32}
+    assert not square._forward_hooks and not square._forward_pre_hooks   # the audit's hooks are removed
+
+
+class _Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
 # --- checkpointing ---------------------------------------------------------------------------------------
 
 
@@ -239,6 +259,24 @@ def test_max_batch_finds_exact_boundary_with_fake_probe():
     assert max_batch(None, 1000 + 37 * 100 - 1, probe=probe).batch == 99
 
 
+def test_max_batch_from_a_guess_halves_then_searches_and_tolerance_saves_probes():
+    def probe(b):
+        return {"ok": True, "peak_bytes": 1000 + 37 * b}
+
+    cap = 1000 + 37 * 300
+    high = max_batch(None, cap, probe=probe, start=4096)      # guess too high: halve down to a fit
+    assert high.batch == 300 and high.fails == 301
+    assert [p["batch"] for p in high.probes][:5] == [4096, 2048, 1024, 512, 256]
+    exact = max_batch(None, cap, probe=probe, start=200)
+    assert exact.batch == 300 and exact.fails == 301
+    rough = max_batch(None, cap, probe=probe, start=200, tolerance=0.05)
+    assert rough.batch <= 300 < rough.fails and rough.fails - rough.batch <= 0.05 * rough.batch
+    assert len(rough.probes) < len(exact.probes)
+    assert max_batch(None, 10, probe=lambda b: {"ok": True, "peak_bytes": 11}, start=8).batch == 0
+    with pytest.raises(ValueError, match="tolerance"):
+        max_batch(None, cap, probe=probe, tolerance=1.0)
+
+
 def test_max_batch_treats_crashes_as_not_fitting():
     def crashy(b):
         return {"ok": False, "error": "probe killed by SIGKILL"} if b >= 50 else {"ok": True, "peak_bytes": b}
@@ -339,4 +377,27 @@ def test_report_renders_memory_section(tmp_path):
     assert "## Memory kept for backward" in text
     assert "| preact_resnet164 (shortcut=pad) | 128 | dense | 3000.0 | 1.000 (1/1.0) | 4000.0 | 3500.0 | - |" in text
     assert "| blpa4 | 200.0 | 0.067 (1/15.0) | - | - | 900 (cap 4.00 GiB) |" in text
-    assert text.index("| dense |") < text.index("| blpa4 |")
+    mem = text[text.index("## Memory kept for backward"):]
+    assert mem.index("| dense |") < mem.index("| blpa4 |")
+
+
+def test_report_capacity_sections_and_plot(tmp_path):
+    from leanprop.accounting.report import write_report
+
+    base = {"bench": "memory", "model": "resnet20", "batch": 128, "device": "cpu", "dtype": "fp32",
+            "mem_cap_bytes": 4 * 2**30}
+    recs = [{**base, "method": "dense", "saved_bytes": 1000, "ratio_vs_dense": 1.0, "max_batch": 1000,
+             "max_batch_fails": 1010, "saved_by_origin": {"BatchNorm2d": 500, "ReLU": 500}},
+            {**base, "method": "swat-u90-packed", "saved_bytes": 600, "ratio_vs_dense": 0.6, "max_batch": 1500,
+             "max_batch_fails": 1530, "saved_by_origin": {"BatchNorm2d": 500, "SWATConv2d": 80, "MaskReLU": 20}}]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "memory.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "docs" / "benchmarks.md"
+    write_report(results, out)
+    text = out.read_text()
+    assert "## Largest batch under a memory cap" in text and "### Cap 4.00 GiB" in text
+    assert "| resnet20 | swat-u90-packed | 1500 | 1530 | 1.50 |" in text
+    assert "| resnet20 | 128 | swat-u90-packed | 0.600 | BatchNorm2d 0.500, SWATConv2d 0.080, MaskReLU 0.020 |" in text
+    assert (out.parent / "img" / "max_batch_4GiB.png").stat().st_size > 1000
+    assert "](img/max_batch_4GiB.png)" in text

@@ -202,6 +202,24 @@ def test_threshold_as_tensor_float_or_none_and_saved_x_identity():
                                                                   padding=1))
 
 
+def test_uncompressed_x_s_shares_the_input_storage_and_copies_the_threshold():
+    """X_s = TopK(X) is applied in the backward: no zero-filled copy of X is kept, and changing the layer's
+    threshold buffer after the forward does not change the weight gradient."""
+    torch.manual_seed(4)
+    x = F.relu(torch.randn(2, 4, 6, 6, requires_grad=True))
+    w = torch.randn(5, 4, 3, 3, requires_grad=True)
+    thr = torch.tensor(0.7)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = swat_conv2d(x, w, w.detach(), None, thr, padding=1)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    thr.fill_(100.0)                                   # e.g. the controller recomputed it before this backward
+    y.sum().backward()
+    ref = torch.nn.grad.conv2d_weight(sparsify(x.detach(), 0.7), w.shape, torch.ones_like(y), padding=1)
+    torch.testing.assert_close(w.grad, ref)
+
+
 def test_unbatched_conv_input_and_shape_errors():
     conv = nn.Conv2d(3, 5, 3, padding=1)
     x = torch.randn(3, 8, 8)

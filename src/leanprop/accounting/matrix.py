@@ -53,6 +53,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--mem-cap", help="also find the largest batch under this cap, e.g. 4GiB (fresh processes)")
+    p.add_argument("--max-batch-tolerance", type=float, default=0.0, metavar="FRACTION",
+                   help="relative resolution of the --mem-cap search (default 0: exact; 0.02: within 2 %%)")
     p.add_argument("--no-peak", dest="peak", action="store_false", help="skip the fresh-process peak probes")
     p.add_argument("--quick", action="store_true",
                    help="smoke run (resnet20, 4 methods, batch 16, 2 rounds, no peak probes; ~1 minute)")
@@ -153,7 +155,8 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
             "device": a.device, "dtype": a.dtype, "channels_last": a.channels_last}
     cap = parse_size(a.mem_cap) if a.mem_cap else None
     note("memory")
-    records = measure_methods(base, methods, batch, peak=a.peak, mem_cap=cap, progress=False)
+    records = measure_methods(base, methods, batch, peak=a.peak, mem_cap=cap, progress=False,
+                              tolerance=getattr(a, "max_batch_tolerance", 0.0))
     note("step times")
     times = step_times(base, methods, batch, a.rounds, a.warmup, note)
     env, stamp = run_context(a.device)

@@ -136,6 +136,7 @@ class SavedRecord:
     nbytes: int
     duplicate: bool
     tensor_bytes: int = 0
+    origin: str = ""
 
 
 class SavedTensorLedger:
@@ -147,6 +148,10 @@ class SavedTensorLedger:
     storage is always ``parameter``, whatever kind the caller gives.  Each storage is counted once, with its
     full ``nbytes()``, under the kind of its first record.  The ledger keeps the storages it has seen alive
     until :meth:`release` so that a freed address cannot be mistaken for a duplicate.
+
+    ``origin`` of a record: the class name of the innermost module running when it was saved (``watch(model)``
+    keeps that stack; outside any module it is ``"(outside modules)"``), so :meth:`by_origin` tells which layers
+    keep the bytes (a storage counts for the module that saved it first).
     """
 
     def __init__(self, model: nn.Module | None = None, parameters: Iterable[torch.Tensor] = ()):
@@ -155,6 +160,7 @@ class SavedTensorLedger:
         self._seen: set[Any] = set()
         self._alive: list[Any] = []
         self.raw_bytes = 0
+        self._origins: list[str] = []
         if model is not None:
             self.add_parameters([*model.parameters(), *model.buffers()])
         self.add_parameters(parameters)
@@ -165,6 +171,27 @@ class SavedTensorLedger:
             key, _, _ = _storage(t)
             if key is not None:
                 self._param_keys.add(key)
+
+    @contextlib.contextmanager
+    def watch(self, model: nn.Module):
+        """Within the block, records carry the class name of the innermost running module of ``model``."""
+
+        def enter(mod: nn.Module, args: Any) -> None:
+            self._origins.append(type(mod).__name__)
+
+        def leave(mod: nn.Module, args: Any, out: Any) -> None:
+            if self._origins:
+                self._origins.pop()
+
+        handles = []
+        try:
+            for mod in model.modules():
+                handles += [mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave)]
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._origins.clear()
 
     def record(self, t: torch.Tensor, kind: str | None = None) -> None:
         """Add one tensor kept for backward (see the class docstring for kinds and deduplication)."""
@@ -181,7 +208,8 @@ class SavedTensorLedger:
         if kind != "parameter":
             self.raw_bytes += tensor_bytes
         self.records.append(SavedRecord(kind, tuple(t.shape), str(t.dtype).removeprefix("torch."), nbytes,
-                                        duplicate, tensor_bytes))
+                                        duplicate, tensor_bytes,
+                                        self._origins[-1] if self._origins else "(outside modules)"))
 
     def release(self) -> None:
         """Drop the ledger's references to the recorded storages (the records stay)."""
@@ -194,6 +222,14 @@ class SavedTensorLedger:
             if not r.duplicate:
                 out[r.kind] = out.get(r.kind, 0) + r.nbytes
         return {k: out[k] for k in sorted(out, key=lambda k: (KINDS.index(k) if k in KINDS else len(KINDS), k))}
+
+    def by_origin(self) -> dict[str, int]:
+        """Deduplicated bytes per saving module class (parameters excluded), largest first."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            if not r.duplicate and r.kind != "parameter":
+                out[r.origin] = out.get(r.origin, 0) + r.nbytes
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
 
     @property
     def total_bytes(self) -> int:
@@ -243,8 +279,9 @@ class SavedBytesReport:
 
     ``total_bytes``: kept for backward, parameters/buffers excluded; ``raw_bytes``: the dense-equivalent, the
     sum of every saved tensor's own bytes before deduplication (parameters excluded); ``by_kind``: deduplicated
-    bytes per kind, ``parameter`` included; ``via``: ``"hooks"`` or ``"codec"`` (the model's BLPA codec
-    recorded what it keeps).
+    bytes per kind, ``parameter`` included; ``by_origin``: deduplicated bytes per class of the module that saved
+    them (e.g. ``BatchNorm2d``: BN inputs), parameters excluded; ``via``: ``"hooks"`` or ``"codec"`` (the model's
+    BLPA codec recorded what it keeps).
     """
 
     model: str | None
@@ -258,6 +295,7 @@ class SavedBytesReport:
     by_kind: dict[str, int]
     via: str
     codec: str | None = None
+    by_origin: dict[str, int] = field(default_factory=dict)
     records: list[SavedRecord] = field(default_factory=list, repr=False)
 
     @property
@@ -332,7 +370,7 @@ def saved_bytes(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
         for p in params:
             p.grad = None
         model.train()
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ledger.watch(model):
             inner = codec.recording(ledger) if codec is not None else contextlib.nullcontext()
             with inner:
                 output = model(*args)
@@ -342,7 +380,8 @@ def saved_bytes(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
             total_bytes=ledger.total_bytes, raw_bytes=ledger.raw_bytes, parameter_bytes=ledger.parameter_bytes,
             num_saved=ledger.num_saved, num_unique=ledger.num_unique, by_kind=ledger.by_kind(),
             via="codec" if codec is not None else "hooks",
-            codec=None if codec is None else type(codec).__name__, records=list(ledger.records))
+            codec=None if codec is None else type(codec).__name__, by_origin=ledger.by_origin(),
+            records=list(ledger.records))
         if loss.requires_grad:
             loss.backward()
         del output, loss
@@ -598,13 +637,16 @@ def peak_memory(spec: dict[str, Any], batch: int, *, abort_above_bytes: int | No
 
 @dataclass
 class MaxBatchResult:
-    """Result of :func:`max_batch`: ``batch`` (0 when even ``start`` does not fit), the ``probes`` made in order
-    (``batch``, ``fits``, ``peak_bytes``, ``error``) and ``hit_limit`` (the search stopped at ``limit``)."""
+    """Result of :func:`max_batch`: ``batch`` (the largest batch that fitted; 0 when none did), ``fails`` (the
+    smallest batch seen not to fit; None when the search hit ``limit``), the ``probes`` made in order
+    (``batch``, ``fits``, ``peak_bytes``, ``error``) and ``hit_limit`` (the search stopped at ``limit``).  With a
+    ``tolerance`` the true maximum lies in ``[batch, fails)``."""
 
     batch: int
     cap_bytes: int
     probes: list[dict[str, Any]]
     hit_limit: bool = False
+    fails: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -612,20 +654,24 @@ class MaxBatchResult:
 
 def max_batch(spec: dict[str, Any] | None, mem_cap_bytes: int, *, start: int = 1, limit: int = 1 << 16,
               probe: Callable[[int], dict[str, Any] | None] | None = None, timeout: float | None = None,
-              on_probe: Callable[[dict[str, Any]], None] | None = None) -> MaxBatchResult:
+              on_probe: Callable[[dict[str, Any]], None] | None = None, tolerance: float = 0.0) -> MaxBatchResult:
     """The largest batch whose one-step peak (``peak_bytes``: process peak RSS on CPU, max allocated on CUDA)
     is at most ``mem_cap_bytes``.
 
-    Doubling from ``start`` until a batch does not fit (or ``limit`` is reached), then binary search between
-    the last fitting and the first failing batch, assuming memory grows with the batch.  Each probe is a fresh
-    process (:func:`peak_memory`, stopped early once above the cap); ``probe(batch) -> dict`` replaces it
-    (tests, other devices).  A probe that returns None, ``ok: False`` (crash, OOM kill) or no ``peak_bytes``
-    does not fit.
+    From ``start`` (a guess, e.g. from the saved-bytes audit): doubling while a batch fits (up to ``limit``), or
+    halving until one does, then binary search between the last fitting and the first failing batch, assuming
+    memory grows with the batch.  ``tolerance`` > 0 stops the search once the failing batch is within
+    ``tolerance`` (relative) of the fitting one (fewer probes of the largest, slowest batches); 0 finds the
+    exact largest batch.  Each probe is a fresh process (:func:`peak_memory`, stopped early once above the
+    cap); ``probe(batch) -> dict`` replaces it (tests, other devices).  A probe that returns None, ``ok: False``
+    (crash, OOM kill) or no ``peak_bytes`` does not fit.
     """
     if mem_cap_bytes <= 0:
         raise ValueError(f"memory cap must be > 0 bytes, got {mem_cap_bytes}")
     if not 1 <= start <= limit:
         raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
     if probe is None:
         if spec is None:
             raise ValueError("max_batch needs a spec or a probe function")
@@ -645,9 +691,19 @@ def max_batch(spec: dict[str, Any] | None, mem_cap_bytes: int, *, start: int = 1
             on_probe(row)
         return bool(ok)
 
-    if not fits(start):
-        return MaxBatchResult(0, mem_cap_bytes, probes)
-    lo, hi = start, None
+    lo, hi = 0, None
+    if fits(start):
+        lo = start
+    else:
+        hi = start
+        while lo == 0:
+            if hi == 1:
+                return MaxBatchResult(0, mem_cap_bytes, probes, fails=1)
+            b = hi // 2
+            if fits(b):
+                lo = b
+            else:
+                hi = b
     while hi is None:
         if lo >= limit:
             return MaxBatchResult(lo, mem_cap_bytes, probes, hit_limit=True)
@@ -656,10 +712,10 @@ def max_batch(spec: dict[str, Any] | None, mem_cap_bytes: int, *, start: int = 1
             lo = b
         else:
             hi = b
-    while hi - lo > 1:
+    while hi - lo > max(1, int(tolerance * lo)):
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
         else:
             hi = mid
-    return MaxBatchResult(lo, mem_cap_bytes, probes)
+    return MaxBatchResult(lo, mem_cap_bytes, probes, fails=hi)

@@ -55,6 +55,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "doubling then binary search, one fresh process per probe")
     m.add_argument("--max-batch-limit", type=int, default=1 << 16,
                    help="upper bound of the --mem-cap search (default: 65536)")
+    m.add_argument("--max-batch-tolerance", type=float, default=0.0, metavar="FRACTION",
+                   help="stop the --mem-cap search once the first failing batch is within this fraction of the "
+                        "largest fitting one (e.g. 0.02: fewer probes of the slowest batches; default 0: exact)")
     m.add_argument("--no-peak", dest="peak", action="store_false",
                    help="skip the fresh-process peak measurement (saved bytes only)")
     m.add_argument("--probe-timeout", type=float, default=600.0,
@@ -147,7 +150,7 @@ def audit_saved(spec: dict[str, Any], batch: int):
 
 
 def _measure_one(spec: dict[str, Any], batch: int, peak: bool, mem_cap: int | None, limit: int,
-                 timeout: float | None, note: Any) -> dict[str, Any]:
+                 timeout: float | None, note: Any, tolerance: float = 0.0) -> dict[str, Any]:
     import torch
 
     from .memory import max_batch, peak_memory
@@ -156,7 +159,8 @@ def _measure_one(spec: dict[str, Any], batch: int, peak: bool, mem_cap: int | No
     note("saved bytes")
     rep = audit_saved(spec, batch)
     rec.update(saved_bytes=rep.total_bytes, saved_raw_bytes=rep.raw_bytes, saved_tensors=rep.num_saved,
-               saved_storages=rep.num_unique, saved_by_kind=rep.by_kind, saved_via=rep.via, saved_codec=rep.codec,
+               saved_storages=rep.num_unique, saved_by_kind=rep.by_kind, saved_by_origin=rep.by_origin,
+               saved_via=rep.via, saved_codec=rep.codec,
                saved_bytes_per_sample=rep.bytes_per_sample, parameter_bytes=rep.parameter_bytes)
     if peak:
         note("peak (fresh process)")
@@ -170,10 +174,12 @@ def _measure_one(spec: dict[str, Any], batch: int, peak: bool, mem_cap: int | No
                 rec[key] = p[key]
     if mem_cap is not None:
         note("max batch")
-        res = max_batch(spec, mem_cap, limit=limit, timeout=timeout,
+        # first guess: the cap spent on the audited kept bytes plus as much again (weights, gradients, workspace)
+        guess = max(1, min(limit, int(mem_cap / (2 * max(rep.bytes_per_sample, 1.0)))))
+        res = max_batch(spec, mem_cap, start=guess, limit=limit, timeout=timeout, tolerance=tolerance,
                         on_probe=lambda r: note(f"max batch: {r['batch']} {'fits' if r['fits'] else 'too big'}"))
-        rec.update(mem_cap_bytes=mem_cap, max_batch=res.batch, max_batch_hit_limit=res.hit_limit,
-                   max_batch_probes=res.probes)
+        rec.update(mem_cap_bytes=mem_cap, max_batch=res.batch, max_batch_fails=res.fails,
+                   max_batch_tolerance=tolerance, max_batch_hit_limit=res.hit_limit, max_batch_probes=res.probes)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rec
@@ -181,7 +187,7 @@ def _measure_one(spec: dict[str, Any], batch: int, peak: bool, mem_cap: int | No
 
 def measure_methods(base_spec: dict[str, Any], methods: list[str], batch: int, *, peak: bool = True,
                     mem_cap: int | None = None, limit: int = 1 << 16, timeout: float | None = 600.0,
-                    progress: bool = False, context: bool = True) -> list[dict[str, Any]]:
+                    progress: bool = False, context: bool = True, tolerance: float = 0.0) -> list[dict[str, Any]]:
     """One record per method (see :func:`run`); a method that fails gets an ``error`` entry and the others go on
     (``LEANPROP_DEBUG=1`` re-raises).  ``ratio_vs_dense`` / ``peak_growth_ratio_vs_dense`` compare with the dense
     record of the same call, when there is one."""
@@ -207,7 +213,7 @@ def measure_methods(base_spec: dict[str, Any], methods: list[str], batch: int, *
             bar.set_postfix_str(f"{_m}: {what}")
 
         try:
-            rec.update(_measure_one(spec, batch, peak, mem_cap, limit, timeout, note))
+            rec.update(_measure_one(spec, batch, peak, mem_cap, limit, timeout, note, tolerance))
         except Exception as e:  # noqa: BLE001 -- one broken method must not hide the others' numbers
             if os.environ.get("LEANPROP_DEBUG"):
                 raise
@@ -279,8 +285,10 @@ def run(args: argparse.Namespace) -> int:
     base = {"model": info.name, "model_kwargs": kwargs, "input_shape": shape, "num_classes": args.num_classes,
             "device": args.device, "threads": args.threads, "dtype": args.dtype, "channels_last": args.channels_last}
     progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
+    if not 0 <= args.max_batch_tolerance < 1:
+        raise ValueError(f"--max-batch-tolerance must be in [0, 1), got {args.max_batch_tolerance}")
     records = measure_methods(base, methods, batch, peak=args.peak, mem_cap=cap, limit=args.max_batch_limit,
-                              timeout=args.probe_timeout, progress=progress)
+                              timeout=args.probe_timeout, progress=progress, tolerance=args.max_batch_tolerance)
     r0 = records[0]
     opts = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     print(f"{info.name}{f' ({opts})' if opts else ''}, batch {batch}, input {'x'.join(map(str, r0['input_shape']))}, "

@@ -10,11 +10,13 @@ import argparse
 import json
 import os
 import tempfile
-from collections import OrderedDict
 from pathlib import Path
 
 from leanprop.accounting.context import append_jsonl as append_records
 from leanprop.accounting.context import run_context
+from leanprop.accounting.report_capacity import kept_by_module_section, max_batch_section, write_max_batch_plot
+from leanprop.accounting.report_tables import latest as _latest
+from leanprop.accounting.report_tables import markdown_table as _table
 
 __all__ = ["append_records", "read_records", "render", "run_context", "write_report", "write_plots", "main"]
 
@@ -37,20 +39,6 @@ def read_records(results_dir: Path) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{f}:{i + 1}: not valid JSON ({e}); fix or delete that line") from e
     return recs
-
-
-def _latest(recs: list[dict], key: tuple[str, ...]) -> list[dict]:
-    """Keep the newest record for each key (records are appended in time order)."""
-    out: OrderedDict = OrderedDict()
-    for r in recs:
-        out[tuple(str(r.get(k)) for k in key)] = r
-    return list(out.values())
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 _METHOD_ORDER = ("dense", "checkpoint", "blpa8", "blpa4", "blpa2", "swat-u90", "swat-u80-packed", "swat-u90-packed",
@@ -299,7 +287,9 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
                 for r in sorted(bs, key=lambda r: (r["model"], r["method"], r["dtype"], r["channels_last"]))]
         parts += [_table(["model", "method", "dtype", "layout", "threads", "dense ms", "BLPA ms", "throughput ratio",
                           "kernels", "rounds", "git"], rows), ""]
+    parts += max_batch_section(recs, plots or {})
     parts += _memory_section(recs)
+    parts += kept_by_module_section(recs)
     parts += _sparse_kernels_section(recs)
     machines = sorted({f"{r.get('processor', '?')} ({r.get('cpu_count', '?')} CPUs)" for r in recs})
     if machines:
@@ -349,7 +339,9 @@ def write_report(results_dir: Path, out: Path, plots_dir: Path | None = None, re
                                 "`leanprop bench matrix --quick`) or pass --results DIR")
     recs = read_records(Path(results_dir))
     out = Path(out)
-    plots = write_plots(recs, Path(plots_dir) if plots_dir else out.parent / "img", out.parent)
+    plots_dir = Path(plots_dir) if plots_dir else out.parent / "img"
+    plots = write_plots(recs, plots_dir, out.parent)
+    plots.update(write_max_batch_plot(recs, plots_dir, out.parent, _save_fig))
     _atomic_write(out, render(recs, plots))
     if readme is not None:
         update_readme(Path(readme), recs)

@@ -61,19 +61,18 @@ def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, comp
     """The shared SWAT forward: ``op(X, W_s, b)`` in the autocast dtype (like nn.Conv2d / nn.Linear), then save
     ``X_s`` (only when dW is needed) and ``W_s``, plus the dtypes the backward must return.
 
-    ``compress``: keep ``X_s`` as values + positions and ``W_s`` as the dense Parameter + a 1-bit mask
-    (:mod:`leanprop.swat.storage`); the backward restores both exactly."""
+    ``W_s`` is kept as the dense Parameter + a 1-bit mask of its non-zeros (issue 5: never a second dense copy;
+    no mask when ``weight_sparse`` is the Parameter's own storage, i.e. nothing is pruned). ``compress``: keep
+    ``X_s`` as values + positions (:mod:`leanprop.swat.storage`); the backward restores both exactly."""
     dev = x.device.type
     amp = _autocast_dtype(dev)
     xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
     with _no_autocast(dev, amp is not None):
         y = op(xc, ws, bc)
-    if compress:
+    w_bits = ctx.w_meta = None
+    if _compiling() or weight_sparse.data_ptr() != weight.data_ptr():  # (dynamo cannot compare data pointers)
         w_bits, ctx.w_meta = pack_weight_mask(weight_sparse)
-        ctx.save_for_backward(*_save_x_s(ctx, xc, x_threshold, compress), weight, w_bits)
-    else:
-        ctx.save_for_backward(_save_x_s(ctx, xc, x_threshold, compress)[0], ws)
-    ctx.compress = compress
+    ctx.save_for_backward(*_save_x_s(ctx, xc, x_threshold, compress), weight, w_bits)
     ctx.w_dtype = ws.dtype
     ctx.x_shape = x.shape
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -82,22 +81,29 @@ def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, comp
 
 
 def _save_x_s(ctx, xc: Tensor, x_threshold: Threshold, compress: bool) -> tuple[Tensor | None, Tensor | None]:
-    """The two saved tensors that hold ``X_s`` (None when dW is not needed): ``(X_s, None)`` dense, or
-    ``(positions, values)`` packed; sets ``ctx.x_meta`` (None unless packed). :func:`_x_s` restores it."""
+    """The two saved tensors that hold ``X_s`` (None when dW is not needed): ``(X, None)`` when nothing is dropped;
+    uncompressed, ``(X, threshold)`` -- ``X_s = TopK(X)`` is applied in the backward, because ``X`` itself is
+    usually kept anyway (the ReLU that produced it saves its output: one storage, no extra bytes), where a
+    zero-filled ``X_s`` would be a second dense tensor; packed, ``(positions, values)``.  Sets ``ctx.x_meta``
+    (None unless packed). :func:`_x_s` restores ``X_s``."""
     ctx.x_meta = None
     if not ctx.needs_input_grad[1]:
         return None, None
-    if not compress:
-        return sparsify(xc, x_threshold), None
-    if _drops_nothing(x_threshold):  # dense X is smaller than values + positions
+    if _drops_nothing(x_threshold):  # dense X: no copy (and smaller than values + positions)
         return xc, None
+    if not compress:  # the threshold is copied: the layer's buffer may be updated before this backward runs
+        thr = (x_threshold.detach().clone() if isinstance(x_threshold, Tensor)
+               else torch.tensor(float(x_threshold), dtype=torch.float32))
+        return xc, thr
     positions, values, ctx.x_meta = pack_above(xc, x_threshold)
     return positions, values
 
 
 def _x_s(ctx, a: Tensor | None, b: Tensor | None) -> Tensor | None:
     """``X_s`` from the two tensors :func:`_save_x_s` saved."""
-    return unpack_sparse(a, b, ctx.x_meta) if ctx.x_meta is not None else a
+    if ctx.x_meta is not None:
+        return unpack_sparse(a, b, ctx.x_meta)
+    return a if b is None else sparsify(a, b)
 
 
 def _drops_nothing(thr: Threshold) -> bool:
@@ -112,11 +118,11 @@ def _drops_nothing(thr: Threshold) -> bool:
 
 
 def _saved(ctx) -> tuple[Tensor | None, Tensor]:
-    """``(X_s or None, W_s)`` as the forward computed them, restored from compressed storage if need be."""
-    if not ctx.compress:
-        return ctx.saved_tensors
+    """``(X_s or None, W_s)`` as the forward computed them, restored from what it kept."""
     xa, xb, weight, w_bits = ctx.saved_tensors
-    return _x_s(ctx, xa, xb), restore_sparse_weight(weight, w_bits, ctx.w_meta, ctx.w_dtype)
+    ws = weight.detach().to(ctx.w_dtype) if w_bits is None else restore_sparse_weight(weight, w_bits, ctx.w_meta,
+                                                                                       ctx.w_dtype)
+    return _x_s(ctx, xa, xb), ws
 
 
 class _SWATConv2d(torch.autograd.Function):
@@ -192,7 +198,8 @@ def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
     ``weight_sparse`` must be the detached masked weight, same shape as ``weight``; ``x_threshold`` is a 0-d fp32
     tensor or float (None or <= 0: X saved dense, no copy). ``stride``/``padding``/``dilation`` as in
     ``F.conv2d``, including padding="valid"/"same". x may be (N, C, H, W) or unbatched (C, H, W).
-    ``compress=True`` keeps X_s as values + positions and W_s as a 1-bit mask over ``weight`` (same gradients).
+    W_s is kept as a 1-bit mask over ``weight``; ``compress=True`` also keeps X_s as values + positions (same
+    gradients either way).
     """
     if weight_sparse.shape != weight.shape:
         raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
@@ -258,7 +265,8 @@ class _SWATFilterConv2d(torch.autograd.Function):
             y = _scatter_channels(y_k, keep, weight.shape[0], bc, fmt)
         ctx.conf = (stride, padding, dilation)
         ctx.dense_grad, ctx.amp, ctx.fmt = dense_grad, amp is not None, fmt
-        ctx.save_for_backward(*_save_x_s(ctx, xc, x_threshold, compress), wc, keep)
+        ctx.save_for_backward(*_save_x_s(ctx, xc, x_threshold, compress), weight, keep)  # W[keep]: gathered again
+        ctx.w_dtype = wc.dtype
         ctx.x_shape, ctx.w_shape = x.shape, weight.shape
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -266,8 +274,9 @@ class _SWATFilterConv2d(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        xa, xb, wc, keep = ctx.saved_tensors
+        xa, xb, weight, keep = ctx.saved_tensors
         x_s = _x_s(ctx, xa, xb)
+        wc = weight.detach().index_select(0, keep).to(ctx.w_dtype)
         stride, padding, dilation = ctx.conf
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -101,7 +101,7 @@ def pack_above(t: Tensor, thr: Tensor | float, use_kernels: bool = True) -> tupl
     if k is None:
         return pack_sparse(t, magnitude_mask(t, thr))
     flat = flat_memory_view(t)
-    bits, values, offsets = k.sparse_pack(flat, float(torch.tensor(thr, dtype=torch.float32)))
+    bits, values, offsets = k.sparse_pack(flat, float(torch.as_tensor(thr, dtype=torch.float32)))
     meta = PackedSparse(t.shape, memory_format_of(t), t.numel(), False, offsets)
     if 4 * values.numel() < bits.numel() and t.numel() < 2**31:  # very sparse: int32 indices are smaller
         keep = unpack_bits(bits, 1, t.numel()).bool()

@@ -1,0 +1,128 @@
+"""Report sections on memory capacity: which layers keep the bytes, and the largest batch under a memory cap.
+
+Both read the ``bench == "memory"`` and ``bench == "matrix"`` JSONL records (``leanprop bench memory``,
+``python benchmarks/blpa_memory.py``, ``leanprop bench matrix``); :mod:`leanprop.accounting.report` places them
+in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .report_tables import latest as _latest
+from .report_tables import markdown_table as _table
+
+__all__ = ["kept_by_module_section", "max_batch_records", "max_batch_section", "write_max_batch_plot"]
+
+_ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70", "swat-filter70-p10",
+          "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
+
+
+def _rank(method: str) -> tuple[int, str]:
+    return (_ORDER.index(method) if method in _ORDER else len(_ORDER), method)
+
+
+def _memory_like(recs: list[dict]) -> list[dict]:
+    return [r for r in recs if r.get("bench") in ("memory", "matrix") and "saved_bytes" in r]
+
+
+def kept_by_module_section(recs: list[dict]) -> list[str]:
+    """"Where the kept bytes are": per model and method, the bytes kept for backward split by the class of the
+    module that saved them (records with ``saved_by_origin``), as fractions of the dense total."""
+    rows_in = _latest([r for r in _memory_like(recs) if r.get("saved_by_origin") and r.get("ratio_vs_dense")],
+                      ("model", "batch", "method", "device", "dtype"))
+    if not rows_in:
+        return []
+    parts = ["## Where the kept bytes are", "",
+             "Bytes kept for backward split by the class of the module that saved them (a storage counts once, "
+             "for the module that saved it first: in dense models the ReLU output is also the next conv's input "
+             "and shows under ReLU), as a fraction of the dense model's total at the same batch. BatchNorm2d: "
+             "the BN inputs (conv outputs), which SWAT keeps dense by its definition (spec swat.md §4.2), so "
+             "their share bounds what SWAT alone can save. Command: `python benchmarks/blpa_memory.py "
+             "--models M --methods ...` (or `leanprop bench memory`).", ""]
+    rows = []
+    for r in sorted(rows_in, key=lambda r: (r["model"], r["batch"], _rank(r["method"]))):
+        dense_total = r["saved_bytes"] / r["ratio_vs_dense"]
+        top = sorted(r["saved_by_origin"].items(), key=lambda kv: -kv[1])
+        shown = [f"{name} {b / dense_total:.3f}" for name, b in top[:4]]
+        rest = sum(b for _, b in top[4:])
+        if rest:
+            shown.append(f"others {rest / dense_total:.3f}")
+        rows.append([r["model"], str(r["batch"]), r["method"], f"{r['ratio_vs_dense']:.3f}", ", ".join(shown)])
+    return parts + [_table(["model", "batch", "method", "kept x dense", "by saving module (x dense total)"], rows),
+                    ""]
+
+
+def max_batch_records(recs: list[dict]) -> list[dict]:
+    """The newest record with a max-batch search per (model, method, cap, device, dtype)."""
+    return _latest([r for r in recs if r.get("bench") in ("memory", "matrix") and r.get("max_batch") is not None],
+                   ("model", "method", "mem_cap_bytes", "device", "dtype", "channels_last"))
+
+
+def max_batch_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
+    """"Largest batch under a memory cap": per cap and model, each method's largest fitting batch and its ratio
+    to dense's."""
+    mb = max_batch_records(recs)
+    if not mb:
+        return []
+    parts = ["## Largest batch under a memory cap", "",
+             "The largest batch whose one training step (forward, cross-entropy, backward, after a warm-up step) "
+             "peaks under the cap in a fresh process (peak RSS on CPU, max allocated on CUDA): doubling/halving "
+             "from a guess, then binary search; with a tolerance the true largest batch lies in [max batch, first "
+             "failing batch). Command: `python benchmarks/blpa_memory.py --models M --methods ... --mem-cap 4GiB "
+             "--max-batch-tolerance 0.02` (or `leanprop bench memory --mem-cap 4GiB`).", ""]
+    for cap in sorted({r["mem_cap_bytes"] for r in mb}):
+        group = [r for r in mb if r["mem_cap_bytes"] == cap]
+        rows = []
+        for model in dict.fromkeys(r["model"] for r in group):
+            mine = sorted((r for r in group if r["model"] == model), key=lambda r: _rank(r["method"]))
+            dense = next((r["max_batch"] for r in mine if r["method"] == "dense"), None)
+            for r in mine:
+                fails = r.get("max_batch_fails")
+                rows.append([model, r["method"], str(r["max_batch"]) + ("+" if r.get("max_batch_hit_limit") else ""),
+                             "-" if fails is None else str(fails),
+                             f"{r['max_batch'] / dense:.2f}" if dense else "-", r.get("device", "?"),
+                             r.get("dtype", "fp32"), r.get("git_sha") or "?"])
+        parts += [f"### Cap {cap / 2**30:.2f} GiB", "",
+                  _table(["model", "method", "max batch", "first failing batch", "x dense", "device", "dtype", "git"],
+                         rows), ""]
+        if f"max_batch:{cap}" in plots:
+            parts += [f"![largest batch under {cap / 2**30:.2f} GiB]({plots[f'max_batch:{cap}']})", ""]
+    return parts
+
+
+def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path, save) -> dict[str, str]:
+    """One grouped bar chart per cap (models side by side, one bar per method); ``save(fig, path)`` writes it.
+    Returns ``{"max_batch:<cap bytes>": path relative to rel_to}``."""
+    mb = max_batch_records(recs)
+    if not mb:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for cap in sorted({r["mem_cap_bytes"] for r in mb}):
+        group = [r for r in mb if r["mem_cap_bytes"] == cap]
+        model_names = list(dict.fromkeys(r["model"] for r in group))
+        methods = sorted({r["method"] for r in group}, key=_rank)
+        cell = {(r["model"], r["method"]): r["max_batch"] for r in group}
+        width = 0.8 / len(methods)
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(model_names) + 2), 4))
+        for j, method in enumerate(methods):
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(model_names))]
+            ax.bar(xs, [cell.get((m, method), 0) for m in model_names], width, label=method)
+        ax.set_xticks(range(len(model_names)), model_names)
+        ax.set_ylabel("largest batch that fits")
+        ax.set_title(f"Largest training batch under {cap / 2**30:.2f} GiB")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"max_batch_{cap / 2**30:g}GiB.png"
+        save(fig, path)
+        plt.close(fig)
+        written[f"max_batch:{cap}"] = os.path.relpath(path, rel_to)
+    return written
