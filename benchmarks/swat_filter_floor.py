@@ -6,7 +6,7 @@ loss, optimizer). This script times, per conv layer of the model at its real sha
 repeats, ``torch.ops.aten`` kernels alone):
 
 * dense: forward, input gradient, weight gradient with all filters;
-* kept: the same three with only the ``ceil((1-s) * C_out)`` kept filters (what ``swat_filter_conv2d`` runs);
+* kept: the same three with only the kept filters (``ceil((1-s) * C_out)``) (what ``swat_filter_conv2d`` runs);
 
 and whole training steps of dense, ``swat-filterS`` and ``swat-filterS-pP`` (interleaved, median). Then
 
@@ -24,7 +24,6 @@ controller cost nothing: when it is above the target, no implementation built on
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -91,13 +90,15 @@ def time_conv(layer: dict, kept: int, repeats: int) -> dict[str, float]:
         "wgrad_kept": grads(g_k, w_k, [False, True, False])}, repeats)
 
 
-def filter_layers(model_name: str, sparsity: float) -> set[str]:
-    """Names of the conv layers swat-filter computes with kept filters only (from a converted copy)."""
+def filter_layers(model_name: str, sparsity: float) -> dict[str, int]:
+    """``{name: kept filters}`` of the conv layers swat-filter computes with kept filters only (a converted copy
+    says, with leanprop's own Top-K count)."""
     import leanprop
 
     m = models.create(model_name)
     leanprop.convert_(m, leanprop.SWATConfig(sparsity=sparsity, structure="filter"))
-    return {n for n, mod in m.named_modules() if getattr(mod, "computes_kept_filters", lambda: False)()}
+    return {n: len(mod.kept_filters()) for n, mod in m.named_modules()
+            if getattr(mod, "computes_kept_filters", lambda: False)()}
 
 
 def measure(model_name: str, batch: int, sparsity: float, period: int, repeats: int, rounds: int) -> dict:
@@ -107,7 +108,7 @@ def measure(model_name: str, batch: int, sparsity: float, period: int, repeats: 
     per_layer = []
     sums = dict.fromkeys(("fwd", "igrad", "wgrad", "fwd_kept", "igrad_kept", "wgrad_kept"), 0.0)
     for layer in layers:
-        kept = math.ceil((1 - sparsity) * layer["w"][0]) if layer["name"] in structured else layer["w"][0]
+        kept = structured.get(layer["name"], layer["w"][0])
         t = time_conv(layer, kept, repeats)
         if layer["name"] not in structured:  # a dense layer (e.g. the first conv) runs dense in every method
             t.update(fwd_kept=t["fwd"], igrad_kept=t["igrad"], wgrad_kept=t["wgrad"])

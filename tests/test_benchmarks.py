@@ -47,6 +47,24 @@ def test_swat_speed_records_ratio(tmp_path):
     assert 0.0 < r["measured"]["weight_sparsity"] < 0.9  # first layer dense, the rest at 90 %
 
 
+def test_swat_filter_floor_records_the_decomposition(tmp_path):
+    import swat_filter_floor
+
+    out, md = tmp_path / "f.jsonl", tmp_path / "bench.md"
+    assert swat_filter_floor.main(["--models", "resnet8", "--threads", "1", "--batch", "4", "--repeats", "1",
+                                   "--rounds", "1", "--out", str(out), "--report", str(md)]) == 0
+    r = json.loads(out.read_text())
+    assert r["bench"] == "swat_filter_floor" and r["sparsity"] == 0.7 and r["period"] == 10
+    first, second = r["layers"][0], r["layers"][1]
+    assert first["kept"] == first["w"][0]                    # the first conv stays dense
+    assert second["kept"] == -(-3 * second["w"][0] // 10)     # ceil(0.3 * C_out) kept filters
+    c = r["conv_ms"]
+    assert r["floor"] == pytest.approx((c["fwd_kept"] + c["igrad_kept"] + c["wgrad"] + r["other_ms"])
+                                       / r["dense_step_ms"])
+    assert r["measured"] == pytest.approx(r["filter_step_ms"] / r["dense_step_ms"])
+    assert "## Filter-structured SWAT: how fast it could be" in md.read_text()
+
+
 def test_swat_accuracy_report_from_run_dirs(tmp_path):
     import swat_accuracy
 

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from leanprop.accounting.context import append_jsonl as append_records
 from leanprop.accounting.context import run_context
-from leanprop.accounting.report_capacity import kept_by_module_section, max_batch_section, write_max_batch_plot
+from leanprop.accounting.report_capacity import (
+    filter_floor_section,
+    kept_by_module_section,
+    max_batch_section,
+    write_max_batch_plot,
+)
 from leanprop.accounting.report_tables import latest as _latest
 from leanprop.accounting.report_tables import markdown_table as _table
 
@@ -63,10 +68,12 @@ def _memory_section(recs: list[dict]) -> list[str]:
              "the same invocation. Peak: one training step (forward, cross-entropy, backward; after a warm-up "
              "step) in a fresh process, peak RSS on CPU (max allocated on CUDA); growth = peak minus the RSS "
              "just before the forward. Command: `python benchmarks/blpa_memory.py`. Target (spec blpa.md §6): "
-             "BLPA-4 keeps >= 14x less than dense on pre-activation ResNet-164. `swat-*`: SWAT as the paper runs it "
-             "(X_s and W_s kept as dense zero-filled tensors); `swat-*-packed`: `SWATConfig(compress_saved=True)` "
-             "(X_s as values + 1-bit mask, W_s as the Parameter + 1-bit mask, 1-bit ReLU masks; exact gradients; "
-             "BatchNorm inputs stay dense fp32 as SWAT specifies). Issue 5 target: packed SWAT-U90 <= 1/3 of dense "
+             "BLPA-4 keeps >= 14x less than dense on pre-activation ResNet-164. `swat-*`: SWAT with the "
+             "paper's arithmetic (W_s kept as the Parameter + a 1-bit mask, X_s as X itself -- usually the "
+             "ReLU's saved output -- plus its threshold, masked in the backward; records from before git 5a599a7 "
+             "kept both as extra zero-filled copies); `swat-*-packed`: `SWATConfig(compress_saved=True)` (X_s as "
+             "values + 1-bit mask, 1-bit ReLU masks; exact gradients; BatchNorm inputs stay dense fp32 as SWAT "
+             "specifies). Issue 5 target: packed SWAT-U90 <= 1/3 of dense "
              "on ResNet-18 (CIFAR) and ResNet-50.", ""]
 
     def order(r: dict) -> tuple:
@@ -288,6 +295,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
         parts += [_table(["model", "method", "dtype", "layout", "threads", "dense ms", "BLPA ms", "throughput ratio",
                           "kernels", "rounds", "git"], rows), ""]
     parts += max_batch_section(recs, plots or {})
+    parts += filter_floor_section(recs)
     parts += _memory_section(recs)
     parts += kept_by_module_section(recs)
     parts += _sparse_kernels_section(recs)

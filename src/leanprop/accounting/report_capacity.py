@@ -13,7 +13,8 @@ from pathlib import Path
 from .report_tables import latest as _latest
 from .report_tables import markdown_table as _table
 
-__all__ = ["kept_by_module_section", "max_batch_records", "max_batch_section", "write_max_batch_plot"]
+__all__ = ["filter_floor_section", "kept_by_module_section", "max_batch_records", "max_batch_section",
+           "write_max_batch_plot"]
 
 _ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70", "swat-filter70-p10",
           "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
@@ -55,8 +56,11 @@ def kept_by_module_section(recs: list[dict]) -> list[str]:
 
 
 def max_batch_records(recs: list[dict]) -> list[dict]:
-    """The newest record with a max-batch search per (model, method, cap, device, dtype)."""
-    return _latest([r for r in recs if r.get("bench") in ("memory", "matrix") and r.get("max_batch") is not None],
+    """The newest record with a max-batch search per (model, method, cap, device, dtype), from the newest code
+    (git sha) that searched that model: an older build's figures are not mixed into the table."""
+    found = [r for r in recs if r.get("bench") in ("memory", "matrix") and r.get("max_batch") is not None]
+    newest_sha = {r["model"]: r.get("git_sha") for r in sorted(found, key=lambda r: str(r.get("timestamp", "")))}
+    return _latest([r for r in found if r.get("git_sha") == newest_sha[r["model"]]],
                    ("model", "method", "mem_cap_bytes", "device", "dtype", "channels_last"))
 
 
@@ -126,3 +130,29 @@ def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path, save) ->
         plt.close(fig)
         written[f"max_batch:{cap}"] = os.path.relpath(path, rel_to)
     return written
+
+
+def filter_floor_section(recs: list[dict]) -> list[str]:
+    """"Filter-structured SWAT: how fast it could be" from ``bench == "swat_filter_floor"`` records
+    (``python benchmarks/swat_filter_floor.py``)."""
+    fl = _latest([r for r in recs if r.get("bench") == "swat_filter_floor"],
+                 ("model", "batch", "sparsity", "period", "threads", "processor"))
+    if not fl:
+        return []
+    parts = ["## Filter-structured SWAT: how fast it could be", "",
+             "Per conv layer at its real shapes, the dense forward / input gradient / weight gradient and the same "
+             "with only the kept filters (oneDNN kernels alone, median of interleaved repeats); whole training "
+             "steps of dense and filter SWAT interleaved in the same run. Non-conv: dense step minus its conv "
+             "time (BN, ReLU, adds, pooling, loss, optimizer). Floor: the step ratio filter SWAT would reach if "
+             "gathering/scattering the kept channels, Top-K masks and the controller cost nothing -- kept forward "
+             "+ kept input gradient + the *dense* weight gradient (the paper's semantics) + non-conv; periodic "
+             "floor: the weight gradient of the kept filters, plus the dense one every P-th step. Issue 5 "
+             "targets: <= 0.65 (paper's semantics), <= 0.45 (periodic). Command: "
+             "`python benchmarks/swat_filter_floor.py`.", ""]
+    rows = [[r["model"], str(r["batch"]), f"{r['sparsity']:.2f}", str(r["period"]), str(r["threads"]),
+             f"{r['dense_step_ms']:.0f}", f"{r['other_share']:.3f}", f"{r['wgrad_share']:.3f}", f"{r['floor']:.3f}",
+             f"{r['measured']:.3f}", f"{r['floor_periodic']:.3f}", f"{r['measured_periodic']:.3f}",
+             r.get("git_sha") or "?"] for r in sorted(fl, key=lambda r: (r["model"], r["sparsity"]))]
+    return parts + [_table(["model", "batch", "sparsity", "P", "threads", "dense step ms", "non-conv share",
+                            "dense wgrad share", "floor", "measured", "periodic floor", "measured periodic", "git"],
+                           rows), ""]
