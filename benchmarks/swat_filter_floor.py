@@ -69,15 +69,16 @@ def _median_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def time_conv(layer: dict, kept: int, repeats: int) -> dict[str, float]:
+def time_conv(layer: dict, kept: int, repeats: int, channels_last: bool = False) -> dict[str, float]:
     """Median ms of the dense and the kept-filter forward, input gradient and weight gradient of one conv."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(layer["x"], generator=gen)
-    w = torch.randn(layer["w"], generator=gen)
-    w_k = w[:kept].contiguous()
+    x = torch.randn(layer["x"], generator=gen).contiguous(memory_format=fmt)
+    w = torch.randn(layer["w"], generator=gen).contiguous(memory_format=fmt)
+    w_k = w[:kept].contiguous(memory_format=fmt)
     opt = (layer["stride"], layer["padding"], layer["dilation"])
-    g = torch.randn(F.conv2d(x, w, None, *opt).shape, generator=gen)
-    g_k = g[:, :kept].contiguous()
+    g = torch.randn(F.conv2d(x, w, None, *opt).shape, generator=gen).contiguous(memory_format=fmt)
+    g_k = g[:, :kept].contiguous(memory_format=fmt)
     bwd = torch.ops.aten.convolution_backward
 
     def grads(gg, ww, mask):
@@ -101,7 +102,8 @@ def filter_layers(model_name: str, sparsity: float) -> dict[str, int]:
             if getattr(mod, "computes_kept_filters", lambda: False)()}
 
 
-def measure(model_name: str, batch: int, sparsity: float, period: int, repeats: int, rounds: int) -> dict:
+def measure(model_name: str, batch: int, sparsity: float, period: int, repeats: int, rounds: int,
+            channels_last: bool = False) -> dict:
     torch.manual_seed(0)
     layers = conv_shapes(models.create(model_name), batch)
     structured = filter_layers(model_name, sparsity)
@@ -109,7 +111,7 @@ def measure(model_name: str, batch: int, sparsity: float, period: int, repeats: 
     sums = dict.fromkeys(("fwd", "igrad", "wgrad", "fwd_kept", "igrad_kept", "wgrad_kept"), 0.0)
     for layer in layers:
         kept = structured.get(layer["name"], layer["w"][0])
-        t = time_conv(layer, kept, repeats)
+        t = time_conv(layer, kept, repeats, channels_last)
         if layer["name"] not in structured:  # a dense layer (e.g. the first conv) runs dense in every method
             t.update(fwd_kept=t["fwd"], igrad_kept=t["igrad"], wgrad_kept=t["wgrad"])
         per_layer.append({"name": layer["name"], "x": layer["x"], "w": layer["w"], "kept": kept, **t})
@@ -117,8 +119,8 @@ def measure(model_name: str, batch: int, sparsity: float, period: int, repeats: 
             sums[k] += t[k]
     pct = round(sparsity * 100)
     methods = ["dense", f"swat-filter{pct}", f"swat-filter{pct}-p{period}"]
-    steps = step_times({"model": model_name, "model_kwargs": {}, "threads": torch.get_num_threads()}, methods,
-                       batch, rounds, 2)
+    steps = step_times({"model": model_name, "model_kwargs": {}, "threads": torch.get_num_threads(),
+                        "channels_last": channels_last}, methods, batch, rounds, 2)
     dense_ms, filt_ms, per_ms = (statistics.median(steps[m]) * 1000 for m in methods)
     conv_dense = sums["fwd"] + sums["igrad"] + sums["wgrad"]
     other = max(0.0, dense_ms - conv_dense)
@@ -126,7 +128,8 @@ def measure(model_name: str, batch: int, sparsity: float, period: int, repeats: 
     wgrad_p = ((period - 1) * sums["wgrad_kept"] + sums["wgrad"]) / period
     floor_p = (sums["fwd_kept"] + sums["igrad_kept"] + wgrad_p + other) / dense_ms
     return {"bench": "swat_filter_floor", "model": model_name, "batch": batch, "sparsity": sparsity,
-            "period": period, "threads": torch.get_num_threads(), "repeats": repeats, "rounds": rounds,
+            "period": period, "threads": torch.get_num_threads(), "channels_last": channels_last,
+            "repeats": repeats, "rounds": rounds,
             "dense_step_ms": dense_ms, "filter_step_ms": filt_ms, "filter_periodic_step_ms": per_ms,
             "conv_ms": {k: v for k, v in sums.items()}, "other_ms": other, "other_share": other / dense_ms,
             "wgrad_share": sums["wgrad"] / dense_ms, "floor": floor, "floor_periodic": floor_p,
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per conv kernel")
     ap.add_argument("--rounds", type=int, default=5, help="timed training steps per method")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--channels-last", action="store_true", help="NHWC tensors, kernels and models")
     ap.add_argument("--out", default=str(DEFAULT_JSONL))
     ap.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip the report")
     a = ap.parse_args(argv)
@@ -150,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     env, stamp = run_context("cpu")
     for name in a.models:
-        rec = {**env, "timestamp": stamp, **measure(name, a.batch, a.sparsity, a.period, a.repeats, a.rounds)}
+        rec = {**env, "timestamp": stamp, **measure(name, a.batch, a.sparsity, a.period, a.repeats, a.rounds,
+                                                         a.channels_last)}
         append_records(Path(a.out), [rec])
-        print(f"{name}: dense step {rec['dense_step_ms']:.0f} ms, non-conv share {rec['other_share']:.3f}, dense "
-              f"weight-grad share {rec['wgrad_share']:.3f}; floor {rec['floor']:.3f} (measured {rec['measured']:.3f}), "
+        layout = " (NHWC)" if a.channels_last else ""
+        print(f"{name}{layout}: dense step {rec['dense_step_ms']:.0f} ms, non-conv share {rec['other_share']:.3f}, "
+              f"dense weight-grad share {rec['wgrad_share']:.3f}; floor {rec['floor']:.3f} "
+              f"(measured {rec['measured']:.3f}), "
               f"periodic floor {rec['floor_periodic']:.3f} (measured {rec['measured_periodic']:.3f})", flush=True)
     if a.report:
         write_report(Path(a.out).parent, Path(a.report))

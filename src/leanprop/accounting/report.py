@@ -145,10 +145,10 @@ def _matrix_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
              "Peak growth: one step in a fresh process, peak minus the memory before the forward. FLOPs: counted "
              "conv/linear training MACs / dense. Max batch: the largest batch whose fresh-process peak fits the cap "
              "(when measured).", ""]
-    for model in dict.fromkeys(r["model"] for r in mx):
+    for model in dict.fromkeys(_group(r) for r in mx):
         rows = _model_rows(mx, model)
         r0 = rows[0]
-        parts += [f"### {model} (batch {r0['batch']}, {r0.get('threads')} threads, {r0.get('dtype', 'fp32')}, "
+        parts += [f"### {_label(r0)} (batch {r0['batch']}, {r0.get('threads')} threads, {r0.get('dtype', 'fp32')}, "
                   f"{r0.get('device', 'cpu')}, git {r0.get('git_sha') or '?'})", ""]
         table = []
         for r in rows:
@@ -172,10 +172,19 @@ _MATRIX_ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk
                  "swat-filter70-p10", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
 
 
+def _group(r: dict) -> str:
+    """A matrix table's key: the model, with ``-nhwc`` for channels-last runs (plot file names use it)."""
+    return r["model"] + ("-nhwc" if r.get("channels_last") else "")
+
+
+def _label(r: dict) -> str:
+    return r["model"] + (" (NHWC)" if r.get("channels_last") else "")
+
+
 def _model_rows(mx: list[dict], model: str) -> list[dict]:
-    """One model's matrix records in the methods' display order."""
+    """One model's (and layout's, see :func:`_group`) matrix records in the methods' display order."""
     order = {m: i for i, m in enumerate(_MATRIX_ORDER)}
-    return sorted((r for r in mx if r["model"] == model), key=lambda r: (order.get(r["method"], 99), r["method"]))
+    return sorted((r for r in mx if _group(r) == model), key=lambda r: (order.get(r["method"], 99), r["method"]))
 
 
 def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]:
@@ -191,7 +200,7 @@ def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for model in dict.fromkeys(r["model"] for r in mx):
+    for model in dict.fromkeys(_group(r) for r in mx):
         rows = _model_rows(mx, model)
         names = [r["method"] for r in rows]
         fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -200,7 +209,7 @@ def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]
                                    for n, v in zip(names, vals, strict=True)])
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_ylabel("step time / dense")
-        ax.set_title(f"{model}: training step time by method (batch {rows[0]['batch']})")
+        ax.set_title(f"{_label(rows[0])}: training step time by method (batch {rows[0]['batch']})")
         ax.tick_params(axis="x", rotation=35)
         fig.tight_layout()
         path = out_dir / f"matrix_time_{model}.png"
@@ -214,7 +223,7 @@ def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]
                 ax.plot([p[0] for p in pts], [p[1] / 2**20 for p in pts], marker="o", label=r["method"])
         ax.set_xlabel("batch")
         ax.set_ylabel("bytes kept for backward (MiB)")
-        ax.set_title(f"{model}: memory kept for backward against batch")
+        ax.set_title(f"{_label(rows[0])}: memory kept for backward against batch")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -315,7 +324,7 @@ def headline(recs: list[dict]) -> str:
     rows = []
     for r in mx:
         if r["method"] in HEADLINE_METHODS:
-            rows.append([r["model"], str(r["batch"]), r["method"], _fmt(r.get("ratio_vs_dense")),
+            rows.append([_label(r), str(r["batch"]), r["method"], _fmt(r.get("ratio_vs_dense")),
                          f"{r['time_vs_dense']:.2f}", _fmt(r.get("train_flops_vs_dense"), ".2f")])
     if not rows:
         return "(no `leanprop bench matrix` records yet)"

@@ -136,7 +136,7 @@ def filter_floor_section(recs: list[dict]) -> list[str]:
     """"Filter-structured SWAT: how fast it could be" from ``bench == "swat_filter_floor"`` records
     (``python benchmarks/swat_filter_floor.py``)."""
     fl = _latest([r for r in recs if r.get("bench") == "swat_filter_floor"],
-                 ("model", "batch", "sparsity", "period", "threads", "processor"))
+                 ("model", "batch", "sparsity", "period", "threads", "channels_last", "processor"))
     if not fl:
         return []
     parts = ["## Filter-structured SWAT: how fast it could be", "",
@@ -149,10 +149,12 @@ def filter_floor_section(recs: list[dict]) -> list[str]:
              "floor: the weight gradient of the kept filters, plus the dense one every P-th step. Issue 5 "
              "targets: <= 0.65 (paper's semantics), <= 0.45 (periodic). Command: "
              "`python benchmarks/swat_filter_floor.py`.", ""]
-    rows = [[r["model"], str(r["batch"]), f"{r['sparsity']:.2f}", str(r["period"]), str(r["threads"]),
+    rows = [[r["model"], "NHWC" if r.get("channels_last") else "NCHW", str(r["batch"]), f"{r['sparsity']:.2f}",
+             str(r["period"]), str(r["threads"]),
              f"{r['dense_step_ms']:.0f}", f"{r['other_share']:.3f}", f"{r['wgrad_share']:.3f}", f"{r['floor']:.3f}",
              f"{r['measured']:.3f}", f"{r['floor_periodic']:.3f}", f"{r['measured_periodic']:.3f}",
-             r.get("git_sha") or "?"] for r in sorted(fl, key=lambda r: (r["model"], r["sparsity"]))]
-    return parts + [_table(["model", "batch", "sparsity", "P", "threads", "dense step ms", "non-conv share",
+             r.get("git_sha") or "?"]
+            for r in sorted(fl, key=lambda r: (r["model"], bool(r.get("channels_last")), r["sparsity"]))]
+    return parts + [_table(["model", "layout", "batch", "sparsity", "P", "threads", "dense step ms", "non-conv share",
                             "dense wgrad share", "floor", "measured", "periodic floor", "measured periodic", "git"],
                            rows), ""]
