@@ -328,6 +328,18 @@ def test_codec_dedups_and_compresses_outside_units():
     assert find_codec(model) is None
 
 
+def test_codec_codes_large_1d_float_tensors_and_keeps_small_ones():
+    """SWAT's packed X_s values are 1-D: under SWAT+BLPA they must become codes too (issue 5)."""
+    codec = SavedTensorCodec(bits=8, min_bytes=1024)
+    values = torch.rand(4096) + 0.5
+    packed = codec.pack(values)
+    assert not isinstance(packed, torch.Tensor)
+    back = codec.unpack(packed)
+    assert back.shape == values.shape and (back - values).abs().max() <= 1.0 / 255 + 1e-6
+    small = torch.rand(100)
+    assert codec.pack(small) is small
+
+
 def test_blpa_memory_ratio_preact_resnet20():
     from leanprop.accounting.memory import saved_bytes
 

@@ -56,12 +56,14 @@ def kept_by_module_section(recs: list[dict]) -> list[str]:
 
 
 def max_batch_records(recs: list[dict]) -> list[dict]:
-    """The newest record with a max-batch search per (model, method, cap, device, dtype), from the newest code
-    (git sha) that searched that model: an older build's figures are not mixed into the table."""
-    found = [r for r in recs if r.get("bench") in ("memory", "matrix") and r.get("max_batch") is not None]
-    newest_sha = {r["model"]: r.get("git_sha") for r in sorted(found, key=lambda r: str(r.get("timestamp", "")))}
-    return _latest([r for r in found if r.get("git_sha") == newest_sha[r["model"]]],
-                   ("model", "method", "mem_cap_bytes", "device", "dtype", "channels_last"))
+    """Max-batch searches to show: of each (model, method, batch, layout, ...) only the newest matrix record and
+    the newest memory record per cap count, so a search made by older code is dropped once a newer record of
+    the same kind exists (a newer matrix run without ``--mem-cap`` retires an old matrix search)."""
+    key = ("model", "method", "batch", "device", "dtype", "channels_last")
+    newest = (_latest([r for r in recs if r.get("bench") == "matrix" and "step_s" in r], key)
+              + _latest([r for r in recs if r.get("bench") == "memory" and "saved_bytes" in r],
+                        (*key, "mem_cap_bytes")))
+    return [r for r in newest if r.get("max_batch") is not None]
 
 
 def max_batch_section(recs: list[dict], plots: dict[str, str]) -> list[str]:

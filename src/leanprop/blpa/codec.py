@@ -111,9 +111,9 @@ class SavedTensorCodec:
             self._ledger.record(t, kind)
 
     def pack(self, t: torch.Tensor) -> Any:
+        # 1-D tensors are not exempt: SWAT's packed X_s values (the kept activations) are 1-D and become codes
         keep = (self.bits is None or not t.is_floating_point() or isinstance(t, nn.Parameter)
-                or t.data_ptr() in self._params or t.numel() * t.element_size() < self.min_bytes
-                or t.dim() < 2)
+                or t.data_ptr() in self._params or t.numel() * t.element_size() < self.min_bytes)
         if keep:
             self._record(t, None)
             return t
