@@ -137,6 +137,10 @@ def measure(model_name: str, batch: int, sparsity: float, period: int, repeats: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a script: time with the allocator `leanprop bench` uses
+        from leanprop.cli import reexec_under_jemalloc
+
+        reexec_under_jemalloc([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["cifar_resnet18", "resnet20"])
     ap.add_argument("--batch", type=int, default=128)

@@ -23,11 +23,19 @@ def _jemalloc_path() -> str | None:
 def _maybe_reexec_with_jemalloc(argv: list[str]) -> None:
     """Restart this process with jemalloc preloaded (glibc malloc re-faults large temporaries every step).
 
-    Only for long-running commands, only on Linux when libjemalloc.so.2 is installed, and only when
-    ``LEANPROP_ALLOCATOR`` is unset or ``auto``; ``LEANPROP_ALLOCATOR=system`` turns it off. The allocator
+    Only for long-running commands (see :func:`reexec_under_jemalloc` for the other conditions). The allocator
     used is recorded in each run's env.json.
     """
-    if not argv or argv[0] not in LONG_RUNNING or not sys.platform.startswith("linux"):
+    if argv and argv[0] in LONG_RUNNING:
+        reexec_under_jemalloc([sys.executable, "-m", "leanprop", *argv])
+
+
+def reexec_under_jemalloc(cmd: list[str]) -> None:
+    """Replace this process by ``cmd`` with jemalloc preloaded -- only on Linux, when libjemalloc.so.2 is
+    installed, ``LEANPROP_ALLOCATOR`` is unset or ``auto`` (``system`` turns it off) and jemalloc is not
+    preloaded already; otherwise return and let the caller go on. Benchmark scripts call it first so that
+    their timings use the allocator ``leanprop bench`` uses."""
+    if not sys.platform.startswith("linux"):
         return
     if os.environ.get("LEANPROP_ALLOCATOR", "auto") != "auto" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
         return
@@ -40,7 +48,7 @@ def _maybe_reexec_with_jemalloc(argv: list[str]) -> None:
     env["LEANPROP_ALLOCATOR"] = "jemalloc"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "leanprop", *argv], env)
+    os.execve(cmd[0], cmd, env)
 
 
 def _parser() -> argparse.ArgumentParser:

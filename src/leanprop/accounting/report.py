@@ -22,6 +22,7 @@ from leanprop.accounting.report_capacity import (
 )
 from leanprop.accounting.report_tables import latest as _latest
 from leanprop.accounting.report_tables import markdown_table as _table
+from leanprop.accounting.report_tables import pyplot, save_fig
 
 __all__ = ["append_records", "read_records", "render", "run_context", "write_report", "write_plots", "main"]
 
@@ -193,11 +194,7 @@ def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]
     mx = _matrix_records(recs)
     if not mx:
         return {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for model in dict.fromkeys(_group(r) for r in mx):
@@ -213,7 +210,7 @@ def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]
         ax.tick_params(axis="x", rotation=35)
         fig.tight_layout()
         path = out_dir / f"matrix_time_{model}.png"
-        _save_fig(fig, path)
+        save_fig(fig, path)
         plt.close(fig)
         written[f"{model}:time"] = os.path.relpath(path, rel_to)
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -228,18 +225,10 @@ def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"matrix_memory_{model}.png"
-        _save_fig(fig, path)
+        save_fig(fig, path)
         plt.close(fig)
         written[f"{model}:memory"] = os.path.relpath(path, rel_to)
     return written
-
-
-def _save_fig(fig, path: Path) -> None:
-    """Write a figure atomically (a PNG is never left half-written)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
 
 
 def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
@@ -358,7 +347,7 @@ def write_report(results_dir: Path, out: Path, plots_dir: Path | None = None, re
     out = Path(out)
     plots_dir = Path(plots_dir) if plots_dir else out.parent / "img"
     plots = write_plots(recs, plots_dir, out.parent)
-    plots.update(write_max_batch_plot(recs, plots_dir, out.parent, _save_fig))
+    plots.update(write_max_batch_plot(recs, plots_dir, out.parent))
     _atomic_write(out, render(recs, plots))
     if readme is not None:
         update_readme(Path(readme), recs)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .report_tables import latest as _latest
 from .report_tables import markdown_table as _table
+from .report_tables import pyplot, save_fig
 
 __all__ = ["filter_floor_section", "kept_by_module_section", "max_batch_records", "max_batch_section",
            "write_max_batch_plot"]
@@ -25,7 +26,9 @@ def _rank(method: str) -> tuple[int, str]:
 
 
 def _memory_like(recs: list[dict]) -> list[dict]:
-    return [r for r in recs if r.get("bench") in ("memory", "matrix") and "saved_bytes" in r]
+    """Memory and matrix records with an audit, oldest first (they come from several JSONL files)."""
+    found = [r for r in recs if r.get("bench") in ("memory", "matrix") and "saved_bytes" in r]
+    return sorted(found, key=lambda r: str(r.get("timestamp", "")))
 
 
 def kept_by_module_section(recs: list[dict]) -> list[str]:
@@ -98,17 +101,13 @@ def max_batch_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
     return parts
 
 
-def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path, save) -> dict[str, str]:
-    """One grouped bar chart per cap (models side by side, one bar per method); ``save(fig, path)`` writes it.
+def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]:
+    """One grouped bar chart per cap (models side by side, one bar per method).
     Returns ``{"max_batch:<cap bytes>": path relative to rel_to}``."""
     mb = max_batch_records(recs)
     if not mb:
         return {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for cap in sorted({r["mem_cap_bytes"] for r in mb}):
@@ -128,7 +127,7 @@ def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path, save) ->
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"max_batch_{cap / 2**30:g}GiB.png"
-        save(fig, path)
+        save_fig(fig, path)
         plt.close(fig)
         written[f"max_batch:{cap}"] = os.path.relpath(path, rel_to)
     return written
