@@ -48,3 +48,31 @@ def test_models_lists_registry(capsys):
     out = capsys.readouterr().out
     for name in ("resnet20", "preact_resnet164", "resnet50", "cifar_densenet121"):
         assert name in out
+
+
+def test_reexec_under_jemalloc_rules(monkeypatch):
+    import leanprop.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    monkeypatch.setattr(cli, "_jemalloc_path", lambda: "/fake/libjemalloc.so.2")
+    monkeypatch.delenv("LEANPROP_ALLOCATOR", raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "")
+    cli._maybe_reexec_with_jemalloc(["models"])                   # not a long-running command
+    assert calls == []
+    cli._maybe_reexec_with_jemalloc(["bench", "matrix"])
+    path, argv, env = calls.pop()
+    assert argv[1:] == ["-m", "leanprop", "bench", "matrix"] and path == argv[0]
+    assert env["LD_PRELOAD"] == "/fake/libjemalloc.so.2" and env["LEANPROP_ALLOCATOR"] == "jemalloc"
+    cli.reexec_under_jemalloc(["/bin/python", "script.py", "--x"])
+    assert calls.pop()[1] == ["/bin/python", "script.py", "--x"]
+    monkeypatch.setenv("LEANPROP_ALLOCATOR", "system")            # turned off
+    cli.reexec_under_jemalloc(["/bin/python", "script.py"])
+    monkeypatch.setenv("LEANPROP_ALLOCATOR", "auto")
+    monkeypatch.setenv("LD_PRELOAD", "/x/libjemalloc.so.2")       # already preloaded
+    cli.reexec_under_jemalloc(["/bin/python", "script.py"])
+    monkeypatch.setattr(cli, "_jemalloc_path", lambda: None)
+    monkeypatch.setenv("LD_PRELOAD", "")
+    cli.reexec_under_jemalloc(["/bin/python", "script.py"])       # not installed
+    assert calls == []

@@ -401,3 +401,7 @@ def test_report_capacity_sections_and_plot(tmp_path):
     assert "| resnet20 | 128 | swat-u90-packed | 0.600 | BatchNorm2d 0.500, SWATConv2d 0.080, MaskReLU 0.020 |" in text
     assert (out.parent / "img" / "max_batch_4GiB.png").stat().st_size > 1000
     assert "](img/max_batch_4GiB.png)" in text
+    from leanprop.accounting.report import _headline_max_batch
+
+    assert "under 4 GiB (fresh-process peak): resnet20: dense 1000, swat-u90-packed 1500 (1.50x)." in \
+        _headline_max_batch(recs)

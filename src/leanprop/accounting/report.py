@@ -17,6 +17,7 @@ from leanprop.accounting.context import run_context
 from leanprop.accounting.report_capacity import (
     filter_floor_section,
     kept_by_module_section,
+    max_batch_records,
     max_batch_section,
     write_max_batch_plot,
 )
@@ -323,7 +324,25 @@ def headline(recs: list[dict]) -> str:
     return (_table(["model", "batch", "method", "memory kept for backward x dense", "step time x dense",
                     "training FLOPs x dense"], rows)
             + f"\n\nFrom `leanprop bench matrix` (git {', '.join(sha)}), written here by `leanprop report`; "
-            "all methods and columns: [docs/benchmarks.md](docs/benchmarks.md).")
+            "all methods and columns: [docs/benchmarks.md](docs/benchmarks.md)." + _headline_max_batch(recs))
+
+
+def _headline_max_batch(recs: list[dict]) -> str:
+    """One sentence per memory cap: each model's largest batch, dense and the headline methods."""
+    mb = max_batch_records(recs)
+    out = []
+    for cap in sorted({r["mem_cap_bytes"] for r in mb}):
+        parts = []
+        for model in dict.fromkeys(r["model"] for r in mb if r["mem_cap_bytes"] == cap):
+            cell = {r["method"]: r["max_batch"] for r in mb if r["mem_cap_bytes"] == cap and r["model"] == model}
+            if "dense" not in cell:
+                continue
+            shown = [f"{m} {cell[m]} ({cell[m] / cell['dense']:.2f}x)" for m in HEADLINE_METHODS if m in cell]
+            parts.append(f"{model}: dense {cell['dense']}" + "".join(f", {x}" for x in shown))
+        if parts:
+            out.append(f"Largest training batch under {cap / 2**30:g} GiB (fresh-process peak): " + "; ".join(parts)
+                       + ".")
+    return "".join("\n\n" + line for line in out)
 
 
 def update_readme(readme: Path, recs: list[dict]) -> bool:

@@ -102,7 +102,8 @@ def max_batch_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
 
 
 def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]:
-    """One grouped bar chart per cap (models side by side, one bar per method).
+    """One grouped bar chart per cap (models side by side, one bar per method: the largest batch as a multiple
+    of dense's, labelled with the batch itself).
     Returns ``{"max_batch:<cap bytes>": path relative to rel_to}``."""
     mb = max_batch_records(recs)
     if not mb:
@@ -115,15 +116,23 @@ def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[
         model_names = list(dict.fromkeys(r["model"] for r in group))
         methods = sorted({r["method"] for r in group}, key=_rank)
         cell = {(r["model"], r["method"]): r["max_batch"] for r in group}
+        dense = {m: cell.get((m, "dense")) or None for m in model_names}
         width = 0.8 / len(methods)
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(model_names) + 2), 4))
+        fig, ax = plt.subplots(figsize=(max(7.5, 1.8 * len(model_names) + 3.5), 4))
         for j, method in enumerate(methods):
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(model_names))]
-            ax.bar(xs, [cell.get((m, method), 0) for m in model_names], width, label=method)
+            vals = [cell[(m, method)] / dense[m] if (m, method) in cell and dense[m] else 0 for m in model_names]
+            bars = ax.bar(xs, vals, width, label=method)
+            for bar, m in zip(bars, model_names, strict=True):
+                if (m, method) in cell and dense[m]:
+                    ax.annotate(str(cell[(m, method)]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=6, rotation=90)
+        ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(model_names)), model_names)
-        ax.set_ylabel("largest batch that fits")
+        ax.set_ylabel("largest batch / dense's (label: batch)")
         ax.set_title(f"Largest training batch under {cap / 2**30:.2f} GiB")
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_ylim(0, 1.15 * max([1.0, *(b.get_height() for b in ax.patches)]))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"max_batch_{cap / 2**30:g}GiB.png"
@@ -136,7 +145,8 @@ def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[
 def filter_floor_section(recs: list[dict]) -> list[str]:
     """"Filter-structured SWAT: how fast it could be" from ``bench == "swat_filter_floor"`` records
     (``python benchmarks/swat_filter_floor.py``)."""
-    fl = _latest([r for r in recs if r.get("bench") == "swat_filter_floor"],
+    fl = _latest([{**r, "channels_last": bool(r.get("channels_last"))} for r in recs
+                  if r.get("bench") == "swat_filter_floor"],
                  ("model", "batch", "sparsity", "period", "threads", "channels_last", "processor"))
     if not fl:
         return []
