@@ -293,3 +293,51 @@ class _MaskReLU(torch.autograd.Function):
 def mask_relu(x: Tensor, kernels: CKernels | None = None) -> Tensor:
     """``ReLU(x)`` whose backward needs only 1 bit per element."""
     return _MaskReLU.apply(x, kernels)
+
+
+def _window_origins(out_h: int, out_w: int, stride, padding, device) -> tuple[Tensor, Tensor]:
+    """Top-left input row of every output row and left input column of every output column."""
+    rows = torch.arange(out_h, device=device).mul_(stride[0]).sub_(padding[0]).view(-1, 1)
+    cols = torch.arange(out_w, device=device).mul_(stride[1]).sub_(padding[1]).view(1, -1)
+    return rows, cols
+
+
+class _MaxPoolWindowIndex(torch.autograd.Function):
+    """2-D max pooling that keeps, for backward, only which window element was the maximum: one uint8 per
+    output (``kh*kw <= 256``) instead of the input and int64 flat indices PyTorch keeps. Exact: the backward
+    rebuilds the flat indices and scatter-adds the output gradient, as ``max_pool2d``'s backward does."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        out, flat = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        w = x.shape[-1]
+        r0, c0 = _window_origins(out.shape[-2], out.shape[-1], stride, padding, x.device)
+        pos = ((flat // w - r0) // dilation[0]) * kernel[1] + (flat % w - c0) // dilation[1]
+        ctx.save_for_backward(pos.to(torch.uint8))
+        ctx.conf = (x.shape, memory_format_of(x), kernel, stride, padding, dilation)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (pos,) = ctx.saved_tensors
+        shape, fmt, kernel, stride, padding, dilation = ctx.conf
+        n, c, h, w = shape
+        r0, c0 = _window_origins(g.shape[-2], g.shape[-1], stride, padding, g.device)
+        pos = pos.long()
+        flat = (r0 + (pos // kernel[1]) * dilation[0]) * w + c0 + (pos % kernel[1]) * dilation[1]
+        grad = g.new_zeros((n, c, h * w)).scatter_add_(2, flat.reshape(n, c, -1), g.reshape(n, c, -1))
+        return grad.view(n, c, h, w).contiguous(memory_format=fmt), None, None, None, None, None
+
+
+def max_pool2d_window_index(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
+                            ceil_mode: bool = False) -> Tensor:
+    """``F.max_pool2d(x, ...)`` (4-D or unbatched 3-D input) whose backward keeps one uint8 per output."""
+    pair = torch.nn.modules.utils._pair
+    kernel = pair(kernel_size)
+    if kernel[0] * kernel[1] > 256:
+        raise ValueError(f"max_pool2d_window_index: a {kernel} window has more than 256 positions")
+    if x.dim() == 3:
+        return max_pool2d_window_index(x.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode).squeeze(0)
+    stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else pair(stride)
+    return _MaxPoolWindowIndex.apply(x, kernel, stride, pair(padding), pair(dilation), ceil_mode)

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv, mask_relu
+from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv, mask_relu, max_pool2d_window_index
 from leanprop.nn.swat_layers import SWATConv2d, to_dense
 
-__all__ = ["BLPABatchNorm2d", "FusedConvTail", "MaskReLU", "BLPA_LAYERS", "make_unit", "unmake_unit", "to_mask_relu",
-           "from_mask_relu"]
+__all__ = ["BLPABatchNorm2d", "FusedConvTail", "MaskReLU", "IndexMaxPool2d", "BLPA_LAYERS", "make_unit", "unmake_unit",
+           "to_mask_relu", "from_mask_relu", "to_index_maxpool", "from_index_maxpool"]
 
 
 def _swap_class(module: nn.Module, cls: type) -> nn.Module:
@@ -146,7 +146,29 @@ def from_mask_relu(relu: MaskReLU) -> nn.ReLU:
     return old
 
 
-BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail, SWATFusedConvTail, MaskReLU)
+class IndexMaxPool2d(nn.MaxPool2d):
+    """An ``nn.MaxPool2d`` that keeps, for backward, one uint8 per output (which window element was the
+    maximum) instead of its input and int64 indices; exact gradient (``max_pool2d_window_index``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.training and torch.is_grad_enabled() and x.requires_grad and not self.return_indices:
+            return max_pool2d_window_index(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                           self.ceil_mode)
+        return super().forward(x)
+
+
+def to_index_maxpool(pool: nn.MaxPool2d) -> nn.MaxPool2d:
+    """``pool`` as an :class:`IndexMaxPool2d` (same attributes), or ``pool`` itself when its window has more
+    than 256 positions or it returns indices."""
+    kh, kw = torch.nn.modules.utils._pair(pool.kernel_size)
+    return pool if pool.return_indices or kh * kw > 256 else _swap_class(pool, IndexMaxPool2d)
+
+
+def from_index_maxpool(pool: IndexMaxPool2d) -> nn.MaxPool2d:
+    return _swap_class(pool, nn.MaxPool2d)
+
+
+BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail, SWATFusedConvTail, MaskReLU, IndexMaxPool2d)
 
 
 def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_kwargs: dict, relu_name: str = "",

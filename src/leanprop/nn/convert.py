@@ -19,9 +19,12 @@ from leanprop.blpa.controller import BLPAController
 from leanprop.nn.blpa_layers import (
     BLPA_LAYERS,
     BLPABatchNorm2d,
+    IndexMaxPool2d,
     MaskReLU,
+    from_index_maxpool,
     from_mask_relu,
     make_unit,
+    to_index_maxpool,
     to_mask_relu,
     unmake_unit,
 )
@@ -109,10 +112,13 @@ def _convert_swat(model: nn.Module, config: SWATConfig, filter_fn: FilterFn | No
 
 def _relus_keep_masks(model: nn.Module, kernels) -> None:
     """Every plain ``nn.ReLU`` keeps an exact 1-bit mask for backward instead of its output (``MaskReLU``;
-    ``kernels``: the compiled packer, or None for the pure-torch one)."""
+    ``kernels``: the compiled packer, or None for the pure-torch one), and every plain ``nn.MaxPool2d`` one
+    uint8 window position per output instead of its input and int64 indices (``IndexMaxPool2d``)."""
     for name, m in list(model.named_modules()):
         if type(m) is nn.ReLU:
             _set_submodule(model, name, to_mask_relu(m, kernels))
+        elif type(m) is nn.MaxPool2d:
+            _set_submodule(model, name, to_index_maxpool(m))
 
 
 def _convert_blpa(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, units: list | None = None
@@ -151,6 +157,8 @@ def revert_(model: nn.Module) -> nn.Module:
             _set_submodule(model, name, to_dense(module))
         elif isinstance(module, MaskReLU):
             _set_submodule(model, name, from_mask_relu(module))
+        elif isinstance(module, IndexMaxPool2d):
+            _set_submodule(model, name, from_index_maxpool(module))
         elif isinstance(module, BLPABatchNorm2d):
             relu_name, conv_name = module.blpa_relu_name, module.blpa_conv_name
             bn, relu, conv = unmake_unit(module)
