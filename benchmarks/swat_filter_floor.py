@@ -131,7 +131,7 @@ def measure(model_name: str, batch: int, sparsity: float, period: int, repeats: 
             "period": period, "threads": torch.get_num_threads(), "channels_last": channels_last,
             "repeats": repeats, "rounds": rounds,
             "dense_step_ms": dense_ms, "filter_step_ms": filt_ms, "filter_periodic_step_ms": per_ms,
-            "conv_ms": {k: v for k, v in sums.items()}, "other_ms": other, "other_share": other / dense_ms,
+            "conv_ms": dict(sums), "other_ms": other, "other_share": other / dense_ms,
             "wgrad_share": sums["wgrad"] / dense_ms, "floor": floor, "floor_periodic": floor_p,
             "measured": filt_ms / dense_ms, "measured_periodic": per_ms / dense_ms, "layers": per_layer}
 

@@ -156,7 +156,7 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
     cap = parse_size(a.mem_cap) if a.mem_cap else None
     note("memory")
     records = measure_methods(base, methods, batch, peak=a.peak, mem_cap=cap, progress=False,
-                              tolerance=getattr(a, "max_batch_tolerance", 0.0))
+                              tolerance=a.max_batch_tolerance)
     note("step times")
     times = step_times(base, methods, batch, a.rounds, a.warmup, note)
     env, stamp = run_context(a.device)

@@ -691,19 +691,12 @@ def max_batch(spec: dict[str, Any] | None, mem_cap_bytes: int, *, start: int = 1
             on_probe(row)
         return bool(ok)
 
-    lo, hi = 0, None
-    if fits(start):
-        lo = start
-    else:
-        hi = start
-        while lo == 0:
-            if hi == 1:
-                return MaxBatchResult(0, mem_cap_bytes, probes, fails=1)
-            b = hi // 2
-            if fits(b):
-                lo = b
-            else:
-                hi = b
+    lo, hi = (start, None) if fits(start) else (0, start)
+    while lo == 0 and hi > 1:  # the guess was too big: halve until a batch fits
+        b = hi // 2
+        lo, hi = (b, hi) if fits(b) else (0, b)
+    if lo == 0:
+        return MaxBatchResult(0, mem_cap_bytes, probes, fails=hi)
     while hi is None:
         if lo >= limit:
             return MaxBatchResult(lo, mem_cap_bytes, probes, hit_limit=True)

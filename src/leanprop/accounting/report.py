@@ -23,7 +23,7 @@ from leanprop.accounting.report_capacity import (
 )
 from leanprop.accounting.report_tables import latest as _latest
 from leanprop.accounting.report_tables import markdown_table as _table
-from leanprop.accounting.report_tables import pyplot, save_fig
+from leanprop.accounting.report_tables import method_rank, pyplot, save_fig
 
 __all__ = ["append_records", "read_records", "render", "run_context", "write_report", "write_plots", "main"]
 
@@ -170,10 +170,6 @@ def _matrix_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
     return parts
 
 
-_MATRIX_ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70",
-                 "swat-filter70-p10", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
-
-
 def _group(r: dict) -> str:
     """A matrix table's key: the model, with ``-nhwc`` for channels-last runs (plot file names use it)."""
     return r["model"] + ("-nhwc" if r.get("channels_last") else "")
@@ -185,8 +181,7 @@ def _label(r: dict) -> str:
 
 def _model_rows(mx: list[dict], model: str) -> list[dict]:
     """One model's (and layout's, see :func:`_group`) matrix records in the methods' display order."""
-    order = {m: i for i, m in enumerate(_MATRIX_ORDER)}
-    return sorted((r for r in mx if _group(r) == model), key=lambda r: (order.get(r["method"], 99), r["method"]))
+    return sorted((r for r in mx if _group(r) == model), key=lambda r: method_rank(r["method"]))
 
 
 def write_plots(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]:

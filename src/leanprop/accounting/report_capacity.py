@@ -12,17 +12,11 @@ from pathlib import Path
 
 from .report_tables import latest as _latest
 from .report_tables import markdown_table as _table
+from .report_tables import method_rank as _rank
 from .report_tables import pyplot, save_fig
 
 __all__ = ["filter_floor_section", "kept_by_module_section", "max_batch_records", "max_batch_section",
            "write_max_batch_plot"]
-
-_ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70", "swat-filter70-p10",
-          "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
-
-
-def _rank(method: str) -> tuple[int, str]:
-    return (_ORDER.index(method) if method in _ORDER else len(_ORDER), method)
 
 
 def _memory_like(recs: list[dict]) -> list[dict]:

@@ -8,7 +8,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["latest", "markdown_table", "pyplot", "save_fig"]
+__all__ = ["METHOD_ORDER", "latest", "markdown_table", "method_rank", "pyplot", "save_fig"]
+
+# the methods of `leanprop bench matrix`, in the order tables and plots list them (others follow, by name)
+METHOD_ORDER = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-erk90", "swat-filter70",
+                "swat-filter70-p10", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
 
 
 def latest(recs: list[dict], key: tuple[str, ...]) -> list[dict]:
@@ -17,6 +21,11 @@ def latest(recs: list[dict], key: tuple[str, ...]) -> list[dict]:
     for r in recs:
         out[tuple(str(r.get(k)) for k in key)] = r
     return list(out.values())
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort key of a method name: its place in :data:`METHOD_ORDER`, then the name."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

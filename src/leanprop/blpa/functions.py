@@ -339,5 +339,5 @@ def max_pool2d_window_index(x: Tensor, kernel_size, stride=None, padding=0, dila
         raise ValueError(f"max_pool2d_window_index: a {kernel} window has more than 256 positions")
     if x.dim() == 3:
         return max_pool2d_window_index(x.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode).squeeze(0)
-    stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else pair(stride)
+    stride = kernel if stride is None or stride in ([], ()) else pair(stride)  # F.max_pool2d's default
     return _MaxPoolWindowIndex.apply(x, kernel, stride, pair(padding), pair(dilation), ceil_mode)

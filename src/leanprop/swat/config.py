@@ -28,8 +28,8 @@ class SWATConfig:
     compress_saved: keep what backward needs compressed, for real memory savings (issue 5): X_s as values +
         a 1-bit mask (or int32 indices), every nn.ReLU swapped for one that keeps a 1-bit mask and every
         nn.MaxPool2d for one that keeps a uint8 window position per output. Gradients are unchanged (exact
-        restore); BN inputs stay dense. Either way W_s is kept as the dense Parameter + a
-        1-bit mask, and without compression X_s is X itself (usually the ReLU's saved output) + the threshold.
+        restore); BN inputs stay dense. Either way W_s is kept as the dense Parameter + a 1-bit mask, and
+        without compression X_s is X itself (usually the ReLU's saved output) + the threshold.
     structured_compute: "filter" layers (groups=1) compute only the kept filters -- smaller dense convolutions
         for the forward and dX, gather/scatter around them -- instead of convolving with zeroed filters; same
         results up to summation order (issue 5). False: the masked dense convolution, as the official code.
