@@ -1,4 +1,5 @@
-"""SWAT accuracy on CIFAR-10: dense vs SWAT-U90 vs SWAT-ERK90 vs SWAT-M90 vs structured (channel) 70,
+"""SWAT accuracy on CIFAR-10: dense vs SWAT-U90 vs SWAT-ERK90 vs SWAT-M90 vs structured (channel, filter) 70
+and filter-70 with ``dense_grad_period=10``,
 same model, seed, data and epochs; each run resumable (``--resume auto``), so the matrix can be trained in
 pieces across sessions. Writes ``docs/results/swat.md`` from whatever the runs have finished so far.
 
@@ -25,6 +26,11 @@ VARIANTS = {
     "swat-erk90": ["method.name=swat", "swat.sparsity=0.9", "swat.distribution=erk", "swat.topk_period=10"],
     "swat-m90": ["method.name=swat", "swat.sparsity=0.9", "swat.distribution=momentum", "swat.topk_period=20"],
     "swat-channel70": ["method.name=swat", "swat.sparsity=0.7", "swat.structure=channel", "swat.topk_period=10"],
+    # filter-structured SWAT computing only the kept filters; -p10: the pruned filters' weight gradient every 10
+    # steps (dense_grad_period, an extension beyond the paper: its accuracy cost is this pair's difference)
+    "swat-filter70": ["method.name=swat", "swat.sparsity=0.7", "swat.structure=filter", "swat.topk_period=10"],
+    "swat-filter70-p10": ["method.name=swat", "swat.sparsity=0.7", "swat.structure=filter", "swat.topk_period=10",
+                          "swat.dense_grad_period=10"],
 }
 
 
