@@ -110,7 +110,8 @@ def test_swat_accuracy_commands_and_run_names_are_unchanged(tmp_path, monkeypatc
 
     assert swat_accuracy.command("swat-u90", "resnet20", 30) == SWAT_U90_COMMAND
     assert swat_accuracy.run_dir(tmp_path, "resnet20", "swat-m90") == tmp_path / "acc-resnet20-swat-m90"
-    assert list(swat_accuracy.VARIANTS) == ["dense", "swat-u90", "swat-erk90", "swat-m90", "swat-channel70"]
+    assert list(swat_accuracy.VARIANTS) == ["dense", "swat-u90", "swat-erk90", "swat-m90", "swat-channel70",
+                                            "swat-filter70", "swat-filter70-p10"]  # new variants only appended
     # the runner skips finished runs and resumes the others by name
     done = swat_accuracy.run_dir(tmp_path, "resnet20", "dense")
     done.mkdir(parents=True)
