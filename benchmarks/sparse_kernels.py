@@ -7,8 +7,10 @@ timed both ways on the same tensors:
 * grad-input ``dX = conv_T(G, W_s)``: oneDNN vs col2im(CSR(W_s)^T @ G);
 * grad-weight ``dW = conv_w(X_s, G)``: oneDNN vs G @ CSR(im2col(X_s))^T.
 
-The sparse times include what a real sparse path would pay every step: im2col/col2im and the dense -> CSR
-conversion (weights change every step, activations every batch). One JSONL record per (layer, op, sparsity)
+The sparse times include what a real sparse path pays every step: im2col/col2im and the dense -> CSR
+conversion (weights change every step, activations every batch). Both paths are the library's own
+(``leanprop.swat.sparse_kernels.conv_op_pairs``): the ones a SWAT layer's ``sparse_kernels="auto"``
+calibration chooses between at the layer's real shapes. One JSONL record per (layer, op, sparsity)
 with ``ratio = sparse / dense`` (below 1: the sparse kernel wins); the report lists the break-even sparsity
 per op, which is what an automatic choice would use.
 
@@ -24,12 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report import append_records, run_context, write_report  # noqa: E402
 
+from leanprop.swat.sparse_kernels import conv_op_pairs  # noqa: E402
 from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify  # noqa: E402
 
 # (Cin, Cout, H) of CIFAR ResNet-18's 3x3 stride-1 convs, one per stage
@@ -57,41 +59,8 @@ def measure(cin: int, cout: int, h: int, batch: int, s: float, reps: int) -> dic
     w_s = _sparse_of(torch.randn(cout, cin, 3, 3, generator=g), s)
     x_s = _sparse_of(x, s)
     grad = torch.randn(batch, cout, h, h, generator=g)
-    w2 = w_s.view(cout, -1)
-    out = {}
-
-    def sparse_fwd():
-        cols = F.unfold(x, 3, padding=1)  # (N, Cin*9, L)
-        csr = w2.to_sparse_csr()
-        y = torch.sparse.mm(csr, cols.transpose(0, 1).reshape(cin * 9, -1))
-        return y.view(cout, batch, h * h).transpose(0, 1).reshape(batch, cout, h, h)
-
-    out["forward"] = (_time(lambda: F.conv2d(x, w_s, padding=1), reps), _time(sparse_fwd, reps))
-
-    def dense_dx():
-        return torch.ops.aten.convolution_backward(grad, x, w_s, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                   [True, False, False])[0]
-
-    def sparse_dx():
-        csr_t = w2.t().contiguous().to_sparse_csr()
-        cols = torch.sparse.mm(csr_t, grad.transpose(0, 1).reshape(cout, -1))  # (Cin*9, N*L)
-        cols = cols.view(cin * 9, batch, h * h).transpose(0, 1)
-        return F.fold(cols, (h, h), 3, padding=1)
-
-    out["grad_input"] = (_time(dense_dx, reps), _time(sparse_dx, reps))
-
-    def dense_dw():
-        return torch.ops.aten.convolution_backward(grad, x_s, w_s, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                   [False, True, False])[1]
-
-    def sparse_dw():
-        cols = F.unfold(x_s, 3, padding=1).transpose(0, 1).reshape(cin * 9, -1)  # (Cin*9, N*L)
-        csr = cols.to_sparse_csr()
-        gm = grad.transpose(0, 1).reshape(cout, -1)  # (Cout, N*L)
-        return torch.sparse.mm(csr, gm.t()).t().view(cout, cin, 3, 3)  # (X_cols @ G^T)^T
-
-    out["grad_weight"] = (_time(dense_dw, reps), _time(sparse_dw, reps))
-    return out
+    pairs = conv_op_pairs(x, w_s, x_s, grad, (1, 1), (1, 1), (1, 1))  # the kernels SWAT's layers choose from
+    return {op: (_time(dense, reps), _time(sparse, reps)) for op, (dense, sparse) in pairs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

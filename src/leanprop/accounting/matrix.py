@@ -86,11 +86,14 @@ def _train_step(model, handle, opt, x, y, spec) -> float:
 
 
 def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int, warmup: int,
-               note=lambda s: None) -> dict[str, list[float]]:
-    """Seconds of each method's training steps, interleaved round by round (one model per method)."""
+               note=lambda s: None, kernels: dict[str, str] | None = None) -> dict[str, list[float]]:
+    """Seconds of each method's training steps, interleaved round by round (one model per method).
+
+    SWAT methods first choose their kernels as training does (``sparse_kernels="auto"``: timed on this batch);
+    ``kernels``, when given, receives each such method's one-line choice."""
     import torch
 
-    from .memory import build_model, make_batch, normalize_spec
+    from .memory import autocast_context, build_model, make_batch, normalize_spec
 
     built = {}
     for m in methods:
@@ -101,6 +104,13 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
             handle.attach_optimizer(opt)
         built[m] = (model, handle, opt, spec)
     x, y = make_batch(built[methods[0]][3], batch)
+    for m, (_, handle, _, spec) in built.items():
+        if getattr(handle, "needs_kernel_calibration", False):
+            note(f"kernels {m}")
+            with autocast_context(spec):
+                handle.calibrate_kernels(x)
+        if kernels is not None and hasattr(handle, "kernel_summary"):
+            kernels[m] = handle.kernel_summary()
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(warmup + rounds):
         for m in methods:
@@ -158,7 +168,8 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
     records = measure_methods(base, methods, batch, peak=a.peak, mem_cap=cap, progress=False,
                               tolerance=a.max_batch_tolerance)
     note("step times")
-    times = step_times(base, methods, batch, a.rounds, a.warmup, note)
+    kernels: dict[str, str] = {}
+    times = step_times(base, methods, batch, a.rounds, a.warmup, note, kernels)
     env, stamp = run_context(a.device)
     dense_s = statistics.median(times["dense"])
     info = zoo.model_info(model)
@@ -171,6 +182,8 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
         rec.update(bench="matrix", family=info.family, timestamp=stamp, rounds=a.rounds, warmup=a.warmup,
                    step_s=med, step_s_all=times[m], dense_step_s=dense_s, time_vs_dense=med / dense_s,
                    throughput_vs_dense=dense_s / med, images_per_s=batch / med)
+        if m in kernels:
+            rec["sparse_kernels"] = kernels[m]
         note(f"FLOPs {m}")
         try:
             rec["train_flops_vs_dense"], rec["flops_note"] = flops_ratio(base, m)

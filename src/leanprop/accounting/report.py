@@ -111,8 +111,10 @@ def _sparse_kernels_section(recs: list[dict]) -> list[str]:
              "CSR SpMM on im2col (`torch.sparse.mm`), including im2col/col2im and the dense->CSR conversion a "
              "real sparse path pays every step, against oneDNN on the zero-filled tensors; ratio = sparse time / "
              "dense time (below 1: sparse wins). Break-even: the lowest measured sparsity at which sparse wins. "
-             "Command: `python benchmarks/sparse_kernels.py`. SWAT uses a sparse kernel only where it wins; "
-             "where no op wins at the layer's sparsity, none is used.", ""]
+             "Command: `python benchmarks/sparse_kernels.py`. A SWAT layer uses a sparse kernel only for an op "
+             "where it measured faster on the running machine: with `sparse_kernels=\"auto\"` (the default) the "
+             "same two kernels are timed for every layer at its real shapes before the first training step "
+             "(`leanprop.swat.sparse_kernels`); the matrix tables say what was chosen.", ""]
     rows = []
     for (layer, op) in dict.fromkeys((r["layer"], r["op"]) for r in sk):
         cell = {r["sparsity"]: r for r in sk if r["layer"] == layer and r["op"] == op}
@@ -164,6 +166,10 @@ def _matrix_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
                           r.get("error", "")[:60]])
         parts += [_table(["method", "step ms", "x dense", "kept MiB", "kept x dense", "peak growth MiB",
                           "growth x dense", "train FLOPs x dense", "max batch (cap)", "error"], table), ""]
+        kern = [f"{r['method']}: {r['sparse_kernels'].split(': ', 1)[-1]}" for r in rows if r.get("sparse_kernels")]
+        if kern:
+            parts += ["Kernels chosen by the SWAT layers' calibration (`sparse_kernels=\"auto\"`, timed on this "
+                      "batch before the first step): " + "; ".join(kern) + ".", ""]
         for kind in ("time", "memory"):
             if f"{model}:{kind}" in plots:
                 parts += [f"![{kind} of {model}]({plots[f'{model}:{kind}']})", ""]

@@ -42,6 +42,20 @@ class CombinedController:
         self.swat.step()
         self.blpa.step()
 
+    @property
+    def needs_kernel_calibration(self) -> bool:
+        return self.swat.needs_kernel_calibration
+
+    def calibrate_kernels(self, example_input, **kw):
+        return self.swat.calibrate_kernels(example_input, **kw)
+
+    @property
+    def kernel_timings(self):
+        return self.swat.kernel_timings
+
+    def kernel_summary(self) -> str:
+        return self.swat.kernel_summary()
+
     def state_dict(self) -> dict[str, Any]:
         return {"swat": self.swat.state_dict(), "blpa": self.blpa.state_dict()}
 

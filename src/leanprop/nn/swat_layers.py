@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanprop.swat import sparse_kernels as sk
 from leanprop.swat.config import SWATConfig
 from leanprop.swat.functions import swat_conv2d, swat_filter_conv2d, swat_linear
 from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify, structured_keep_mask
@@ -43,6 +44,8 @@ class SWATMixin:
         self.sample_size = cfg.sample_size
         self.compress = cfg.compress_saved
         self.structured_compute = cfg.structured_compute
+        # (forward, grad-input, grad-weight) on the CSR kernels: set by the controller's kernel calibration
+        self.sparse_ops = sk.NO_SPARSE
         self.dense_grad = True  # this step's weight gradient covers pruned filters (set by the controller)
         self.recompute = True  # set by the controller before each training step
         self.measure = False  # count the realised densities on this step (set by the controller)
@@ -155,7 +158,7 @@ class SWATConv2d(SWATMixin, nn.Conv2d):
     def _swat_op(self, x, w_s, x_thr):
         x, padding = self._pad(x)
         return swat_conv2d(x, self.weight, w_s, self.bias, x_thr, self.stride, padding, self.dilation, self.groups,
-                           self.compress)
+                           self.compress, self.sparse_ops)
 
     def _plain_op(self, x, w):
         x, padding = self._pad(x)
@@ -205,7 +208,7 @@ class SWATLinear(SWATMixin, nn.Linear):
         return self.recompute or self.every_step
 
     def _swat_op(self, x, w_s, x_thr):
-        return swat_linear(x, self.weight, w_s, self.bias, x_thr, self.compress)
+        return swat_linear(x, self.weight, w_s, self.bias, x_thr, self.compress, self.sparse_ops)
 
     def _plain_op(self, x, w):
         return F.linear(x, w, self.bias)

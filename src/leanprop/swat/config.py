@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 DISTRIBUTIONS = ("uniform", "erk", "momentum")
 STRUCTURES = (None, "channel", "filter")
 ESTIMATORS = ("exact", "sample")
+SPARSE_KERNELS = ("auto", "never", "always")
 
 
 @dataclass
@@ -36,6 +37,11 @@ class SWATConfig:
     dense_grad_period: P >= 1. With P > 1 (an extension beyond the paper), "filter" layers compute the weight
         gradient of the *pruned* filters only every P steps (the kept filters' every step); P = 1 is the
         paper's dense weight gradient.
+    sparse_kernels: unstructured layers' kernels (issue 5). "auto" (default): before the first training step
+        the trainer (or ``controller.calibrate_kernels(x)``) times the CSR and the dense kernel of each op of each
+        layer at its real shapes, and a layer uses CSR only for the ops where it measured faster; until then, and
+        where it loses, the dense kernels. "never": dense kernels, no calibration. "always": CSR for every op of
+        every eligible layer (groups 1), for experiments. Same results up to summation order either way.
     momentum_freeze / momentum_residual_steps: SWAT-M's 0.99 freeze rule and the maximum number of
         redistribution passes (within one budget update) that spread a frozen layer's excess (§1.5).
     """
@@ -55,6 +61,7 @@ class SWATConfig:
     compress_saved: bool = False
     structured_compute: bool = True
     dense_grad_period: int = 1
+    sparse_kernels: str = "auto"
     momentum_freeze: float = 0.99
     momentum_residual_steps: int = 1000
 
@@ -69,6 +76,8 @@ class SWATConfig:
             raise ValueError(f"SWAT topk_period must be >= 1 (steps), got {self.topk_period}")
         if self.dense_grad_period < 1:
             raise ValueError(f"SWAT dense_grad_period must be >= 1 (steps), got {self.dense_grad_period}")
+        if self.sparse_kernels not in SPARSE_KERNELS:
+            raise ValueError(f"SWAT sparse_kernels {self.sparse_kernels!r}: use 'auto', 'never' or 'always'")
         if self.exact_topk_epochs < 0:
             raise ValueError("SWAT exact_topk_epochs must be >= 0")
         if self.threshold_estimator not in ESTIMATORS:

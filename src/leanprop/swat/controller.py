@@ -1,17 +1,21 @@
 """The one object that drives SWAT during training: Top-K period, exact-Top-K epochs, SWAT-M budgets.
 
 Call order per iteration (as in spec §1.7): forward, backward, ``optimizer.step()``, ``controller.step()``.
-``on_epoch_start(epoch)`` before each epoch. Its ``state_dict()`` holds everything SWAT adds to a run
+``on_epoch_start(epoch)`` before each epoch; with ``sparse_kernels="auto"``, ``calibrate_kernels(x)`` once
+before the first step (the trainer does). Its ``state_dict()`` holds everything SWAT adds to a run
 (step, epoch, budgets, thresholds, measured densities, SWAT-M state), so resume is bit-identical.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from leanprop.swat import sparse_kernels as sk
 from leanprop.swat.config import SWATConfig
 
 
@@ -33,7 +37,60 @@ class SWATController:
 
             specs = [s for s in collect_layers(model) if s.name in layers]
             self.momentum = MomentumRedistributor(specs, cfg)
+        self.kernel_timings: list[sk.KernelTiming] | None = None
+        if cfg.sparse_kernels == "always":
+            for layer in layers.values():
+                layer.sparse_ops = (True,) * 3 if sk.eligible(layer) is None else sk.NO_SPARSE
         self._set_flags()
+
+    # ---------------------------------------------------------------- kernels
+    @property
+    def needs_kernel_calibration(self) -> bool:
+        """``sparse_kernels="auto"``, not calibrated yet, and some layer could use the CSR kernels."""
+        return (self.cfg.sparse_kernels == "auto" and self.kernel_timings is None
+                and any(sk.eligible(layer) is None for layer in self.layers.values()))
+
+    def calibrate_kernels(self, example_input: torch.Tensor, *, reps: int = 3, margin: float = 0.05,
+                          progress: Callable[[str], None] | None = None,
+                          timer: Callable | None = None) -> list[sk.KernelTiming]:
+        """Choose each unstructured layer's kernels by measurement (``SWATConfig.sparse_kernels="auto"``).
+
+        One no-grad forward of ``example_input`` (in eval mode, so BN running statistics are untouched) records
+        every eligible layer's input; :func:`leanprop.swat.sparse_kernels.calibrate` then times the dense and
+        the CSR kernel of its forward, grad-input and grad-weight and sets ``layer.sparse_ops``. Call it inside
+        the autocast context of training (the kernels are timed in its dtype). Returns the timings (also kept
+        as ``self.kernel_timings``; :func:`leanprop.swat.sparse_kernels.format_table` prints them)."""
+        from leanprop.swat.functions import _autocast_dtype
+
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            return lambda _m, args: captured.__setitem__(name, args[0].detach())
+
+        handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in self.layers.items()
+                   if sk.eligible(layer) is None]
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(example_input)
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was_training)
+        dev = example_input.device.type
+        dtype = _autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False) if dtype is not None else contextlib.nullcontext():
+            self.kernel_timings = sk.calibrate(self.layers, captured, dtype=dtype, reps=reps, margin=margin,
+                                               timer=timer, progress=progress)
+        return self.kernel_timings
+
+    def kernel_summary(self) -> str:
+        """One line: how many layer-ops run on the CSR kernels (after calibration or with "always")."""
+        ops = [op for layer in self.layers.values() for op in layer.sparse_ops]
+        how = {"auto": "measured" if self.kernel_timings is not None else "not calibrated yet",
+               "never": "sparse_kernels=never", "always": "sparse_kernels=always"}[self.cfg.sparse_kernels]
+        return f"SWAT sparse (CSR) kernels: {sum(ops)} of {len(ops)} layer-ops ({how}); the rest dense"
 
     # ---------------------------------------------------------------- training hooks
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -90,6 +147,10 @@ class SWATController:
                               "density_stats": layer.density_stats.detach().cpu().clone()}
                        for name, layer in self.layers.items()},
             "momentum": self.momentum.state_dict() if self.momentum is not None else None,
+            # the measured kernel choice: a resumed run keeps it (same summation order, bit-identical resume)
+            "kernels": None if self.kernel_timings is None else {
+                "timings": [t.as_dict() for t in self.kernel_timings],
+                "sparse_ops": {name: list(layer.sparse_ops) for name, layer in self.layers.items()}},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -106,6 +167,11 @@ class SWATController:
             layer.density_stats.copy_(s["density_stats"])
         if self.momentum is not None and state.get("momentum") is not None:
             self.momentum.load_state_dict(state["momentum"])
+        kernels = state.get("kernels")  # absent in checkpoints from before the CSR kernels: calibrate again
+        if kernels is not None and self.cfg.sparse_kernels == "auto":
+            self.kernel_timings = [sk.KernelTiming(**t) for t in kernels["timings"]]
+            for name, layer in self.layers.items():
+                layer.sparse_ops = tuple(bool(b) for b in kernels["sparse_ops"][name])
         self._set_flags()
 
     # ---------------------------------------------------------------- reporting

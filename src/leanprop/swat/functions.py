@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from leanprop.blpa.packing import memory_format_of
+from leanprop.swat import sparse_kernels as sk
 from leanprop.swat.storage import pack_above, pack_weight_mask, restore_sparse_weight, unpack_sparse
 from leanprop.swat.topk import _compiling, sparsify
 
@@ -57,18 +58,21 @@ def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, compress=False):
+def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, compress=False, sparse_ops=sk.NO_SPARSE):
     """The shared SWAT forward: ``op(X, W_s, b)`` in the autocast dtype (like nn.Conv2d / nn.Linear), then save
     ``X_s`` (only when dW is needed) and ``W_s``, plus the dtypes the backward must return.
 
     ``W_s`` is kept as the dense Parameter + a 1-bit mask of its non-zeros (issue 5: never a second dense copy;
     no mask when ``weight_sparse`` is the Parameter's own storage, i.e. nothing is pruned). ``compress``: keep
-    ``X_s`` as values + positions (:mod:`leanprop.swat.storage`); the backward restores both exactly."""
+    ``X_s`` as values + positions (:mod:`leanprop.swat.storage`); the backward restores both exactly.
+    ``sparse_ops``: which of (forward, grad-input, grad-weight) use the CSR kernels (:mod:`.sparse_kernels`);
+    ``op`` is then called with ``sparse=True`` for the forward. Not under ``torch.compile``."""
     dev = x.device.type
+    ctx.sparse_ops = sparse_ops = sk.NO_SPARSE if _compiling() else tuple(sparse_ops)
     amp = _autocast_dtype(dev)
     xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
     with _no_autocast(dev, amp is not None):
-        y = op(xc, ws, bc)
+        y = op(xc, ws, bc, sparse_ops[0])
     w_bits = ctx.w_meta = None
     if _compiling() or weight_sparse.data_ptr() != weight.data_ptr():  # (dynamo cannot compare data pointers)
         w_bits, ctx.w_meta = pack_weight_mask(weight_sparse)
@@ -127,10 +131,16 @@ def _saved(ctx) -> tuple[Tensor | None, Tensor]:
 
 class _SWATConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups, compress):
+    def forward(ctx, x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups, compress,
+                sparse_ops):
         ctx.conf = (stride, padding, dilation, groups)
-        return _forward_and_save(ctx, lambda a, w, b: F.conv2d(a, w, b, stride, padding, dilation, groups),
-                                 x, weight, weight_sparse, bias, x_threshold, compress)
+
+        def op(a, w, b, sparse):
+            if sparse:
+                return sk.conv_forward(a, w, b, stride, padding, dilation)
+            return F.conv2d(a, w, b, stride, padding, dilation, groups)
+
+        return _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, compress, sparse_ops)
 
     @staticmethod
     @once_differentiable
@@ -140,21 +150,32 @@ class _SWATConv2d(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b_dtype is not None and ctx.needs_input_grad[3]]
         if not any(mask):
-            return (None,) * 10
+            return (None,) * 11
         g = _to(grad_out, ws.dtype)
         inp = x_s if x_s is not None else ws.new_empty(()).expand(ctx.x_shape)  # only its shape is read for dX
+        sparse_dx, sparse_dw = mask[0] and ctx.sparse_ops[1], mask[1] and ctx.sparse_ops[2]
+        dense_mask = [mask[0] and not sparse_dx, mask[1] and not sparse_dw, mask[2]]
+        dx = dw = db = None
         with _no_autocast(g.device.type, ctx.amp):
-            dx, dw, db = torch.ops.aten.convolution_backward(
-                g, inp, ws, [ws.shape[0]] if mask[2] else None, list(stride), list(padding), list(dilation),
-                False, [0, 0], groups, mask)
+            if any(dense_mask):
+                dx, dw, db = torch.ops.aten.convolution_backward(
+                    g, inp, ws, [ws.shape[0]] if mask[2] else None, list(stride), list(padding), list(dilation),
+                    False, [0, 0], groups, dense_mask)
+            if sparse_dx:
+                dx = sk.conv_grad_input(g, ws, ctx.x_shape, stride, padding, dilation)
+            if sparse_dw:
+                dw = sk.conv_grad_weight(x_s, g, ws.shape, stride, padding, dilation)
         return (_to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype) if mask[2] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class _SWATLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, weight_sparse, bias, x_threshold, compress):
-        return _forward_and_save(ctx, F.linear, x, weight, weight_sparse, bias, x_threshold, compress)
+    def forward(ctx, x, weight, weight_sparse, bias, x_threshold, compress, sparse_ops):
+        def op(a, w, b, sparse):
+            return sk.linear_forward(a, w, b) if sparse else F.linear(a, w, b)
+
+        return _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, compress, sparse_ops)
 
     @staticmethod
     @once_differentiable
@@ -167,12 +188,13 @@ class _SWATLinear(torch.autograd.Function):
         dx = dw = db = None
         with _no_autocast(g.device.type, ctx.amp):
             if need_x:
-                dx = g.mm(ws).view(ctx.x_shape)
-            if need_w:
-                dw = g.t().mm(x_s.reshape(-1, ws.shape[1]))  # (X_sᵀ·G)ᵀ, spec §1.1 B2
+                dx = sk.linear_grad_input(g, ws, ctx.x_shape) if ctx.sparse_ops[1] else g.mm(ws).view(ctx.x_shape)
+            if need_w:  # (X_sᵀ·G)ᵀ, spec §1.1 B2
+                dw = (sk.linear_grad_weight(x_s, g, ws.shape) if ctx.sparse_ops[2]
+                      else g.t().mm(x_s.reshape(-1, ws.shape[1])))
             if need_b:
                 db = g.sum(0)
-        return _to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype), None, None
+        return _to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype), None, None, None
 
 
 def _same_padding(x: Tensor, weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int]):
@@ -190,7 +212,7 @@ def _same_padding(x: Tensor, weight: Tensor, stride: tuple[int, int], dilation: 
 
 def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
                 x_threshold: Threshold = None, stride=1, padding=0, dilation=1, groups: int = 1,
-                compress: bool = False) -> Tensor:
+                compress: bool = False, sparse_ops: tuple[bool, bool, bool] = sk.NO_SPARSE) -> Tensor:
     """SWAT 2-D convolution (spec §1.1): ``conv2d(x, weight_sparse, bias)`` in the forward; the backward gives
     ``dX`` from ``weight_sparse``, ``dW = conv2d_weight(sparsify(x, x_threshold), G)`` to the dense ``weight``
     and ``db = ΣG``.
@@ -199,13 +221,14 @@ def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
     tensor or float (None or <= 0: X saved dense, no copy). ``stride``/``padding``/``dilation`` as in
     ``F.conv2d``, including padding="valid"/"same". x may be (N, C, H, W) or unbatched (C, H, W).
     W_s is kept as a 1-bit mask over ``weight``; ``compress=True`` also keeps X_s as values + positions (same
-    gradients either way).
+    gradients either way). ``sparse_ops``: (forward, grad-input, grad-weight) flags choosing the CSR kernels of
+    :mod:`leanprop.swat.sparse_kernels` (groups 1 only) over the dense ones; same results up to summation order.
     """
     if weight_sparse.shape != weight.shape:
         raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
     if x.dim() == 3:
         return swat_conv2d(x.unsqueeze(0), weight, weight_sparse, bias, x_threshold, stride, padding, dilation,
-                           groups, compress).squeeze(0)
+                           groups, compress, sparse_ops).squeeze(0)
     stride, dilation = _pair(stride), _pair(dilation)
     if isinstance(padding, str):
         if padding == "valid":
@@ -216,18 +239,21 @@ def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
             raise ValueError(f"padding {padding!r}: use an int, a pair, 'valid' or 'same'")
     else:
         padding = _pair(padding)
+    if groups != 1 and any(sparse_ops):
+        raise ValueError("sparse_ops: the CSR kernels support groups=1 only")
     return _SWATConv2d.apply(x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups,
-                             compress)
+                             compress, tuple(sparse_ops))
 
 
 def swat_linear(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
-                x_threshold: Threshold = None, compress: bool = False) -> Tensor:
+                x_threshold: Threshold = None, compress: bool = False,
+                sparse_ops: tuple[bool, bool, bool] = sk.NO_SPARSE) -> Tensor:
     """SWAT linear layer (spec §1.1): ``Y = x·W_sᵀ + b``; backward ``dX = G·W_s``, ``dW = (X_sᵀ·G)ᵀ`` for the
     dense ``weight``, ``db = ΣG``. x has shape (..., in); the leading dims are flattened in the backward.
-    ``compress`` as in :func:`swat_conv2d`."""
+    ``compress`` and ``sparse_ops`` as in :func:`swat_conv2d`."""
     if weight_sparse.shape != weight.shape:
         raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
-    return _SWATLinear.apply(x, weight, weight_sparse, bias, x_threshold, compress)
+    return _SWATLinear.apply(x, weight, weight_sparse, bias, x_threshold, compress, tuple(sparse_ops))
 
 
 def _gather_channels(t: Tensor, keep: Tensor, fmt) -> Tensor:

@@ -316,6 +316,8 @@ class Trainer:
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(dev, non_blocking=True)
+            if getattr(self.controller, "needs_kernel_calibration", False):
+                self._calibrate_kernels(x)
             with autocast_context(dev, cfg.train.amp):
                 out = self.train_model(x)
                 loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.optim.label_smoothing)
@@ -407,6 +409,21 @@ class Trainer:
             self._say(msg)
         dist_util.barrier(self.dist)
         return row
+
+    def _calibrate_kernels(self, x: torch.Tensor) -> None:
+        """SWAT ``sparse_kernels="auto"``: time the CSR and the dense kernels on the first batch (each process
+        measures its own hardware); the table goes to ``swat_kernels.txt`` in the run dir."""
+        from leanprop.swat.sparse_kernels import format_table
+
+        bar = tqdm(desc="timing sparse vs dense kernels", unit="layer", leave=False, dynamic_ncols=True,
+                   disable=not (self.show_progress and self.dist.is_main))
+        with autocast_context(self.device, self.cfg.train.amp):
+            timings = self.controller.calibrate_kernels(x, progress=lambda _name: bar.update())
+        bar.close()
+        if self.dist.is_main:
+            table = self.run_dir / "swat_kernels.txt"
+            ckpt_io.atomic_write_text(table, format_table(timings) + "\n")
+            self._say(f"{self.controller.kernel_summary()} (per layer: {table})")
 
     def _method_summary_lines(self) -> list[str]:
         """A few summary lines per method of the run; the controller's per-layer/per-unit table goes to a file

@@ -1,0 +1,241 @@
+"""SWAT's CSR kernels (issue 5): same results as the dense kernels, and the measured per-layer choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanprop import models
+from leanprop.nn.convert import convert_
+from leanprop.swat import sparse_kernels as sk
+from leanprop.swat.config import SWATConfig
+from leanprop.swat.functions import swat_conv2d, swat_linear
+from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify
+
+
+def _topk(t: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    thr = magnitude_threshold(t, keep_count(t.numel(), s))
+    return sparsify(t, thr), thr
+
+
+CONV = [dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1)), dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1)),
+        dict(stride=(1, 2), padding=(2, 0), dilation=(2, 1)), dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1))]
+
+
+@pytest.mark.parametrize("conf", CONV)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_kernels_match_dense(conf, channels_last):
+    g0 = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 9, 8, generator=g0, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w_s, _ = _topk(torch.randn(5, 6, 3, 3, generator=g0, dtype=torch.float64), 0.8)
+    x_s, _ = _topk(x, 0.9)
+    b = torch.randn(5, generator=g0, dtype=torch.float64)
+    args = (conf["stride"], conf["padding"], conf["dilation"])
+    y = F.conv2d(x, w_s, b, *args)
+    got = sk.conv_forward(x, w_s, b, *args)
+    torch.testing.assert_close(got, y)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.randn(y.shape, generator=g0, dtype=torch.float64)
+    dx, dw, _ = torch.ops.aten.convolution_backward(g, x_s, w_s, None, *map(list, args), False, [0, 0], 1,
+                                                    [True, True, False])
+    torch.testing.assert_close(sk.conv_grad_input(g, w_s, x.shape, *args), dx)
+    torch.testing.assert_close(sk.conv_grad_weight(x_s, g, w_s.shape, *args), dw)
+
+
+def test_linear_kernels_match_dense():
+    g0 = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, 10, generator=g0, dtype=torch.float64)
+    w_s, _ = _topk(torch.randn(4, 10, generator=g0, dtype=torch.float64), 0.7)
+    b = torch.randn(4, generator=g0, dtype=torch.float64)
+    g = torch.randn(2, 7, 4, generator=g0, dtype=torch.float64)
+    x_s, _ = _topk(x, 0.9)
+    torch.testing.assert_close(sk.linear_forward(x, w_s, b), F.linear(x, w_s, b))
+    torch.testing.assert_close(sk.linear_grad_input(g, w_s, x.shape), g @ w_s)
+    torch.testing.assert_close(sk.linear_grad_weight(x_s, g, w_s.shape), g.reshape(-1, 4).t() @ x_s.reshape(-1, 10))
+
+
+def _run(fn, x, w, *rest, **kw):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fn(x, w, *rest, **kw)
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape))
+    return y.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("ops", [(True, False, False), (False, True, False), (False, False, True), (True,) * 3])
+def test_swat_functions_on_csr_kernels_equal_dense_kernels(ops):
+    g0 = torch.Generator().manual_seed(2)
+    x = torch.relu(torch.randn(2, 4, 6, 6, generator=g0, dtype=torch.float64))
+    w = torch.randn(6, 4, 3, 3, generator=g0, dtype=torch.float64)
+    w_s, _ = _topk(w, 0.9)
+    _, thr = _topk(x, 0.8)
+    for compress in (False, True):
+        ref = _run(swat_conv2d, x, w, w_s, None, thr, 2, 1, compress=compress)
+        got = _run(swat_conv2d, x, w, w_s, None, thr, 2, 1, compress=compress, sparse_ops=ops)
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b)
+    xl, wl = torch.randn(5, 8, generator=g0, dtype=torch.float64), torch.randn(3, 8, generator=g0, dtype=torch.float64)
+    wl_s, _ = _topk(wl, 0.5)
+    _, thr_l = _topk(xl, 0.5)
+    ref = _run(swat_linear, xl, wl, wl_s, None, thr_l)
+    got = _run(swat_linear, xl, wl, wl_s, None, thr_l, sparse_ops=ops)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_csr_path_gradcheck():
+    """Nothing pruned, so the SWAT gradient is the true gradient: float64 gradcheck through the CSR kernels."""
+    g0 = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 5, 5, generator=g0, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, generator=g0, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: swat_conv2d(x, w, w.detach(), b, None, 1, 1, sparse_ops=(True,) * 3), (x, w, b))
+    xl = torch.randn(3, 4, generator=g0, dtype=torch.float64, requires_grad=True)
+    wl = torch.randn(2, 4, generator=g0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: swat_linear(x, w, w.detach(), None, sparse_ops=(True,) * 3),
+                                    (xl, wl))
+
+
+def test_grouped_conv_rejects_csr():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3)
+    with pytest.raises(ValueError, match="groups=1"):
+        swat_conv2d(x, w, w, groups=2, sparse_ops=(True, False, False))
+
+
+def test_config_rejects_unknown_sparse_kernels():
+    with pytest.raises(ValueError, match="sparse_kernels"):
+        SWATConfig(sparse_kernels="fast")
+
+
+def _fake_timer(sparse_wins: set[str]):
+    """ms = 1 for the winning path: sparse for the ops in ``sparse_wins``, dense otherwise."""
+    calls = []
+
+    def timer(name, path, fn, reps):
+        calls.append((name, path))
+        return 1.0 if (path == "sparse") == (timer.op in sparse_wins) else 2.0
+
+    timer.calls, timer.op = calls, None
+    return timer
+
+
+def _resnet(**cfg):
+    torch.manual_seed(0)
+    model = models.create("resnet8", num_classes=10)
+    return model, convert_(model, SWATConfig(sparsity=0.9, topk_period=1, **cfg))
+
+
+def test_calibration_sets_the_measured_choice_and_leaves_training_state(monkeypatch):
+    model, ctl = _resnet()
+    assert ctl.needs_kernel_calibration
+    assert all(layer.sparse_ops == sk.NO_SPARSE for layer in ctl.layers.values())
+    timer = _fake_timer({"grad_input"})
+    real = sk._time_op
+
+    def timed(name, op, dense, sparse, reps, margin, _timer):
+        timer.op = op
+        return real(name, op, dense, sparse, reps, margin, timer)
+
+    monkeypatch.setattr(sk, "_time_op", timed)
+    bn = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    rng = torch.get_rng_state()
+    timings = ctl.calibrate_kernels(x)
+    assert not ctl.needs_kernel_calibration
+    assert torch.equal(torch.get_rng_state(), rng)  # no draw from the training RNG
+    for k, v in model.state_dict().items():  # BN running statistics untouched (eval-mode forward)
+        torch.testing.assert_close(v, bn[k], rtol=0, atol=0)
+    assert model.training
+    eligible = [n for n, layer in ctl.layers.items() if sk.eligible(layer) is None]
+    assert eligible and len(timings) == 3 * len(eligible)
+    for n, layer in ctl.layers.items():
+        assert layer.sparse_ops == ((False, True, False) if n in eligible else sk.NO_SPARSE)
+    # identical shapes are timed once
+    assert len(timer.calls) < 2 * len(timings)
+    assert "sparse" in sk.format_table(timings)
+    assert ctl.kernel_summary().startswith(f"SWAT sparse (CSR) kernels: {len(eligible)} of ")
+
+
+def test_calibration_keeps_dense_kernels_where_they_win():
+    _, ctl = _resnet()
+    timings = ctl.calibrate_kernels(torch.randn(2, 3, 32, 32), reps=1, margin=1.0)  # margin 1: sparse never wins
+    assert timings and not any(t.sparse for t in timings)
+    assert all(layer.sparse_ops == sk.NO_SPARSE for layer in ctl.layers.values())
+    assert all(t.sparse_ms is not None and t.dense_ms > 0 for t in timings)
+
+
+def test_always_and_never_modes():
+    _, ctl = _resnet(sparse_kernels="always")
+    assert not ctl.needs_kernel_calibration
+    on = [n for n, layer in ctl.layers.items() if layer.sparse_ops == (True,) * 3]
+    assert on and all(sk.eligible(ctl.layers[n]) is None for n in on)
+    _, ctl = _resnet(sparse_kernels="never")
+    assert not ctl.needs_kernel_calibration
+    _, ctl = _resnet(structure="channel")  # structured convs never use CSR; the (unstructured) classifier may
+    assert [isinstance(layer, nn.Linear) for layer in ctl.layers.values() if sk.eligible(layer) is None] == [True]
+
+
+def test_training_step_on_csr_kernels_equals_dense_kernels():
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    grads = []
+    for mode in ("never", "always"):
+        model, _ = _resnet(sparse_kernels=mode)
+        F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_failing_sparse_kernel_stays_dense():
+    layer = nn.Linear(8, 4)
+    model = nn.Sequential(layer)
+    ctl = convert_(model, SWATConfig(sparsity=0.5, sparsify_first_layer=True))
+    name, swat = next(iter(ctl.layers.items()))
+
+    def broken(*a, **k):
+        raise RuntimeError("no CSR kernel for this dtype")
+
+    t = sk._time_op(name, "forward", lambda: torch.ones(2), broken, 1, 0.05, None)
+    assert not t.sparse and t.sparse_ms is None and "failed" in t.note
+    t = sk._time_op(name, "forward", lambda: torch.ones(2), lambda: torch.zeros(2), 1, 0.05, None)
+    assert not t.sparse and "differs" in t.note
+
+
+def test_kernel_choice_survives_a_resume():
+    _, ctl = _resnet()
+    ctl.calibrate_kernels(torch.randn(2, 3, 32, 32), reps=1)
+    name = next(n for n, layer in ctl.layers.items() if sk.eligible(layer) is None)
+    ctl.layers[name].sparse_ops = (True, False, True)  # as if measured faster here
+    state = ctl.state_dict()
+    _, fresh = _resnet()
+    fresh.load_state_dict(state)
+    assert not fresh.needs_kernel_calibration
+    assert fresh.layers[name].sparse_ops == (True, False, True)
+    assert [t.as_dict() for t in fresh.kernel_timings] == state["kernels"]["timings"]
+    del state["kernels"]  # a checkpoint from before the CSR kernels
+    _, old = _resnet()
+    old.load_state_dict(state)
+    assert old.needs_kernel_calibration
+
+
+def test_swat_blpa_fused_unit_convs_stay_on_their_fused_kernel():
+    from leanprop.blpa.config import BLPAConfig
+
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    grads = []
+    for mode in ("never", "always"):
+        torch.manual_seed(0)
+        model = models.create("preact_resnet20", num_classes=10, shortcut="pad")
+        ctl = convert_(model, [SWATConfig(sparsity=0.8, sparse_kernels=mode), BLPAConfig(bits=4)])
+        fused = [layer for layer in ctl.swat.layers.values() if getattr(layer, "_unit_active", False)]
+        assert fused and all(sk.eligible(layer) is not None for layer in fused)
+        if mode == "always":
+            assert any(op for layer in ctl.swat.layers.values() for op in layer.sparse_ops)
+        F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
