@@ -1,17 +1,17 @@
 """Unstructured sparse kernels against dense ones, per GEMM of a SWAT conv layer (issue 5).
 
 For each 3x3 conv shape of CIFAR ResNet-18 and each sparsity, the three GEMMs of a SWAT training step are
-timed both ways on the same tensors:
+timed dense and in each sparse format S (CSR, COO) on the same tensors:
 
-* forward ``Y = conv(X, W_s)``: oneDNN on the zero-filled weight vs CSR(W_s) @ im2col(X);
-* grad-input ``dX = conv_T(G, W_s)``: oneDNN vs col2im(CSR(W_s)^T @ G);
-* grad-weight ``dW = conv_w(X_s, G)``: oneDNN vs G @ CSR(im2col(X_s))^T.
+* forward ``Y = conv(X, W_s)``: oneDNN on the zero-filled weight vs S(W_s) @ im2col(X);
+* grad-input ``dX = conv_T(G, W_s)``: oneDNN vs col2im(S(W_s^T) @ G);
+* grad-weight ``dW = conv_w(X_s, G)``: oneDNN vs G @ S(im2col(X_s))^T.
 
-The sparse times include what a real sparse path pays every step: im2col/col2im and the dense -> CSR
+The sparse times include what a real sparse path pays every step: im2col/col2im and the dense -> sparse
 conversion (weights change every step, activations every batch). Both paths are the library's own
 (``leanprop.swat.sparse_kernels.conv_op_pairs``): the ones a SWAT layer's ``sparse_kernels="auto"``
-calibration chooses between at the layer's real shapes. One JSONL record per (layer, op, sparsity)
-with ``ratio = sparse / dense`` (below 1: the sparse kernel wins); the report lists the break-even sparsity
+calibration chooses between at the layer's real shapes. One JSONL record per (layer, op, format,
+sparsity) with ``ratio = sparse / dense`` (below 1: the sparse kernel wins); the report lists the break-even sparsity
 per op, which is what an automatic choice would use.
 
     python benchmarks/sparse_kernels.py                      # batch 32, 1 thread, 80/90/95/98/99 %
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report import append_records, run_context, write_report  # noqa: E402
 
-from leanprop.swat.sparse_kernels import conv_op_pairs  # noqa: E402
+from leanprop.swat.sparse_kernels import FORMATS, conv_op_pairs  # noqa: E402
 from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify  # noqa: E402
 
 # (Cin, Cout, H) of CIFAR ResNet-18's 3x3 stride-1 convs, one per stage
@@ -52,15 +52,17 @@ def _sparse_of(t: torch.Tensor, s: float) -> torch.Tensor:
     return sparsify(t, magnitude_threshold(t, keep_count(t.numel(), s)))
 
 
-def measure(cin: int, cout: int, h: int, batch: int, s: float, reps: int) -> dict[str, tuple[float, float]]:
-    """``{op: (dense seconds, sparse seconds)}`` for the three GEMMs at sparsity ``s``."""
+def measure(cin: int, cout: int, h: int, batch: int, s: float, reps: int, formats: tuple[str, ...]
+            ) -> dict[str, tuple[float, dict[str, float]]]:
+    """``{op: (dense seconds, {format: sparse seconds})}`` for the three GEMMs at sparsity ``s``."""
     g = torch.Generator().manual_seed(0)
     x = torch.relu(torch.randn(batch, cin, h, h, generator=g))
     w_s = _sparse_of(torch.randn(cout, cin, 3, 3, generator=g), s)
     x_s = _sparse_of(x, s)
     grad = torch.randn(batch, cout, h, h, generator=g)
-    pairs = conv_op_pairs(x, w_s, x_s, grad, (1, 1), (1, 1), (1, 1))  # the kernels SWAT's layers choose from
-    return {op: (_time(dense, reps), _time(sparse, reps)) for op, (dense, sparse) in pairs.items()}
+    pairs = conv_op_pairs(x, w_s, x_s, grad, (1, 1), (1, 1), (1, 1), formats)  # what SWAT's layers choose from
+    return {op: (_time(dense, reps), {f: _time(fn, reps) for f, fn in sparse.items()})
+            for op, (dense, sparse) in pairs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,21 +71,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98,0.99")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--formats", default=",".join(FORMATS), help="sparse formats (default: %(default)s)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_kernels.jsonl"))
     ap.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip the report")
     a = ap.parse_args(argv)
+    formats = tuple(f for f in a.formats.split(",") if f)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        ap.error(f"--formats {a.formats!r}: use a comma-separated subset of {','.join(FORMATS)}")
     torch.set_num_threads(a.threads)
     env, stamp = run_context()
     recs = []
     for cin, cout, h in LAYERS:
         for s in (float(v) for v in a.sparsities.split(",")):
-            for op, (dense, sparse) in measure(cin, cout, h, a.batch, s, a.reps).items():
-                r = {**env, "bench": "sparse_kernels", "timestamp": stamp, "layer": f"{cin}->{cout}@{h}x{h}",
-                     "batch": a.batch, "threads": a.threads, "op": op, "sparsity": s, "dense_ms": dense * 1e3,
-                     "sparse_ms": sparse * 1e3, "ratio": sparse / dense}
-                recs.append(r)
-                print(f"{r['layer']:>18} {op:<12} s={s:.2f} dense {dense * 1e3:7.2f} ms  sparse "
-                      f"{sparse * 1e3:7.2f} ms  ratio {sparse / dense:6.2f}", flush=True)
+            for op, (dense, by_format) in measure(cin, cout, h, a.batch, s, a.reps, formats).items():
+                for fmt, sparse in by_format.items():
+                    r = {**env, "bench": "sparse_kernels", "timestamp": stamp, "layer": f"{cin}->{cout}@{h}x{h}",
+                         "batch": a.batch, "threads": a.threads, "op": op, "format": fmt, "sparsity": s,
+                         "dense_ms": dense * 1e3, "sparse_ms": sparse * 1e3, "ratio": sparse / dense}
+                    recs.append(r)
+                    print(f"{r['layer']:>18} {op:<12} {fmt} s={s:.2f} dense {dense * 1e3:7.2f} ms  sparse "
+                          f"{sparse * 1e3:7.2f} ms  ratio {sparse / dense:6.2f}", flush=True)
     append_records(Path(a.out), recs)
     if a.report:
         write_report(Path(a.out).parent, Path(a.report))

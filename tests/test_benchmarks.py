@@ -206,6 +206,8 @@ def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
     assert by["dense"]["train_flops_vs_dense"] == 1.0 and by["blpa4"]["train_flops_vs_dense"] == 1.0
     assert 0.05 < by["swat-u90"]["train_flops_vs_dense"] < 0.2  # first layer dense, the rest at 10 %
     assert by["blpa4"]["ratio_vs_dense"] < 0.4 and by["swat-u90+blpa4"]["ratio_vs_dense"] < 0.4
+    # SWAT rows say which kernels the sparse_kernels="auto" calibration chose; the others have no such field
+    assert "layer-ops (measured)" in by["swat-u90"]["sparse_kernels"] and "sparse_kernels" not in by["blpa4"]
     capsys.readouterr()
     assert main(["bench", "matrix", "--quick", "--threads", "1", "--progress", "off", "--out", str(out)]) == 0
     assert "already measured" in capsys.readouterr().out
@@ -221,6 +223,7 @@ def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
     assert "## Every method on every model" in text and "| swat-u90+blpa4 |" in text
     assert (md.parent / "img" / "matrix_time_resnet20.png").stat().st_size > 1000
     assert "![memory of resnet20](img/matrix_memory_resnet20.png)" in text
+    assert "Kernels chosen by the SWAT layers' calibration" in text and "swat-u90: " in text
     assert main(["report", "--results", str(tmp_path / "nothing"), "--out", str(md), "--readme", ""]) == 2
 
 
@@ -298,3 +301,17 @@ def test_archived_run_files_carry_no_machine_paths(tmp_path):
     assert (dest / "config.yaml").read_text() == "out_dir: OUT_DIR\n"
     assert json.loads((dest / "env.json").read_text())["argv"] == ["./src/x.py", "~"]
     assert (dest / "metrics.csv").read_bytes() == (d / "metrics.csv").read_bytes()
+
+
+def test_sparse_kernel_report_lists_each_format_and_its_break_even():
+    from leanprop.accounting import report
+
+    ratios = {("csr", 0.9): 1.5, ("csr", 0.99): 0.8, ("coo", 0.9): 1.2, ("coo", 0.99): 1.1}
+    recs = [{"bench": "sparse_kernels", "layer": "64->64@32x32", "op": "forward", "batch": 32, "threads": 1,
+             "processor": "p", "timestamp": "t", "sparsity": s, "format": f, "ratio": ratio}
+            for (f, s), ratio in ratios.items()]
+    recs.append({**recs[0], "format": None, "ratio": 9.0})  # a record from before the format field: CSR
+    del recs[-1]["format"]
+    text = "\n".join(report._sparse_kernels_section(recs))
+    assert "| 64->64@32x32 | forward | csr | 32 | 1 | 9.00 | 0.80 | 99% |" in text
+    assert "| 64->64@32x32 | forward | coo | 32 | 1 | 1.20 | 1.10 | none up to 99% |" in text

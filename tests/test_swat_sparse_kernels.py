@@ -26,7 +26,8 @@ CONV = [dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1)), dict(stride=(2, 2)
 
 @pytest.mark.parametrize("conf", CONV)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_kernels_match_dense(conf, channels_last):
+@pytest.mark.parametrize("fmt", sk.FORMATS)
+def test_conv_kernels_match_dense(conf, channels_last, fmt):
     g0 = torch.Generator().manual_seed(0)
     x = torch.randn(3, 6, 9, 8, generator=g0, dtype=torch.float64)
     if channels_last:
@@ -36,26 +37,28 @@ def test_conv_kernels_match_dense(conf, channels_last):
     b = torch.randn(5, generator=g0, dtype=torch.float64)
     args = (conf["stride"], conf["padding"], conf["dilation"])
     y = F.conv2d(x, w_s, b, *args)
-    got = sk.conv_forward(x, w_s, b, *args)
+    got = sk.conv_forward(x, w_s, b, *args, fmt)
     torch.testing.assert_close(got, y)
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     g = torch.randn(y.shape, generator=g0, dtype=torch.float64)
     dx, dw, _ = torch.ops.aten.convolution_backward(g, x_s, w_s, None, *map(list, args), False, [0, 0], 1,
                                                     [True, True, False])
-    torch.testing.assert_close(sk.conv_grad_input(g, w_s, x.shape, *args), dx)
-    torch.testing.assert_close(sk.conv_grad_weight(x_s, g, w_s.shape, *args), dw)
+    torch.testing.assert_close(sk.conv_grad_input(g, w_s, x.shape, *args, fmt), dx)
+    torch.testing.assert_close(sk.conv_grad_weight(x_s, g, w_s.shape, *args, fmt), dw)
 
 
-def test_linear_kernels_match_dense():
+@pytest.mark.parametrize("fmt", sk.FORMATS)
+def test_linear_kernels_match_dense(fmt):
     g0 = torch.Generator().manual_seed(1)
     x = torch.randn(2, 7, 10, generator=g0, dtype=torch.float64)
     w_s, _ = _topk(torch.randn(4, 10, generator=g0, dtype=torch.float64), 0.7)
     b = torch.randn(4, generator=g0, dtype=torch.float64)
     g = torch.randn(2, 7, 4, generator=g0, dtype=torch.float64)
     x_s, _ = _topk(x, 0.9)
-    torch.testing.assert_close(sk.linear_forward(x, w_s, b), F.linear(x, w_s, b))
-    torch.testing.assert_close(sk.linear_grad_input(g, w_s, x.shape), g @ w_s)
-    torch.testing.assert_close(sk.linear_grad_weight(x_s, g, w_s.shape), g.reshape(-1, 4).t() @ x_s.reshape(-1, 10))
+    torch.testing.assert_close(sk.linear_forward(x, w_s, b, fmt), F.linear(x, w_s, b))
+    torch.testing.assert_close(sk.linear_grad_input(g, w_s, x.shape, fmt), g @ w_s)
+    torch.testing.assert_close(sk.linear_grad_weight(x_s, g, w_s.shape, fmt),
+                               g.reshape(-1, 4).t() @ x_s.reshape(-1, 10))
 
 
 def _run(fn, x, w, *rest, **kw):
@@ -65,7 +68,8 @@ def _run(fn, x, w, *rest, **kw):
     return y.detach(), x.grad, w.grad
 
 
-@pytest.mark.parametrize("ops", [(True, False, False), (False, True, False), (False, False, True), (True,) * 3])
+@pytest.mark.parametrize("ops", [("csr", None, None), (None, "coo", None), (None, None, "csr"), ("coo",) * 3,
+                                 (True, False, True)])
 def test_swat_functions_on_csr_kernels_equal_dense_kernels(ops):
     g0 = torch.Generator().manual_seed(2)
     x = torch.relu(torch.randn(2, 4, 6, 6, generator=g0, dtype=torch.float64))
@@ -100,10 +104,12 @@ def test_csr_path_gradcheck():
                                     (xl, wl))
 
 
-def test_grouped_conv_rejects_csr():
+def test_grouped_conv_and_unknown_format_are_rejected():
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3)
     with pytest.raises(ValueError, match="groups=1"):
-        swat_conv2d(x, w, w, groups=2, sparse_ops=(True, False, False))
+        swat_conv2d(x, w, w, groups=2, sparse_ops=("csr", None, None))
+    with pytest.raises(ValueError, match="csr, coo"):
+        swat_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3), sparse_ops=("bsr", None, None))
 
 
 def test_config_rejects_unknown_sparse_kernels():
@@ -111,13 +117,13 @@ def test_config_rejects_unknown_sparse_kernels():
         SWATConfig(sparse_kernels="fast")
 
 
-def _fake_timer(sparse_wins: set[str]):
-    """ms = 1 for the winning path: sparse for the ops in ``sparse_wins``, dense otherwise."""
+def _fake_timer(sparse_wins: dict[str, str]):
+    """ms = 1 for the winning path: the format ``sparse_wins[op]`` for the ops there, dense otherwise."""
     calls = []
 
     def timer(name, path, fn, reps):
         calls.append((name, path))
-        return 1.0 if (path == "sparse") == (timer.op in sparse_wins) else 2.0
+        return 1.0 if path == sparse_wins.get(timer.op, "dense") else 2.0
 
     timer.calls, timer.op = calls, None
     return timer
@@ -133,7 +139,7 @@ def test_calibration_sets_the_measured_choice_and_leaves_training_state(monkeypa
     model, ctl = _resnet()
     assert ctl.needs_kernel_calibration
     assert all(layer.sparse_ops == sk.NO_SPARSE for layer in ctl.layers.values())
-    timer = _fake_timer({"grad_input"})
+    timer = _fake_timer({"grad_input": "coo", "grad_weight": "csr"})
     real = sk._time_op
 
     def timed(name, op, dense, sparse, reps, margin, _timer):
@@ -153,11 +159,11 @@ def test_calibration_sets_the_measured_choice_and_leaves_training_state(monkeypa
     eligible = [n for n, layer in ctl.layers.items() if sk.eligible(layer) is None]
     assert eligible and len(timings) == 3 * len(eligible)
     for n, layer in ctl.layers.items():
-        assert layer.sparse_ops == ((False, True, False) if n in eligible else sk.NO_SPARSE)
+        assert layer.sparse_ops == ((None, "coo", "csr") if n in eligible else sk.NO_SPARSE)
     # identical shapes are timed once
-    assert len(timer.calls) < 2 * len(timings)
+    assert len(timer.calls) < (1 + len(sk.FORMATS)) * len(timings) and any(t.note.startswith("as ") for t in timings)
     assert "sparse" in sk.format_table(timings)
-    assert ctl.kernel_summary().startswith(f"SWAT sparse (CSR) kernels: {len(eligible)} of ")
+    assert ctl.kernel_summary().startswith(f"SWAT sparse (CSR/COO) kernels: {2 * len(eligible)} of ")
 
 
 def test_calibration_keeps_dense_kernels_where_they_win():
@@ -171,7 +177,7 @@ def test_calibration_keeps_dense_kernels_where_they_win():
 def test_always_and_never_modes():
     _, ctl = _resnet(sparse_kernels="always")
     assert not ctl.needs_kernel_calibration
-    on = [n for n, layer in ctl.layers.items() if layer.sparse_ops == (True,) * 3]
+    on = [n for n, layer in ctl.layers.items() if layer.sparse_ops == ("csr",) * 3]
     assert on and all(sk.eligible(ctl.layers[n]) is None for n in on)
     _, ctl = _resnet(sparse_kernels="never")
     assert not ctl.needs_kernel_calibration
@@ -199,22 +205,26 @@ def test_failing_sparse_kernel_stays_dense():
     def broken(*a, **k):
         raise RuntimeError("no CSR kernel for this dtype")
 
-    t = sk._time_op(name, "forward", lambda: torch.ones(2), broken, 1, 0.05, None)
-    assert not t.sparse and t.sparse_ms is None and "failed" in t.note
-    t = sk._time_op(name, "forward", lambda: torch.ones(2), lambda: torch.zeros(2), 1, 0.05, None)
-    assert not t.sparse and "differs" in t.note
+    t = sk._time_op(name, "forward", lambda: torch.ones(2), {"csr": broken}, 1, 0.05, None)
+    assert not t.sparse and t.sparse_ms is None and "csr failed" in t.note
+    t = sk._time_op(name, "forward", lambda: torch.ones(2), {"coo": lambda: torch.zeros(2)}, 1, 0.05, None)
+    assert not t.sparse and "coo result differs" in t.note
+    # one format failing does not stop the other from being timed and chosen
+    t = sk._time_op(name, "forward", lambda: torch.ones(2), {"csr": broken, "coo": lambda: torch.ones(2)}, 1,
+                    0.05, lambda _n, path, _f, _r: 2.0 if path == "dense" else 1.0)
+    assert t.sparse and t.format == "coo" and t.choice == "coo" and "csr failed" in t.note
 
 
 def test_kernel_choice_survives_a_resume():
     _, ctl = _resnet()
     ctl.calibrate_kernels(torch.randn(2, 3, 32, 32), reps=1)
     name = next(n for n, layer in ctl.layers.items() if sk.eligible(layer) is None)
-    ctl.layers[name].sparse_ops = (True, False, True)  # as if measured faster here
+    ctl.layers[name].sparse_ops = ("csr", None, "coo")  # as if measured faster here
     state = ctl.state_dict()
     _, fresh = _resnet()
     fresh.load_state_dict(state)
     assert not fresh.needs_kernel_calibration
-    assert fresh.layers[name].sparse_ops == (True, False, True)
+    assert fresh.layers[name].sparse_ops == ("csr", None, "coo")
     assert [t.as_dict() for t in fresh.kernel_timings] == state["kernels"]["timings"]
     del state["kernels"]  # a checkpoint from before the CSR kernels
     _, old = _resnet()

@@ -152,8 +152,8 @@ def test_swat_run_reports_flops_and_sparsity(tmp_path, capsys):
     out = captured.out
     assert "training FLOPs -" in out and "measured sparsity" in out
     assert (res.run_dir / "swat_layers.txt").exists()
-    assert "SWAT sparse (CSR) kernels:" in captured.err  # sparse_kernels="auto": timed before the first step
-    assert "layer-ops use the sparse kernel" in (res.run_dir / "swat_kernels.txt").read_text()
+    assert "SWAT sparse (CSR/COO) kernels:" in captured.err  # sparse_kernels="auto": timed before the first step
+    assert "layer-ops use a sparse kernel" in (res.run_dir / "swat_kernels.txt").read_text()
     row = _rows(res.run_dir)[-1]
     assert 0.5 < float(row["weight_sparsity"]) < 0.9  # first layer dense, the rest at 80 %
     assert load_checkpoint(res.run_dir / "checkpoint.pt")["method"]["step"] == 4

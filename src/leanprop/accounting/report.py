@@ -102,13 +102,13 @@ def _memory_section(recs: list[dict]) -> list[str]:
 
 def _sparse_kernels_section(recs: list[dict]) -> list[str]:
     """Sparse (CSR) against dense kernels per GEMM (``benchmarks/sparse_kernels.py``) and the break-even."""
-    sk = _latest([r for r in recs if r.get("bench") == "sparse_kernels"],
-                 ("layer", "op", "sparsity", "batch", "threads", "processor"))
+    sk = _latest([{"format": "csr", **r} for r in recs if r.get("bench") == "sparse_kernels"],
+                 ("layer", "op", "format", "sparsity", "batch", "threads", "processor"))
     if not sk:
         return []
     sps = sorted({r["sparsity"] for r in sk})
     parts = ["## Unstructured sparse kernels against dense (per GEMM)", "",
-             "CSR SpMM on im2col (`torch.sparse.mm`), including im2col/col2im and the dense->CSR conversion a "
+             "CSR / COO SpMM on im2col (`torch.sparse.mm`), including im2col/col2im and the dense->sparse conversion a "
              "real sparse path pays every step, against oneDNN on the zero-filled tensors; ratio = sparse time / "
              "dense time (below 1: sparse wins). Break-even: the lowest measured sparsity at which sparse wins. "
              "Command: `python benchmarks/sparse_kernels.py`. A SWAT layer uses a sparse kernel only for an op "
@@ -116,14 +116,15 @@ def _sparse_kernels_section(recs: list[dict]) -> list[str]:
              "same two kernels are timed for every layer at its real shapes before the first training step "
              "(`leanprop.swat.sparse_kernels`); the matrix tables say what was chosen.", ""]
     rows = []
-    for (layer, op) in dict.fromkeys((r["layer"], r["op"]) for r in sk):
-        cell = {r["sparsity"]: r for r in sk if r["layer"] == layer and r["op"] == op}
+    for (layer, op, fmt) in dict.fromkeys((r["layer"], r["op"], r["format"]) for r in sk):
+        cell = {r["sparsity"]: r for r in sk if (r["layer"], r["op"], r["format"]) == (layer, op, fmt)}
         wins = [s for s in sps if s in cell and cell[s]["ratio"] < 1]
         r0 = next(iter(cell.values()))
-        rows.append([layer, op, str(r0["batch"]), str(r0["threads"]),
+        rows.append([layer, op, fmt, str(r0["batch"]), str(r0["threads"]),
                      *[f"{cell[s]['ratio']:.2f}" if s in cell else "" for s in sps],
                      f"{min(wins):.0%}" if wins else f"none up to {max(sps):.0%}"])
-    parts += [_table(["layer", "op", "batch", "threads", *[f"{s:.0%}" for s in sps], "break-even"], rows), ""]
+    parts += [_table(["layer", "op", "format", "batch", "threads", *[f"{s:.0%}" for s in sps], "break-even"],
+                     rows), ""]
     return parts
 
 

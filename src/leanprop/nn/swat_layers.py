@@ -44,7 +44,8 @@ class SWATMixin:
         self.sample_size = cfg.sample_size
         self.compress = cfg.compress_saved
         self.structured_compute = cfg.structured_compute
-        # (forward, grad-input, grad-weight) on the CSR kernels: set by the controller's kernel calibration
+        # (forward, grad-input, grad-weight) kernel: None (dense), "csr" or "coo"; set by the controller's
+        # kernel calibration
         self.sparse_ops = sk.NO_SPARSE
         self.dense_grad = True  # this step's weight gradient covers pruned filters (set by the controller)
         self.recompute = True  # set by the controller before each training step

@@ -38,10 +38,11 @@ class SWATConfig:
         gradient of the *pruned* filters only every P steps (the kept filters' every step); P = 1 is the
         paper's dense weight gradient.
     sparse_kernels: unstructured layers' kernels (issue 5). "auto" (default): before the first training step
-        the trainer (or ``controller.calibrate_kernels(x)``) times the CSR and the dense kernel of each op of each
-        layer at its real shapes, and a layer uses CSR only for the ops where it measured faster; until then, and
-        where it loses, the dense kernels. "never": dense kernels, no calibration. "always": CSR for every op of
-        every eligible layer (groups 1), for experiments. Same results up to summation order either way.
+        the trainer (or ``controller.calibrate_kernels(x)``) times the dense, the CSR and the COO kernel of each op
+        of each layer at its real shapes, and a layer uses the faster sparse one only for the ops where it beat
+        dense; until then, and where it loses, the dense kernels. "never": dense kernels, no calibration.
+        "always": CSR for every op of every eligible layer (groups 1), for experiments. Same results up to
+        summation order either way.
     momentum_freeze / momentum_residual_steps: SWAT-M's 0.99 freeze rule and the maximum number of
         redistribution passes (within one budget update) that spread a frozen layer's excess (§1.5).
     """

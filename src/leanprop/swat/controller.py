@@ -40,13 +40,13 @@ class SWATController:
         self.kernel_timings: list[sk.KernelTiming] | None = None
         if cfg.sparse_kernels == "always":
             for layer in layers.values():
-                layer.sparse_ops = (True,) * 3 if sk.eligible(layer) is None else sk.NO_SPARSE
+                layer.sparse_ops = ("csr",) * 3 if sk.eligible(layer) is None else sk.NO_SPARSE
         self._set_flags()
 
     # ---------------------------------------------------------------- kernels
     @property
     def needs_kernel_calibration(self) -> bool:
-        """``sparse_kernels="auto"``, not calibrated yet, and some layer could use the CSR kernels."""
+        """``sparse_kernels="auto"``, not calibrated yet, and some layer could use a sparse kernel."""
         return (self.cfg.sparse_kernels == "auto" and self.kernel_timings is None
                 and any(sk.eligible(layer) is None for layer in self.layers.values()))
 
@@ -57,9 +57,10 @@ class SWATController:
 
         One no-grad forward of ``example_input`` (in eval mode, so BN running statistics are untouched) records
         every eligible layer's input; :func:`leanprop.swat.sparse_kernels.calibrate` then times the dense and
-        the CSR kernel of its forward, grad-input and grad-weight and sets ``layer.sparse_ops``. Call it inside
-        the autocast context of training (the kernels are timed in its dtype). Returns the timings (also kept
-        as ``self.kernel_timings``; :func:`leanprop.swat.sparse_kernels.format_table` prints them)."""
+        each sparse kernel (CSR, COO) of its forward, grad-input and grad-weight and sets ``layer.sparse_ops``.
+        Call it inside the autocast context of training (the kernels are timed in its dtype). Returns the
+        timings (also kept as ``self.kernel_timings``; :func:`leanprop.swat.sparse_kernels.format_table` prints
+        them)."""
         from leanprop.swat.functions import _autocast_dtype
 
         captured: dict[str, torch.Tensor] = {}
@@ -86,11 +87,11 @@ class SWATController:
         return self.kernel_timings
 
     def kernel_summary(self) -> str:
-        """One line: how many layer-ops run on the CSR kernels (after calibration or with "always")."""
-        ops = [op for layer in self.layers.values() for op in layer.sparse_ops]
+        """One line: how many layer-ops run on a sparse kernel (after calibration or with "always")."""
+        ops = [bool(op) for layer in self.layers.values() for op in layer.sparse_ops]
         how = {"auto": "measured" if self.kernel_timings is not None else "not calibrated yet",
                "never": "sparse_kernels=never", "always": "sparse_kernels=always"}[self.cfg.sparse_kernels]
-        return f"SWAT sparse (CSR) kernels: {sum(ops)} of {len(ops)} layer-ops ({how}); the rest dense"
+        return f"SWAT sparse (CSR/COO) kernels: {sum(ops)} of {len(ops)} layer-ops ({how}); the rest dense"
 
     # ---------------------------------------------------------------- training hooks
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -167,11 +168,11 @@ class SWATController:
             layer.density_stats.copy_(s["density_stats"])
         if self.momentum is not None and state.get("momentum") is not None:
             self.momentum.load_state_dict(state["momentum"])
-        kernels = state.get("kernels")  # absent in checkpoints from before the CSR kernels: calibrate again
+        kernels = state.get("kernels")  # absent in checkpoints from before the sparse kernels: calibrate again
         if kernels is not None and self.cfg.sparse_kernels == "auto":
             self.kernel_timings = [sk.KernelTiming(**t) for t in kernels["timings"]]
             for name, layer in self.layers.items():
-                layer.sparse_ops = tuple(bool(b) for b in kernels["sparse_ops"][name])
+                layer.sparse_ops = tuple(sk.format_of(f) for f in kernels["sparse_ops"][name])
         self._set_flags()
 
     # ---------------------------------------------------------------- reporting

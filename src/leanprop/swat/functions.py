@@ -65,8 +65,8 @@ def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, comp
     ``W_s`` is kept as the dense Parameter + a 1-bit mask of its non-zeros (issue 5: never a second dense copy;
     no mask when ``weight_sparse`` is the Parameter's own storage, i.e. nothing is pruned). ``compress``: keep
     ``X_s`` as values + positions (:mod:`leanprop.swat.storage`); the backward restores both exactly.
-    ``sparse_ops``: which of (forward, grad-input, grad-weight) use the CSR kernels (:mod:`.sparse_kernels`);
-    ``op`` is then called with ``sparse=True`` for the forward. Not under ``torch.compile``."""
+    ``sparse_ops``: the sparse format (or None) of (forward, grad-input, grad-weight) (:mod:`.sparse_kernels`);
+    ``op`` gets the forward's as its last argument. Not under ``torch.compile``."""
     dev = x.device.type
     ctx.sparse_ops = sparse_ops = sk.NO_SPARSE if _compiling() else tuple(sparse_ops)
     amp = _autocast_dtype(dev)
@@ -137,7 +137,7 @@ class _SWATConv2d(torch.autograd.Function):
 
         def op(a, w, b, sparse):
             if sparse:
-                return sk.conv_forward(a, w, b, stride, padding, dilation)
+                return sk.conv_forward(a, w, b, stride, padding, dilation, sparse)
             return F.conv2d(a, w, b, stride, padding, dilation, groups)
 
         return _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, compress, sparse_ops)
@@ -153,7 +153,7 @@ class _SWATConv2d(torch.autograd.Function):
             return (None,) * 11
         g = _to(grad_out, ws.dtype)
         inp = x_s if x_s is not None else ws.new_empty(()).expand(ctx.x_shape)  # only its shape is read for dX
-        sparse_dx, sparse_dw = mask[0] and ctx.sparse_ops[1], mask[1] and ctx.sparse_ops[2]
+        sparse_dx, sparse_dw = mask[0] and bool(ctx.sparse_ops[1]), mask[1] and bool(ctx.sparse_ops[2])
         dense_mask = [mask[0] and not sparse_dx, mask[1] and not sparse_dw, mask[2]]
         dx = dw = db = None
         with _no_autocast(g.device.type, ctx.amp):
@@ -162,9 +162,9 @@ class _SWATConv2d(torch.autograd.Function):
                     g, inp, ws, [ws.shape[0]] if mask[2] else None, list(stride), list(padding), list(dilation),
                     False, [0, 0], groups, dense_mask)
             if sparse_dx:
-                dx = sk.conv_grad_input(g, ws, ctx.x_shape, stride, padding, dilation)
+                dx = sk.conv_grad_input(g, ws, ctx.x_shape, stride, padding, dilation, ctx.sparse_ops[1])
             if sparse_dw:
-                dw = sk.conv_grad_weight(x_s, g, ws.shape, stride, padding, dilation)
+                dw = sk.conv_grad_weight(x_s, g, ws.shape, stride, padding, dilation, ctx.sparse_ops[2])
         return (_to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype) if mask[2] else None,
                 None, None, None, None, None, None, None)
 
@@ -173,7 +173,7 @@ class _SWATLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_sparse, bias, x_threshold, compress, sparse_ops):
         def op(a, w, b, sparse):
-            return sk.linear_forward(a, w, b) if sparse else F.linear(a, w, b)
+            return sk.linear_forward(a, w, b, sparse) if sparse else F.linear(a, w, b)
 
         return _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, compress, sparse_ops)
 
@@ -188,9 +188,10 @@ class _SWATLinear(torch.autograd.Function):
         dx = dw = db = None
         with _no_autocast(g.device.type, ctx.amp):
             if need_x:
-                dx = sk.linear_grad_input(g, ws, ctx.x_shape) if ctx.sparse_ops[1] else g.mm(ws).view(ctx.x_shape)
+                dx = (sk.linear_grad_input(g, ws, ctx.x_shape, ctx.sparse_ops[1]) if ctx.sparse_ops[1]
+                      else g.mm(ws).view(ctx.x_shape))
             if need_w:  # (X_sᵀ·G)ᵀ, spec §1.1 B2
-                dw = (sk.linear_grad_weight(x_s, g, ws.shape) if ctx.sparse_ops[2]
+                dw = (sk.linear_grad_weight(x_s, g, ws.shape, ctx.sparse_ops[2]) if ctx.sparse_ops[2]
                       else g.t().mm(x_s.reshape(-1, ws.shape[1])))
             if need_b:
                 db = g.sum(0)
@@ -212,7 +213,7 @@ def _same_padding(x: Tensor, weight: Tensor, stride: tuple[int, int], dilation: 
 
 def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
                 x_threshold: Threshold = None, stride=1, padding=0, dilation=1, groups: int = 1,
-                compress: bool = False, sparse_ops: tuple[bool, bool, bool] = sk.NO_SPARSE) -> Tensor:
+                compress: bool = False, sparse_ops: sk.SparseOps = sk.NO_SPARSE) -> Tensor:
     """SWAT 2-D convolution (spec §1.1): ``conv2d(x, weight_sparse, bias)`` in the forward; the backward gives
     ``dX`` from ``weight_sparse``, ``dW = conv2d_weight(sparsify(x, x_threshold), G)`` to the dense ``weight``
     and ``db = ΣG``.
@@ -221,8 +222,9 @@ def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
     tensor or float (None or <= 0: X saved dense, no copy). ``stride``/``padding``/``dilation`` as in
     ``F.conv2d``, including padding="valid"/"same". x may be (N, C, H, W) or unbatched (C, H, W).
     W_s is kept as a 1-bit mask over ``weight``; ``compress=True`` also keeps X_s as values + positions (same
-    gradients either way). ``sparse_ops``: (forward, grad-input, grad-weight) flags choosing the CSR kernels of
-    :mod:`leanprop.swat.sparse_kernels` (groups 1 only) over the dense ones; same results up to summation order.
+    gradients either way). ``sparse_ops``: (forward, grad-input, grad-weight) entries, each None (the dense kernel)
+    or a sparse format ("csr", "coo"; True: "csr") of :mod:`leanprop.swat.sparse_kernels` (groups 1 only); same
+    results up to summation order.
     """
     if weight_sparse.shape != weight.shape:
         raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
@@ -239,21 +241,23 @@ def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
             raise ValueError(f"padding {padding!r}: use an int, a pair, 'valid' or 'same'")
     else:
         padding = _pair(padding)
+    sparse_ops = tuple(sk.format_of(f) for f in sparse_ops)
     if groups != 1 and any(sparse_ops):
-        raise ValueError("sparse_ops: the CSR kernels support groups=1 only")
+        raise ValueError("sparse_ops: the sparse kernels support groups=1 only")
     return _SWATConv2d.apply(x, weight, weight_sparse, bias, x_threshold, stride, padding, dilation, groups,
-                             compress, tuple(sparse_ops))
+                             compress, sparse_ops)
 
 
 def swat_linear(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
                 x_threshold: Threshold = None, compress: bool = False,
-                sparse_ops: tuple[bool, bool, bool] = sk.NO_SPARSE) -> Tensor:
+                sparse_ops: sk.SparseOps = sk.NO_SPARSE) -> Tensor:
     """SWAT linear layer (spec §1.1): ``Y = x·W_sᵀ + b``; backward ``dX = G·W_s``, ``dW = (X_sᵀ·G)ᵀ`` for the
     dense ``weight``, ``db = ΣG``. x has shape (..., in); the leading dims are flattened in the backward.
     ``compress`` and ``sparse_ops`` as in :func:`swat_conv2d`."""
     if weight_sparse.shape != weight.shape:
         raise ValueError(f"weight_sparse shape {tuple(weight_sparse.shape)} != weight shape {tuple(weight.shape)}")
-    return _SWATLinear.apply(x, weight, weight_sparse, bias, x_threshold, compress, tuple(sparse_ops))
+    return _SWATLinear.apply(x, weight, weight_sparse, bias, x_threshold, compress,
+                             tuple(sk.format_of(f) for f in sparse_ops))
 
 
 def _gather_channels(t: Tensor, keep: Tensor, fmt) -> Tensor:
