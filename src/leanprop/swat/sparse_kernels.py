@@ -254,7 +254,7 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
             xc = x.to(dt)
             w_s = layer._sparse_weight().to(dt)
             x_s = sparsify(xc, magnitude_threshold(xc, keep_count(xc.numel(), layer.sparsity)))
-            y = _op_pairs(layer, xc, w_s, x_s, torch.zeros(0, dtype=dt, device=x.device), ())["forward"][0]()
+            y = _op_pairs(layer, xc, w_s, x_s, xc.new_zeros(0), ())["forward"][0]()  # the dense Y: G's shape
             gen = torch.Generator(x.device).manual_seed(0)  # not the global RNG: training's stream is untouched
             g = torch.randn(y.shape, dtype=dt, device=x.device, generator=gen).contiguous(memory_format=_format_of(y))
             timings = [_time_op(name, op, dense, sparse, reps, margin, timer)
