@@ -259,3 +259,21 @@ def test_calibration_under_bf16_autocast_times_in_bf16_and_never_fails():
     assert timings and all(t.sparse_ms is not None or t.note for t in timings)
     for t in timings:
         assert t.sparse == (t.sparse_ms is not None and t.sparse_ms < 0.95 * t.dense_ms)
+
+
+def test_kernels_are_timed_again_when_a_budget_moves():
+    """SWAT-M moves per-layer sparsities: a layer more than 0.05 away from its timed sparsity triggers a new timing."""
+    _, ctl = _resnet()
+    ctl.calibrate_kernels(torch.randn(2, 3, 32, 32), reps=1)
+    assert not ctl.needs_kernel_calibration
+    name = next(n for n, layer in ctl.layers.items() if sk.eligible(layer) is None)
+    ctl.layers[name].sparsity -= 0.04
+    assert not ctl.needs_kernel_calibration
+    state = ctl.state_dict()
+    ctl.layers[name].sparsity -= 0.02
+    assert ctl.needs_kernel_calibration
+    _, fresh = _resnet()
+    fresh.load_state_dict(state)
+    assert not fresh.needs_kernel_calibration and fresh.kernel_sparsity == ctl.kernel_sparsity
+    ctl.calibrate_kernels(torch.randn(2, 3, 32, 32), reps=1)
+    assert not ctl.needs_kernel_calibration

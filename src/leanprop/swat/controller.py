@@ -38,6 +38,7 @@ class SWATController:
             specs = [s for s in collect_layers(model) if s.name in layers]
             self.momentum = MomentumRedistributor(specs, cfg)
         self.kernel_timings: list[sk.KernelTiming] | None = None
+        self.kernel_sparsity: dict[str, float] = {}  # each layer's sparsity when its kernels were timed
         if cfg.sparse_kernels == "always":
             for layer in layers.values():
                 layer.sparse_ops = ("csr",) * 3 if sk.eligible(layer) is None else sk.NO_SPARSE
@@ -46,9 +47,14 @@ class SWATController:
     # ---------------------------------------------------------------- kernels
     @property
     def needs_kernel_calibration(self) -> bool:
-        """``sparse_kernels="auto"``, not calibrated yet, and some layer could use a sparse kernel."""
-        return (self.cfg.sparse_kernels == "auto" and self.kernel_timings is None
-                and any(sk.eligible(layer) is None for layer in self.layers.values()))
+        """``sparse_kernels="auto"`` and some layer could use a sparse kernel, and either nothing is timed yet or
+        a layer's sparsity moved by more than 0.05 since (SWAT-M budgets): the choice is made again then."""
+        if self.cfg.sparse_kernels != "auto" or not any(sk.eligible(lr) is None for lr in self.layers.values()):
+            return False
+        if self.kernel_timings is None:
+            return True
+        return any(abs(layer.sparsity - self.kernel_sparsity.get(name, layer.sparsity)) > 0.05
+                   for name, layer in self.layers.items())
 
     def calibrate_kernels(self, example_input: torch.Tensor, *, reps: int = 3, margin: float = 0.05,
                           progress: Callable[[str], None] | None = None,
@@ -84,6 +90,7 @@ class SWATController:
         with torch.autocast(dev, enabled=False) if dtype is not None else contextlib.nullcontext():
             self.kernel_timings = sk.calibrate(self.layers, captured, dtype=dtype, reps=reps, margin=margin,
                                                timer=timer, progress=progress)
+        self.kernel_sparsity = {name: layer.sparsity for name, layer in self.layers.items()}
         return self.kernel_timings
 
     def kernel_summary(self) -> str:
@@ -150,7 +157,7 @@ class SWATController:
             "momentum": self.momentum.state_dict() if self.momentum is not None else None,
             # the measured kernel choice: a resumed run keeps it (same summation order, bit-identical resume)
             "kernels": None if self.kernel_timings is None else {
-                "timings": [t.as_dict() for t in self.kernel_timings],
+                "timings": [t.as_dict() for t in self.kernel_timings], "sparsity": dict(self.kernel_sparsity),
                 "sparse_ops": {name: list(layer.sparse_ops) for name, layer in self.layers.items()}},
         }
 
@@ -171,6 +178,7 @@ class SWATController:
         kernels = state.get("kernels")  # absent in checkpoints from before the sparse kernels: calibrate again
         if kernels is not None and self.cfg.sparse_kernels == "auto":
             self.kernel_timings = [sk.KernelTiming(**t) for t in kernels["timings"]]
+            self.kernel_sparsity = dict(kernels["sparsity"])
             for name, layer in self.layers.items():
                 layer.sparse_ops = tuple(sk.format_of(f) for f in kernels["sparse_ops"][name])
         self._set_flags()

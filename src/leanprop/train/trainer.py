@@ -412,7 +412,8 @@ class Trainer:
 
     def _calibrate_kernels(self, x: torch.Tensor) -> None:
         """SWAT ``sparse_kernels="auto"``: time the sparse (CSR, COO) and the dense kernels on the first batch
-        (each process measures its own hardware); the table goes to ``swat_kernels.txt`` in the run dir."""
+        (each process measures its own hardware), and again on the batch of a step where a SWAT-M budget moved
+        a layer's sparsity; the table goes to ``swat_kernels.txt`` in the run dir."""
         from leanprop.swat.sparse_kernels import format_table
 
         bar = tqdm(desc="timing sparse vs dense kernels", unit="layer", leave=False, dynamic_ncols=True,
