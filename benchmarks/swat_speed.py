@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_JSONL))
     ap.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip the report")
     a = ap.parse_args(argv)
-    cfg = leanprop.SWATConfig(sparsity=a.sparsity, distribution=a.distribution, topk_period=a.topk_period)
+    cfg = leanprop.SWATConfig(sparsity=a.sparsity, distribution=a.distribution, topk_period=a.topk_period,
+                              sparse_kernels="never")  # this benchmark times the masked dense kernels
     base, stamp = run_context()
     records = []
     for threads in a.threads:
