@@ -225,6 +225,8 @@ def test_kernel_choice_survives_a_resume():
     fresh.load_state_dict(state)
     assert not fresh.needs_kernel_calibration
     assert fresh.layers[name].sparse_ops == ("csr", None, "coo")
+    assert f"2 of 24 layer-ops (measured): {name} forward csr, {name} grad_weight coo; the rest dense" \
+        in fresh.kernel_summary()
     assert [t.as_dict() for t in fresh.kernel_timings] == state["kernels"]["timings"]
     del state["kernels"]  # a checkpoint from before the CSR kernels
     _, old = _resnet()

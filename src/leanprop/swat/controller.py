@@ -94,11 +94,15 @@ class SWATController:
         return self.kernel_timings
 
     def kernel_summary(self) -> str:
-        """One line: how many layer-ops run on a sparse kernel (after calibration or with "always")."""
+        """One line: how many layer-ops run on a sparse kernel (after calibration or with "always"), naming them
+        when there are at most four."""
         ops = [bool(op) for layer in self.layers.values() for op in layer.sparse_ops]
         how = {"auto": "measured" if self.kernel_timings is not None else "not calibrated yet",
                "never": "sparse_kernels=never", "always": "sparse_kernels=always"}[self.cfg.sparse_kernels]
-        return f"SWAT sparse (CSR/COO) kernels: {sum(ops)} of {len(ops)} layer-ops ({how}); the rest dense"
+        used = [f"{name} {op} {fmt}" for name, layer in self.layers.items()
+                for op, fmt in zip(sk.OPS, layer.sparse_ops, strict=True) if fmt]
+        named = f": {', '.join(used)}" if 0 < len(used) <= 4 else ""
+        return f"SWAT sparse (CSR/COO) kernels: {sum(ops)} of {len(ops)} layer-ops ({how}){named}; the rest dense"
 
     # ---------------------------------------------------------------- training hooks
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
