@@ -1,6 +1,7 @@
 """Unstructured sparse kernels against dense ones, per GEMM of a SWAT conv layer (issue 5).
 
-For each 3x3 conv shape of CIFAR ResNet-18 and each sparsity, the three GEMMs of a SWAT training step are
+For each conv shape of CIFAR ResNet-18 (the 3x3 stride-1 convs of the four stages and the 1x1 stride-2 shortcut
+convs) and each sparsity, the three GEMMs of a SWAT training step are
 timed dense and in each sparse format S (CSR, COO) on the same tensors:
 
 * forward ``Y = conv(X, W_s)``: oneDNN on the zero-filled weight vs S(W_s) @ im2col(X);
@@ -34,8 +35,14 @@ from report import append_records, run_context, write_report  # noqa: E402
 from leanprop.swat.sparse_kernels import FORMATS, conv_op_pairs  # noqa: E402
 from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify  # noqa: E402
 
-# (Cin, Cout, H) of CIFAR ResNet-18's 3x3 stride-1 convs, one per stage
-LAYERS = [(64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4)]
+# (Cin, Cout, input H, kernel, stride) of CIFAR ResNet-18: the 3x3 stride-1 convs, one per stage, and the
+# 1x1 stride-2 downsample (shortcut) convs
+LAYERS = [(64, 64, 32, 3, 1), (128, 128, 16, 3, 1), (256, 256, 8, 3, 1), (512, 512, 4, 3, 1),
+          (64, 128, 32, 1, 2), (128, 256, 16, 1, 2), (256, 512, 8, 1, 2)]
+
+
+def layer_label(cin: int, cout: int, h: int, k: int, stride: int) -> str:
+    return f"{cin}->{cout}@{h}x{h}" + ("" if (k, stride) == (3, 1) else f" {k}x{k}/s{stride}")
 
 
 def _time(fn, reps: int) -> float:
@@ -52,15 +59,17 @@ def _sparse_of(t: torch.Tensor, s: float) -> torch.Tensor:
     return sparsify(t, magnitude_threshold(t, keep_count(t.numel(), s)))
 
 
-def measure(cin: int, cout: int, h: int, batch: int, s: float, reps: int, formats: tuple[str, ...]
-            ) -> dict[str, tuple[float, dict[str, float]]]:
+def measure(cin: int, cout: int, h: int, k: int, stride: int, batch: int, s: float, reps: int,
+            formats: tuple[str, ...]) -> dict[str, tuple[float, dict[str, float]]]:
     """``{op: (dense seconds, {format: sparse seconds})}`` for the three GEMMs at sparsity ``s``."""
     g = torch.Generator().manual_seed(0)
     x = torch.relu(torch.randn(batch, cin, h, h, generator=g))
-    w_s = _sparse_of(torch.randn(cout, cin, 3, 3, generator=g), s)
+    w_s = _sparse_of(torch.randn(cout, cin, k, k, generator=g), s)
     x_s = _sparse_of(x, s)
-    grad = torch.randn(batch, cout, h, h, generator=g)
-    pairs = conv_op_pairs(x, w_s, x_s, grad, (1, 1), (1, 1), (1, 1), formats)  # what SWAT's layers choose from
+    ho = (h + 2 * (k // 2) - k) // stride + 1
+    grad = torch.randn(batch, cout, ho, ho, generator=g)
+    # the kernels SWAT's layers choose from
+    pairs = conv_op_pairs(x, w_s, x_s, grad, (stride,) * 2, (k // 2,) * 2, (1, 1), formats)
     return {op: (_time(dense, reps), {f: _time(fn, reps) for f, fn in sparse.items()})
             for op, (dense, sparse) in pairs.items()}
 
@@ -82,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     env, stamp = run_context()
     recs = []
-    for cin, cout, h in LAYERS:
+    for cin, cout, h, k, stride in LAYERS:
         for s in (float(v) for v in a.sparsities.split(",")):
-            for op, (dense, by_format) in measure(cin, cout, h, a.batch, s, a.reps, formats).items():
+            label = layer_label(cin, cout, h, k, stride)
+            for op, (dense, by_format) in measure(cin, cout, h, k, stride, a.batch, s, a.reps, formats).items():
                 for fmt, sparse in by_format.items():
-                    r = {**env, "bench": "sparse_kernels", "timestamp": stamp, "layer": f"{cin}->{cout}@{h}x{h}",
+                    r = {**env, "bench": "sparse_kernels", "timestamp": stamp, "layer": label,
                          "batch": a.batch, "threads": a.threads, "op": op, "format": fmt, "sparsity": s,
                          "dense_ms": dense * 1e3, "sparse_ms": sparse * 1e3, "ratio": sparse / dense}
                     recs.append(r)

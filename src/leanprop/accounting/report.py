@@ -113,7 +113,8 @@ def _sparse_kernels_section(recs: list[dict]) -> list[str]:
              "dense time (below 1: sparse wins). Break-even: the lowest measured sparsity at which sparse wins. "
              "Command: `python benchmarks/sparse_kernels.py`. A SWAT layer uses a sparse kernel only for an op "
              "where it measured faster on the running machine: with `sparse_kernels=\"auto\"` (the default) the "
-             "same two kernels are timed for every layer at its real shapes before the first training step "
+             "dense kernel and both sparse formats are timed for every layer at its real shapes before the first "
+             "training step "
              "(`leanprop.swat.sparse_kernels`); the matrix tables say what was chosen.", ""]
     rows = []
     for (layer, op, fmt) in dict.fromkeys((r["layer"], r["op"], r["format"]) for r in sk):
