@@ -312,6 +312,11 @@ def test_sparse_kernel_report_lists_each_format_and_its_break_even():
             for (f, s), ratio in ratios.items()]
     recs.append({**recs[0], "format": None, "ratio": 9.0})  # a record from before the format field: CSR
     del recs[-1]["format"]
+    recs.append({**recs[1], "batch": 128, "threads": 2, "ratio": 0.5})  # another batch: a row of its own
     text = "\n".join(report._sparse_kernels_section(recs))
+    assert "| 64->64@32x32 | forward | csr | 128 | 2 |  | 0.50 | 99% |" in text
+    recs.append({**recs[0], "batch": 64, "ratio": 3.0})  # measured at 90 % only: "none up to 90%"
+    assert "| 64->64@32x32 | forward | csr | 64 | 1 | 3.00 |  | none up to 90% |" in "\n".join(
+        report._sparse_kernels_section(recs))
     assert "| 64->64@32x32 | forward | csr | 32 | 1 | 9.00 | 0.80 | 99% |" in text
     assert "| 64->64@32x32 | forward | coo | 32 | 1 | 1.20 | 1.10 | none up to 99% |" in text

@@ -117,13 +117,16 @@ def _sparse_kernels_section(recs: list[dict]) -> list[str]:
              "training step "
              "(`leanprop.swat.sparse_kernels`); the matrix tables say what was chosen.", ""]
     rows = []
-    for (layer, op, fmt) in dict.fromkeys((r["layer"], r["op"], r["format"]) for r in sk):
-        cell = {r["sparsity"]: r for r in sk if (r["layer"], r["op"], r["format"]) == (layer, op, fmt)}
+    def row_key(r: dict) -> tuple:
+        return r["layer"], r["op"], r["format"], r["batch"], r["threads"]
+
+    for key in dict.fromkeys(row_key(r) for r in sk):
+        cell = {r["sparsity"]: r for r in sk if row_key(r) == key}
         wins = [s for s in sps if s in cell and cell[s]["ratio"] < 1]
-        r0 = next(iter(cell.values()))
-        rows.append([layer, op, fmt, str(r0["batch"]), str(r0["threads"]),
+        layer, op, fmt, batch, threads = key
+        rows.append([layer, op, fmt, str(batch), str(threads),
                      *[f"{cell[s]['ratio']:.2f}" if s in cell else "" for s in sps],
-                     f"{min(wins):.0%}" if wins else f"none up to {max(sps):.0%}"])
+                     f"{min(wins):.0%}" if wins else f"none up to {max(cell):.0%}"])
     parts += [_table(["layer", "op", "format", "batch", "threads", *[f"{s:.0%}" for s in sps], "break-even"],
                      rows), ""]
     return parts
