@@ -208,6 +208,7 @@ def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
     assert by["blpa4"]["ratio_vs_dense"] < 0.4 and by["swat-u90+blpa4"]["ratio_vs_dense"] < 0.4
     # SWAT rows say which kernels the sparse_kernels="auto" calibration chose; the others have no such field
     assert "layer-ops (measured)" in by["swat-u90"]["sparse_kernels"] and "sparse_kernels" not in by["blpa4"]
+    assert by["swat-u90"]["kernel_calibration_s"] > 0
     capsys.readouterr()
     assert main(["bench", "matrix", "--quick", "--threads", "1", "--progress", "off", "--out", str(out)]) == 0
     assert "already measured" in capsys.readouterr().out

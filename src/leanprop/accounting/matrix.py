@@ -90,7 +90,8 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
     """Seconds of each method's training steps, interleaved round by round (one model per method).
 
     SWAT methods first choose their kernels as training does (``sparse_kernels="auto"``: timed on this batch);
-    ``kernels``, when given, receives each such method's one-line choice."""
+    ``kernels``, when given, receives each such method's one-line choice (key: the method) and the seconds its
+    calibration took (key: ``method + ":seconds"``)."""
     import torch
 
     from .memory import autocast_context, build_model, make_batch, normalize_spec
@@ -107,8 +108,11 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
     for m, (_, handle, _, spec) in built.items():
         if getattr(handle, "needs_kernel_calibration", False):
             note(f"kernels {m}")
+            t0 = time.perf_counter()
             with autocast_context(spec):
                 handle.calibrate_kernels(x)
+            if kernels is not None:
+                kernels[m + ":seconds"] = f"{time.perf_counter() - t0:.1f}"
         if kernels is not None and hasattr(handle, "kernel_summary"):
             kernels[m] = handle.kernel_summary()
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -184,6 +188,8 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
                    throughput_vs_dense=dense_s / med, images_per_s=batch / med)
         if m in kernels:
             rec["sparse_kernels"] = kernels[m]
+        if m + ":seconds" in kernels:
+            rec["kernel_calibration_s"] = float(kernels[m + ":seconds"])
         note(f"FLOPs {m}")
         try:
             rec["train_flops_vs_dense"], rec["flops_note"] = flops_ratio(base, m)
