@@ -86,12 +86,12 @@ def _train_step(model, handle, opt, x, y, spec) -> float:
 
 
 def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int, warmup: int,
-               note=lambda s: None, kernels: dict[str, str] | None = None) -> dict[str, list[float]]:
+               note=lambda s: None, kernels: dict[str, dict] | None = None) -> dict[str, list[float]]:
     """Seconds of each method's training steps, interleaved round by round (one model per method).
 
     SWAT methods first choose their kernels as training does (``sparse_kernels="auto"``: timed on this batch);
-    ``kernels``, when given, receives each such method's one-line choice (key: the method) and the seconds its
-    calibration took (key: ``method + ":seconds"``)."""
+    ``kernels``, when given, receives for each such method ``{"sparse_kernels": one-line choice,
+    "kernel_calibration_s": seconds the timing took}`` (the latter only when it ran here)."""
     import torch
 
     from .memory import autocast_context, build_model, make_batch, normalize_spec
@@ -106,15 +106,15 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
         built[m] = (model, handle, opt, spec)
     x, y = make_batch(built[methods[0]][3], batch)
     for m, (_, handle, _, spec) in built.items():
+        info: dict[str, Any] = {}
         if getattr(handle, "needs_kernel_calibration", False):
             note(f"kernels {m}")
             t0 = time.perf_counter()
             with autocast_context(spec):
                 handle.calibrate_kernels(x)
-            if kernels is not None:
-                kernels[m + ":seconds"] = f"{time.perf_counter() - t0:.1f}"
+            info["kernel_calibration_s"] = round(time.perf_counter() - t0, 1)
         if kernels is not None and hasattr(handle, "kernel_summary"):
-            kernels[m] = handle.kernel_summary()
+            kernels[m] = {"sparse_kernels": handle.kernel_summary(), **info}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(warmup + rounds):
         for m in methods:
@@ -172,7 +172,7 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
     records = measure_methods(base, methods, batch, peak=a.peak, mem_cap=cap, progress=False,
                               tolerance=a.max_batch_tolerance)
     note("step times")
-    kernels: dict[str, str] = {}
+    kernels: dict[str, dict] = {}
     times = step_times(base, methods, batch, a.rounds, a.warmup, note, kernels)
     env, stamp = run_context(a.device)
     dense_s = statistics.median(times["dense"])
@@ -186,10 +186,7 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
         rec.update(bench="matrix", family=info.family, timestamp=stamp, rounds=a.rounds, warmup=a.warmup,
                    step_s=med, step_s_all=times[m], dense_step_s=dense_s, time_vs_dense=med / dense_s,
                    throughput_vs_dense=dense_s / med, images_per_s=batch / med)
-        if m in kernels:
-            rec["sparse_kernels"] = kernels[m]
-        if m + ":seconds" in kernels:
-            rec["kernel_calibration_s"] = float(kernels[m + ":seconds"])
+        rec.update(kernels.get(m, {}))
         note(f"FLOPs {m}")
         try:
             rec["train_flops_vs_dense"], rec["flops_note"] = flops_ratio(base, m)

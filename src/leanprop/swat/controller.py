@@ -49,12 +49,13 @@ class SWATController:
     def needs_kernel_calibration(self) -> bool:
         """``sparse_kernels="auto"`` and some layer could use a sparse kernel, and either nothing is timed yet or
         a layer's sparsity moved by more than 0.05 since (SWAT-M budgets): the choice is made again then."""
-        if self.cfg.sparse_kernels != "auto" or not any(sk.eligible(lr) is None for lr in self.layers.values()):
+        if self.cfg.sparse_kernels != "auto":
             return False
-        if self.kernel_timings is None:
-            return True
-        return any(abs(layer.sparsity - self.kernel_sparsity.get(name, layer.sparsity)) > 0.05
-                   for name, layer in self.layers.items())
+        if self.kernel_timings is not None and not any(  # (the per-step case: a drift check only)
+                abs(layer.sparsity - self.kernel_sparsity.get(name, layer.sparsity)) > 0.05
+                for name, layer in self.layers.items()):
+            return False
+        return any(sk.eligible(layer) is None for layer in self.layers.values())
 
     def calibrate_kernels(self, example_input: torch.Tensor, *, reps: int = 3, margin: float = 0.05,
                           progress: Callable[[str], None] | None = None,

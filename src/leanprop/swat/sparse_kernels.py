@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from leanprop.blpa.packing import memory_format_of
+
 __all__ = ["OPS", "FORMATS", "NO_SPARSE", "format_of", "KernelTiming", "conv_forward", "conv_grad_input",
            "conv_grad_weight", "linear_forward", "linear_grad_input", "linear_grad_weight", "conv_op_pairs",
            "linear_op_pairs", "eligible", "calibrate", "format_table"]
@@ -75,9 +77,7 @@ def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, d
     y = y.view(cout, n, ho, wo).permute(1, 0, 2, 3)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-    return y.contiguous(memory_format=fmt)
+    return y.contiguous(memory_format=memory_format_of(x))
 
 
 def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation, fmt: str = "csr") -> Tensor:
@@ -212,13 +212,7 @@ def _signature(layer, x: Tensor, dtype: torch.dtype) -> tuple:
     conf = (tuple(layer.stride), layer.padding, tuple(layer.dilation), layer.padding_mode) \
         if isinstance(layer, torch.nn.Conv2d) else ()
     return (type(layer).__name__, tuple(layer.weight.shape), tuple(x.shape), conf, dtype, x.device,
-            _format_of(x) is torch.channels_last, round(layer.sparsity, 2))
-
-
-def _format_of(t: Tensor):
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+            memory_format_of(x), round(layer.sparsity, 2))
 
 
 @torch.no_grad()
@@ -256,7 +250,8 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
             x_s = sparsify(xc, magnitude_threshold(xc, keep_count(xc.numel(), layer.sparsity)))
             y = _op_pairs(layer, xc, w_s, x_s, xc.new_zeros(0), ())["forward"][0]()  # the dense Y: G's shape
             gen = torch.Generator(x.device).manual_seed(0)  # not the global RNG: training's stream is untouched
-            g = torch.randn(y.shape, dtype=dt, device=x.device, generator=gen).contiguous(memory_format=_format_of(y))
+            g = torch.randn(y.shape, dtype=dt, device=x.device, generator=gen)
+            g = g.contiguous(memory_format=memory_format_of(y))
             timings = [_time_op(name, op, dense, sparse, reps, margin, timer)
                        for op, (dense, sparse) in _op_pairs(layer, xc, w_s, x_s, g, formats).items()]
             done[key] = (name, timings)
