@@ -321,3 +321,22 @@ def test_sparse_kernel_report_lists_each_format_and_its_break_even():
         report._sparse_kernels_section(recs))
     assert "| 64->64@32x32 | forward | csr | 32 | 1 | 9.00 | 0.80 | 99% |" in text
     assert "| 64->64@32x32 | forward | coo | 32 | 1 | 1.20 | 1.10 | none up to 99% |" in text
+
+
+def test_swat_packing_measures_bits_per_element(tmp_path):
+    """The packed X_s costs what the mask form's formula says (plus small offsets), and indices where sparser."""
+    import swat_packing
+
+    from leanprop.accounting.report import _packing_section
+
+    out = tmp_path / "res" / "swat_packing.jsonl"
+    assert swat_packing.main(["--shapes", "2,16,16,16", "--densities", "0.9,0.1,0.01", "--reps", "1", "--out",
+                              str(out), "--report", ""]) == 0
+    recs = {(r["dtype"], r["density"]): r for r in map(json.loads, out.read_text().splitlines())}
+    fp32 = recs[("fp32", 0.1)]
+    assert fp32["positions"] == "1-bit mask" and 4.2 <= fp32["bits_per_element"] < 4.35
+    assert recs[("bf16", 0.1)]["bits_per_element"] < 0.65 * fp32["bits_per_element"]
+    assert recs[("fp32", 0.01)]["positions"] == "int32 indices" and recs[("fp32", 0.01)]["bits_per_element"] < 0.7
+    assert ("fp32", 0.9) not in recs  # post-ReLU, 90 % kept is above the non-zero share: threshold 0, skipped
+    text = "\n".join(_packing_section(list(recs.values())))
+    assert "## Packed X_s: bits per element" in text and "| (2, 16, 16, 16) | fp32 | 10% |" in text
