@@ -168,12 +168,13 @@ def test_register_validation(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     @models.register("tiny_test_net", family="cifar", input_size=32, description="test only")
-    def tiny(*, num_classes: int = 10, width: int = 4) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    def tiny(*, num_classes: int = 10, in_channels: int = 3, width: int = 4) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(in_channels, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(width, num_classes))
 
     assert "tiny_test_net" in models.list_models("cifar")
     assert models.create("tiny_test_net", width=2)[-1].out_features == 10
+    assert models.create("tiny_test_net", in_channels=1)[0].in_channels == 1
     with pytest.raises(ValueError, match="already registered"):
         models.register("tiny_test_net", family="cifar", input_size=32, description="x")(tiny)
     with pytest.raises(ValueError, match="family"):
@@ -182,6 +183,36 @@ def test_register_validation(monkeypatch):
         models.register("a", family="imagenet", input_size=32, description="x")
     with pytest.raises(TypeError, match="num_classes"):
         models.register("b", family="cifar", input_size=32, description="x")(lambda: nn.Identity())
+    with pytest.raises(TypeError, match="in_channels"):  # every model must follow the data's channels
+        models.register("c", family="cifar", input_size=32, description="x")(lambda *, num_classes: nn.Identity())
+
+
+def _first_conv(model: nn.Module) -> nn.Conv2d:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_model_takes_in_channels(name):
+    """Grayscale data: ``in_channels=1`` changes the stem conv only (its weight loses 2 of 3 input planes), and a
+    (2, 1, H, W) batch goes through (shape propagation on the meta device: no compute)."""
+    rgb, gray = meta_model(name), meta_model(name, in_channels=1)
+    stem = _first_conv(gray)
+    assert stem.in_channels == 1 and _first_conv(rgb).in_channels == 3
+    assert n_params(rgb) - n_params(gray) == 2 * stem.weight[0, 0].numel() * stem.out_channels
+    s = input_size(name, real=True)
+    out = gray(torch.empty(2, 1, s, s, device="meta"))
+    assert out.shape == (2, models.model_info(name).default_num_classes)
+    with pytest.raises(ValueError, match="in_channels"):
+        models.create(name, in_channels=0)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "preact_resnet8"])
+def test_grayscale_forward_backward(name):
+    torch.manual_seed(0)
+    model = models.create(name, num_classes=3, in_channels=1)
+    out = model(torch.randn(2, 1, 16, 16))
+    out.sum().backward()
+    assert out.shape == (2, 3) and _first_conv(model).weight.grad.shape[1] == 1
 
 
 # ------------------------------------------------------------------------------ parameter counts

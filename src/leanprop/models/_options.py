@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["check_bool", "check_choice", "check_dropout", "check_num_classes"]
+__all__ = ["check_bool", "check_choice", "check_dropout", "check_in_channels", "check_num_classes"]
 
 
 def check_num_classes(num_classes: object) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     return num_classes
+
+
+def check_in_channels(in_channels: object) -> int:
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels (image channels: 3 for RGB, 1 for grayscale) must be an integer >= 1, "
+                         f"got {in_channels!r}")
+    return in_channels
 
 
 def check_bool(name: str, value: object) -> bool:

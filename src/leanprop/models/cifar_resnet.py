@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._options import check_num_classes
+from ._options import check_in_channels, check_num_classes
 from .registry import register
 from .shortcuts import ZeroPadShortcut
 from .weight_init import init_weights_
@@ -47,12 +47,14 @@ class CifarResNet(nn.Module):
     shortcuts have no parameters.
     """
 
-    def __init__(self, n: int, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)):
+    def __init__(self, n: int, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64),
+                 in_channels: int = 3):
         super().__init__()
         check_num_classes(num_classes)
+        check_in_channels(in_channels)
         if n < 1:
             raise ValueError(f"n (blocks per stage) must be >= 1, got {n!r}")
-        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=False)
         in_ch = widths[0]
@@ -81,29 +83,29 @@ class CifarResNet(nn.Module):
     description="CIFAR ResNet-8 (He et al. 2016 family, n=1), option-A shortcuts, ~0.08M params; "
     "the CPU-budget model of the accuracy tables",
 )
-def resnet8(*, num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(1, num_classes)
+def resnet8(*, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(1, num_classes, in_channels=in_channels)
 
 
 @register(
     "resnet20", family="cifar", input_size=32,
     description="CIFAR ResNet-20 (He et al. 2016), option-A shortcuts, ~0.27M params",
 )
-def resnet20(*, num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(3, num_classes)
+def resnet20(*, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(3, num_classes, in_channels=in_channels)
 
 
 @register(
     "resnet32", family="cifar", input_size=32,
     description="CIFAR ResNet-32 (He et al. 2016), option-A shortcuts, ~0.46M params",
 )
-def resnet32(*, num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(5, num_classes)
+def resnet32(*, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(5, num_classes, in_channels=in_channels)
 
 
 @register(
     "resnet56", family="cifar", input_size=32,
     description="CIFAR ResNet-56 (He et al. 2016), option-A shortcuts, ~0.85M params",
 )
-def resnet56(*, num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(9, num_classes)
+def resnet56(*, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(9, num_classes, in_channels=in_channels)

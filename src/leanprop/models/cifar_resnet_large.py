@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._options import check_bool, check_num_classes
+from ._options import check_bool, check_in_channels, check_num_classes
 from .imagenet_resnet import BasicBlock, Bottleneck, make_stage, zero_init_last_bn_
 from .registry import register
 from .weight_init import init_weights_
@@ -36,12 +36,14 @@ class CifarLargeResNet(nn.Module):
         num_classes: int = 10,
         conv_bias: bool = False,
         zero_init_residual: bool = False,
+        in_channels: int = 3,
     ):
         super().__init__()
         check_num_classes(num_classes)
+        check_in_channels(in_channels)
         check_bool("conv_bias", conv_bias)
         check_bool("zero_init_residual", zero_init_residual)
-        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=conv_bias)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=conv_bias)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=False)
         ch = 64
@@ -67,9 +69,9 @@ class CifarLargeResNet(nn.Module):
     description="ResNet-18 for CIFAR (3x3 stem, no max-pool), 11.17M params; conv_bias=True as in SWAT",
 )
 def cifar_resnet18(
-    *, num_classes: int = 10, conv_bias: bool = False, zero_init_residual: bool = False
+    *, num_classes: int = 10, conv_bias: bool = False, zero_init_residual: bool = False, in_channels: int = 3
 ) -> CifarLargeResNet:
-    return CifarLargeResNet(BasicBlock, (2, 2, 2, 2), num_classes, conv_bias, zero_init_residual)
+    return CifarLargeResNet(BasicBlock, (2, 2, 2, 2), num_classes, conv_bias, zero_init_residual, in_channels)
 
 
 @register(
@@ -77,9 +79,9 @@ def cifar_resnet18(
     description="ResNet-34 for CIFAR (3x3 stem, no max-pool), 21.3M params; conv_bias=True as in SWAT",
 )
 def cifar_resnet34(
-    *, num_classes: int = 10, conv_bias: bool = False, zero_init_residual: bool = False
+    *, num_classes: int = 10, conv_bias: bool = False, zero_init_residual: bool = False, in_channels: int = 3
 ) -> CifarLargeResNet:
-    return CifarLargeResNet(BasicBlock, (3, 4, 6, 3), num_classes, conv_bias, zero_init_residual)
+    return CifarLargeResNet(BasicBlock, (3, 4, 6, 3), num_classes, conv_bias, zero_init_residual, in_channels)
 
 
 @register(
@@ -87,6 +89,6 @@ def cifar_resnet34(
     description="ResNet-50 v1.5 for CIFAR (3x3 stem, no max-pool), 23.5M params; conv_bias=True as in SWAT",
 )
 def cifar_resnet50(
-    *, num_classes: int = 10, conv_bias: bool = False, zero_init_residual: bool = False
+    *, num_classes: int = 10, conv_bias: bool = False, zero_init_residual: bool = False, in_channels: int = 3
 ) -> CifarLargeResNet:
-    return CifarLargeResNet(Bottleneck, (3, 4, 6, 3), num_classes, conv_bias, zero_init_residual)
+    return CifarLargeResNet(Bottleneck, (3, 4, 6, 3), num_classes, conv_bias, zero_init_residual, in_channels)

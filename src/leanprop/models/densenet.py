@@ -7,7 +7,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ._options import check_num_classes
+from ._options import check_in_channels, check_num_classes
 from .registry import register
 from .weight_init import init_weights_
 
@@ -82,13 +82,15 @@ class CifarDenseNet(nn.Module):
         num_classes: int = 10,
         compression: float = 0.5,
         bn_size: int = 4,
+        in_channels: int = 3,
     ):
         super().__init__()
         check_num_classes(num_classes)
+        check_in_channels(in_channels)
         if not 0.0 < compression <= 1.0:
             raise ValueError(f"compression must be in (0, 1], got {compression!r}")
         ch = 2 * growth
-        self.conv1 = nn.Conv2d(3, ch, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, ch, 3, padding=1, bias=False)
         stages: OrderedDict[str, nn.Module] = OrderedDict()
         for i, n in enumerate(block_config):
             block = DenseBlock(n, ch, growth, bn_size)
@@ -116,5 +118,5 @@ class CifarDenseNet(nn.Module):
     "cifar_densenet121", family="cifar", input_size=32,
     description="DenseNet-BC-121 for CIFAR (Huang et al. 2017), growth 32, 3x3 stem, 6.96M params",
 )
-def cifar_densenet121(*, num_classes: int = 10) -> CifarDenseNet:
-    return CifarDenseNet((6, 12, 24, 16), 32, num_classes)
+def cifar_densenet121(*, num_classes: int = 10, in_channels: int = 3) -> CifarDenseNet:
+    return CifarDenseNet((6, 12, 24, 16), 32, num_classes, in_channels=in_channels)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._options import check_bool, check_num_classes
+from ._options import check_bool, check_in_channels, check_num_classes
 from .registry import register
 from .weight_init import init_weights_
 
@@ -147,11 +147,13 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
         groups: int = 1,
         width_per_group: int = 64,
+        in_channels: int = 3,
     ):
         super().__init__()
         check_num_classes(num_classes)
+        check_in_channels(in_channels)
         check_bool("zero_init_residual", zero_init_residual)
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=False)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -177,53 +179,69 @@ class ResNet(nn.Module):
     "resnet18", family="imagenet", input_size=224,
     description="ResNet-18 (He et al. 2016), torchvision layout, 11.7M params",
 )
-def resnet18(*, num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, zero_init_residual)
+def resnet18(
+    *, num_classes: int = 1000, zero_init_residual: bool = False, in_channels: int = 3
+) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, zero_init_residual, in_channels=in_channels)
 
 
 @register(
     "resnet34", family="imagenet", input_size=224,
     description="ResNet-34 (He et al. 2016), torchvision layout, 21.8M params",
 )
-def resnet34(*, num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:
-    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, zero_init_residual)
+def resnet34(
+    *, num_classes: int = 1000, zero_init_residual: bool = False, in_channels: int = 3
+) -> ResNet:
+    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, zero_init_residual, in_channels=in_channels)
 
 
 @register(
     "resnet50", family="imagenet", input_size=224,
     description="ResNet-50 v1.5 (He et al. 2016), torchvision layout, 25.6M params",
 )
-def resnet50(*, num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, zero_init_residual)
+def resnet50(
+    *, num_classes: int = 1000, zero_init_residual: bool = False, in_channels: int = 3
+) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, zero_init_residual, in_channels=in_channels)
 
 
 @register(
     "resnet101", family="imagenet", input_size=224,
     description="ResNet-101 v1.5 (He et al. 2016), torchvision layout, 44.5M params",
 )
-def resnet101(*, num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 23, 3), num_classes, zero_init_residual)
+def resnet101(
+    *, num_classes: int = 1000, zero_init_residual: bool = False, in_channels: int = 3
+) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 23, 3), num_classes, zero_init_residual, in_channels=in_channels)
 
 
 @register(
     "resnet152", family="imagenet", input_size=224,
     description="ResNet-152 v1.5 (He et al. 2016), torchvision layout, 60.2M params",
 )
-def resnet152(*, num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:
-    return ResNet(Bottleneck, (3, 8, 36, 3), num_classes, zero_init_residual)
+def resnet152(
+    *, num_classes: int = 1000, zero_init_residual: bool = False, in_channels: int = 3
+) -> ResNet:
+    return ResNet(Bottleneck, (3, 8, 36, 3), num_classes, zero_init_residual, in_channels=in_channels)
 
 
 @register(
     "wide_resnet50_2", family="imagenet", input_size=224,
     description="Wide ResNet-50-2 (Zagoruyko & Komodakis 2016), torchvision layout, 68.9M params",
 )
-def wide_resnet50_2(*, num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, zero_init_residual, width_per_group=128)
+def wide_resnet50_2(
+    *, num_classes: int = 1000, zero_init_residual: bool = False, in_channels: int = 3
+) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, zero_init_residual, width_per_group=128,
+                  in_channels=in_channels)
 
 
 @register(
     "resnext50_32x4d", family="imagenet", input_size=224,
     description="ResNeXt-50 32x4d (Xie et al. 2017), torchvision layout, 25.0M params",
 )
-def resnext50_32x4d(*, num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, zero_init_residual, groups=32, width_per_group=4)
+def resnext50_32x4d(
+    *, num_classes: int = 1000, zero_init_residual: bool = False, in_channels: int = 3
+) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, zero_init_residual, groups=32, width_per_group=4,
+                  in_channels=in_channels)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._options import check_choice, check_num_classes
+from ._options import check_choice, check_in_channels, check_num_classes
 from .registry import register
 from .shortcuts import ZeroPadShortcut
 from .weight_init import init_weights_
@@ -212,13 +212,15 @@ class PreActResNetCifar(nn.Module):
         num_classes: int = 10,
         shortcut: str = "projection",
         planes: tuple[int, int, int] = (16, 32, 64),
+        in_channels: int = 3,
     ):
         super().__init__()
         check_num_classes(num_classes)
+        check_in_channels(in_channels)
         check_choice("shortcut", shortcut, SHORTCUT_MODES)
         if n < 1:
             raise ValueError(f"n (blocks per stage) must be >= 1, got {n!r}")
-        self.conv1 = nn.Conv2d(3, planes[0], 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, planes[0], 3, stride=1, padding=1, bias=False)
         stages, ch = _make_stages(block, planes[0], planes, (n, n, n), (1, 2, 2), shortcut, True)
         self.layer1, self.layer2, self.layer3 = stages
         self.bn_final = nn.BatchNorm2d(ch)
@@ -254,11 +256,13 @@ class PreActResNetImageNet(nn.Module):
         layers: tuple[int, int, int, int],
         num_classes: int = 1000,
         shortcut: str = "projection",
+        in_channels: int = 3,
     ):
         super().__init__()
         check_num_classes(num_classes)
+        check_in_channels(in_channels)
         check_choice("shortcut", shortcut, SHORTCUT_MODES)
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=False)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -289,8 +293,10 @@ class PreActResNetImageNet(nn.Module):
     description="Pre-activation ResNet-8 for CIFAR (one basic block per stage), the CPU-budget model of the "
     "BLPA accuracy table; shortcut='pad' for BLPA",
 )
-def preact_resnet8(*, num_classes: int = 10, shortcut: str = "projection") -> PreActResNetCifar:
-    return PreActResNetCifar(PreActBasicBlock, 1, num_classes, shortcut)
+def preact_resnet8(
+    *, num_classes: int = 10, shortcut: str = "projection", in_channels: int = 3
+) -> PreActResNetCifar:
+    return PreActResNetCifar(PreActBasicBlock, 1, num_classes, shortcut, in_channels=in_channels)
 
 
 @register(
@@ -298,8 +304,10 @@ def preact_resnet8(*, num_classes: int = 10, shortcut: str = "projection") -> Pr
     description="Pre-activation ResNet-20 for CIFAR (He et al. 2016, Identity Mappings); "
     "shortcut='pad' for BLPA",
 )
-def preact_resnet20(*, num_classes: int = 10, shortcut: str = "projection") -> PreActResNetCifar:
-    return PreActResNetCifar(PreActBasicBlock, 3, num_classes, shortcut)
+def preact_resnet20(
+    *, num_classes: int = 10, shortcut: str = "projection", in_channels: int = 3
+) -> PreActResNetCifar:
+    return PreActResNetCifar(PreActBasicBlock, 3, num_classes, shortcut, in_channels=in_channels)
 
 
 @register(
@@ -307,8 +315,10 @@ def preact_resnet20(*, num_classes: int = 10, shortcut: str = "projection") -> P
     description="Pre-activation ResNet-56 for CIFAR (He et al. 2016, Identity Mappings); "
     "shortcut='pad' for BLPA",
 )
-def preact_resnet56(*, num_classes: int = 10, shortcut: str = "projection") -> PreActResNetCifar:
-    return PreActResNetCifar(PreActBasicBlock, 9, num_classes, shortcut)
+def preact_resnet56(
+    *, num_classes: int = 10, shortcut: str = "projection", in_channels: int = 3
+) -> PreActResNetCifar:
+    return PreActResNetCifar(PreActBasicBlock, 9, num_classes, shortcut, in_channels=in_channels)
 
 
 @register(
@@ -316,13 +326,17 @@ def preact_resnet56(*, num_classes: int = 10, shortcut: str = "projection") -> P
     description="Pre-activation bottleneck ResNet-164 for CIFAR (He et al. 2016), ~1.70M params; "
     "shortcut='pad' for BLPA",
 )
-def preact_resnet164(*, num_classes: int = 10, shortcut: str = "projection") -> PreActResNetCifar:
-    return PreActResNetCifar(PreActBottleneck, 18, num_classes, shortcut)
+def preact_resnet164(
+    *, num_classes: int = 10, shortcut: str = "projection", in_channels: int = 3
+) -> PreActResNetCifar:
+    return PreActResNetCifar(PreActBottleneck, 18, num_classes, shortcut, in_channels=in_channels)
 
 
 @register(
     "preact_resnet152", family="imagenet", input_size=224,
     description="Pre-activation bottleneck ResNet-152 for ImageNet (He et al. 2016, Identity Mappings)",
 )
-def preact_resnet152(*, num_classes: int = 1000, shortcut: str = "projection") -> PreActResNetImageNet:
-    return PreActResNetImageNet((3, 8, 36, 3), num_classes, shortcut)
+def preact_resnet152(
+    *, num_classes: int = 1000, shortcut: str = "projection", in_channels: int = 3
+) -> PreActResNetImageNet:
+    return PreActResNetImageNet((3, 8, 36, 3), num_classes, shortcut, in_channels=in_channels)

@@ -3,9 +3,10 @@
 Model modules decorate a factory function with :func:`register`; users build models with
 :func:`create` and discover them with :func:`list_models` / :func:`model_info`.
 
-A factory must accept ``num_classes`` as a keyword argument and spell out every other
-option it supports as an explicit keyword argument (no ``**kwargs``), so that :func:`create`
-can reject misspelled options with a readable ``ValueError`` before anything is built.
+A factory must accept ``num_classes`` and ``in_channels`` (the image channels: 3 for RGB, 1 for
+grayscale) as keyword arguments and spell out every other option it supports as an explicit keyword
+argument (no ``**kwargs``), so that :func:`create` can reject misspelled options with a readable
+``ValueError`` before anything is built.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ._options import check_num_classes
+from ._options import check_in_channels, check_num_classes
 
 __all__ = ["ModelInfo", "register", "create", "list_models", "model_info", "FAMILIES"]
 
@@ -73,8 +74,9 @@ def register(
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         params = inspect.signature(factory).parameters
-        if "num_classes" not in params:
-            raise TypeError(f"factory for {name!r} must accept a 'num_classes' keyword argument")
+        for required in ("num_classes", "in_channels"):
+            if required not in params:
+                raise TypeError(f"factory for {name!r} must accept a {required!r} keyword argument")
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             raise TypeError(f"factory for {name!r} must list its options explicitly (no **kwargs)")
         info = ModelInfo(name=name, family=family, input_size=input_size, description=description.strip())
@@ -131,10 +133,11 @@ def list_models(family: str | None = None) -> list[str]:
     return sorted(n for n, e in _REGISTRY.items() if family is None or e.info.family == family)
 
 
-def create(name: str, num_classes: int | None = None, **kwargs: object) -> nn.Module:
+def create(name: str, num_classes: int | None = None, *, in_channels: int = 3, **kwargs: object) -> nn.Module:
     """Build the model registered as ``name``.
 
-    ``num_classes`` defaults to 10 for the ``cifar`` family and 1000 for ``imagenet``.
+    ``num_classes`` defaults to 10 for the ``cifar`` family and 1000 for ``imagenet``; ``in_channels``
+    is the number of image channels of the input (3: RGB, 1: grayscale; the trainer takes it from the data).
     Further keyword arguments are model options (e.g. ``conv_bias=True`` for
     ``cifar_resnet18``, ``shortcut="pad"`` for the CIFAR pre-activation ResNets); an option
     the model does not take, or an invalid value, raises ``ValueError``.
@@ -143,11 +146,12 @@ def create(name: str, num_classes: int | None = None, **kwargs: object) -> nn.Mo
     if num_classes is None:
         num_classes = entry.info.default_num_classes
     check_num_classes(num_classes)
+    check_in_channels(in_channels)
 
     params = inspect.signature(entry.factory).parameters
-    accepted = [p for p in params if p != "num_classes"]
+    accepted = [p for p in params if p not in ("num_classes", "in_channels")]
     unknown = sorted(k for k in kwargs if k not in params)
     if unknown:
         opts = ", ".join(accepted) if accepted else "none"
         raise ValueError(f"model {name!r} got unexpected option(s) {unknown}; accepted options: {opts}")
-    return entry.factory(num_classes=num_classes, **kwargs)
+    return entry.factory(num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._options import check_dropout, check_num_classes
+from ._options import check_dropout, check_in_channels, check_num_classes
 from .registry import register
 from .weight_init import init_weights_
 
@@ -34,12 +34,14 @@ class CifarVGG(nn.Module):
         num_classes: int = 10,
         dropout: float = 0.5,
         hidden: int = 4096,
+        in_channels: int = 3,
     ):
         super().__init__()
         check_num_classes(num_classes)
+        check_in_channels(in_channels)
         dropout = check_dropout("dropout", dropout)
         layers: list[nn.Module] = []
-        in_ch = 3
+        in_ch = in_channels
         for v in config:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
@@ -69,5 +71,5 @@ class CifarVGG(nn.Module):
     "cifar_vgg16", family="cifar", input_size=32,
     description="VGG-16 with BatchNorm for CIFAR, 512-4096-4096 classifier with dropout 0.5, 33.6M params",
 )
-def cifar_vgg16(*, num_classes: int = 10, dropout: float = 0.5) -> CifarVGG:
-    return CifarVGG(VGG16_CONFIG, num_classes, dropout)
+def cifar_vgg16(*, num_classes: int = 10, dropout: float = 0.5, in_channels: int = 3) -> CifarVGG:
+    return CifarVGG(VGG16_CONFIG, num_classes, dropout, in_channels=in_channels)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._options import check_dropout, check_num_classes
+from ._options import check_dropout, check_in_channels, check_num_classes
 from .registry import register
 from .weight_init import init_weights_
 
@@ -50,16 +50,17 @@ class WideResNet(nn.Module):
     Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016.
     """
 
-    def __init__(self, depth: int, widen: int, num_classes: int = 10, dropout: float = 0.3):
+    def __init__(self, depth: int, widen: int, num_classes: int = 10, dropout: float = 0.3, in_channels: int = 3):
         super().__init__()
         check_num_classes(num_classes)
+        check_in_channels(in_channels)
         dropout = check_dropout("dropout", dropout)
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth!r}")
         if widen < 1:
             raise ValueError(f"widen factor must be >= 1, got {widen!r}")
         n = (depth - 4) // 6
-        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         in_ch = 16
         stages = []
         for i, width in enumerate((16 * widen, 32 * widen, 64 * widen)):
@@ -88,13 +89,13 @@ class WideResNet(nn.Module):
     "wrn16_8", family="cifar", input_size=32,
     description="Wide ResNet WRN-16-8 (Zagoruyko & Komodakis 2016), dropout 0.3, 11.0M params",
 )
-def wrn16_8(*, num_classes: int = 10, dropout: float = 0.3) -> WideResNet:
-    return WideResNet(16, 8, num_classes, dropout)
+def wrn16_8(*, num_classes: int = 10, dropout: float = 0.3, in_channels: int = 3) -> WideResNet:
+    return WideResNet(16, 8, num_classes, dropout, in_channels=in_channels)
 
 
 @register(
     "wrn28_10", family="cifar", input_size=32,
     description="Wide ResNet WRN-28-10 (Zagoruyko & Komodakis 2016), dropout 0.3, 36.5M params",
 )
-def wrn28_10(*, num_classes: int = 10, dropout: float = 0.3) -> WideResNet:
-    return WideResNet(28, 10, num_classes, dropout)
+def wrn28_10(*, num_classes: int = 10, dropout: float = 0.3, in_channels: int = 3) -> WideResNet:
+    return WideResNet(28, 10, num_classes, dropout, in_channels=in_channels)
