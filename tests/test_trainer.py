@@ -276,3 +276,100 @@ def test_blpa_run_writes_unit_table(tmp_path, capsys):
     assert "BLPA activations  BN outputs stored as 4-bit codes" in out
     assert (res.run_dir / "blpa_units.txt").read_text().strip()
     assert float(res.final["train_loss"]) > 0 and _rows(res.run_dir)[-1]["weight_sparsity"] == ""
+
+
+# ---------------------------------------------------------------- issue 12: syncs, resume on a GPU, DDP kernels
+def test_no_host_sync_per_training_step(tmp_path):
+    """With progress off (the default without a TTY) a training step never waits for the device: the loss and
+    accuracy stay on it and are read at the end of the epoch (and every FINITE_CHECK_EVERY steps). Counted as
+    aten._local_scalar_dense calls (what float()/item()/bool() of a tensor run), not timed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from leanprop.train import trainer as trainer_mod
+
+    class HostSyncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostSyncs.n += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = C.load(None, synth_overrides(tmp_path, "train.epochs=1", "data.batch_size=4", "data.synthetic_size=8",
+                                       "model.name=resnet8"))
+    t = Trainer(cfg, progress=False)
+    steps = len(t.data.train)
+    assert steps == 16 and trainer_mod.FINITE_CHECK_EVERY > steps
+    real = t._train_epoch
+
+    def counted():
+        with HostSyncs():
+            return real()
+
+    t._train_epoch = counted
+    t.fit()
+    assert t.step == steps
+    assert HostSyncs.n <= 3  # end of epoch: the finiteness check, loss and accuracy sums (was 3 per step)
+
+
+def test_resume_on_another_device_and_a_finished_run(tmp_path, monkeypatch, capsys):
+    """Resume loads the checkpoint on the CPU (the RNG state must stay a CPU ByteTensor; loading it onto a GPU
+    broke set_rng_state) and restores RNG tensors of any dtype; resuming a finished run says so, with no speeds."""
+    from leanprop.train import trainer as trainer_mod
+
+    over = synth_overrides(tmp_path, "train.epochs=1")
+    Trainer(C.load(None, over), progress=False).fit()
+    capsys.readouterr()
+    # nothing left to do
+    res = Trainer(C.load(None, over), resume="auto", progress=False).fit()
+    captured = capsys.readouterr()
+    assert "run already complete: 1 of 1 epochs done, 4 steps, in" in captured.err
+    assert "raise train.epochs" in captured.err
+    assert "images/s" not in captured.out + captured.err and "inf" not in captured.out
+    assert res.final["epoch"] == "1" and res.epochs_run == 0
+    # one more epoch, from a checkpoint whose RNG tensors were moved (as map_location="cuda" would) to another type
+    seen = []
+    real_load = trainer_mod.ckpt_io.load_checkpoint
+
+    def moved_load(path, map_location="cpu"):
+        seen.append(str(map_location))
+        ck = real_load(path, map_location=map_location)
+        ck["rng"]["torch"] = ck["rng"]["torch"].to(torch.int64)
+        return ck
+
+    monkeypatch.setattr(trainer_mod.ckpt_io, "load_checkpoint", moved_load)
+    t = Trainer(C.load(None, synth_overrides(tmp_path, "train.epochs=2")), resume="auto", progress=False)
+    t.fit()
+    assert seen == ["cpu"] and t.epoch == 2 and [r["epoch"] for r in _rows(t.run_dir)] == ["1", "2"]
+
+
+def test_every_rank_takes_rank0_kernel_choice():
+    """Under DDP each rank times the kernels, then adopts rank 0's choice (broadcast as the "kernels" part of the
+    controller's state_dict, applied through its load_state_dict: no method-specific code in the trainer)."""
+    from leanprop import models
+    from leanprop.nn.convert import convert_
+    from leanprop.swat import sparse_kernels as sk
+    from leanprop.train.trainer import adopt_kernel_choice, kernel_choice
+
+    def controller(winner):
+        torch.manual_seed(0)
+        model = models.create("resnet8", num_classes=10)
+        ctl = convert_(model, SWATConfig(sparsity=0.9))
+        ctl.calibrate_kernels(torch.randn(2, 3, 32, 32),
+                              timer=lambda _n, path, _f, _r: 1.0 if path == winner else 2.0)
+        return ctl
+
+    rank0, rank1 = controller("csr"), controller("dense")
+    ops0 = {n: layer.sparse_ops for n, layer in rank0.layers.items()}
+    assert any(op for ops in ops0.values() for op in ops)
+    assert all(layer.sparse_ops == sk.NO_SPARSE for layer in rank1.layers.values())
+    rank1.layers["layer1.0.conv1"].x_threshold.fill_(0.125)  # this rank's own state is kept
+    choice = kernel_choice(rank0.state_dict())
+    assert set(choice) == {"kernels"}
+    adopt_kernel_choice(rank1, choice)
+    assert {n: layer.sparse_ops for n, layer in rank1.layers.items()} == ops0
+    assert float(rank1.layers["layer1.0.conv1"].x_threshold) == 0.125
+    # nested controllers (SWAT+BLPA): the choice keeps its place in the state
+    nested = {"swat": {"step": 3, "kernels": choice["kernels"]}, "blpa": {"units": 2}}
+    assert kernel_choice(nested) == {"swat": {"kernels": choice["kernels"]}}
+    assert kernel_choice({"blpa": {"units": 2}}) == {}

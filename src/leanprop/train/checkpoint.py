@@ -63,13 +63,25 @@ def rng_state() -> dict:
     return state
 
 
+def _cpu_bytes(t: Any) -> torch.Tensor:
+    """An RNG state as the contiguous CPU ``torch.ByteTensor`` that ``torch.set_rng_state`` needs, whatever device
+    or dtype ``torch.load(map_location=...)`` gave it (the byte values themselves are never changed)."""
+    t = torch.as_tensor(t).detach()
+    if t.dtype != torch.uint8 and (t.numel() and (int(t.min()) < 0 or int(t.max()) > 255)):
+        raise ValueError(f"RNG state holds values outside 0..255 (dtype {t.dtype}); the checkpoint is corrupt")
+    return t.to(device="cpu", dtype=torch.uint8).contiguous()
+
+
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`rng_state`'s output. The tensors may sit on any device (a checkpoint loaded with
+    ``map_location="cuda"``): they are brought back to the CPU first, so resuming on a GPU works."""
+    torch.set_rng_state(_cpu_bytes(state["torch"]))
     random.setstate(_to_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    keys = torch.as_tensor(n["keys"]).detach().cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached"])))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_cpu_bytes(s) for s in state["cuda"]])
 
 
 def _to_tuple(x: Any) -> Any:

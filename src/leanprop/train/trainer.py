@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from leanprop import models
 from leanprop.config import METHODS, ConfigError, RunConfig, method_configs, to_dict
 from leanprop.data import DataBundle, build_data
+from leanprop.modes import ExecutionMode, check_mode
 from leanprop.train import checkpoint as ckpt_io
 from leanprop.train import distributed as dist_util
 from leanprop.train.optim import build_optimizer
@@ -34,6 +35,10 @@ from leanprop.train.schedules import LRSchedule
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
+#: Steps between the finiteness checks of the training loss (each one waits for the device) and between progress-bar
+#: updates (only when the bar is shown); both also happen at the end of every epoch.
+FINITE_CHECK_EVERY = 50
+PROGRESS_EVERY = 10
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,6 +106,48 @@ def build_method(model: nn.Module, cfg: RunConfig) -> Any | None:
     except TypeError as e:
         raise ConfigError(f"method.name={cfg.method.name}: this version of leanprop.convert_ cannot combine "
                           f"methods ({e}); train with one method") from e
+
+
+def build_model(cfg: RunConfig, data: DataBundle) -> nn.Module:
+    """The plain model of ``cfg`` for ``data``: its classes (unless ``model.num_classes`` says otherwise) and its
+    image channels (``in_channels``, e.g. 1 for a grayscale npz)."""
+    num_classes = cfg.model.num_classes or data.num_classes
+    kwargs = dict(cfg.model.kwargs)
+    channels = kwargs.pop("in_channels", data.in_channels)
+    if channels != data.in_channels:
+        raise ConfigError(f"model.kwargs.in_channels={channels!r} but the data have {data.in_channels} channel(s); "
+                          "drop model.kwargs.in_channels (it is taken from the data)")
+    return models.create(cfg.model.name, num_classes=num_classes, in_channels=data.in_channels, **kwargs)
+
+
+def kernel_choice(state: Any) -> Any:
+    """The ``"kernels"`` entries (at any depth) of a method controller's ``state_dict()``: its measured kernel
+    choice, and nothing else (``None`` where it holds none)."""
+    if not isinstance(state, dict):
+        return None
+    out = {}
+    for key, value in state.items():
+        if key == "kernels":
+            out[key] = value
+        else:
+            sub = kernel_choice(value)
+            if sub:
+                out[key] = sub
+    return out
+
+
+def _with_kernel_choice(state: dict, choice: dict) -> dict:
+    out = dict(state)
+    for key, value in choice.items():
+        out[key] = value if key == "kernels" else _with_kernel_choice(state[key], value)
+    return out
+
+
+def adopt_kernel_choice(controller: Any, choice: dict) -> None:
+    """Make ``controller`` use another process's kernel choice (:func:`kernel_choice` of its state) through the
+    controller's own ``state_dict`` / ``load_state_dict``; the rest of its state is kept as it is."""
+    if choice:
+        controller.load_state_dict(_with_kernel_choice(controller.state_dict(), choice))
 
 
 def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
@@ -188,11 +235,12 @@ class Trainer:
         self.data: DataBundle = build_data(cfg.data, seed=cfg.seed, rank=self.dist.rank,
                                            world_size=self.dist.world_size,
                                            progress=self.show_progress and self.dist.is_main)
-        num_classes = cfg.model.num_classes or self.data.num_classes
-        self.model = models.create(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs).to(self.device)
+        self.model = build_model(cfg, self.data).to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.controller = build_method(self.model, cfg)
+        # a mode the method cannot honour is refused here, never run silently wrong
+        check_mode(self.controller, ExecutionMode.of_run(cfg, self.device), method=cfg.method.name)
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout; parameters come from rank 0 via DDP
         self.optimizer = build_optimizer(self.model, cfg.optim)
         if self.controller is not None and hasattr(self.controller, "attach_optimizer"):
@@ -247,18 +295,25 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         metrics = MetricsCSV(self.run_dir / "metrics.csv")
         if self.resume_ckpt is not None:
-            self.load_state_dict(ckpt_io.load_checkpoint(self.resume_ckpt, map_location=self.device))
+            # loaded on the CPU: the RNG states must stay CPU ByteTensors; the rest is copied to the device
+            self.load_state_dict(ckpt_io.load_checkpoint(self.resume_ckpt, map_location="cpu"))
             if main:
                 self._say(f"Resumed {self.resume_ckpt} at epoch {self.epoch}, step {self.step}")
         if main and metrics.path.exists():
             metrics.truncate_after(self.epoch)  # rows of epochs whose checkpoint was never written
+        if self.resume_ckpt is not None and (self.epoch >= cfg.train.epochs or self._budget_done()):
+            rows = metrics.read() if metrics.path.exists() else []
+            if main:
+                self._say(self._complete_message())
+            dist_util.barrier(self.dist)
+            return FitResult(self.run_dir, final=rows[-1] if rows else {"epoch": self.epoch}, best=self.best)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(self.run_dir, to_dict(cfg))
             write_env(self.run_dir, environment(self.device, self.dist.world_size))
             self._say(f"{self.data.description}; model {cfg.model.name}; run dir {self.run_dir}")
-        tb = TensorBoard(self.run_dir) if (cfg.train.tensorboard and main) else None
         result = FitResult(self.run_dir, best=self.best)
+        tb = TensorBoard(self.run_dir) if (cfg.train.tensorboard and main) else None
         images = 0
         train_time = data_time = 0.0
         row: dict = {}
@@ -286,6 +341,22 @@ class Trainer:
     def _budget_done(self) -> bool:
         return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
 
+    def _complete_message(self) -> str:
+        """The one line a resumed run that has nothing left to train prints (no speeds: nothing was timed)."""
+        budget = (f"train.max_steps={self.cfg.train.max_steps} reached" if self._budget_done()
+                  and self.epoch < self.cfg.train.epochs else f"{self.epoch} of {self.cfg.train.epochs} epochs done")
+        return (f"run already complete: {budget}, {self.step} steps, in {self.run_dir}; nothing to train "
+                "(raise train.epochs or train.max_steps to continue)")
+
+    def _check_finite(self, loss_sum: torch.Tensor, loss: torch.Tensor) -> None:
+        """Raise the clear error when the running loss stopped being finite (one host sync)."""
+        if not math.isfinite(float(loss_sum)):
+            raise FloatingPointError(
+                f"Training loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step}. "
+                f"Nothing was written for this epoch; the last good checkpoint (if any) is in {self.run_dir}. "
+                "Lower optim.lr, set train.grad_clip (e.g. 5.0), or use train.amp=bf16 instead of fp16."
+            )
+
     def _train_epoch(self) -> dict:
         cfg, dev = self.cfg, self.device
         loader = self.data.train
@@ -295,10 +366,10 @@ class Trainer:
         self.train_model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.float64, device=dev)
-        seen = 0
-        check_every = 1 if dev.type == "cpu" else 50
+        seen = steps = 0  # this epoch's images and steps (host counters: reading them never syncs)
+        show = self.show_progress and self.dist.is_main
         bar = tqdm(total=len(loader), desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", unit="batch",
-                   disable=not (self.show_progress and self.dist.is_main), leave=False, dynamic_ncols=True)
+                   disable=not show, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
         data_seconds = 0.0
         it = iter(loader)
@@ -337,30 +408,30 @@ class Trainer:
             if self.controller is not None:
                 self.controller.step()
             self.step += 1
+            steps += 1
             n = y.numel()
             seen += n
-            loss_sum += loss.detach().double() * n
+            loss_sum += loss.detach().double() * n  # accumulated on the device: no host sync per step
             correct += out.detach().argmax(1).eq(y).sum()
-            if self.step % check_every == 0 and not math.isfinite(float(loss_sum)):
-                raise FloatingPointError(
-                    f"Training loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step}. "
-                    f"Nothing was written for this epoch; the last good checkpoint (if any) is in {self.run_dir}. "
-                    "Lower optim.lr, set train.grad_clip (e.g. 5.0), or use train.amp=bf16 instead of fp16."
-                )
-            bar.update(1)
-            if bar.n % 10 == 0 or bar.n == len(loader):
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * float(correct) / seen:.1f}",
-                                lr=f"{lr:.3g}", ips=f"{self.dist.world_size * seen / elapsed:.0f}")
+            if steps % FINITE_CHECK_EVERY == 0:
+                self._check_finite(loss_sum, loss)
+            if show:  # the progress bar's numbers are the only per-step reads of device values
+                bar.update(1)
+                if steps % PROGRESS_EVERY == 0 or steps == len(loader):
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * float(correct) / seen:.1f}",
+                                    lr=f"{lr:.3g}", ips=f"{self.dist.world_size * seen / elapsed:.0f}")
             if self._budget_done():
                 break
         bar.close()
         seconds = time.perf_counter() - t0
+        if steps:
+            self._check_finite(loss_sum, loss)
         tot_loss, tot_correct, tot_seen = dist_util.all_reduce_sum(
             [float(loss_sum), float(correct), float(seen)], dev, self.dist)
-        if not math.isfinite(tot_loss):
-            raise FloatingPointError(f"Training loss is not finite at the end of epoch {self.epoch + 1}; "
-                                     "lower optim.lr or set train.grad_clip.")
+        if not math.isfinite(tot_loss):  # another rank's loss (this rank's was checked above)
+            raise FloatingPointError(f"Training loss is not finite at the end of epoch {self.epoch + 1} on another "
+                                     "rank; lower optim.lr or set train.grad_clip.")
         return {"loss": tot_loss / max(1, tot_seen), "top1": 100 * tot_correct / max(1, tot_seen),
                 "images": seen, "seconds": seconds, "data_seconds": data_seconds, "lr": lr if seen else None}
 
@@ -411,9 +482,10 @@ class Trainer:
         return row
 
     def _calibrate_kernels(self, x: torch.Tensor) -> None:
-        """SWAT ``sparse_kernels="auto"``: time the sparse (CSR, COO) and the dense kernels on the first batch
-        (each process measures its own hardware), and again on the batch of a step where a SWAT-M budget moved
-        a layer's sparsity; the table goes to ``swat_kernels.txt`` in the run dir."""
+        """SWAT ``sparse_kernels="auto"``: time the sparse (CSR, COO) and the dense kernels on the first batch,
+        and again on the batch of a step where a SWAT-M budget moved a layer's sparsity; the table goes to
+        ``swat_kernels.txt`` in the run dir. Under DDP every rank times, then all ranks take rank 0's choice (the
+        kernels fix the summation order, so ranks choosing differently would drift apart)."""
         from leanprop.swat.sparse_kernels import format_table
 
         bar = tqdm(desc="timing sparse vs dense kernels", unit="layer", leave=False, dynamic_ncols=True,
@@ -421,6 +493,11 @@ class Trainer:
         with autocast_context(self.device, self.cfg.train.amp):
             timings = self.controller.calibrate_kernels(x, progress=lambda _name: bar.update())
         bar.close()
+        if self.dist.enabled:
+            obj = [kernel_choice(self.controller.state_dict())]
+            torch.distributed.broadcast_object_list(obj, src=0)
+            if not self.dist.is_main:
+                adopt_kernel_choice(self.controller, obj[0])
         if self.dist.is_main:
             table = self.run_dir / "swat_kernels.txt"
             ckpt_io.atomic_write_text(table, format_table(timings) + "\n")
