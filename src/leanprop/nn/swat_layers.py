@@ -132,6 +132,12 @@ class SWATMixin:
         # evaluation / no_grad: no activation Top-K (spec §5 item 15); sparse weights unless turned off
         return self._plain_op(x, w_s if self.sparse_eval else self.weight)
 
+    @torch.no_grad()
+    def inference_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the evaluation forward uses (``leanprop export``, :mod:`leanprop.nn.inference`): ``TopK(W)``
+        under the cached threshold or structured mask when ``sparse_eval`` (spec §5 item 15), else ``W``."""
+        return {"weight": self._sparse_weight() if self.sparse_eval else self.weight.detach()}
+
     def extra_repr(self) -> str:  # type: ignore[override]
         s = super().extra_repr()  # type: ignore[misc]
         structure = f", structure={self.structure}" if self.structure else ""

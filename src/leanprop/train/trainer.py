@@ -107,16 +107,20 @@ def build_method(model: nn.Module, cfg: RunConfig) -> Any | None:
                           f"methods ({e}); train with one method") from e
 
 
-def build_model(cfg: RunConfig, data: DataBundle) -> nn.Module:
-    """The plain model of ``cfg`` for ``data``: its classes (unless ``model.num_classes`` says otherwise) and its
-    image channels (``in_channels``, e.g. 1 for a grayscale npz)."""
-    num_classes = cfg.model.num_classes or data.num_classes
+def model_args(cfg: RunConfig, data: DataBundle) -> dict:
+    """``models.create`` arguments of the run: its classes (``model.num_classes``, else the data's) and the data's
+    image channels (``in_channels``, e.g. 1 for a grayscale npz) plus ``model.kwargs``."""
     kwargs = dict(cfg.model.kwargs)
     channels = kwargs.pop("in_channels", data.in_channels)
     if channels != data.in_channels:
         raise ConfigError(f"model.kwargs.in_channels={channels!r} but the data have {data.in_channels} channel(s); "
                           "drop model.kwargs.in_channels (it is taken from the data)")
-    return models.create(cfg.model.name, num_classes=num_classes, in_channels=data.in_channels, **kwargs)
+    return {"num_classes": cfg.model.num_classes or data.num_classes, "in_channels": data.in_channels, **kwargs}
+
+
+def build_model(cfg: RunConfig, data: DataBundle) -> nn.Module:
+    """The plain (unconverted) model of ``cfg`` for ``data`` (see :func:`model_args`)."""
+    return models.create(cfg.model.name, **model_args(cfg, data))
 
 
 def kernel_choice(state: Any) -> Any:
@@ -266,6 +270,7 @@ class Trainer:
             "version": ckpt_io.VERSION,
             "config": to_dict(self.cfg),
             "model": self.model.state_dict(),
+            "model_args": model_args(self.cfg, self.data),  # what models.create needs (export without the data)
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": ckpt_io.rng_state(),
