@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from leanprop import models
 from leanprop.config import METHODS, ConfigError, RunConfig, method_configs, to_dict
 from leanprop.data import DataBundle, build_data
+from leanprop.modes import ExecutionMode, check_mode
 from leanprop.train import checkpoint as ckpt_io
 from leanprop.train import distributed as dist_util
 from leanprop.train.optim import build_optimizer
@@ -242,6 +243,8 @@ class Trainer:
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.controller = build_method(self.model, cfg)
+        # a mode the method cannot honour is refused here, never run silently wrong
+        check_mode(self.controller, ExecutionMode.of_run(cfg, self.device), method=cfg.method.name)
         # a mode the method cannot honour is refused here, never run silently wrong
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout; parameters come from rank 0 via DDP
         self.optimizer = build_optimizer(self.model, cfg.optim)
