@@ -7,13 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from leanprop.accounting import flops_cli, matrix, memory_cli, report
+from leanprop.accounting import flops_cli, matrix, memory_cli, modes_bench, report
 
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 LONG_RUNNING = {"train", "bench"}
 #: ``leanprop bench KIND``: modules with ``add_parser(subparsers)`` that set ``bench_run`` (add new kinds here).
-BENCH_KINDS = (memory_cli, matrix)
+BENCH_KINDS = (memory_cli, matrix, modes_bench)
 
 
 def _jemalloc_path() -> str | None:

@@ -19,6 +19,7 @@ measured again together with dense (the ratio baseline). ``--quick`` is a smoke 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -33,7 +34,8 @@ DEFAULT_METHODS = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-e
                    "swat-filter70-p10", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
 QUICK = {"models": ("resnet20",), "methods": ("dense", "swat-u90", "blpa4", "swat-u90+blpa4"), "batch": 16,
          "imagenet_batch": 2, "rounds": 2, "warmup": 1, "peak": False}
-_KEY = ("model", "method", "batch", "threads", "dtype", "channels_last", "device", "git_sha")
+_KEY = ("model", "method", "batch", "threads", "dtype", "channels_last", "compile", "device", "git_sha")
+_KEY_DEFAULTS = {"compile": False}  # records from before a key existed
 
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
@@ -51,7 +53,10 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="time every method under torch.compile (at least 2 warm-up steps absorb the compilation; "
+                        "records carry the graph breaks; `leanprop report` shows compiled / eager step time)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
     p.add_argument("--mem-cap", help="also find the largest batch under this cap, e.g. 4GiB (fresh processes)")
     p.add_argument("--max-batch-tolerance", type=float, default=0.0, metavar="FRACTION",
                    help="relative resolution of the --mem-cap search (default 0: exact; 0.02: within 2 %%)")
@@ -86,13 +91,19 @@ def _train_step(model, handle, opt, x, y, spec) -> float:
 
 
 def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int, warmup: int,
-               note=lambda s: None, kernels: dict[str, dict] | None = None) -> dict[str, list[float]]:
+               note=lambda s: None, kernels: dict[str, dict] | None = None,
+               compile: bool = False) -> dict[str, list[float]]:
     """Seconds of each method's training steps, interleaved round by round (one model per method).
 
     SWAT methods first choose their kernels as training does (``sparse_kernels="auto"``: timed on this batch);
     ``kernels``, when given, receives for each such method ``{"sparse_kernels": one-line choice,
-    "kernel_calibration_s": seconds the timing took}`` (the latter only when it ran here)."""
+    "kernel_calibration_s": seconds the timing took}`` (the latter only when it ran here). ``compile``: each
+    model runs under ``torch.compile``; ``kernels`` then also receives per method ``compile_s`` (the first,
+    compiling step) and the graph breaks, graphs and recompile-limit hits of its steps
+    (:class:`leanprop.modes.CompileStats`)."""
     import torch
+
+    from leanprop.modes import CompileStats
 
     from .memory import autocast_context, build_model, make_batch, normalize_spec
 
@@ -105,6 +116,8 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
             handle.attach_optimizer(opt)
         built[m] = (model, handle, opt, spec)
     x, y = make_batch(built[methods[0]][3], batch)
+    if compile:
+        built = {m: (torch.compile(model), handle, opt, spec) for m, (model, handle, opt, spec) in built.items()}
     for m, (_, handle, _, spec) in built.items():
         info: dict[str, Any] = {}
         if getattr(handle, "needs_kernel_calibration", False):
@@ -116,12 +129,19 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
         if kernels is not None and hasattr(handle, "kernel_summary"):
             kernels[m] = {"sparse_kernels": handle.kernel_summary(), **info}
     times: dict[str, list[float]] = {m: [] for m in methods}
+    stats = {m: CompileStats() for m in methods}
     for r in range(warmup + rounds):
         for m in methods:
             note(f"step {r + 1}/{warmup + rounds} {m}")
-            dt = _train_step(*built[m][:3], x, y, built[m][3])
+            with stats[m] if compile else contextlib.nullcontext():
+                dt = _train_step(*built[m][:3], x, y, built[m][3])
             if r >= warmup:
                 times[m].append(dt)
+            elif compile and r == 0 and kernels is not None:
+                kernels.setdefault(m, {})["compile_s"] = round(dt, 1)
+    if compile and kernels is not None:
+        for m in methods:
+            kernels.setdefault(m, {}).update(stats[m].as_dict(max_reasons=3))
     return times
 
 
@@ -173,7 +193,9 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
                               tolerance=a.max_batch_tolerance)
     note("step times")
     kernels: dict[str, dict] = {}
-    times = step_times(base, methods, batch, a.rounds, a.warmup, note, kernels)
+    compile = bool(getattr(a, "compile", False))
+    times = step_times(base, methods, batch, a.rounds, max(a.warmup, 2) if compile else a.warmup, note, kernels,
+                       compile=compile)
     env, stamp = run_context(a.device)
     dense_s = statistics.median(times["dense"])
     info = zoo.model_info(model)
@@ -183,7 +205,8 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
             bar.update(1)
         med = statistics.median(times[m])
         rec.update(env)
-        rec.update(bench="matrix", family=info.family, timestamp=stamp, rounds=a.rounds, warmup=a.warmup,
+        rec.update(bench="matrix", family=info.family, timestamp=stamp, rounds=a.rounds,
+                   warmup=max(a.warmup, 2) if compile else a.warmup, compile=compile,
                    step_s=med, step_s_all=times[m], dense_step_s=dense_s, time_vs_dense=med / dense_s,
                    throughput_vs_dense=dense_s / med, images_per_s=batch / med)
         rec.update(kernels.get(m, {}))
@@ -221,12 +244,13 @@ def done_keys(path: Path) -> set[tuple]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i + 1}: not valid JSON ({e}); fix or delete that line") from e
         if r.get("bench") == "matrix" and "step_s" in r:
-            keys.add(tuple(str(r.get(k)) for k in _KEY))
+            keys.add(tuple(str(r.get(k, _KEY_DEFAULTS.get(k))) for k in _KEY))
     return keys
 
 
 def _key(model: str, method: str, batch: int, a: argparse.Namespace, threads: int, sha: str | None) -> tuple:
-    return tuple(str(v) for v in (model, method, batch, threads, a.dtype, a.channels_last, a.device, sha))
+    return tuple(str(v) for v in (model, method, batch, threads, a.dtype, a.channels_last,
+                                  bool(getattr(a, "compile", False)), a.device, sha))
 
 
 def run(a: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from leanprop.accounting.report_capacity import (
     max_batch_section,
     write_max_batch_plot,
 )
+from leanprop.accounting.report_modes import device_of, gpu_memory_rows, modes_section
 from leanprop.accounting.report_tables import latest as _latest
 from leanprop.accounting.report_tables import markdown_table as _table
 from leanprop.accounting.report_tables import method_rank, pyplot, save_fig
@@ -153,43 +154,66 @@ def _packing_section(recs: list[dict]) -> list[str]:
 
 
 def _matrix_records(recs: list[dict]) -> list[dict]:
-    return _latest([r for r in recs if r.get("bench") == "matrix" and "step_s" in r],
-                   ("model", "method", "batch", "threads", "dtype", "channels_last", "device", "processor"))
+    """The newest matrix record per (model, method, batch, threads, dtype, layout, compiled, device, machine)."""
+    found = [{**r, "compile": bool(r.get("compile"))} for r in recs if r.get("bench") == "matrix" and "step_s" in r]
+    return _latest(found, ("model", "method", "batch", "threads", "dtype", "channels_last", "compile", "device",
+                           "processor", "gpu"))
+
+
+def _eager_step(mx: list[dict], r: dict) -> float | None:
+    """The step seconds of the eager record matching the compiled record ``r`` (None when there is none)."""
+    key = ("model", "method", "batch", "threads", "dtype", "channels_last", "processor", "gpu")
+    found = [e for e in mx if not e["compile"] and device_of(e) == device_of(r)
+             and all(str(e.get(k)) == str(r.get(k)) for k in key)]
+    return found[-1]["step_s"] if found else None
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _matrix_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
-    """"Every method on every model" from ``bench == "matrix"`` records (``leanprop bench matrix``)."""
-    mx = _matrix_records(recs)
+MATRIX_INTRO = (
+    "`leanprop bench matrix` (defaults: the models and methods below; CIFAR batch 128, ImageNet-shape "
+    "batch 8, fp32). Step: one training step (forward, cross-entropy, backward, SGD step, controller "
+    "step) of each method, interleaved round by round in one process, median; x dense = step time / the "
+    "dense step of the same run (lower is faster). Kept: bytes kept for backward (saved-tensor audit). "
+    "Peak growth: one step in a fresh process, peak minus the memory before the forward. FLOPs: counted "
+    "conv/linear training MACs / dense. Max batch: the largest batch whose fresh-process peak fits the cap "
+    "(when measured). Compiled tables (`--compile`: the model under `torch.compile`, warm-up steps absorb the "
+    "compilation): x eager = compiled step / the eager step of the newest eager record of the same settings; "
+    "graph breaks counted by Dynamo over the method's steps; kept bytes and peaks are the eager audits.")
+
+
+def _matrix_section(recs: list[dict], plots: dict[str, str], device: str = "cpu",
+                    heading: str = "## Every method on every model") -> list[str]:
+    """"Every method on every model" from ``bench == "matrix"`` records (``leanprop bench matrix``) of one device
+    type, one table per model, layout and compiled/eager."""
+    everything = _matrix_records(recs)
+    mx = [r for r in everything if device_of(r) == device]
     if not mx:
         return []
-    parts = ["## Every method on every model", "",
-             "`leanprop bench matrix` (defaults: the models and methods below; CIFAR batch 128, ImageNet-shape "
-             "batch 8, fp32). Step: one training step (forward, cross-entropy, backward, SGD step, controller "
-             "step) of each method, interleaved round by round in one process, median; x dense = step time / the "
-             "dense step of the same run (lower is faster). Kept: bytes kept for backward (saved-tensor audit). "
-             "Peak growth: one step in a fresh process, peak minus the memory before the forward. FLOPs: counted "
-             "conv/linear training MACs / dense. Max batch: the largest batch whose fresh-process peak fits the cap "
-             "(when measured).", ""]
+    parts = [heading, "", MATRIX_INTRO, ""]
+    sub = heading.split(" ", 1)[0] + "#"  # one level below the heading
     for model in dict.fromkeys(_group(r) for r in mx):
         rows = _model_rows(mx, model)
         r0 = rows[0]
-        parts += [f"### {_label(r0)} (batch {r0['batch']}, {r0.get('threads')} threads, {r0.get('dtype', 'fp32')}, "
-                  f"{r0.get('device', 'cpu')}, git {r0.get('git_sha') or '?'})", ""]
+        parts += [f"{sub} {_label(r0)} (batch {r0['batch']}, {r0.get('threads')} threads, {r0.get('dtype', 'fp32')}, "
+                  f"{r0.get('gpu') or r0.get('device', 'cpu')}, git {r0.get('git_sha') or '?'})", ""]
         table = []
         for r in rows:
             mb = r.get("max_batch")
             cap = r.get("mem_cap_bytes")
-            table.append([r["method"], f"{r['step_s'] * 1000:.1f}", f"{r['time_vs_dense']:.3f}",
-                          _mib(r.get("saved_bytes")), _fmt(r.get("ratio_vs_dense")),
+            row = [r["method"], f"{r['step_s'] * 1000:.1f}", f"{r['time_vs_dense']:.3f}"]
+            if r0["compile"]:
+                eager = _eager_step(everything, r)
+                row += ["-" if eager is None else f"{r['step_s'] / eager:.3f}", str(r.get("graph_breaks", "-"))]
+            table.append([*row, _mib(r.get("saved_bytes")), _fmt(r.get("ratio_vs_dense")),
                           _mib(r.get("step_peak_growth_bytes")), _fmt(r.get("peak_growth_ratio_vs_dense")),
                           _fmt(r.get("train_flops_vs_dense")),
                           "-" if mb is None else f"{mb} ({cap / 2**30:.1f} GiB)",
                           r.get("error", "")[:60]])
-        parts += [_table(["method", "step ms", "x dense", "kept MiB", "kept x dense", "peak growth MiB",
+        compiled = ["x eager", "graph breaks"] if r0["compile"] else []
+        parts += [_table(["method", "step ms", "x dense", *compiled, "kept MiB", "kept x dense", "peak growth MiB",
                           "growth x dense", "train FLOPs x dense", "max batch (cap)", "error"], table), ""]
         kern = [f"{r['method']}: {r['sparse_kernels'].split(': ', 1)[-1]}"
                 + (f" (timed in {r['kernel_calibration_s']:.0f} s)" if r.get("kernel_calibration_s") else "")
@@ -204,12 +228,38 @@ def _matrix_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
 
 
 def _group(r: dict) -> str:
-    """A matrix table's key: the model, with ``-nhwc`` for channels-last runs (plot file names use it)."""
-    return r["model"] + ("-nhwc" if r.get("channels_last") else "")
+    """A matrix table's key: the model, with ``-nhwc`` for channels-last runs, ``-compile`` for compiled ones and
+    the device type unless CPU (plot file names use it)."""
+    dev = device_of(r)
+    return (r["model"] + ("-nhwc" if r.get("channels_last") else "") + ("-compile" if r.get("compile") else "")
+            + ("" if dev == "cpu" else f"-{dev}"))
 
 
 def _label(r: dict) -> str:
-    return r["model"] + (" (NHWC)" if r.get("channels_last") else "")
+    dev = device_of(r)
+    return (r["model"] + (" (NHWC)" if r.get("channels_last") else "") + (" (compiled)" if r.get("compile") else "")
+            + ("" if dev == "cpu" else f" on {dev}"))
+
+
+def _gpu_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
+    """"On a CUDA GPU": the CUDA records of the matrix, modes and memory benchmarks (``benchmarks/gpu_check.sh``
+    writes them)."""
+    matrix = _matrix_section(recs, plots, "cuda", "### Every method on every model")
+    modes = modes_section(recs, "cuda", "### Execution modes")
+    mem = gpu_memory_rows(recs)
+    if not (matrix or modes or mem):
+        return []
+    gpus = sorted({str(r.get("gpu")) for r in recs if r.get("gpu")})
+    parts = ["## On a CUDA GPU", "",
+             f"Measured by `benchmarks/gpu_check.sh OUT_DIR` ({', '.join(gpus) or 'GPU not recorded'}); its JSONL "
+             "files copied into benchmarks/results/. Memory: `torch.cuda.max_memory_allocated` of one training "
+             "step in a fresh process.", ""]
+    parts += matrix + modes
+    if mem:
+        parts += ["### Memory on the GPU", "",
+                  _table(["model", "batch", "method", "kept MiB", "kept x dense", "peak MiB (max allocated)", "gpu",
+                          "git"], mem), ""]
+    return parts
 
 
 def _model_rows(mx: list[dict], model: str) -> list[dict]:
@@ -265,6 +315,8 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
              "Generated by `leanprop report` from `benchmarks/results/*.jsonl`; every number below was "
              "written by a committed benchmark command. Do not edit by hand.", ""]
     parts += _matrix_section(recs, plots or {})
+    parts += modes_section(recs, "cpu")
+    parts += _gpu_section(recs, plots or {})
     tp = _latest([r for r in recs if r.get("bench") == "train_throughput"],
                  ("method", "model", "batch", "threads", "dtype", "channels_last", "processor"))
     if tp:
@@ -339,7 +391,7 @@ HEADLINE_METHODS = ("swat-u90-packed", "swat-filter70", "blpa4", "swat-u90+blpa4
 
 def headline(recs: list[dict]) -> str:
     """The README's headline table: a few methods per model, from the newest matrix records."""
-    mx = _matrix_records(recs)
+    mx = [r for r in _matrix_records(recs) if device_of(r) == "cpu" and not r["compile"]]
     rows = []
     for r in mx:
         if r["method"] in HEADLINE_METHODS:

@@ -79,6 +79,12 @@ class BLPAController:
             warnings.warn(f"BLPA: the model has no BatchNorm2d->ReLU(->Conv2d) run that can be fused; {what}",
                           RuntimeWarning, stacklevel=3)
 
+    def unsupported_reason(self, mode: Any) -> str | None:
+        """Why BLPA cannot train in ``mode`` (a :class:`leanprop.modes.ExecutionMode`), or None when it can
+        (:func:`leanprop.modes.check_mode` refuses the mode at configuration time). BLPA declares no refusal:
+        the compiled C kernels serve CPU tensors only and CUDA tensors take the torch-op path."""
+        return None
+
     def on_epoch_start(self, epoch: int) -> None:
         pass
 

@@ -31,6 +31,10 @@ class CombinedController:
         self.swat = swat
         self.blpa = blpa
 
+    def unsupported_reason(self, mode: Any) -> str | None:
+        """A mode either method cannot honour (:func:`leanprop.modes.check_mode`): SWAT's reason, else BLPA's."""
+        return self.swat.unsupported_reason(mode) or self.blpa.unsupported_reason(mode)
+
     def attach_optimizer(self, optimizer) -> None:
         self.swat.attach_optimizer(optimizer)
 

@@ -105,6 +105,13 @@ class SWATController:
         named = f": {', '.join(used)}" if 0 < len(used) <= 4 else ""
         return f"SWAT sparse (CSR/COO) kernels: {sum(ops)} of {len(ops)} layer-ops ({how}){named}; the rest dense"
 
+    # ---------------------------------------------------------------- execution modes
+    def unsupported_reason(self, mode: Any) -> str | None:
+        """Why SWAT cannot train in ``mode`` (a :class:`leanprop.modes.ExecutionMode`), or None when it can
+        (:func:`leanprop.modes.check_mode` refuses the mode at configuration time). SWAT declares no refusal:
+        eager and compiled, fp32/bf16/fp16 autocast, channels-last, CPU and CUDA all run (tests/test_modes.py)."""
+        return None
+
     # ---------------------------------------------------------------- training hooks
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """SWAT-M reads the optimizer's momentum; other distributions ignore it."""

@@ -245,7 +245,6 @@ class Trainer:
         self.controller = build_method(self.model, cfg)
         # a mode the method cannot honour is refused here, never run silently wrong
         check_mode(self.controller, ExecutionMode.of_run(cfg, self.device), method=cfg.method.name)
-        # a mode the method cannot honour is refused here, never run silently wrong
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout; parameters come from rank 0 via DDP
         self.optimizer = build_optimizer(self.model, cfg.optim)
         if self.controller is not None and hasattr(self.controller, "attach_optimizer"):
