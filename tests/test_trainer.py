@@ -296,7 +296,7 @@ def test_no_host_sync_per_training_step(tmp_path):
             return func(*args, **(kwargs or {}))
 
     cfg = C.load(None, synth_overrides(tmp_path, "train.epochs=1", "data.batch_size=4", "data.synthetic_size=8",
-                                       "model.name=resnet8"))
+                                       "model.name=resnet8", "data.eval_batch_size=4"))
     t = Trainer(cfg, progress=False)
     steps = len(t.data.train)
     assert steps == 16 and trainer_mod.FINITE_CHECK_EVERY > steps
@@ -310,6 +310,11 @@ def test_no_host_sync_per_training_step(tmp_path):
     t.fit()
     assert t.step == steps
     assert HostSyncs.n <= 3  # end of epoch: the finiteness check, loss and accuracy sums (was 3 per step)
+    # evaluation reads its sums once, not per batch (was 3 per batch)
+    HostSyncs.n = 0
+    with HostSyncs():
+        r = trainer_mod.evaluate(t.model, t.data.test, t.device)
+    assert len(t.data.test) == 8 and r["n"] == 32 and HostSyncs.n <= 1
 
 
 def test_resume_on_another_device_and_a_finished_run(tmp_path, monkeypatch, capsys):

@@ -154,11 +154,16 @@ def adopt_kernel_choice(controller: Any, choice: dict) -> None:
         controller.load_state_dict(_with_kernel_choice(controller.state_dict(), choice))
 
 
-def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+def _hit_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Top-k hit counts as a float64 tensor on the logits' device (no host sync)."""
     k_max = min(max(ks), logits.shape[1])
     top = logits.topk(k_max, dim=1).indices
     hit = top.eq(target[:, None])
-    return [float(hit[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
+    return torch.stack([hit[:, : min(k, k_max)].any(dim=1).sum() for k in ks]).double()
+
+
+def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    return _hit_counts(logits, target, ks).tolist()
 
 
 def autocast_context(device: torch.device, amp: str | None):
@@ -174,7 +179,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: str | None 
     """Top-1/top-5 accuracy (%) and mean cross-entropy over the loader, summed exactly over ranks."""
     was_training = model.training
     model.eval()
-    loss_sum = top1 = top5 = n = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1, top-5: read once at the end
+    n = 0
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         if channels_last:
@@ -183,12 +189,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: str | None 
         with autocast_context(device, amp):
             out = model(x)
         out = out.float()
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        c1, c5 = accuracy_counts(out, y)
-        top1 += c1
-        top5 += c5
+        sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+        sums[1:] += _hit_counts(out, y)
         n += y.numel()
-    loss_sum, top1, top5, n = dist_util.all_reduce_sum([loss_sum, top1, top5, n], device,
+    loss_sum, top1, top5 = sums.tolist()
+    loss_sum, top1, top5, n = dist_util.all_reduce_sum([loss_sum, top1, top5, float(n)], device,
                                                         dist_info or dist_util.DistInfo())
     model.train(was_training)
     if n == 0:
