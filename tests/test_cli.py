@@ -197,3 +197,9 @@ def test_export_and_eval_errors(tmp_path, capsys):
     ck = str(tmp_path / "t" / "checkpoint.pt")
     assert main(["eval", "--weights", ck, "--model", "resnet20", "--dataset", "synthetic"]) == 2
     assert f"--checkpoint {ck}" in capsys.readouterr().err
+    # a checkpoint from before model_args: export finds the classes and channels from the data
+    state = torch.load(ck, weights_only=True)
+    del state["model_args"]
+    torch.save(state, tmp_path / "old.pt")
+    assert main(["export", "--checkpoint", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old_plain.pt")]) == 0
+    assert torch.load(tmp_path / "old_plain.pt", weights_only=True).keys() == state["model"].keys()
