@@ -7,6 +7,12 @@ when the controller sets ``recompute`` (every ``topk_period`` steps, §1.3) and 
 The layers reuse the Parameters of the module they replace, and their method state (thresholds,
 measured densities) lives in non-persistent buffers, so ``state_dict()`` keys are those of the plain
 model; the controller's ``state_dict()`` carries the SWAT state into checkpoints.
+
+Under ``torch.compile`` a SWAT layer's forward runs eagerly (``torch.compiler.disable``: one graph break per
+layer): the Top-K thresholds, the custom autograd Functions, the packing and the per-step Python flags
+(``recompute``, ``measure``, ``dense_grad``, SWAT-M's changing ``sparsity``) are read only there, so they never
+become guards (no recompiles) and Inductor never traces the data-dependent selection; the dense ops between
+the layers (BN, ReLU, adds, pooling) are compiled. See docs/methods/swat.md, "torch.compile".
 """
 
 from __future__ import annotations
@@ -18,15 +24,25 @@ from torch import nn
 from leanprop.swat import sparse_kernels as sk
 from leanprop.swat.config import SWATConfig
 from leanprop.swat.functions import swat_conv2d, swat_filter_conv2d, swat_linear
-from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify, structured_keep_mask
+from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify, structured_keep_mask, structured_scores
 
 
-def _kept_density(x: torch.Tensor, thr: torch.Tensor | None) -> float:
-    """nnz(X_s) / numel: the entries the saved ``X_s`` really holds. Zeros never count, also when the
-    threshold is 0 (a layer whose input has more natural ReLU zeros than its sparsity asks for)."""
+def _kept_density(x: torch.Tensor, thr: torch.Tensor | None) -> torch.Tensor:
+    """nnz(X_s) / numel as a 0-d float64 tensor on ``x``'s device (no host sync): the entries the saved ``X_s``
+    really holds. Zeros never count, also when the threshold is 0 (a layer whose input has more natural ReLU
+    zeros than its sparsity asks for)."""
     a = x.detach().abs()
     kept = a > 0 if thr is None else (a >= thr) & (a > 0)
-    return float(kept.sum()) / x.numel()
+    return kept.sum(dtype=torch.float64) / x.numel()
+
+
+def top_filters(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Sorted int64 indices of the ``ceil((1-s)·Cout)`` filters with the highest L1 scores, by a fixed-count
+    ``topk`` (no host sync; the kept filters on accelerators, device-agnostic). Without ties at the threshold
+    these are exactly the filters :func:`structured_keep_mask` keeps; with ties, K of them."""
+    scores = structured_scores(weight, "filter")
+    k = keep_count(scores.numel(), sparsity)
+    return torch.topk(scores, k, sorted=False).indices.sort().values
 
 
 class SWATMixin:
@@ -104,9 +120,11 @@ class SWATMixin:
     def _measure(self, x: torch.Tensor, w_s: torch.Tensor, x_thr: torch.Tensor | None) -> None:
         """Add this step's realised densities: nnz(W_s) / numel(W) (``w_s`` may be the kept filters only) and
         nnz(X_s) / numel(X)."""
-        d_w = float(torch.count_nonzero(w_s)) / self.weight.numel()
+        stats = self.density_stats
+        d_w = torch.count_nonzero(w_s).to(torch.float64) / self.weight.numel()
         d_x = _kept_density(x, x_thr)
-        self.density_stats += torch.tensor([d_w, d_x, 1.0], dtype=torch.float64, device=self.density_stats.device)
+        stats[:2] += torch.stack([d_w.to(stats.device), d_x.to(stats.device)])  # on the device: no host sync
+        stats[2] += 1.0
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -122,15 +140,20 @@ class SWATMixin:
             return None
         return (float(self.density_stats[0]) / n, float(self.density_stats[1]) / n)
 
+    @torch.compiler.disable
     def _swat_forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_s = self._sparse_weight()
+        """The layer's forward, eager under ``torch.compile`` (see the module docstring)."""
         if self.training and torch.is_grad_enabled():
-            x_thr = self._activation_threshold(x)
-            if self.measure:
-                self._measure(x, w_s, x_thr)
-            return self._swat_op(x, w_s, x_thr)
+            return self._train_forward(x)
         # evaluation / no_grad: no activation Top-K (spec §5 item 15); sparse weights unless turned off
-        return self._plain_op(x, w_s if self.sparse_eval else self.weight)
+        return self._plain_op(x, self._sparse_weight() if self.sparse_eval else self.weight)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_s = self._sparse_weight()
+        x_thr = self._activation_threshold(x)
+        if self.measure:
+            self._measure(x, w_s, x_thr)
+        return self._swat_op(x, w_s, x_thr)
 
     @torch.no_grad()
     def inference_weights(self) -> dict[str, torch.Tensor]:
@@ -177,9 +200,16 @@ class SWATConv2d(SWATMixin, nn.Conv2d):
                 and not isinstance(self.padding, str))
 
     def kept_filters(self) -> torch.Tensor:
-        """Sorted int64 indices of the output filters the current Top-K keeps."""
+        """Sorted int64 indices of the output filters the current Top-K keeps.
+
+        On CPU: every filter whose L1 score reaches the Top-K threshold (ties kept, as the mask of
+        :func:`structured_keep_mask`). On accelerators: the ``K = ceil((1-s)·Cout)`` highest scores by a
+        fixed-count ``topk`` (no host sync; a tie at the threshold keeps exactly K, not every tied filter)."""
+        w = self.weight.detach()
         with torch.no_grad():
-            mask = structured_keep_mask(self.weight.detach(), self.sparsity, "filter")
+            if w.device.type != "cpu":
+                return top_filters(w, self.sparsity)
+            mask = structured_keep_mask(w, self.sparsity, "filter")
         return mask.view(-1).nonzero().view(-1)
 
     def _filter_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,9 +221,12 @@ class SWATConv2d(SWATMixin, nn.Conv2d):
         return swat_filter_conv2d(x, self.weight, keep, self.bias, x_thr, self.stride, padding, self.dilation,
                                   dense_grad=self.dense_grad, compress=self.compress)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and x.dim() == 4 and self.computes_kept_filters():
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and self.computes_kept_filters():
             return self._filter_forward(x)
+        return super()._train_forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._swat_forward(x)
 
 

@@ -91,8 +91,27 @@ class SWATController:
         with torch.autocast(dev, enabled=False) if dtype is not None else contextlib.nullcontext():
             self.kernel_timings = sk.calibrate(self.layers, captured, dtype=dtype, reps=reps, margin=margin,
                                                timer=timer, progress=progress)
+        self._adopt_rank0_kernels()
         self.kernel_sparsity = {name: layer.sparsity for name, layer in self.layers.items()}
         return self.kernel_timings
+
+    def _adopt_rank0_kernels(self) -> None:
+        """Under ``torch.distributed`` every rank times its own kernels, and timings differ between ranks: all
+        ranks take rank 0's choice (and timings), so they run the same kernels (same summation order)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+            return
+        mine = {"timings": [t.as_dict() for t in self.kernel_timings or []],
+                "sparse_ops": {name: list(layer.sparse_ops) for name, layer in self.layers.items()}}
+        box = [mine]
+        dist.broadcast_object_list(box, src=0)
+        chosen = box[0]
+        if set(chosen["sparse_ops"]) != set(self.layers):
+            raise RuntimeError("SWAT kernel calibration: rank 0 has other SWAT layers than this rank")
+        self.kernel_timings = [sk.KernelTiming(**t) for t in chosen["timings"]]
+        for name, layer in self.layers.items():
+            layer.sparse_ops = tuple(sk.format_of(f) for f in chosen["sparse_ops"][name])
 
     def kernel_summary(self) -> str:
         """One line: how many layer-ops run on a sparse kernel (after calibration or with "always"), naming them
@@ -147,11 +166,15 @@ class SWATController:
     def _momentum_update(self) -> None:
         if self.optimizer is None:
             raise RuntimeError("SWAT-M needs the optimizer: call controller.attach_optimizer(optimizer) first")
-        from leanprop.swat.momentum import mean_abs_momentum
+        from leanprop.swat.momentum import mean_abs_momentum_tensor
 
-        stats = {}
-        for name, layer in self.layers.items():
-            stats[name] = mean_abs_momentum(self.optimizer, layer.weight, layer.weight_mask())
+        means = {name: mean_abs_momentum_tensor(self.optimizer, layer.weight, layer.weight_mask())
+                 for name, layer in self.layers.items()}
+        known = [name for name, m in means.items() if m is not None]
+        dev = means[known[0]].device if known else None
+        values = torch.stack([means[n].to(dev) for n in known]).tolist() if known else []  # one host sync
+        stats: dict[str, float | None] = dict.fromkeys(means)
+        stats.update(zip(known, values, strict=True))
         self.budget = self.momentum.update(stats)
         for name, layer in self.layers.items():
             layer.sparsity = float(self.budget[name])  # applied at the layer's next Top-K recompute

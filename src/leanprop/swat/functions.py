@@ -5,6 +5,10 @@ and ``W_s`` only. Backward: ``dX`` from ``W_s`` and G, ``dW`` from ``X_s`` and G
 *dense* weight (pruned weights keep learning), ``db = ΣG``; G is never modified. ``weight_sparse`` is the caller's
 detached, already masked weight and gets no gradient, nor does ``x_threshold``.
 
+The three functions are eager under ``torch.compile`` (``torch.compiler.disable``: a graph break each): their
+saved tensors depend on the data (thresholds, packed values), and the backward is SWAT's own, not the
+derivative of the forward. See docs/methods/swat.md, "torch.compile".
+
 Under ``torch.autocast`` the forward computes in the autocast dtype like ``nn.Conv2d``/``nn.Linear`` do, saves the
 low-precision tensors, and the backward returns dW/db in the parameters' dtype and dX in x's dtype. Thresholds stay
 fp32 (see ``topk.sparsify``).
@@ -66,15 +70,15 @@ def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, comp
     no mask when ``weight_sparse`` is the Parameter's own storage, i.e. nothing is pruned). ``compress``: keep
     ``X_s`` as values + positions (:mod:`leanprop.swat.storage`); the backward restores both exactly.
     ``sparse_ops``: the sparse format (or None) of (forward, grad-input, grad-weight) (:mod:`.sparse_kernels`);
-    ``op`` gets the forward's as its last argument. Not under ``torch.compile``."""
+    ``op`` gets the forward's as its last argument. Always eager (the public functions are compiler-disabled)."""
     dev = x.device.type
-    ctx.sparse_ops = sparse_ops = sk.NO_SPARSE if _compiling() else tuple(sparse_ops)
+    ctx.sparse_ops = sparse_ops = tuple(sparse_ops)
     amp = _autocast_dtype(dev)
     xc, ws, bc = _cast(x, amp), _cast(weight_sparse, amp), _cast(bias, amp)
     with _no_autocast(dev, amp is not None):
         y = op(xc, ws, bc, sparse_ops[0])
     w_bits = ctx.w_meta = None
-    if _compiling() or weight_sparse.data_ptr() != weight.data_ptr():  # (dynamo cannot compare data pointers)
+    if weight_sparse.data_ptr() != weight.data_ptr():
         w_bits, ctx.w_meta = pack_weight_mask(weight_sparse)
     ctx.save_for_backward(*_save_x_s(ctx, xc, x_threshold, compress), weight, w_bits)
     ctx.w_dtype = ws.dtype
@@ -211,6 +215,7 @@ def _same_padding(x: Tensor, weight: Tensor, stride: tuple[int, int], dilation: 
     return x, (left[0], left[1])
 
 
+@torch.compiler.disable
 def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
                 x_threshold: Threshold = None, stride=1, padding=0, dilation=1, groups: int = 1,
                 compress: bool = False, sparse_ops: sk.SparseOps = sk.NO_SPARSE) -> Tensor:
@@ -248,6 +253,7 @@ def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
                              compress, sparse_ops)
 
 
+@torch.compiler.disable
 def swat_linear(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
                 x_threshold: Threshold = None, compress: bool = False,
                 sparse_ops: sk.SparseOps = sk.NO_SPARSE) -> Tensor:
@@ -334,6 +340,7 @@ class _SWATFilterConv2d(torch.autograd.Function):
         return (_to(dx, x_dtype), _to(dw, w_dtype), _to(db, b_dtype), None, None, None, None, None, None, None)
 
 
+@torch.compiler.disable
 def swat_filter_conv2d(x: Tensor, weight: Tensor, keep: Tensor, bias: Tensor | None = None,
                        x_threshold: Threshold = None, stride=1, padding=0, dilation=1, dense_grad: bool = True,
                        compress: bool = False) -> Tensor:

@@ -101,6 +101,15 @@ def mean_abs_momentum(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     None while the optimizer has no state for ``param`` (before the first step) or keeps no momentum buffer
     (SGD with momentum 0), and 0.0 when the mask keeps nothing.  Unknown state layouts raise ``ValueError``.
     """
+    m = mean_abs_momentum_tensor(optimizer, param, mask)
+    return None if m is None else float(m)
+
+
+def mean_abs_momentum_tensor(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+                             mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """:func:`mean_abs_momentum` as a 0-d float32 tensor on the parameter's device, computed without a host sync
+    (a masked sum over the mask's count, 0 when it keeps nothing), so a controller can read every layer's value
+    with one transfer."""
     state = optimizer.state.get(param)
     if not state:
         return None
@@ -108,9 +117,10 @@ def mean_abs_momentum(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     if mom is None:
         return None
     mag = mom.detach().abs().float()
-    if mask is not None:
-        mag = mag[mask.to(device=mag.device) != 0]
-    return float(mag.mean()) if mag.numel() else 0.0
+    if mask is None:
+        return mag.mean() if mag.numel() else mag.new_zeros(())
+    keep = (mask.to(device=mag.device) != 0).expand_as(mag)
+    return torch.where(keep, mag, 0.0).sum() / keep.sum().clamp_min(1)
 
 
 def redistribute_nonzeros(momentum: Mapping[str, float], numel: Mapping[str, int], density: float,

@@ -14,6 +14,10 @@ equals ``t`` bit for bit, so gradients are those of the uncompressed SWAT Functi
 
 On CPU the mask and the compaction run in one compiled pass each (``swat_*`` in ``blpa/csrc/blpa_kernels.c``,
 the same build as BLPA's kernels); elsewhere, or without a C compiler, torch ops do the same (same layout).
+The C kernels take only CPU tensors (:func:`_cpu_kernels_for`): a CUDA (or any non-CPU) tensor always takes the
+torch ops. Packing on an accelerator costs one host sync per layer and step: the number of kept values, which
+is the size of the saved values tensor (``nonzero_static`` then gathers them without a second sync).
+Everything here runs eagerly under ``torch.compile`` (the sizes are data-dependent).
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ def _kernels():
     from leanprop.blpa.kernels import load_kernels
 
     return load_kernels(required=False)
+
+
+def _cpu_kernels_for(t: Tensor, thr: Tensor | float | None = None):
+    """The compiled packer for ``t`` (and a threshold ``thr``), or None: only for CPU fp32/bf16 tensors and a
+    threshold that is a float or a CPU tensor, never for a tensor of another device."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if isinstance(thr, Tensor) and thr.device.type != "cpu":
+        return None
+    return _kernels()
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,13 @@ def restore_sparse_weight(weight: Tensor, bits: Tensor, meta: tuple[torch.Size, 
     return torch.where(unpack_mask(bits, meta), weight.detach(), 0).to(dtype)
 
 
+def _kept_values_device(flat_t: Tensor, flat_k: Tensor) -> tuple[Tensor, Tensor]:
+    """``(flat_t[flat_k], positions)`` with exactly one host sync, the count of kept values (the size of what is
+    saved; ``masked_select`` / ``nonzero`` would each sync on their own). Device-agnostic; used off the CPU."""
+    idx = torch.nonzero_static(flat_k, size=int(flat_k.sum())).view(-1)
+    return flat_t.index_select(0, idx), idx
+
+
 def pack_sparse(t: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, PackedSparse]:
     """``(positions, values, meta)`` of ``where(keep, t, 0)``: values of the kept entries in memory order and
     their positions as a 1-bit mask or int32 indices, whichever takes fewer bytes."""
@@ -79,11 +100,14 @@ def pack_sparse(t: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, PackedSparse]:
         raise ValueError(f"keep mask shape {tuple(keep.shape)} != tensor shape {tuple(t.shape)}")
     fmt = memory_format_of(t)
     flat_t, flat_k = flat_memory_view(t), flat_memory_view(keep.contiguous(memory_format=fmt))
-    values = flat_t.masked_select(flat_k)
     numel = t.numel()
+    if t.device.type == "cpu":
+        values, idx = flat_t.masked_select(flat_k), None
+    else:
+        values, idx = _kept_values_device(flat_t, flat_k)
     indexed = 4 * values.numel() < (numel + 7) // 8 and numel < 2**31
     if indexed:
-        positions = flat_k.nonzero().view(-1).to(torch.int32)
+        positions = (flat_k.nonzero().view(-1) if idx is None else idx).to(torch.int32)
     else:
         positions = pack_bits(flat_k.to(torch.uint8), 1)
     return positions, values, PackedSparse(t.shape, fmt, numel, indexed)
@@ -91,13 +115,11 @@ def pack_sparse(t: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, PackedSparse]:
 
 def pack_above(t: Tensor, thr: Tensor | float, use_kernels: bool = True) -> tuple[Tensor, Tensor, PackedSparse]:
     """:func:`pack_sparse` of ``keep = |t| >= thr`` (``thr`` compared as fp32), through the compiled kernels
-    for CPU fp32/bf16 tensors when they are available. A threshold tensor on an accelerator, or under
-    ``torch.compile``, stays a tensor (no host sync) and takes the torch ops."""
-    from leanprop.swat.topk import _compiling, magnitude_mask
+    for CPU fp32/bf16 tensors when they are available. A threshold tensor on an accelerator stays a tensor (no
+    host sync for it) and takes the torch ops."""
+    from leanprop.swat.topk import magnitude_mask
 
-    on_host = not isinstance(thr, Tensor) or (thr.device.type == "cpu" and not _compiling())
-    k = (_kernels() if use_kernels and on_host and t.device.type == "cpu"
-         and t.dtype in (torch.float32, torch.bfloat16) else None)
+    k = _cpu_kernels_for(t, thr) if use_kernels else None
     if k is None:
         return pack_sparse(t, magnitude_mask(t, thr))
     flat = flat_memory_view(t)
@@ -112,7 +134,7 @@ def pack_above(t: Tensor, thr: Tensor | float, use_kernels: bool = True) -> tupl
 
 def unpack_sparse(positions: Tensor, values: Tensor, meta: PackedSparse) -> Tensor:
     """The dense tensor (zeros where nothing was kept) in its original shape, dtype and memory format."""
-    k = _kernels() if meta.offsets is not None and values.device.type == "cpu" else None
+    k = _cpu_kernels_for(values) if meta.offsets is not None else None
     if k is not None:
         return from_flat_memory(k.sparse_expand(positions, values, meta.offsets, meta.numel), meta.shape,
                                 meta.memory_format)

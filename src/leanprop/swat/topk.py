@@ -79,10 +79,30 @@ def _fp32(v: Tensor) -> Tensor:
 
 
 def _reference_threshold(flat_abs: Tensor, keep: int) -> Tensor:
-    """Plain ``kthvalue`` (CPU) or ``topk`` (accelerators, no host sync) on the whole flattened |t|."""
+    """Plain ``kthvalue`` (CPU) or :func:`_select_device` (accelerators, no host sync) on the flattened |t|."""
     if flat_abs.device.type == "cpu":
         return _fp32(torch.kthvalue(flat_abs, flat_abs.numel() - keep + 1).values)
-    return _fp32(torch.topk(flat_abs.float(), keep, sorted=True).values[-1])
+    return _select_device(flat_abs, keep)
+
+
+def _select_device(flat_abs: Tensor, keep: int) -> Tensor:
+    """The keep-th largest of the non-negative ``flat_abs`` as a 0-d fp32 tensor, with no host sync: the minimum
+    of an *unsorted* ``topk`` (the accelerators' radix selection, no sort of the K kept values), taken on the
+    integer view so that NaNs order last exactly as in ``topk`` (a NaN is the answer only when more than
+    ``numel - keep`` entries are NaN). Device-agnostic: on CPU it equals the ``kthvalue`` reference bit for bit.
+
+    ``kthvalue`` is not used on accelerators: CUDA runs it with one thread block per slice, so a single
+    flattened activation (e.g. 256x64x112x112) would be selected by one block."""
+    if flat_abs.dtype not in _INT_VIEW:
+        flat_abs = flat_abs.float()
+    dtype = flat_abs.dtype
+    key = flat_abs.view(_INT_VIEW[dtype])
+    n = key.numel()
+    if keep <= n - keep:  # the smaller side: min of the keep largest
+        kth = torch.topk(key, keep, sorted=False).values.min()
+    else:  # max of the n - keep + 1 smallest
+        kth = torch.topk(key, n - keep + 1, largest=False, sorted=False).values.max()
+    return _fp32(kth.view(dtype))
 
 
 def _quasi_random_indices(n: int, m: int, device: torch.device) -> Tensor:
@@ -172,17 +192,23 @@ def _sampled_threshold(t: Tensor, keep: int, sample_size: int, generator: torch.
     return _reference_threshold(sample, k)
 
 
+@torch.compiler.disable
 def magnitude_threshold(t: Tensor, keep: int, *, estimator: str = "exact", sample_size: int = 16384,
                         generator: torch.Generator | None = None) -> Tensor:
     """The keep-th largest |t| over the whole flattened tensor, as a 0-d float32 tensor on ``t``'s device.
+
+    Always eager (``torch.compiler.disable``): the selection is data-dependent (its CPU path compacts a band of
+    candidates through an integer view that Inductor mis-compiles under dynamic shapes), so under
+    ``torch.compile`` it is a graph break, never a traced approximation.
 
     The mask ``|t| >= thr`` then keeps exactly ``keep`` entries when there are no ties, more with ties (spec §1.2).
     ``keep >= numel`` gives 0 (keep all); ``keep <= 0`` gives +inf. Computed in fp32 whatever ``t``'s dtype.
 
     estimator="exact" (default) is exact on every device; on CPU it uses a verified sample-bracketed selection
     (several times faster than ``kthvalue``; its ``.item()`` calls would be host syncs, so accelerators use
-    ``topk``). estimator="sample" is approximate: the quantile of ``sample_size`` entries drawn uniformly with
-    replacement (``generator`` makes it deterministic); the kept fraction is off by ~sqrt(p(1-p)/sample_size).
+    an unsorted ``topk``, :func:`_select_device`). estimator="sample" is approximate: the quantile of
+    ``sample_size`` entries drawn uniformly with replacement (``generator`` makes it deterministic); the kept
+    fraction is off by ~sqrt(p(1-p)/sample_size).
     NaNs count as the largest magnitudes, as in ``torch.topk``.
     """
     n = t.numel()
