@@ -340,3 +340,56 @@ def test_swat_packing_measures_bits_per_element(tmp_path):
     assert ("fp32", 0.9) not in recs  # post-ReLU, 90 % kept is above the non-zero share: threshold 0, skipped
     text = "\n".join(_packing_section(list(recs.values())))
     assert "## Packed X_s: bits per element" in text and "| (2, 16, 16, 16) | fp32 | 10% |" in text
+
+
+def test_report_shows_compiled_over_eager_and_a_gpu_section(tmp_path):
+    """Matrix records carry compile and device: compiled tables show step time / the eager step of the same
+    settings and the graph breaks; CUDA records (matrix, modes, memory) go to their own section; the README
+    headline keeps CPU eager records only."""
+    from leanprop.accounting.report import headline, render
+
+    base = {"bench": "matrix", "model": "resnet20", "batch": 16, "threads": 2, "dtype": "fp32", "channels_last": False,
+            "processor": "cpu-x", "git_sha": "abc", "saved_bytes": 2**20, "ratio_vs_dense": 1.0}
+
+    def rec(method, step_s, **kw):
+        return {**base, "method": method, "step_s": step_s, "time_vs_dense": step_s / 0.1, **kw}
+
+    recs = [rec("dense", 0.1, device="cpu"), rec("swat-u90", 0.2, device="cpu"),  # eager, old records: no compile key
+            rec("dense", 0.05, device="cpu", compile=True, graph_breaks=0),
+            rec("swat-u90", 0.3, device="cpu", compile=True, graph_breaks=12),
+            rec("dense", 0.01, device="cuda", gpu="H100"), rec("blpa4", 0.02, device="cuda", gpu="H100"),
+            {"bench": "modes", "model": "resnet8", "method": "dense", "mode": "cuda-bf16", "reference": "cpu-fp32",
+             "device": "cuda", "gpu": "H100", "steps": 3, "batch": 16, "compile": False, "grad_rel_l2": 0.05,
+             "grad_rel_l2_worst": 0.1, "torch": "2.11"},
+            {"bench": "memory", "model": "resnet20", "batch": 64, "method": "blpa4", "device": "cuda", "gpu": "H100",
+             "saved_bytes": 3 * 2**20, "ratio_vs_dense": 0.27, "peak_bytes": 50 * 2**20}]
+    text = render(recs)
+    compiled = text.split("### resnet20 (compiled)")[1].split("###")[0]
+    assert "| dense | 50.0 | 0.500 | 0.500 | 0 |" in compiled
+    assert "| swat-u90 | 300.0 | 3.000 | 1.500 | 12 |" in compiled
+    assert "x eager" in compiled and "x eager" not in text.split("### resnet20 (batch")[1].split("###")[0]
+    cpu_part, gpu_part = text.split("## On a CUDA GPU")
+    assert "on cuda" not in cpu_part and "H100" not in cpu_part
+    assert "#### resnet20 on cuda (batch 16" in gpu_part and "| blpa4 | 20.0 |" in gpu_part
+    assert "### Execution modes" in gpu_part and "| dense | 5.0e-02 (1.0e-01) |" in gpu_part
+    assert "### Memory on the GPU" in gpu_part and "| resnet20 | 64 | blpa4 | 3.0 | 0.270 | 50.0 | H100 |" in gpu_part
+    head = headline([{**r, "method": "swat-u90-packed"} for r in recs if r["bench"] == "matrix"])
+    assert head.count("swat-u90-packed") == 1 and "| resnet20 | 16 | swat-u90-packed |" in head
+
+
+@pytest.mark.slow
+def test_bench_matrix_compile_records_graph_breaks(tmp_path):
+    """`leanprop bench matrix --compile` times compiled steps (warm-up absorbs the compilation) and records it."""
+    from leanprop.cli import main
+
+    out = tmp_path / "matrix.jsonl"
+    assert main(["bench", "matrix", "--models", "resnet8", "--methods", "dense", "--batch", "4", "--rounds", "1",
+                 "--warmup", "0", "--no-peak", "--compile", "--threads", "1", "--progress", "off",
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["compile"] is True and r["warmup"] == 2 and r["graph_breaks"] == 0 and r["graphs"] >= 1
+    assert r["compile_s"] > 0 and r["recompile_limit_hits"] == 0
+    assert main(["bench", "matrix", "--models", "resnet8", "--methods", "dense", "--batch", "4", "--rounds", "1",
+                 "--warmup", "0", "--no-peak", "--compile", "--threads", "1", "--progress", "off",
+                 "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 1  # the compiled record counts as measured; eager would not
