@@ -29,7 +29,15 @@ from leanprop.nn.blpa_layers import (
     unmake_unit,
 )
 from leanprop.nn.combined import CombinedController
-from leanprop.nn.swat_layers import SWAT_LAYERS, SWATConv2d, SWATLinear, to_dense
+from leanprop.nn.swat_layers import (
+    SWAT_LAYERS,
+    EagerReLU,
+    SWATConv2d,
+    SWATLinear,
+    from_eager_relu,
+    to_dense,
+    to_eager_relu,
+)
 from leanprop.swat.budget import assign_budget, collect_layers
 from leanprop.swat.config import SWATConfig
 from leanprop.swat.controller import SWATController
@@ -107,6 +115,10 @@ def _convert_swat(model: nn.Module, config: SWATConfig, filter_fn: FilterFn | No
         from leanprop.blpa.kernels import load_kernels
 
         _relus_keep_masks(model, load_kernels(required=False))
+    elif swap_relus:  # X is the ReLU's saved output: keep it so under torch.compile too (EagerReLU)
+        for name, m in list(model.named_modules()):
+            if type(m) is nn.ReLU:
+                _set_submodule(model, name, to_eager_relu(m))
     return SWATController(model, layers, config, budget)
 
 
@@ -157,6 +169,8 @@ def revert_(model: nn.Module) -> nn.Module:
             _set_submodule(model, name, to_dense(module))
         elif isinstance(module, MaskReLU):
             _set_submodule(model, name, from_mask_relu(module))
+        elif isinstance(module, EagerReLU):
+            _set_submodule(model, name, from_eager_relu(module))
         elif isinstance(module, IndexMaxPool2d):
             _set_submodule(model, name, from_index_maxpool(module))
         elif isinstance(module, BLPABatchNorm2d):
