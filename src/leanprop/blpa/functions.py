@@ -18,6 +18,9 @@ With a SWAT conv (SWAT + BLPA, issue 5) the unit also takes the SWAT layer: the 
 and the backward computes ``g_z`` from ``W_s`` and ``dW = conv_weight(TopK(z~), g)`` for the dense weight; ``W_s``
 is kept as a 1-bit mask over the weight Parameter. Still only the codes are kept of the activation.
 
+The weight is kept as the Parameter itself, never as a copy: under autocast the backward casts it again (a cast
+kept for backward would be a weight-sized tensor the saved-tensor codec could take for an activation).
+
 Under ``torch.autocast`` the convolution runs in the autocast dtype like ``nn.Conv2d``; BN keeps the input
 dtype with fp32 statistics like ``nn.BatchNorm2d``; the coefficient table is always fp32.
 """
@@ -171,8 +174,8 @@ class _BNReLUConv(torch.autograd.Function):
                         swat._measure(z, weight_sparse, ctx.x_threshold)
             wc, bc = _cast(weight if weight_sparse is None else weight_sparse, amp), _cast(bias, amp)
             out = F.conv2d(_cast(z, amp), wc, bc, spec.stride, spec.padding, spec.dilation, spec.groups)
-        if weight_sparse is None:
-            ctx.save_for_backward(*saved, wc)
+        if weight_sparse is None:  # the weight itself, cast again in backward: no copy of it is kept
+            ctx.save_for_backward(*saved, weight)
             ctx.w_meta = None
         else:
             w_bits, ctx.w_meta = pack_weight_mask(weight_sparse)  # W_s = where(mask, W): no second dense copy
@@ -190,7 +193,8 @@ class _BNReLUConv(torch.autograd.Function):
     def backward(ctx, g_out, g_z_extra=None):
         x_dtype, p_dtype, w_dtype, b_dtype, conv_dtype = ctx.dtypes
         if ctx.w_meta is None:
-            *saved, wc = ctx.saved_tensors
+            *saved, weight = ctx.saved_tensors
+            wc = _to(weight, conv_dtype)
         else:
             *saved, weight, w_bits = ctx.saved_tensors
             wc = restore_sparse_weight(weight, w_bits, ctx.w_meta, conv_dtype)

@@ -77,6 +77,9 @@ class CKernels:
             getattr(lib, f"relu_mask_{suf}").argtypes = [p, i64, p, p, i32]
             getattr(lib, f"relu_mask_backward_{suf}").argtypes = [p, p, i64, p, i32]
 
+    def __deepcopy__(self, memo: dict) -> CKernels:
+        return self  # one loaded library per process: a deep copy of a converted model shares it
+
     @staticmethod
     def supports(bits: int, *tensors: torch.Tensor) -> bool:
         """Whether these tensors (same shape) can go through the kernels with ``bits``-bit codes."""
