@@ -5,6 +5,11 @@ through :func:`leanprop.blpa.functions.bn_relu_conv`; the ReLU becomes ``nn.Iden
 :class:`FusedConvTail` (same Parameters, identity forward), so the parent module's own ``forward`` -- e.g.
 ``conv(relu(bn(x)))`` -- still computes the same function. A BN->ReLU whose output goes elsewhere becomes a
 "half" unit (``bn_relu``). Outside training mode (or without grad) the plain PyTorch ops run.
+
+Under ``torch.compile`` the training-mode paths of these layers (the fused units' autograd Functions with their C
+kernels, ``MaskReLU``, ``IndexMaxPool2d``) run eagerly inside the compiled graph (``torch.compiler.disable``, one
+graph break each): traced, the compiler would choose what to keep for backward itself (e.g. the activation instead
+of its codes or 1-bit mask). The plain eval paths are traced (docs/methods/blpa.md, "Execution modes").
 """
 
 from __future__ import annotations
@@ -64,12 +69,13 @@ class BLPABatchNorm2d(nn.BatchNorm2d):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return factor
 
-    def _fused_args(self, x: torch.Tensor) -> tuple | None:
-        """Arguments of the fused Functions, or None when the plain ops should run (eval, or nothing needs a
-        gradient: nothing is saved then anyway)."""
-        conv = self._conv
-        if not (self.training and torch.is_grad_enabled() and (x.requires_grad or _params_need_grad(self, conv))):
-            return None
+    def _fused_active(self, x: torch.Tensor) -> bool:
+        """Whether the fused Functions run (training mode and something needs a gradient); else the plain ops,
+        which save nothing in that case anyway."""
+        return self.training and torch.is_grad_enabled() and (x.requires_grad or _params_need_grad(self, self._conv))
+
+    def _fused_args(self, x: torch.Tensor) -> tuple:
+        """Arguments of the fused Functions (counts the batch in ``num_batches_tracked``)."""
         spec = dataclasses.replace(self.blpa_spec, momentum=self._momentum_factor())
         rm = self.running_mean if self.track_running_stats else None
         rv = self.running_var if self.track_running_stats else None
@@ -90,14 +96,19 @@ class BLPABatchNorm2d(nn.BatchNorm2d):
         return {"weight_sparse": conv._sparse_weight(), "swat": conv}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        args = self._fused_args(x)
-        if args is None:
+        if not self._fused_active(x):
             z, out = self._plain(x)
             return z if out is None else out
-        x, gamma, beta, rm, rv, spec = args
+        return self._fused(x, False)
+
+    @torch.compiler.disable
+    def _fused(self, x: torch.Tensor, return_z: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The unit through the fused Functions (eager under ``torch.compile``, see the module docstring)."""
+        x, gamma, beta, rm, rv, spec = self._fused_args(x)
         if self._conv is None:
             return bn_relu(x, gamma, beta, rm, rv, spec)
-        return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec, **self._swat_args())
+        return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec, return_z=return_z,
+                            **self._swat_args())
 
     @property
     def fuses_conv(self) -> bool:
@@ -109,13 +120,10 @@ class BLPABatchNorm2d(nn.BatchNorm2d):
         shortcut: still only the codes are kept, and z's second gradient joins the conv's in backward."""
         if self._conv is None:
             raise ValueError("unit_with_activation needs a fused unit (a BN->ReLU->Conv run)")
-        args = self._fused_args(x)
-        if args is None:
+        if not self._fused_active(x):
             z, out = self._plain(x)
             return out, z
-        x, gamma, beta, rm, rv, spec = args
-        return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec, return_z=True,
-                            **self._swat_args())
+        return self._fused(x, True)
 
 
 def _params_need_grad(bn: nn.Module, conv: nn.Module | None) -> bool:
@@ -130,8 +138,12 @@ class MaskReLU(nn.ReLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.training and torch.is_grad_enabled() and x.requires_grad:
-            return mask_relu(x, self.kernels)
+            return self._masked(x)
         return super().forward(x)
+
+    @torch.compiler.disable
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        return mask_relu(x, self.kernels)
 
 
 def to_mask_relu(relu: nn.ReLU, kernels) -> MaskReLU:
@@ -152,9 +164,12 @@ class IndexMaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.training and torch.is_grad_enabled() and x.requires_grad and not self.return_indices:
-            return max_pool2d_window_index(x, self.kernel_size, self.stride, self.padding, self.dilation,
-                                           self.ceil_mode)
+            return self._indexed(x)
         return super().forward(x)
+
+    @torch.compiler.disable
+    def _indexed(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool2d_window_index(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
 def to_index_maxpool(pool: nn.MaxPool2d) -> nn.MaxPool2d:
