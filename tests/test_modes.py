@@ -62,22 +62,23 @@ def tolerance(method: str, mode: str) -> tuple[float, float]:
 _RUNS: dict = {}
 
 
-def _run(method: str, mode: ExecutionMode):
-    """Three steps of ``method`` in ``mode``, computed once per test session."""
-    key = (method, mode)
+def _run(method: str, mode: ExecutionMode, kept: bool = False):
+    """Three steps of ``method`` in ``mode`` (``kept``: and the bytes kept for backward), computed once per test
+    session."""
+    key = (method, mode, kept)
     if key not in _RUNS:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            _RUNS[key] = run_steps(method, mode, batch=16, steps=3)
+            _RUNS[key] = run_steps(method, mode, batch=16, steps=3, measure_kept=kept)
         finally:
             torch.set_num_threads(threads)
     return _RUNS[key]
 
 
-def _check_against_reference(method: str, mode_name: str) -> dict:
+def _check_against_reference(method: str, mode_name: str, kept: bool = False) -> dict:
     mode = ExecutionMode.parse(mode_name)
-    rec = compare(method, mode, _run(method, mode), _run(method, reference_mode(mode)), batch=16)
+    rec = compare(method, mode, _run(method, mode, kept), _run(method, reference_mode(mode), kept), batch=16)
     grad_tol, loss_tol = tolerance(method, mode_name)
     msg = (f"{method} in {mode_name} vs {rec['reference']}: grad rel L2 per step {rec['grad_rel_l2_steps']}, worst "
            f"weight {rec['worst_param']} {rec['grad_rel_l2_worst']:.3g}, loss diff {rec['loss_diff']:.3g}")
@@ -98,7 +99,7 @@ def test_eager_mode_matches_its_reference(method, mode):
 @pytest.mark.parametrize("mode", ["cpu-fp32-compile", "cpu-bf16-compile"])
 @pytest.mark.parametrize("method", METHODS)
 def test_compiled_step_matches_eager(method, mode):
-    _check_against_reference(method, mode)
+    _check_against_reference(method, mode, kept=mode == "cpu-fp32-compile")
 
 
 @pytest.mark.slow
@@ -106,10 +107,20 @@ def test_compiled_step_matches_eager(method, mode):
 def test_compile_reports_graph_breaks_and_no_recompile_limit(method):
     """Three compiled steps (SWAT's Top-K step, then two steps reusing its thresholds): the graph breaks are
     counted and Dynamo never gives up on a frame (the recompile limit), which would run it eagerly unnoticed."""
-    stats = _run(method, ExecutionMode("cpu", compile=True)).compile
+    stats = _run(method, ExecutionMode("cpu", compile=True), kept=True).compile
     assert stats is not None and stats["graphs"] >= 1, stats
     assert isinstance(stats["graph_breaks"], int) and stats["graph_breaks"] >= 0
     assert stats["recompile_limit_hits"] == 0, stats
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_model_keeps_what_eager_keeps(method):
+    """Bytes kept for backward (saved-tensor audit) under torch.compile within 2 % of eager's: the methods' own
+    storage (SWAT's packed X_s, BLPA's codes) survives compilation."""
+    rec = compare(method, ExecutionMode("cpu", compile=True), _run(method, ExecutionMode("cpu", compile=True), True),
+                  _run(method, ExecutionMode("cpu"), True))
+    assert abs(rec["kept_vs_ref"] - 1) <= 0.02, (rec["kept_bytes"], rec["kept_bytes_ref"])
 
 
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=cuda) for m in ("cuda-fp32", "cuda-bf16", "cuda-fp16")])

@@ -106,6 +106,8 @@ def run_steps(method: str, mode: Any, *, model: str | None = None, batch: int = 
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     if hasattr(handle, "attach_optimizer"):
         handle.attach_optimizer(opt)
+    if mode.compile:  # a fresh Dynamo cache: another model's graphs (same classes) would be reused and counted there
+        torch._dynamo.reset()
     fwd = torch.compile(net) if mode.compile else net
     scaler = torch.amp.GradScaler("cuda", init_scale=fp16_init_scale) if mode.amp == "fp16" else None
     names = [n for n, _ in net.named_parameters()]
