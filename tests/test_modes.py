@@ -24,39 +24,48 @@ from ._helpers import synth_overrides
 NO_CUDA = "needs a CUDA GPU (torch.cuda.is_available() is False); run benchmarks/gpu_check.sh on a GPU machine"
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
 
-EXACT = ("dense",)  # methods whose stored values are exact and whose selections do not depend on rounding
-SWAT_ONLY = ("swat-u90", "swat-erk90", "swat-filter70", "swat-u90-packed")
+EXACT = ("dense",)  # no Top-K selection and no codes: modes differ by rounding only
 
-# Tolerances: the largest relative L2 distance of the gradients (all parameters together) over the three steps,
-# and the largest absolute loss difference, per mode and kind of method.
-#  * bf16 autocast against fp32: bf16 keeps 8 bits of mantissa; on these tiny random-init nets dense gradients
-#    move ~5 %, and SWAT's Top-K selections and BLPA's code boundaries move with the rounding (measured up to 20 %).
-#  * channels-last against contiguous, fp32: exact methods agree to summation order; a SWAT Top-K selection can
-#    flip at the threshold (measured 3e-3); BLPA's codec groups 256 elements in memory order, so NHWC codes other
-#    groups (two 8-bit approximations: measured 1.2e-2).
-#  * compiled against eager, same dtype: 2e-2 (the issue's bound) in fp32; bf16 adds Inductor's fusions keeping
-#    fp32 intermediates where eager rounds to bf16.
-#  * CUDA against eager fp32 on the CPU: TF32 convolutions (cuDNN's default) in fp32; bf16/fp16 as bf16 above.
+# Tolerances per mode and kind of method: (relative L2 distance of all parameter gradients at the first step, the
+# same at every one of the three steps, the largest absolute loss difference). Measured on this CPU (torch 2.13,
+# resnet8 / preact_resnet8, batch 16) and stated with a margin:
+#  * cpu-bf16 against eager fp32: bf16 keeps 8 mantissa bits; dense gradients move ~5 % on these tiny random-init
+#    nets, and SWAT's Top-K selections and BLPA's code boundaries move with the rounding (measured up to 15 % at the
+#    first step, 20 % by the third).
+#  * cpu-fp32-nhwc against contiguous: exact methods agree to summation order (2e-6); another summation order can
+#    flip a Top-K selection or a code at its boundary (measured 3e-3 at the first step; by the third step a flip
+#    among the last layer's ~100 kept inputs of SWAT+BLPA moved its gradient 14 %, all gradients 8 %).
+#  * cpu-fp32-compile against eager fp32: 2e-2, the issue's bound (measured at most 6e-4); dense agrees to 2e-6.
+#  * cpu-bf16-compile against eager bf16, Inductor emulating eager's bf16 roundings: measured 1.2e-2 at the first
+#    step (dense), growing with the steps as bf16 differences feed the weights (11 % by the third, SWAT).
+#  * CUDA fp32 (TF32 off in these tests) against CPU fp32: another summation order, as channels-last; CUDA bf16 /
+#    fp16 (GradScaler) against CPU fp32: as cpu-bf16; compiled on CUDA against eager CUDA: the issue's 2e-2.
+LOOSE_BF16 = {"exact": (0.08, 0.10, 2e-3), "other": (0.25, 0.35, 2e-3)}
 TOLERANCE = {
-    "cpu-bf16": {"exact": (0.10, 5e-3), "other": (0.35, 5e-3)},
-    "cpu-fp32-nhwc": {"exact": (1e-4, 1e-5), "swat": (1e-2, 1e-5), "other": (3e-2, 1e-4)},
-    "cpu-fp32-compile": {"exact": (1e-4, 1e-5), "other": (2e-2, 1e-4)},
-    "cpu-bf16-compile": {"exact": (0.10, 5e-3), "other": (0.35, 5e-3)},
-    "cuda-fp32": {"exact": (2e-2, 1e-3), "other": (0.10, 1e-3)},
-    "cuda-bf16": {"exact": (0.10, 5e-3), "other": (0.35, 5e-3)},
-    "cuda-fp16": {"exact": (0.05, 5e-3), "other": (0.35, 5e-3)},
-    "cuda-fp32-compile": {"exact": (2e-2, 1e-3), "other": (2e-2, 1e-3)},
+    "cpu-bf16": LOOSE_BF16,
+    "cpu-fp32-nhwc": {"exact": (1e-4, 1e-4, 1e-5), "other": (1e-2, 0.15, 1e-5)},
+    "cpu-fp32-compile": {"exact": (1e-4, 1e-4, 1e-5), "other": (2e-2, 2e-2, 1e-5)},
+    "cpu-bf16-compile": {"exact": (3e-2, 0.10, 2e-3), "other": (3e-2, 0.20, 2e-3)},
+    "cuda-fp32": {"exact": (1e-3, 1e-3, 1e-4), "other": (2e-2, 0.15, 1e-4)},
+    "cuda-bf16": LOOSE_BF16,
+    "cuda-fp16": LOOSE_BF16,
+    "cuda-fp32-compile": {"exact": (2e-2, 2e-2, 1e-4), "other": (2e-2, 2e-2, 1e-4)},
 }
 
 
-def tolerance(method: str, mode: str) -> tuple[float, float]:
-    """(gradient relative L2, loss difference) allowed for ``method`` in ``mode``."""
-    tol = TOLERANCE[mode]
-    if method in EXACT:
-        return tol["exact"]
-    if method in SWAT_ONLY and "swat" in tol:
-        return tol["swat"]
-    return tol["other"]
+def tolerance(method: str, mode: str) -> tuple[float, float, float]:
+    """(first-step gradient distance, every-step gradient distance, loss difference) allowed for ``method`` in
+    ``mode``."""
+    return TOLERANCE[mode]["exact" if method in EXACT else "other"]
+
+
+@pytest.fixture
+def strict_fp32():
+    """CUDA fp32 without TF32 (cuDNN's default for convolutions), so fp32 on the GPU is compared as fp32."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 _RUNS: dict = {}
@@ -79,10 +88,11 @@ def _run(method: str, mode: ExecutionMode, kept: bool = False):
 def _check_against_reference(method: str, mode_name: str, kept: bool = False) -> dict:
     mode = ExecutionMode.parse(mode_name)
     rec = compare(method, mode, _run(method, mode, kept), _run(method, reference_mode(mode), kept), batch=16)
-    grad_tol, loss_tol = tolerance(method, mode_name)
+    first_tol, every_tol, loss_tol = tolerance(method, mode_name)
     msg = (f"{method} in {mode_name} vs {rec['reference']}: grad rel L2 per step {rec['grad_rel_l2_steps']}, worst "
            f"weight {rec['worst_param']} {rec['grad_rel_l2_worst']:.3g}, loss diff {rec['loss_diff']:.3g}")
-    assert rec["grad_rel_l2"] <= grad_tol, msg
+    assert rec["grad_rel_l2_steps"][0] <= first_tol, msg
+    assert rec["grad_rel_l2"] <= every_tol, msg
     assert rec["loss_diff"] <= loss_tol, msg
     return rec
 
@@ -125,12 +135,14 @@ def test_compiled_model_keeps_what_eager_keeps(method):
 
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=cuda) for m in ("cuda-fp32", "cuda-bf16", "cuda-fp16")])
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.usefixtures("strict_fp32")
 def test_cuda_step_matches_cpu_fp32(method, mode):
     _check_against_reference(method, mode)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [pytest.param(m, marks=cuda) for m in ("dense", "swat-u90", "blpa4")])
+@pytest.mark.usefixtures("strict_fp32")
 def test_cuda_compiled_step_matches_eager(method):
     rec = _check_against_reference(method, "cuda-fp32-compile")
     assert rec["recompile_limit_hits"] == 0

@@ -70,15 +70,20 @@ class StepRun:
     compile: dict[str, Any] | None = None
     kept_bytes: int | None = None
     seconds: float = 0.0
+    emulate_precision_casts: bool = False
 
 
 def run_steps(method: str, mode: Any, *, model: str | None = None, batch: int = 16, steps: int = 1, seed: int = 0,
-              lr: float = 0.01, measure_kept: bool = False, fp16_init_scale: float = 2.0**10) -> StepRun:
+              lr: float = 0.01, measure_kept: bool = False, fp16_init_scale: float = 2.0**10,
+              emulate_precision_casts: bool | None = None) -> StepRun:
     """``steps`` training steps of ``method`` on ``model`` (default :func:`model_for`) in ``mode``, from the weights
     of ``seed`` on one seeded random batch of 32x32 images (SGD, momentum 0.9, the controller's ``step()`` after
     each). A mode the method refuses raises :class:`leanprop.config.ConfigError` (:func:`leanprop.modes.check_mode`).
     fp16 scales the loss with a GradScaler starting at ``fp16_init_scale`` and unscales before the gradients are
-    read. SWAT layers keep their dense kernels (no kernel calibration: the comparison is about the mode)."""
+    read. SWAT layers keep their dense kernels (no kernel calibration: the comparison is about the mode).
+    ``emulate_precision_casts`` (default: on for compiled bf16/fp16): Inductor rounds its fused intermediates to the
+    autocast dtype where eager does (``torch._inductor.config.emulate_precision_casts``), so a compiled low-precision
+    step is compared with eager's arithmetic rather than with fp32-kept intermediates eager never has."""
     import torch
     import torch.nn.functional as F
 
@@ -114,8 +119,17 @@ def run_steps(method: str, mode: Any, *, model: str | None = None, batch: int = 
     losses: list[float] = []
     grads: list[dict[str, Any]] = []
     stats = CompileStats() if mode.compile else contextlib.nullcontext()
+    emulate = bool(mode.compile and mode.amp is not None and emulate_precision_casts is not False)
+
+    def precision() -> contextlib.AbstractContextManager:
+        if not emulate:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(emulate_precision_casts=True)
+
     t0 = time.perf_counter()
-    with stats:
+    with precision(), stats:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             with mode.autocast():
@@ -139,9 +153,9 @@ def run_steps(method: str, mode: Any, *, model: str | None = None, batch: int = 
     seconds = time.perf_counter() - t0
     kept = None
     if measure_kept:
-        with mode.autocast():
+        with precision(), mode.autocast():
             kept = saved_bytes(fwd, x, lambda out: F.cross_entropy(out.float(), y)).total_bytes
-    return StepRun(losses, grads, stats.as_dict() if mode.compile else None, kept, seconds)
+    return StepRun(losses, grads, stats.as_dict() if mode.compile else None, kept, seconds, emulate)
 
 
 def grad_distance(run: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float, str]:
@@ -184,7 +198,7 @@ def compare(method: str, mode: Any, run: StepRun, ref: StepRun, *, model: str | 
         "worst_param": worst[2], "seconds": round(run.seconds, 2),
     }
     if run.compile is not None:
-        rec.update(run.compile)
+        rec.update(run.compile, emulate_precision_casts=run.emulate_precision_casts)
     if run.kept_bytes is not None and ref.kept_bytes:
         rec.update(kept_bytes=run.kept_bytes, kept_bytes_ref=ref.kept_bytes,
                    kept_vs_ref=run.kept_bytes / ref.kept_bytes)
