@@ -52,8 +52,9 @@ def modes_section(recs: list[dict], device: str = "cpu", heading: str = "## Exec
              "against eager in the same dtype, channels-last against contiguous, the rest against eager fp32 on the "
              "CPU. Cell: relative L2 distance of all parameter gradients (largest over the steps), in brackets the "
              "worst single conv/linear weight; under `torch.compile` the graph breaks counted by Dynamo. Models: "
-             "resnet8 (dense, SWAT), preact_resnet8 (BLPA, SWAT+BLPA). tests/test_modes.py holds the tolerances.",
-             ""]
+             "resnet8 (dense, SWAT), preact_resnet8 (BLPA, SWAT+BLPA). tests/test_modes.py holds the tolerances."
+             + (" Compiled bf16/fp16 with Inductor emulating eager's low-precision roundings "
+                "(`emulate_precision_casts`)." if any(r.get("emulate_precision_casts") for r in mr) else ""), ""]
     rows = []
     notes = []
     for method in sorted(dict.fromkeys(r["method"] for r in mr), key=_rank):
