@@ -27,7 +27,8 @@ def _cell(r: dict) -> str:
         return "refused"
     if "error" in r:
         return "error"
-    cell = f"{r['grad_rel_l2']:.1e} ({r['grad_rel_l2_worst']:.1e})"
+    first = (r.get("grad_rel_l2_steps") or [r["grad_rel_l2"]])[0]
+    cell = f"{first:.1e} / {r['grad_rel_l2']:.1e} ({r['grad_rel_l2_worst']:.1e})"
     if r.get("compile"):
         cell += f", {r['graph_breaks']} breaks" + (f", {r['recompile_limit_hits']} limit hits"
                                                    if r.get("recompile_limit_hits") else "")
@@ -50,8 +51,9 @@ def modes_section(recs: list[dict], device: str = "cpu", heading: str = "## Exec
              f"`leanprop bench modes --device {device}`: each method's first {r0.get('steps', '?')} SGD steps "
              f"(batch {r0.get('batch', '?')}, same weights and batch) in a mode against its reference: compiled "
              "against eager in the same dtype, channels-last against contiguous, the rest against eager fp32 on the "
-             "CPU. Cell: relative L2 distance of all parameter gradients (largest over the steps), in brackets the "
-             "worst single conv/linear weight; under `torch.compile` the graph breaks counted by Dynamo. Models: "
+             "CPU. Cell: relative L2 distance of all parameter gradients at the first step / the largest over the "
+             "steps, in brackets the worst single conv/linear weight (any step); kept: bytes kept for backward "
+             "against the reference's; under `torch.compile` the graph breaks counted by Dynamo. Models: "
              "resnet8 (dense, SWAT), preact_resnet8 (BLPA, SWAT+BLPA). tests/test_modes.py holds the tolerances."
              + (" Compiled bf16/fp16 with Inductor emulating eager's low-precision roundings "
                 "(`emulate_precision_casts`)." if any(r.get("emulate_precision_casts") for r in mr) else ""), ""]
