@@ -105,3 +105,18 @@ def test_density_measurement_stays_on_the_device():
     d_w, d_x = conv.swat_measured_density
     assert d_w == pytest.approx(float((conv.weight.abs() >= conv.w_threshold).sum()) / conv.weight.numel())
     assert d_x == pytest.approx(float(((x >= conv.x_threshold) & (x > 0)).sum()) / x.numel())
+
+
+def test_forced_csr_kernels_refuse_bf16_on_cpu_at_configuration_time():
+    """CSR products have no bf16 CPU kernel: sparse_kernels="always" with bf16 autocast is refused up front with
+    the fix, instead of a NotImplementedError in the first backward."""
+    from leanprop.config import ConfigError
+    from leanprop.modes import ExecutionMode, check_mode
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    ctl = leanprop.convert_(model, leanprop.SWATConfig(sparsity=0.9, sparse_kernels="always"))
+    with pytest.raises(ConfigError, match="set swat.sparse_kernels=auto"):
+        check_mode(ctl, ExecutionMode("cpu", "bf16"), method="swat")
+    check_mode(ctl, ExecutionMode("cpu", None, compile=True), method="swat")  # fp32: the CSR kernels exist
+    auto = leanprop.convert_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)), leanprop.SWATConfig(sparsity=0.9))
+    check_mode(auto, ExecutionMode("cpu", "bf16"), method="swat")

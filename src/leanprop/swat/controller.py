@@ -127,8 +127,15 @@ class SWATController:
     # ---------------------------------------------------------------- execution modes
     def unsupported_reason(self, mode: Any) -> str | None:
         """Why SWAT cannot train in ``mode`` (a :class:`leanprop.modes.ExecutionMode`), or None when it can
-        (:func:`leanprop.modes.check_mode` refuses the mode at configuration time). SWAT declares no refusal:
-        eager and compiled, fp32/bf16/fp16 autocast, channels-last, CPU and CUDA all run (tests/test_modes.py)."""
+        (:func:`leanprop.modes.check_mode` refuses the mode at configuration time). Eager and compiled (SWAT's
+        layers run eagerly inside the compiled graph), fp32/bf16/fp16 autocast, channels-last, CPU and CUDA all
+        run (tests/test_modes.py, tests/test_swat_compile.py). Refused: ``sparse_kernels="always"`` with bf16
+        autocast on CPU, whose forced CSR products PyTorch has no bf16 CPU kernel for ("auto" falls back to the
+        dense kernel where a sparse one fails)."""
+        if self.cfg.sparse_kernels == "always" and getattr(mode, "device", None) == "cpu" and \
+                getattr(mode, "amp", None) == "bf16" and any(any(layer.sparse_ops) for layer in self.layers.values()):
+            return ("swat.sparse_kernels=always forces CSR sparse products, which PyTorch lacks for bf16 on CPU; "
+                    "set swat.sparse_kernels=auto (times them, keeps dense where sparse fails) or never")
         return None
 
     # ---------------------------------------------------------------- training hooks
