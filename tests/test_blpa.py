@@ -435,3 +435,19 @@ def test_mask_relu_compiled_equals_torch_and_keeps_the_input_layout(dtype, shape
         assert torch.allclose(y, ref, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(gx, torch.where(x0 > 0, g, 0))
         assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last  # BN backward's fast layout
+
+
+def test_c_kernels_refuse_tensors_off_the_cpu():
+    """The C kernels read raw host pointers: a tensor on another device is an error, never handed to C."""
+    from leanprop.blpa.kernels import load_kernels
+
+    k = load_kernels(required=False)
+    if k is None:
+        pytest.skip("no C compiler: the compiled kernels are not built here")
+    meta = torch.empty(64, device="meta")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        k.relu_mask(meta)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        k.sparse_pack(meta, 0.5)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        k.pack(torch.empty(64, dtype=torch.uint8, device="meta"), 4)

@@ -95,12 +95,14 @@ class CKernels:
         return (c if cl else inner) % (8 // bits) == 0
 
     def pack(self, codes: torch.Tensor, bits: int) -> torch.Tensor:
+        _require_cpu(codes)
         k = 8 // bits
         out = torch.empty((codes.numel() + k - 1) // k, dtype=torch.uint8)
         self.lib.blpa_pack(codes.data_ptr(), codes.numel(), bits, out.data_ptr(), torch.get_num_threads())
         return out
 
     def unpack(self, packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+        _require_cpu(packed)
         out = torch.empty(numel, dtype=torch.uint8)
         self.lib.blpa_unpack(packed.data_ptr(), numel, bits, out.data_ptr(), torch.get_num_threads())
         return out
@@ -108,6 +110,7 @@ class CKernels:
     def encode(self, x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, bits: int, relu_inplace: bool
                ) -> torch.Tensor:
         """Packed codes (memory order of ``x``); ``y`` (same layout) becomes ReLU(y) if asked."""
+        _require_cpu(x, y, coef)
         n, c, inner, cl, p = _geometry(x)
         packed = torch.empty(x.numel() * bits // 8, dtype=torch.uint8)
         getattr(self.lib, f"blpa_encode_{_SUFFIX[x.dtype]}")(
@@ -117,6 +120,7 @@ class CKernels:
 
     def decode_z(self, packed: torch.Tensor, coef: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor:
         """z~ as a tensor with the shape, layout and dtype of ``like``."""
+        _require_cpu(packed, coef, like)
         z = torch.empty_like(like)
         n, c, inner, cl, p = _geometry(like)
         getattr(self.lib, f"blpa_decode_z_{_SUFFIX[like.dtype]}")(
@@ -129,6 +133,7 @@ class CKernels:
     def sparse_pack(self, flat: torch.Tensor, thr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mask bits, kept values, chunk offsets)`` of a contiguous 1-D fp32/bf16 tensor, keep = ``|x| >= thr``
         (``thr`` an fp32 value). The mask is laid out as ``pack_bits(keep, 1)``."""
+        _require_cpu(flat)
         n, chunk = flat.numel(), self.SPARSE_CHUNK
         nch = max(1, -(-n // chunk))
         bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
@@ -145,6 +150,7 @@ class CKernels:
 
     def sparse_expand(self, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
         """Inverse of :meth:`sparse_pack`: the flat dense tensor (zeros where the mask is 0)."""
+        _require_cpu(bits, values, offsets)
         out = torch.empty(n, dtype=values.dtype)
         getattr(self.lib, f"swat_expand_{_SUFFIX[values.dtype]}")(
             values.data_ptr(), n, bits.data_ptr(), self.SPARSE_CHUNK, offsets.numel(), offsets.data_ptr(),
@@ -153,6 +159,7 @@ class CKernels:
 
     def relu_mask(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ReLU(x), [x > 0] as 1-bit packed)`` of a contiguous 1-D fp32/bf16 tensor, in one pass."""
+        _require_cpu(flat)
         n = flat.numel()
         out, bits = torch.empty_like(flat), torch.empty((n + 7) // 8, dtype=torch.uint8)
         getattr(self.lib, f"relu_mask_{_SUFFIX[flat.dtype]}")(flat.data_ptr(), n, out.data_ptr(), bits.data_ptr(),
@@ -161,6 +168,7 @@ class CKernels:
 
     def relu_mask_backward(self, g_flat: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """``g`` where the packed mask is set, else 0 (contiguous 1-D fp32/bf16 ``g``)."""
+        _require_cpu(g_flat, bits)
         gx = torch.empty_like(g_flat)
         getattr(self.lib, f"relu_mask_backward_{_SUFFIX[g_flat.dtype]}")(
             g_flat.data_ptr(), bits.data_ptr(), g_flat.numel(), gx.data_ptr(), torch.get_num_threads())
@@ -169,6 +177,7 @@ class CKernels:
     def bn_sums(self, packed: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, bits: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (sum m*g, sum m*g*xhat~), fp32 (rows reduced in fp64)."""
+        _require_cpu(packed, g, coef)
         n, c, inner, cl, p = _geometry(g)
         nt = torch.get_num_threads()
         partial = torch.zeros(nt, 2, c, dtype=torch.float64) if cl else torch.empty(n, c, 2, dtype=torch.float32)
@@ -183,6 +192,7 @@ class CKernels:
     def bn_grad_input(self, packed: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, mean1: torch.Tensor,
                       mean2: torch.Tensor, bits: int) -> torch.Tensor:
         """g_x = K*(m*g - mean1 - xhat~*mean2), same shape, layout and dtype as ``g``."""
+        _require_cpu(packed, g, coef, mean1, mean2)
         gx = torch.empty_like(g)
         n, c, inner, cl, p = _geometry(g)
         m1, m2 = mean1.float().repeat(p), mean2.float().repeat(p)  # keep references during the call
@@ -190,6 +200,14 @@ class CKernels:
             packed.data_ptr(), g.data_ptr(), _transposed(coef, p), m1.data_ptr(), m2.data_ptr(), n, c, inner, cl, bits,
             gx.data_ptr(), torch.get_num_threads())
         return gx
+
+
+def _require_cpu(*tensors: torch.Tensor) -> None:
+    """The kernels read raw host pointers: a tensor on any other device is refused, never passed to C."""
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"BLPA C kernels take CPU tensors only, got one on {t.device}; the callers route other "
+                             "devices to the torch ops")
 
 
 _CHUNK = 2048  # CH in the C source
