@@ -346,35 +346,3 @@ def test_resume_on_another_device_and_a_finished_run(tmp_path, monkeypatch, caps
     t = Trainer(C.load(None, synth_overrides(tmp_path, "train.epochs=2")), resume="auto", progress=False)
     t.fit()
     assert seen == ["cpu"] and t.epoch == 2 and [r["epoch"] for r in _rows(t.run_dir)] == ["1", "2"]
-
-
-def test_every_rank_takes_rank0_kernel_choice():
-    """Under DDP each rank times the kernels, then adopts rank 0's choice (broadcast as the "kernels" part of the
-    controller's state_dict, applied through its load_state_dict: no method-specific code in the trainer)."""
-    from leanprop import models
-    from leanprop.nn.convert import convert_
-    from leanprop.swat import sparse_kernels as sk
-    from leanprop.train.trainer import adopt_kernel_choice, kernel_choice
-
-    def controller(winner):
-        torch.manual_seed(0)
-        model = models.create("resnet8", num_classes=10)
-        ctl = convert_(model, SWATConfig(sparsity=0.9))
-        ctl.calibrate_kernels(torch.randn(2, 3, 32, 32),
-                              timer=lambda _n, path, _f, _r: 1.0 if path == winner else 2.0)
-        return ctl
-
-    rank0, rank1 = controller("csr"), controller("dense")
-    ops0 = {n: layer.sparse_ops for n, layer in rank0.layers.items()}
-    assert any(op for ops in ops0.values() for op in ops)
-    assert all(layer.sparse_ops == sk.NO_SPARSE for layer in rank1.layers.values())
-    rank1.layers["layer1.0.conv1"].x_threshold.fill_(0.125)  # this rank's own state is kept
-    choice = kernel_choice(rank0.state_dict())
-    assert set(choice) == {"kernels"}
-    adopt_kernel_choice(rank1, choice)
-    assert {n: layer.sparse_ops for n, layer in rank1.layers.items()} == ops0
-    assert float(rank1.layers["layer1.0.conv1"].x_threshold) == 0.125
-    # nested controllers (SWAT+BLPA): the choice keeps its place in the state
-    nested = {"swat": {"step": 3, "kernels": choice["kernels"]}, "blpa": {"units": 2}}
-    assert kernel_choice(nested) == {"swat": {"kernels": choice["kernels"]}}
-    assert kernel_choice({"blpa": {"units": 2}}) == {}

@@ -124,36 +124,6 @@ def build_model(cfg: RunConfig, data: DataBundle) -> nn.Module:
     return models.create(cfg.model.name, **model_args(cfg, data))
 
 
-def kernel_choice(state: Any) -> Any:
-    """The ``"kernels"`` entries (at any depth) of a method controller's ``state_dict()``: its measured kernel
-    choice, and nothing else (``None`` where it holds none)."""
-    if not isinstance(state, dict):
-        return None
-    out = {}
-    for key, value in state.items():
-        if key == "kernels":
-            out[key] = value
-        else:
-            sub = kernel_choice(value)
-            if sub:
-                out[key] = sub
-    return out
-
-
-def _with_kernel_choice(state: dict, choice: dict) -> dict:
-    out = dict(state)
-    for key, value in choice.items():
-        out[key] = value if key == "kernels" else _with_kernel_choice(state[key], value)
-    return out
-
-
-def adopt_kernel_choice(controller: Any, choice: dict) -> None:
-    """Make ``controller`` use another process's kernel choice (:func:`kernel_choice` of its state) through the
-    controller's own ``state_dict`` / ``load_state_dict``; the rest of its state is kept as it is."""
-    if choice:
-        controller.load_state_dict(_with_kernel_choice(controller.state_dict(), choice))
-
-
 def _hit_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
     """Top-k hit counts as a float64 tensor on the logits' device (no host sync)."""
     k_max = min(max(ks), logits.shape[1])
@@ -494,8 +464,8 @@ class Trainer:
     def _calibrate_kernels(self, x: torch.Tensor) -> None:
         """SWAT ``sparse_kernels="auto"``: time the sparse (CSR, COO) and the dense kernels on the first batch,
         and again on the batch of a step where a SWAT-M budget moved a layer's sparsity; the table goes to
-        ``swat_kernels.txt`` in the run dir. Under DDP every rank times, then all ranks take rank 0's choice (the
-        kernels fix the summation order, so ranks choosing differently would drift apart)."""
+        ``swat_kernels.txt`` in the run dir. Under DDP every rank times, then the controller makes all ranks take
+        rank 0's choice (the kernels fix the summation order, so ranks choosing differently would drift apart)."""
         from leanprop.swat.sparse_kernels import format_table
 
         bar = tqdm(desc="timing sparse vs dense kernels", unit="layer", leave=False, dynamic_ncols=True,
@@ -503,11 +473,6 @@ class Trainer:
         with autocast_context(self.device, self.cfg.train.amp):
             timings = self.controller.calibrate_kernels(x, progress=lambda _name: bar.update())
         bar.close()
-        if self.dist.enabled:
-            obj = [kernel_choice(self.controller.state_dict())]
-            torch.distributed.broadcast_object_list(obj, src=0)
-            if not self.dist.is_main:
-                adopt_kernel_choice(self.controller, obj[0])
         if self.dist.is_main:
             table = self.run_dir / "swat_kernels.txt"
             ckpt_io.atomic_write_text(table, format_table(timings) + "\n")
