@@ -357,6 +357,8 @@ def test_report_shows_compiled_over_eager_and_a_gpu_section(tmp_path):
     recs = [rec("dense", 0.1, device="cpu"), rec("swat-u90", 0.2, device="cpu"),  # eager, old records: no compile key
             rec("dense", 0.05, device="cpu", compile=True, graph_breaks=0),
             rec("swat-u90", 0.3, device="cpu", compile=True, graph_breaks=12),
+            # a compiled record holding its own run's interleaved eager steps is divided by those
+            {**rec("blpa4", 0.3, device="cpu", compile=True, graph_breaks=14), "eager_step_s": 0.25},
             rec("dense", 0.01, device="cuda", gpu="H100"), rec("blpa4", 0.02, device="cuda", gpu="H100"),
             {"bench": "modes", "model": "resnet8", "method": "dense", "mode": "cuda-bf16", "reference": "cpu-fp32",
              "device": "cuda", "gpu": "H100", "steps": 3, "batch": 16, "compile": False, "grad_rel_l2": 0.05,
@@ -367,6 +369,7 @@ def test_report_shows_compiled_over_eager_and_a_gpu_section(tmp_path):
     compiled = text.split("### resnet20 (compiled)")[1].split("###")[0]
     assert "| dense | 50.0 | 0.500 | 0.500 | 0 |" in compiled
     assert "| swat-u90 | 300.0 | 3.000 | 1.500 | 12 |" in compiled
+    assert "| blpa4 | 300.0 | 3.000 | 1.200 | 14 |" in compiled
     assert "x eager" in compiled and "x eager" not in text.split("### resnet20 (batch")[1].split("###")[0]
     cpu_part, gpu_part = text.split("## On a CUDA GPU")
     assert "on cuda" not in cpu_part and "H100" not in cpu_part
@@ -389,6 +392,8 @@ def test_bench_matrix_compile_records_graph_breaks(tmp_path):
     r = json.loads(out.read_text())
     assert r["compile"] is True and r["warmup"] == 2 and r["graph_breaks"] == 0 and r["graphs"] >= 1
     assert r["compile_s"] > 0 and r["recompile_limit_hits"] == 0
+    # the same model's eager steps, interleaved in the same run, give x eager
+    assert len(r["eager_step_s_all"]) == 1 and r["time_vs_eager"] == pytest.approx(r["step_s"] / r["eager_step_s"])
     assert main(["bench", "matrix", "--models", "resnet8", "--methods", "dense", "--batch", "4", "--rounds", "1",
                  "--warmup", "0", "--no-peak", "--compile", "--threads", "1", "--progress", "off",
                  "--out", str(out)]) == 0

@@ -90,6 +90,10 @@ def _train_step(model, handle, opt, x, y, spec) -> float:
     return time.perf_counter() - t0
 
 
+#: suffix of the eager step times ``step_times(compile=True)`` returns beside the compiled ones
+EAGER = "@eager"
+
+
 def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int, warmup: int,
                note=lambda s: None, kernels: dict[str, dict] | None = None,
                compile: bool = False) -> dict[str, list[float]]:
@@ -100,7 +104,8 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
     "kernel_calibration_s": seconds the timing took}`` (the latter only when it ran here). ``compile``: each
     model runs under ``torch.compile``; ``kernels`` then also receives per method ``compile_s`` (the first,
     compiling step) and the graph breaks, graphs and recompile-limit hits of its steps
-    (:class:`leanprop.modes.CompileStats`)."""
+    (:class:`leanprop.modes.CompileStats`), and every model also steps eagerly, interleaved with its compiled
+    steps: those times are returned under ``method + EAGER``."""
     import torch
 
     from leanprop.modes import CompileStats
@@ -116,9 +121,14 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
             handle.attach_optimizer(opt)
         built[m] = (model, handle, opt, spec)
     x, y = make_batch(built[methods[0]][3], batch)
-    if compile:
+    order = list(methods)
+    if compile:  # the same model also steps eagerly, interleaved: compiled / eager comes from one run
+        eager = {m + EAGER: entry for m, entry in built.items()}
         built = {m: (torch.compile(model), handle, opt, spec) for m, (model, handle, opt, spec) in built.items()}
-    for m, (_, handle, _, spec) in built.items():
+        built.update(eager)
+        order = [k for m in methods for k in (m + EAGER, m)]
+    for m in methods:
+        _, handle, _, spec = built[m]
         info: dict[str, Any] = {}
         if getattr(handle, "needs_kernel_calibration", False):
             note(f"kernels {m}")
@@ -128,8 +138,8 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
             info["kernel_calibration_s"] = round(time.perf_counter() - t0, 1)
         if kernels is not None and hasattr(handle, "kernel_summary"):
             kernels[m] = {"sparse_kernels": handle.kernel_summary(), **info}
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    stats = {m: CompileStats() for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in order}
+    stats = {m: CompileStats() for m in order}
     limits = contextlib.nullcontext()
     if compile:  # the methods' models share code objects (e.g. ResNet.forward): a cache entry per model and variant
         import torch._dynamo
@@ -138,7 +148,7 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
         n = 8 * len(methods)
         limits = torch._dynamo.config.patch(recompile_limit=n, accumulated_recompile_limit=max(256, 16 * n))
     with limits:
-        _timed_rounds(built, methods, x, y, rounds, warmup, note, times, stats if compile else None, kernels)
+        _timed_rounds(built, order, x, y, rounds, warmup, note, times, stats if compile else None, kernels)
     if compile and kernels is not None:
         for m in methods:
             kernels.setdefault(m, {}).update(stats[m].as_dict(max_reasons=3))
@@ -224,6 +234,9 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
                    step_s=med, step_s_all=times[m], dense_step_s=dense_s, time_vs_dense=med / dense_s,
                    throughput_vs_dense=dense_s / med, images_per_s=batch / med)
         rec.update(kernels.get(m, {}))
+        if compile:  # the same model's eager steps, interleaved with the compiled ones in this run
+            eager_s = statistics.median(times[m + EAGER])
+            rec.update(eager_step_s=eager_s, eager_step_s_all=times[m + EAGER], time_vs_eager=med / eager_s)
         note(f"FLOPs {m}")
         try:
             rec["train_flops_vs_dense"], rec["flops_note"] = flops_ratio(base, m)

@@ -161,7 +161,10 @@ def _matrix_records(recs: list[dict]) -> list[dict]:
 
 
 def _eager_step(mx: list[dict], r: dict) -> float | None:
-    """The step seconds of the eager record matching the compiled record ``r`` (None when there is none)."""
+    """The eager step seconds for the compiled record ``r``: its own run's interleaved eager steps when it holds
+    them, else the newest eager record of the same settings (None when there is none)."""
+    if r.get("eager_step_s"):
+        return r["eager_step_s"]
     key = ("model", "method", "batch", "threads", "dtype", "channels_last", "processor", "gpu")
     found = [e for e in mx if not e["compile"] and device_of(e) == device_of(r)
              and all(str(e.get(k)) == str(r.get(k)) for k in key)]
@@ -180,7 +183,8 @@ MATRIX_INTRO = (
     "Peak growth: one step in a fresh process, peak minus the memory before the forward. FLOPs: counted "
     "conv/linear training MACs / dense. Max batch: the largest batch whose fresh-process peak fits the cap "
     "(when measured). Compiled tables (`--compile`: the model under `torch.compile`, warm-up steps absorb the "
-    "compilation): x eager = compiled step / the eager step of the newest eager record of the same settings; "
+    "compilation): x eager = compiled step / the same model's eager step, interleaved in the same run (older "
+    "records: the newest eager record of the same settings); "
     "graph breaks counted by Dynamo over the method's steps; kept bytes and peaks are the eager audits.")
 
 
