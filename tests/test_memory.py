@@ -405,3 +405,23 @@ def test_report_capacity_sections_and_plot(tmp_path):
 
     assert "under 4 GiB (fresh-process peak): resnet20: dense 1000, swat-u90-packed 1500 (1.50x)." in \
         _headline_max_batch(recs)
+
+
+def test_checkpointed_blocks_run_under_torch_compile():
+    """Dynamo cannot trace checkpoint's context_fn (it raised InternalTorchDynamoError): the checkpointed call runs
+    eagerly inside the compiled model, with the eager gradients."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    eager = models.create("resnet8", num_classes=10)
+    compiled = copy.deepcopy(eager)
+    checkpoint_blocks_(eager)
+    checkpoint_blocks_(compiled)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    torch._dynamo.reset()
+    fwd = torch.compile(compiled, backend="aot_eager")
+    for model, f in ((eager, eager), (compiled, fwd)):
+        F.cross_entropy(f(x), y).backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch._dynamo.reset()

@@ -51,11 +51,17 @@ class _CheckpointedForward:
     def __call__(self, *args, **kwargs):
         fn = self._inner()
         if self.module.training and torch.is_grad_enabled():
-            def contexts():
-                return contextlib.nullcontext(), _keep_bn_stats(self.module)
-
-            return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+            return self._checkpointed(fn, *args, **kwargs)
         return fn(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _checkpointed(self, fn, *args, **kwargs):
+        """The checkpointed call; eager inside a compiled model (one graph break per block), since Dynamo cannot
+        trace ``checkpoint``'s ``context_fn``."""
+        def contexts():
+            return contextlib.nullcontext(), _keep_bn_stats(self.module)
+
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
 def default_blocks(model: nn.Module) -> list[nn.Module]:
