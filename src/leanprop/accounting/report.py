@@ -171,6 +171,11 @@ def _eager_step(mx: list[dict], r: dict) -> float | None:
     return found[-1]["step_s"] if found else None
 
 
+def _env(r: dict, key: str) -> object:
+    """A record's environment field, flat or under ``env`` (scripts that nest it), else ``?``."""
+    return r.get(key, r.get("env", {}).get(key, "?"))
+
+
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -185,7 +190,9 @@ MATRIX_INTRO = (
     "(when measured). Compiled tables (`--compile`: the model under `torch.compile`, warm-up steps absorb the "
     "compilation): x eager = compiled step / the same model's eager step, interleaved in the same run (older "
     "records: the newest eager record of the same settings); "
-    "graph breaks counted by Dynamo over the method's steps; kept bytes and peaks are the eager audits.")
+    "graph breaks: those Dynamo found while compiling this method's steps; a method whose model reuses graphs "
+    "compiled for an earlier method of the same classes finds none and shows 0 (per-method counts with a fresh "
+    "cache: \"Execution modes\"); kept bytes and peaks are the eager audits.")
 
 
 def _matrix_section(recs: list[dict], plots: dict[str, str], device: str = "cpu",
@@ -383,7 +390,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
     parts += _memory_section(recs)
     parts += kept_by_module_section(recs)
     parts += _sparse_kernels_section(recs)
-    machines = sorted({f"{r.get('processor', '?')} ({r.get('cpu_count', '?')} CPUs)" for r in recs})
+    machines = sorted({f"{_env(r, 'processor')} ({_env(r, 'cpu_count')} CPUs)" for r in recs})
     if machines:
         parts += ["Machines: " + "; ".join(machines) + ".", ""]
     return "\n".join(parts)
