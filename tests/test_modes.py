@@ -225,7 +225,7 @@ def test_execution_mode_names_round_trip_and_bad_ones_say_how():
 
 # ------------------------------------------------------------------------------------------------ the instruments
 
-def test_compile_stats_count_breaks_graphs_and_recompile_limit_hits(monkeypatch):
+def test_compile_stats_count_breaks_graphs_and_recompile_limit_hits():
     import torch._dynamo
 
     def f(x, n):
@@ -239,10 +239,11 @@ def test_compile_stats_count_breaks_graphs_and_recompile_limit_hits(monkeypatch)
         g(torch.ones(3), 1)
     assert stats.graph_breaks >= 1 and stats.graphs == 2 and stats.recompile_limit_hits == 0
     assert any("graph_break" in k for k in stats.as_dict()["break_reasons"]), stats.break_reasons
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     h = torch.compile(lambda x, n: x * n, backend="eager", dynamic=False)
-    with CompileStats() as stats:
+    # the config's own patch: monkeypatch (pytest >= 9.2) restores a module attribute by deleting it, which hides
+    # Dynamo's config entry for every later test
+    with CompileStats() as stats, torch._dynamo.config.patch(recompile_limit=1):
         for n in (torch.ones(2), torch.ones(3, 3), torch.ones(4, 4, 4)):  # a new rank each call: a recompile
             h(n, n)
     assert stats.recompile_limit_hits >= 1

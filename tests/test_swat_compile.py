@@ -126,15 +126,17 @@ def test_compiled_swat_step_equals_eager(variant, one_thread):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["u90", "filter70", "u90-packed"])
-def test_compiled_swat_bf16_step_equals_eager_bf16(variant, one_thread, monkeypatch):
+def test_compiled_swat_bf16_step_equals_eager_bf16(variant, one_thread):
     """bf16 autocast, compiled against eager bf16. Inductor by default keeps fp32 intermediates where eager rounds
     to bf16 (BN, adds); SWAT's Top-K then selects among slightly different values and the gradients move far more
     than a dense model's (resnet8 u90, all parameters: 0.17 relative L2 against dense's 0.027, measured).
     ``emulate_precision_casts`` makes Inductor round where eager does: the same step up to summation order."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "emulate_precision_casts", True)
-    (g_e, thr_e, kept_e, _, _, _), (g_c, thr_c, kept_c, first, later, _) = _compare(variant, amp=True)
+    # the config's own patch: monkeypatch (pytest >= 9.2) restores a module attribute by deleting it, which hides
+    # Inductor's config entry for every later test
+    with inductor_config.patch(emulate_precision_casts=True):
+        (g_e, thr_e, kept_e, _, _, _), (g_c, thr_c, kept_c, first, later, _) = _compare(variant, amp=True)
     dist = {n: _rel(g_c[n], g_e[n]) for n in g_e}
     worst = max(dist, key=dist.get)
     assert dist[worst] <= 2e-2, f"{variant} bf16: gradient of {worst} {dist[worst]:.3g} off (relative L2)"
