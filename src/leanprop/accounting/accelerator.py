@@ -1,4 +1,4 @@
-"""An ideal analytic model of a sparse training accelerator (spec ``shared/specs/swat.md`` §3.5, §4.3).
+"""An ideal analytic model of a sparse training accelerator (Raihan & Aamodt, NeurIPS 2020; docs/methods/swat.md).
 
 Model.  A zero-skipping processing-element array whose time is proportional to the number of MACs it performs
 on operand pairs whose *sparse* operand is non-zero:

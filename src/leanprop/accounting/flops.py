@@ -1,4 +1,4 @@
-"""Analytic training and inference FLOPs of dense and SWAT models (spec ``shared/specs/swat.md`` §4.1).
+"""Analytic training and inference FLOPs of dense and SWAT models (Raihan & Aamodt, NeurIPS 2020).
 
 The official SWAT code has no FLOP counter; the formulas below were reconstructed in the spec by matching
 the README/poster numbers.  Per conv or linear layer ``l`` with ``M_l`` forward multiply-accumulates (MACs)

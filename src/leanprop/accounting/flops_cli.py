@@ -1,4 +1,4 @@
-"""``leanprop flops``: analytic training/inference FLOPs of a dense or SWAT model (spec ``shared/specs/swat.md`` §4.1).
+"""``leanprop flops``: analytic training/inference FLOPs of a dense or SWAT model (Raihan & Aamodt 2020).
 
 Example::
 

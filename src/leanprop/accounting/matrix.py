@@ -1,4 +1,4 @@
-"""``leanprop bench matrix``: every method on every model, measured the same way in one run (issue 5).
+"""``leanprop bench matrix``: every method on every model, measured the same way in one run (docs/benchmarks.md).
 
 Per model, every method is built from the same initial weights and trained on the same random batch:
 

@@ -1,6 +1,6 @@
 """Measured training memory: bytes kept for backward, peak memory of one step, and the largest batch that fits.
 
-Three instruments (spec ``shared/specs/blpa.md`` §1.6, §5.4, §6):
+Three instruments (docs/methods/blpa.md, docs/benchmarks.md):
 
 * :func:`saved_bytes` audits one training-mode forward pass: every tensor autograd keeps for backward is
   handed to a :class:`SavedTensorLedger` (through ``torch.autograd.graph.saved_tensors_hooks``, or through

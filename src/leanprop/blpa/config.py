@@ -1,4 +1,4 @@
-"""BLPA configuration (Chakrabarti & Moseley, NeurIPS 2019; spec ../shared/specs/blpa.md)."""
+"""BLPA configuration (Chakrabarti & Moseley, NeurIPS 2019; docs/methods/blpa.md)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ weights -- never ``x``, ``y = BN(x)`` or ``z = ReLU(y)``. Backward (closed form,
 ``bn_relu``: the same without the convolution (a BN->ReLU whose output feeds something other than one
 conv, e.g. a pooling head or a shared shortcut): returns ``z`` and keeps only the codes.
 
-With a SWAT conv (SWAT + BLPA, issue 5) the unit also takes the SWAT layer: the forward convolves with
+With a SWAT conv (SWAT + BLPA, docs/methods/swat_blpa.md) the unit also takes the SWAT layer: the forward convolves with
 ``W_s = TopK(W)``, the activation threshold is taken from the exact ``z`` (the layer's own Top-K schedule),
 and the backward computes ``g_z`` from ``W_s`` and ``dW = conv_weight(TopK(z~), g)`` for the dense weight; ``W_s``
 is kept as a 1-bit mask over the weight Parameter. Still only the codes are kept of the activation.

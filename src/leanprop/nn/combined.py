@@ -1,4 +1,4 @@
-"""SWAT + BLPA on one model (issue 5): one controller over both methods' controllers.
+"""SWAT + BLPA on one model (docs/methods/swat_blpa.md): one controller over both methods' controllers.
 
 ``convert_(model, [SWATConfig(...), BLPAConfig(bits=4)])`` gives every conv/linear layer SWAT's policy (sparse
 weights forward and backward, Top-K activations for the weight gradient) and BLPA's storage policy to what they

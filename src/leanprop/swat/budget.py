@@ -1,4 +1,4 @@
-"""Per-layer sparsity budgets for SWAT (spec ``shared/specs/swat.md`` §1.4, §1.5).
+"""Per-layer sparsity budgets for SWAT (Raihan & Aamodt, NeurIPS 2020; docs/methods/swat.md).
 
 A *budget* maps each conv/linear module name to its target sparsity ``s_l`` (fraction of zeros).
 Three distributions exist:

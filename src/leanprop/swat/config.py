@@ -1,4 +1,4 @@
-"""SWAT configuration (Raihan & Aamodt, NeurIPS 2020; spec ../shared/specs/swat.md)."""
+"""SWAT configuration (Raihan & Aamodt, NeurIPS 2020; docs/methods/swat.md)."""
 
 from __future__ import annotations
 
@@ -26,18 +26,18 @@ class SWATConfig:
     sparse_eval: evaluate with the sparse weights, as the official code does.
     threshold_estimator: "exact" (default) or "sample" (an approximate threshold from a random sample).
     linear_topk_every_step: exact Top-K for linear layers on every step, as the official code does.
-    compress_saved: keep what backward needs compressed, for real memory savings (issue 5): X_s as values +
+    compress_saved: keep what backward needs compressed, for real memory savings: X_s as values +
         a 1-bit mask (or int32 indices), every nn.ReLU swapped for one that keeps a 1-bit mask and every
         nn.MaxPool2d for one that keeps a uint8 window position per output. Gradients are unchanged (exact
         restore); BN inputs stay dense. Either way W_s is kept as the dense Parameter + a 1-bit mask, and
         without compression X_s is X itself (usually the ReLU's saved output) + the threshold.
     structured_compute: "filter" layers (groups=1) compute only the kept filters -- smaller dense convolutions
         for the forward and dX, gather/scatter around them -- instead of convolving with zeroed filters; same
-        results up to summation order (issue 5). False: the masked dense convolution, as the official code.
+        results up to summation order. False: the masked dense convolution, as the official code.
     dense_grad_period: P >= 1. With P > 1 (an extension beyond the paper), "filter" layers compute the weight
         gradient of the *pruned* filters only every P steps (the kept filters' every step); P = 1 is the
         paper's dense weight gradient.
-    sparse_kernels: unstructured layers' kernels (issue 5). "auto" (default): before the first training step
+    sparse_kernels: unstructured layers' kernels. "auto" (default): before the first training step
         the trainer (or ``controller.calibrate_kernels(x)``) times the dense, the CSR and the COO kernel of each op
         of each layer at its real shapes, and a layer uses the faster sparse one only for the ops where it beat
         dense; until then, and where it loses, the dense kernels. "never": dense kernels, no calibration.

@@ -1,4 +1,4 @@
-"""SWAT conv2d / linear as autograd Functions (spec ../shared/specs/swat.md §1.1, §6).
+"""SWAT conv2d / linear as autograd Functions (Raihan & Aamodt, NeurIPS 2020; docs/methods/swat.md).
 
 Forward: ``Y = conv(X, W_s) + b`` with the dense input X. Saved for backward: ``X_s = sparsify(X, x_threshold)``
 and ``W_s`` only. Backward: ``dX`` from ``W_s`` and G, ``dW`` from ``X_s`` and G, returned as the gradient of the
@@ -66,7 +66,7 @@ def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, comp
     """The shared SWAT forward: ``op(X, W_s, b)`` in the autocast dtype (like nn.Conv2d / nn.Linear), then save
     ``X_s`` (only when dW is needed) and ``W_s``, plus the dtypes the backward must return.
 
-    ``W_s`` is kept as the dense Parameter + a 1-bit mask of its non-zeros (issue 5: never a second dense copy;
+    ``W_s`` is kept as the dense Parameter + a 1-bit mask of its non-zeros (never a second dense copy;
     no mask when ``weight_sparse`` is the Parameter's own storage, i.e. nothing is pruned). ``compress``: keep
     ``X_s`` as values + positions (:mod:`leanprop.swat.storage`); the backward restores both exactly.
     ``sparse_ops``: the sparse format (or None) of (forward, grad-input, grad-weight) (:mod:`.sparse_kernels`);
@@ -289,7 +289,7 @@ def _scatter_channels(y_k: Tensor, keep: Tensor, channels: int, bias: Tensor | N
 
 
 class _SWATFilterConv2d(torch.autograd.Function):
-    """Filter-structured SWAT that computes only the kept filters (issue 5: real speed, not masking)."""
+    """Filter-structured SWAT that computes only the kept filters (real speed, not masking)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, keep, x_threshold, stride, padding, dilation, dense_grad, compress):

@@ -1,4 +1,4 @@
-"""SWAT-M: momentum-driven per-layer sparsity redistribution (spec ``shared/specs/swat.md`` §1.5 "momentum").
+"""SWAT-M: momentum-driven per-layer sparsity redistribution (Raihan & Aamodt, NeurIPS 2020).
 
 Every training step, after ``optimizer.step()``:
 

@@ -1,4 +1,4 @@
-"""Unstructured sparse (CSR / COO) kernels for SWAT's three GEMMs, and the per-layer choice of kernel (issue 5).
+"""Unstructured sparse (CSR / COO) kernels for SWAT's three GEMMs, and the per-layer choice of kernel.
 
 A SWAT layer's training step has three products (spec §1.1):
 

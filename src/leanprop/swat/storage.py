@@ -1,4 +1,4 @@
-"""Compressed storage of SWAT's saved tensors (issue 5: real memory, not simulated).
+"""Compressed storage of SWAT's saved tensors (real memory, not simulated; docs/methods/swat.md).
 
 SWAT keeps ``X_s = TopK(X)`` and ``W_s = TopK(W)`` for backward. Stored dense, a 90 %-sparse ``X_s`` costs as
 much as ``X``. Here a sparse tensor is kept as its non-zero values (in its own dtype, in memory order) plus

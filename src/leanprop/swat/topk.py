@@ -1,6 +1,6 @@
 """SWAT's Top-K operators: keep counts, magnitude thresholds, masking, structured masks.
 
-Spec: ../shared/specs/swat.md §1.2 (operators), §1.3 (threshold reuse), §6 (fp32 thresholds, optional sampled
+Raihan & Aamodt, NeurIPS 2020 (Top-K, threshold reuse); docs/methods/swat.md (fp32 thresholds, optional sampled
 estimator that must default to exact). ``TopK_s(T)`` keeps the ``K = ceil((1-s)·numel)`` largest-|·| entries of
 the *whole* tensor (batch included for activations) with the mask ``|T| >= thr``, so ties are kept (nnz >= K).
 
