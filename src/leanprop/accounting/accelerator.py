@@ -13,7 +13,8 @@ Speed-up = dense time / sparse time for the forward pass, the backward pass (gra
 the whole training step.
 
 Why this *exceeds* the paper's DNNsim figures (3.3×/3.4× forward/backward at 80 %, 5.6×/6.3× at 90 %, ResNet-50
-ImageNet; the simulated architecture and its configuration are UNVERIFIED, spec §4.3).  ``1/density`` is
+ImageNet; which simulated architecture and configuration gave them is not known here; docs/methods/swat.md,
+'Accelerator model').  ``1/density`` is
 the ceiling a zero-skipping design approaches only with perfect scheduling.  A cycle-level simulator charges
 what this model ignores: a scheduler that may promote non-zero operands only from a small window of upcoming
 work (TensorDash-style designs) caps the per-lane gain; lanes and PEs that share a tile wait for the densest
@@ -31,7 +32,8 @@ from .flops import FlopReport
 
 __all__ = ["estimate_speedup", "format_speedup", "paper_dnnsim", "PAPER_DNNSIM"]
 
-#: DNNsim speed-ups reported on the poster (spec §3.5): Top-K sparsity -> (forward, backward).
+#: DNNsim speed-ups reported on the authors' poster (``swat_poster.pptx`` in the official repository):
+#: Top-K sparsity -> (forward, backward).
 PAPER_DNNSIM: dict[float, tuple[float, float]] = {0.0: (1.0, 1.0), 0.8: (3.3, 3.4), 0.9: (5.6, 6.3)}
 
 

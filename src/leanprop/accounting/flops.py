@@ -1,8 +1,9 @@
 """Analytic training and inference FLOPs of dense and SWAT models (Raihan & Aamodt, NeurIPS 2020).
 
-The official SWAT code has no FLOP counter; the formulas below were reconstructed in the spec by matching
-the README/poster numbers.  Per conv or linear layer ``l`` with ``M_l`` forward multiply-accumulates (MACs)
-per sample, weight density ``d_w`` and saved-activation density ``d_a``:
+The official SWAT code has no FLOP counter; the formulas below were reconstructed by matching the
+numbers of its README and poster (docs/methods/swat.md, 'FLOP accounting').  Per conv or linear layer ``l``
+with ``M_l`` forward multiply-accumulates (MACs) per sample, weight density ``d_w`` and saved-activation density
+``d_a``:
 
 * dense training  ``3·M_l`` (forward, grad-input, grad-weight);
 * SWAT training   ``M_l·(d_w + d_w + d_a)``: forward = sparse W × dense X, grad-input = G × sparse W,
@@ -422,7 +423,8 @@ def count_flops(
     layer's ``swat_measured_density`` (value or zero-argument method, may be None) is read.  A module called twice is
     counted twice.  Works on ``torch.device("meta")`` models too (no memory, no compute).
     ``count_first_grad_input=False`` drops the grad-input GEMM of the first conv/linear called
-    (the input image needs no gradient); the default keeps it, as the spec's §4.1 formula does.
+    (the input image needs no gradient); the default keeps it, as the formula of docs/methods/swat.md
+    ('FLOP accounting') does.
     """
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) < 2 or input_shape[0] < 1:
@@ -488,8 +490,8 @@ def swat_densities(model: nn.Module, cfg: SWATConfig) -> dict[str, tuple[float, 
     """Nominal ``{layer: (d_w, d_a)}`` of a dense model under ``cfg``, without converting it.
 
     ``d_w = d_a = 1 − s_l`` with ``s_l`` from :func:`leanprop.swat.budget.assign_budget`: in SWAT the
-    activation sparsity of a layer equals its weight sparsity (spec §1.1).  For SWAT-M this is the starting
-    (uniform) budget.
+    activation sparsity of a layer equals its weight sparsity (docs/methods/swat.md, 'Distributions').
+    For SWAT-M this is the starting (uniform) budget.
     """
     budget = assign_budget(collect_layers(model), cfg)
     return {name: (1.0 - s, 1.0 - s) for name, s in budget.items()}

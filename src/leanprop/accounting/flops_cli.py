@@ -25,8 +25,9 @@ DATASETS: dict[str, tuple[tuple[int, int, int], int, str]] = {
 _SWAT = {"none": None, "dense": None, "u": "uniform", "uniform": "uniform", "erk": "erk",
          "m": "momentum", "momentum": "momentum"}
 
-#: Reported FLOP reductions in % (spec §3.1, §3.3, §3.4): (model, distribution, sparsity, structure) ->
-#: (training, inference); None where the paper gives none.  CIFAR rows are CIFAR-10.
+#: Reported FLOP reductions in % (Raihan & Aamodt 2020 result tables, as listed in the official README):
+#: (model, distribution, sparsity, structure) -> (training, inference); None where the paper gives none.
+#: CIFAR rows are CIFAR-10.
 PAPER_REDUCTIONS: dict[tuple[str, str, float, str | None], tuple[float | None, float | None]] = {
     ("cifar_vgg16", "uniform", 0.9, None): (89.7, None),
     ("cifar_vgg16", "erk", 0.95, None): (89.5, None),
@@ -64,7 +65,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``flops`` sub-command on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     f = subparsers.add_parser("flops", help="analytic training/inference FLOPs of a dense or SWAT model",
                               description="Per-layer MACs and the training/inference FLOP reduction of SWAT "
-                                          "(spec §4.1), plus an ideal sparse-accelerator speed-up.")
+                                          "(docs/methods/swat.md, 'FLOP accounting'), plus an ideal "
+                                          "sparse-accelerator speed-up.")
     f.add_argument("--model", required=True,
                    help="registry name, or a short name resolved by dataset (vgg16, densenet121, resnet18 -> cifar_*)")
     f.add_argument("--dataset", choices=sorted(DATASETS),

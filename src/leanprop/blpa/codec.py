@@ -1,4 +1,5 @@
-"""Generic saved-tensor codec for everything outside BLPA's fused units (spec §5.1, GACT-style).
+"""Generic saved-tensor codec for everything outside BLPA's fused units (GACT-style, Liu et al. 2022;
+docs/methods/blpa.md, 'Generic codec').
 
 Installed with ``torch.autograd.graph.saved_tensors_hooks`` around the model's forward (``convert_`` does it
 with forward hooks on the root module), it keeps parameters, integer/bool tensors, packed codes and small

@@ -16,7 +16,8 @@ class BLPAConfig:
     bits: K, the code width of the stored BN output: 8 or 4 (the paper), 2 (beyond the paper), or 32 =
         lossless (fp32 normalised values + 1-bit ReLU mask; for checking gradients against PyTorch).
     mode: "signaware" (default; any sign of gamma, ReLU mask always exact) or "ref" (the reference
-        formula bit for bit: Delta = 6/2^K, the 1e-6 offset, gamma clamped to >= 1e-8; spec §1.4).
+        formula bit for bit: Delta = 6/2^K, the 1e-6 offset, gamma clamped to >= 1e-8;
+        docs/methods/blpa.md, 'Quantiser').
     window: R, the quantised range is +-R batch standard deviations ("ref" fixes R = 3).
     simulate: fake-quant mode for accuracy debugging: same gradients, but keeps the dequantised fp32
         values instead of packed codes (no memory saved). Never use it for benchmarks.

@@ -1,8 +1,9 @@
-"""BLPA's fused pre-activation unit as autograd Functions (spec §1.5, §5.1).
+"""BLPA's fused pre-activation unit as autograd Functions (Chakrabarti & Moseley 2019; docs/methods/blpa.md).
 
 ``bn_relu_conv``: ``out = conv(ReLU(BN(x)), W)`` with batch statistics, computed exactly in forward. Kept
 for backward: the packed K-bit codes of the BN output, a (C, 10) fp32 coefficient table and the
-weights -- never ``x``, ``y = BN(x)`` or ``z = ReLU(y)``. Backward (closed form, spec §1.5)::
+weights -- never ``x``, ``y = BN(x)`` or ``z = ReLU(y)``. Backward (closed form; Chakrabarti & Moseley 2019,
+Fig. 2)::
 
     z~ = decode(codes)                         (approximate ReLU output)
     g_z, dW = convolution_backward(g, z~, W)   (g_z exact, dW approximate through z~)
@@ -123,7 +124,8 @@ class ActivationStore:
 
     def bn_backward(self, saved: list[Tensor], meta: dict, g_z: Tensor, x_dtype: torch.dtype
                     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(g_x, dgamma, dbeta) from the gradient of the ReLU output (closed form, spec §1.5)."""
+        """(g_x, dgamma, dbeta) from the gradient of the ReLU output (closed form; docs/methods/blpa.md,
+        'Fused unit')."""
         numel_c = meta["numel"] // meta["shape"][1]
         i = qz.COEF.index
         if self.cfg.bits != 32 and not self.cfg.simulate:
@@ -266,7 +268,8 @@ def bn_relu(x: Tensor, gamma: Tensor | None, beta: Tensor | None, running_mean: 
 
 
 class _MaskReLU(torch.autograd.Function):
-    """ReLU that keeps a 1-bit packed mask ``[x > 0]`` for backward instead of its output (spec §5.1)."""
+    """ReLU that keeps a 1-bit packed mask ``[x > 0]`` for backward instead of its output
+    (docs/methods/blpa.md, 'Generic codec')."""
 
     @staticmethod
     def forward(ctx, x, kernels: CKernels | None):

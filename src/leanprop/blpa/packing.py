@@ -2,7 +2,8 @@
 
 Codes are packed along the *memory* order of the tensor they came from (NCHW for contiguous tensors,
 NHWC for channels-last ones), so element ``i`` of the flattened buffer goes to byte ``i // k`` with
-``k = 8 // bits`` codes per byte, the first code in the most significant bits (spec §5.3).
+``k = 8 // bits`` codes per byte, the first code in the most significant bits (as the reference code
+``ayanc/blpa`` packs 4-bit codes).
 """
 
 from __future__ import annotations

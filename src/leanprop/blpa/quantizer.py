@@ -1,4 +1,5 @@
-"""BLPA's per-channel K-bit quantiser of the BN output (spec §1.4, §5.2), in torch ops.
+"""BLPA's per-channel K-bit quantiser of the BN output (Chakrabarti & Moseley 2019, Eq. 9; docs/methods/blpa.md,
+'Quantiser'), in torch ops.
 
 Everything is expressed through per-channel coefficients computed once per unit and step
 (:func:`channel_coefficients`), so the encode and decode passes are one affine map, a floor and a clamp

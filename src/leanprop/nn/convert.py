@@ -189,7 +189,8 @@ def revert_(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def hard_prune_(model: nn.Module) -> dict[str, float]:
-    """Zero the pruned weights of every SWAT layer for good (exact Top-K at its final budget, spec §1.8).
+    """Zero the pruned weights of every SWAT layer for good (exact Top-K at its final budget;
+    docs/methods/swat.md, 'How to use').
 
     Returns the weight sparsity each layer ends with. Use it at the end of training to obtain the sparse
     model; ``revert_`` afterwards gives a plain model whose zeros are the SWAT topology.

@@ -1,4 +1,5 @@
-"""SWAT layers: ``nn.Conv2d`` / ``nn.Linear`` subclasses whose training step follows SWAT (spec §1.1).
+"""SWAT layers: ``nn.Conv2d`` / ``nn.Linear`` subclasses whose training step follows SWAT
+(Raihan & Aamodt 2020; docs/methods/swat.md, 'Technical details').
 
 Forward ``Y = op(X, TopK(W))`` with the dense input; backward ``dX`` from ``TopK(W)``, ``dW`` from
 ``TopK(X)`` (dense: pruned weights keep learning), ``G`` untouched. Thresholds are recomputed exactly
@@ -131,7 +132,7 @@ class SWATMixin:
     # ------------------------------------------------------------------ reporting
     @property
     def swat_density(self) -> tuple[float, float]:
-        """Nominal (weight, activation) density: both ``1 - s_l`` (spec §1.1)."""
+        """Nominal (weight, activation) density: both ``1 - s_l`` (docs/methods/swat.md, 'Distributions')."""
         return (1.0 - self.sparsity, 1.0 - self.sparsity)
 
     @property
@@ -147,7 +148,8 @@ class SWATMixin:
         """The layer's forward, eager under ``torch.compile`` (see the module docstring)."""
         if self.training and torch.is_grad_enabled():
             return self._train_forward(x)
-        # evaluation / no_grad: no activation Top-K (spec §5 item 15); sparse weights unless turned off
+        # evaluation / no_grad: no activation Top-K (docs/methods/swat.md, 'No activation Top-K without gradients');
+        # sparse weights unless turned off
         return self._plain_op(x, self._sparse_weight() if self.sparse_eval else self.weight)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +162,8 @@ class SWATMixin:
     @torch.no_grad()
     def inference_weights(self) -> dict[str, torch.Tensor]:
         """The weights the evaluation forward uses (``leanprop export``, :mod:`leanprop.nn.inference`): ``TopK(W)``
-        under the cached threshold or structured mask when ``sparse_eval`` (spec §5 item 15), else ``W``."""
+        under the cached threshold or structured mask when ``sparse_eval``, else ``W`` (docs/methods/swat.md,
+        'No activation Top-K without gradients')."""
         return {"weight": self._sparse_weight() if self.sparse_eval else self.weight.detach()}
 
     def extra_repr(self) -> str:  # type: ignore[override]
@@ -242,11 +245,11 @@ class SWATLinear(SWATMixin, nn.Linear):
         new.bias = linear.bias
         new.train(linear.training)
         new.every_step = cfg.linear_topk_every_step
-        new._init_swat(sparsity, cfg, None)  # linear layers are always unstructured (spec §1.2)
+        new._init_swat(sparsity, cfg, None)  # linear layers are always unstructured, as in the official code
         return new
 
     def _recompute_now(self) -> bool:
-        # the official code does exact Top-K of linear W and X on every step (spec §1.3)
+        # the official code does exact Top-K of linear W and X on every step (docs/methods/swat.md, 'Top-K period')
         return self.recompute or self.every_step
 
     def _swat_op(self, x, w_s, x_thr):

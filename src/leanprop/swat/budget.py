@@ -149,7 +149,8 @@ def override_matches(names: Iterable[str], overrides: Mapping[str, float]) -> di
 
 
 def apply_overrides(budget: dict[str, float], overrides: Mapping[str, float]) -> dict[str, float]:
-    """``budget`` with the :func:`override_matches` values set (applied last, spec §6 "overrides")."""
+    """``budget`` with the :func:`override_matches` values set (applied last; docs/configuration.md,
+    ``swat.overrides``)."""
     return {**budget, **override_matches(budget, overrides)}
 
 

@@ -1,6 +1,7 @@
 """The one object that drives SWAT during training: Top-K period, exact-Top-K epochs, SWAT-M budgets.
 
-Call order per iteration (as in spec §1.7): forward, backward, ``optimizer.step()``, ``controller.step()``.
+Call order per iteration (as in the official training loop; docs/methods/swat.md, 'How to use'): forward,
+backward, ``optimizer.step()``, ``controller.step()``.
 ``on_epoch_start(epoch)`` before each epoch; with ``sparse_kernels="auto"``, ``calibrate_kernels(x)`` once
 before the first step (the trainer does). Its ``state_dict()`` holds everything SWAT adds to a run
 (step, epoch, budgets, thresholds, measured densities, SWAT-M state), so resume is bit-identical.

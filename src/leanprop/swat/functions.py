@@ -194,7 +194,7 @@ class _SWATLinear(torch.autograd.Function):
             if need_x:
                 dx = (sk.linear_grad_input(g, ws, ctx.x_shape, ctx.sparse_ops[1]) if ctx.sparse_ops[1]
                       else g.mm(ws).view(ctx.x_shape))
-            if need_w:  # (X_sᵀ·G)ᵀ, spec §1.1 B2
+            if need_w:  # (X_sᵀ·G)ᵀ, the official linear layer's weight gradient
                 dw = (sk.linear_grad_weight(x_s, g, ws.shape, ctx.sparse_ops[2]) if ctx.sparse_ops[2]
                       else g.t().mm(x_s.reshape(-1, ws.shape[1])))
             if need_b:
@@ -219,7 +219,8 @@ def _same_padding(x: Tensor, weight: Tensor, stride: tuple[int, int], dilation: 
 def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
                 x_threshold: Threshold = None, stride=1, padding=0, dilation=1, groups: int = 1,
                 compress: bool = False, sparse_ops: sk.SparseOps = sk.NO_SPARSE) -> Tensor:
-    """SWAT 2-D convolution (spec §1.1): ``conv2d(x, weight_sparse, bias)`` in the forward; the backward gives
+    """SWAT 2-D convolution (Raihan & Aamodt 2020; docs/methods/swat.md, 'Technical details'):
+    ``conv2d(x, weight_sparse, bias)`` in the forward; the backward gives
     ``dX`` from ``weight_sparse``, ``dW = conv2d_weight(sparsify(x, x_threshold), G)`` to the dense ``weight``
     and ``db = ΣG``.
 
@@ -257,7 +258,8 @@ def swat_conv2d(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor |
 def swat_linear(x: Tensor, weight: Tensor, weight_sparse: Tensor, bias: Tensor | None = None,
                 x_threshold: Threshold = None, compress: bool = False,
                 sparse_ops: sk.SparseOps = sk.NO_SPARSE) -> Tensor:
-    """SWAT linear layer (spec §1.1): ``Y = x·W_sᵀ + b``; backward ``dX = G·W_s``, ``dW = (X_sᵀ·G)ᵀ`` for the
+    """SWAT linear layer (Raihan & Aamodt 2020; docs/methods/swat.md, 'Technical details'): ``Y = x·W_sᵀ + b``;
+    backward ``dX = G·W_s``, ``dW = (X_sᵀ·G)ᵀ`` for the
     dense ``weight``, ``db = ΣG``. x has shape (..., in); the leading dims are flattened in the backward.
     ``compress`` and ``sparse_ops`` as in :func:`swat_conv2d`."""
     if weight_sparse.shape != weight.shape:
@@ -344,7 +346,8 @@ class _SWATFilterConv2d(torch.autograd.Function):
 def swat_filter_conv2d(x: Tensor, weight: Tensor, keep: Tensor, bias: Tensor | None = None,
                        x_threshold: Threshold = None, stride=1, padding=0, dilation=1, dense_grad: bool = True,
                        compress: bool = False) -> Tensor:
-    """Filter-structured SWAT conv (spec §1.2 "filter", groups=1) computing only the kept output filters ``keep``
+    """Filter-structured SWAT conv (``structure="filter"``, groups=1; docs/methods/swat.md, 'Real speed for
+    structured SWAT') computing only the kept output filters ``keep``
     (sorted int64 indices): the forward and dX run a convolution with ``len(keep)`` filters (the pruned channels of
     Y are the bias, or 0), ``dW`` is the dense weight gradient of every filter (the paper's semantics) or, with
     ``dense_grad=False``, that of the kept filters only (zeros elsewhere). Same results as :func:`swat_conv2d`

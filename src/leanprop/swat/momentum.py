@@ -9,7 +9,7 @@ Every training step, after ``optimizer.step()``:
 4. ``s_l = 1 − nz_l / n_l``.
 
 Redistribution loop (what :meth:`MomentumRedistributor.update` implements; it reproduces the official
-``sparsity_regrowth``, which the spec's acceptance check 6 asks for).  ``a_l`` is the running allocation,
+``sparsity_regrowth``; tests/test_swat_budget.py checks it).  ``a_l`` is the running allocation,
 ``r`` the excess, ``μ`` the mean residual (0 at first), ``T = d·N_total`` the target, ``F`` = ``cfg.momentum_freeze``:
 
 * repeat at most ``cfg.momentum_residual_steps`` times, while the previous pass left ``r > 0`` and did not
@@ -26,7 +26,8 @@ Redistribution loop (what :meth:`MomentumRedistributor.update` implements; it re
   excess evenly, up to ceil rounding.  ``Σ nz_l`` therefore equals ``d·N_total`` up to about one weight per
   layer per pass (ceil rounding and the dropped ``r ≤ L``).
 
-"Over up to 1000 iterations" (spec) are these inner passes within *one* training step, as in the official code;
+The up to ``cfg.momentum_residual_steps`` (1000) redistribution passes all run within *one* training step, as in
+the official code;
 the next step starts again from fresh momentum statistics, so no residual carries over between steps.  The
 state kept across steps (and checkpointed by :meth:`~MomentumRedistributor.state_dict`) is the current budget,
 which the zero-momentum fallback reuses, plus counters.
@@ -159,7 +160,8 @@ def redistribute_nonzeros(momentum: Mapping[str, float], numel: Mapping[str, int
 
 
 class MomentumRedistributor:
-    """Keeps the SWAT-M budget and updates it from per-layer mean |momentum| (module docstring, spec §1.5).
+    """Keeps the SWAT-M budget and updates it from per-layer mean |momentum| (module docstring; docs/methods/swat.md,
+    'Distributions').
 
     >>> redist = MomentumRedistributor(collect_layers(model), cfg)       # uniform start
     >>> check_optimizer_supports_momentum(optimizer)

@@ -1,6 +1,6 @@
 """Unstructured sparse (CSR / COO) kernels for SWAT's three GEMMs, and the per-layer choice of kernel.
 
-A SWAT layer's training step has three products (spec §1.1):
+A SWAT layer's training step has three products (docs/methods/swat.md, 'Technical details'):
 
 * forward ``Y = conv(X, W_s)``  -- sparse path: ``S(W_s) @ im2col(X)``;
 * grad-input ``dX = conv_T(G, W_s)``  -- sparse path: ``col2im(S(W_sᵀ) @ G)``;

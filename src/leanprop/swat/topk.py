@@ -42,7 +42,7 @@ _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloa
 
 
 def keep_count(numel: int, sparsity: float) -> int:
-    """``K = ceil((1 - s)·numel)`` (spec §1.2), clamped to [0, numel].
+    """``K = ceil((1 - s)·numel)`` (docs/methods/swat.md, 'Top-K'), clamped to [0, numel].
 
     Products within a relative 1e-9 of an integer count as that integer, so float error in ``1 - s`` does not add
     an entry (s=0.7, numel=10 gives 3, not 4).
@@ -201,7 +201,8 @@ def magnitude_threshold(t: Tensor, keep: int, *, estimator: str = "exact", sampl
     candidates through an integer view that Inductor mis-compiles under dynamic shapes), so under
     ``torch.compile`` it is a graph break, never a traced approximation.
 
-    The mask ``|t| >= thr`` then keeps exactly ``keep`` entries when there are no ties, more with ties (spec §1.2).
+    The mask ``|t| >= thr`` then keeps exactly ``keep`` entries when there are no ties, more with ties
+    (docs/methods/swat.md, 'Top-K').
     ``keep >= numel`` gives 0 (keep all); ``keep <= 0`` gives +inf. Computed in fp32 whatever ``t``'s dtype.
 
     estimator="exact" (default) is exact on every device; on CPU it uses a verified sample-bracketed selection
@@ -256,7 +257,7 @@ def magnitude_mask(t: Tensor, thr: Tensor | float) -> Tensor:
 
 
 def sparsify(t: Tensor, thr: Tensor | float | None) -> Tensor:
-    """``t`` where ``|t| >= thr``, else 0 (same dtype, shape and memory format); spec §1.2 ``drop_threshold``.
+    """``t`` where ``|t| >= thr``, else 0 (same dtype, shape and memory format); the official code's ``drop_threshold``.
 
     The threshold is taken as fp32 (a float is rounded to fp32 first) and compared exactly, whatever ``t``'s dtype.
     ``thr`` None, <= 0 or NaN returns ``t`` itself (no copy). A Python float, or a tensor on CPU, runs one fused
@@ -282,8 +283,8 @@ def sparsify(t: Tensor, thr: Tensor | float | None) -> Tensor:
 
 
 def structured_scores(w: Tensor, structure: str) -> Tensor:
-    """L1 scores (fp32) for structured weight Top-K, spec §1.2: "channel" → one per (out, in) kernel, shape
-    (Cout, Cin/groups); "filter" → one per output filter, shape (Cout,)."""
+    """L1 scores (fp32) for structured weight Top-K (docs/methods/swat.md, 'Structured'): "channel" → one per
+    (out, in) kernel, shape (Cout, Cin/groups); "filter" → one per output filter, shape (Cout,)."""
     if w.dim() < 2:
         raise ValueError(f"structured scores need a weight with >= 2 dims, got shape {tuple(w.shape)}")
     a = w.detach().abs().float()
@@ -296,7 +297,7 @@ def structured_scores(w: Tensor, structure: str) -> Tensor:
 
 def structured_keep_mask(w: Tensor, sparsity: float, structure: str) -> Tensor:
     """Bool mask broadcastable to ``w`` ((Cout, Cin, 1, 1) for "channel", (Cout, 1, 1, 1) for "filter") keeping
-    the ``ceil((1-s)·count)`` highest-scoring kernels or filters, ties kept (spec §1.2)."""
+    the ``ceil((1-s)·count)`` highest-scoring kernels or filters, ties kept (docs/methods/swat.md, 'Structured')."""
     scores = structured_scores(w, structure)
     keep = keep_count(scores.numel(), sparsity)
     thr = magnitude_threshold(scores, keep)

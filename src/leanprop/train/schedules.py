@@ -5,7 +5,7 @@
 - ``cosine``: half-cosine from ``lr`` to ``min_lr`` over the run (after any warm-up).
 - ``constant``.
 Linear warm-up (SWAT ImageNet recipe) multiplies any of them by ``(it+1)/(T+1)`` for ``it < T``,
-``T = warmup_epochs·steps_per_epoch`` (SWAT spec §2.2).
+``T = warmup_epochs·steps_per_epoch`` (the official SWAT ImageNet code; docs/configuration.md, ``schedule``).
 """
 
 from __future__ import annotations
