@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import threading
-import time
 from typing import Any
 
 PROBE_MARKER = "LEANPROP_PROBE_RESULT "
@@ -82,6 +81,7 @@ def run(payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
     import torch.nn.functional as F
 
     from leanprop.accounting.memory import autocast_context, build_model, make_batch, normalize_spec
+    from leanprop.timing import time_calls
 
     batch = int(payload.pop("batch"))
     limit = payload.pop("abort_above_bytes", None)
@@ -117,19 +117,21 @@ def run(payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
     startup_peak = peak_rss()
     rss_before = current_rss()
     reset = reset_peak_rss() if not cuda else False
-    t0 = time.perf_counter()
-    try:
+    losses = []
+
+    def step() -> None:  # the measured step: forward, cross-entropy, backward
         with autocast_context(spec):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        if cuda:
-            torch.cuda.synchronize(device)
+            losses.append(F.cross_entropy(model(x).float(), y))
+        losses[-1].backward()
+
+    try:
+        seconds = time_calls(step, reps=1, sync=(lambda: torch.cuda.synchronize(device)) if cuda else None)[0]
     except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) or the CPU allocator giving up
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
         stop.set()
         return {**base, "ok": False, "oom": True, "peak_bytes": None, "error": f"out of memory: {e}".split("\n")[0]}, 3
-    seconds = time.perf_counter() - t0
+    loss = losses[0]
     stop.set()
     out = {**base, "ok": True, "seconds": seconds, "loss": float(loss.detach()), "ru_maxrss_bytes": ru_maxrss(),
            "rss_before_bytes": rss_before}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from leanprop.blpa.packing import memory_format_of
+from leanprop.timing import time_calls
 
 __all__ = ["OPS", "FORMATS", "NO_SPARSE", "format_of", "KernelTiming", "conv_forward", "conv_grad_input",
            "conv_grad_weight", "linear_forward", "linear_grad_input", "linear_grad_weight", "conv_op_pairs",
@@ -155,14 +155,14 @@ class KernelTiming:
 
 
 def _median_ms(fn: Callable[[], Tensor], reps: int, sync: bool) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * statistics.median(time_calls(fn, reps=reps, sync=torch.cuda.synchronize if sync else None))
+
+
+def _first_run_ms(fn: Callable[[], Tensor], sync: bool) -> tuple[Tensor, float]:
+    """The result of one run of ``fn`` and its milliseconds."""
+    out: list[Tensor] = []
+    ms = 1e3 * time_calls(lambda: out.append(fn()), reps=1, sync=torch.cuda.synchronize if sync else None)[0]
+    return out[0], ms
 
 
 OpPairs = dict  # {op: (dense fn, {format: sparse fn})}
@@ -281,15 +281,11 @@ def _time_op(name: str, op: str, dense: Callable, sparse: dict[str, Callable], r
     notes = []
     for fmt, fn in sparse.items():
         _warm_up(fmt, ref)
-        t0 = time.perf_counter()
         try:
-            got = fn()  # the first run, and the check
+            got, ms = _first_run_ms(fn, sync)  # the first run, and the check
         except (RuntimeError, NotImplementedError) as e:
             notes.append(f"{fmt} failed: {str(e).splitlines()[0][:60]}")
             continue
-        if sync:
-            torch.cuda.synchronize()
-        ms = 1e3 * (time.perf_counter() - t0)
         if got.shape != ref.shape or float((got - ref).abs().max()) > tol * scale:
             notes.append(f"{fmt} result differs from dense")
             continue
