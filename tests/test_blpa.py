@@ -11,12 +11,12 @@ from torch import nn
 
 import leanprop
 from leanprop.blpa import quantizer as qz
-from leanprop.blpa.codec import SavedTensorCodec, find_codec
 from leanprop.blpa.config import BLPAConfig
 from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv
-from leanprop.blpa.kernels import load_kernels
-from leanprop.blpa.packing import flat_memory_view, pack_bits, unpack_bits
 from leanprop.models import create
+from leanprop.ops.codec import SavedTensorCodec, find_codec
+from leanprop.ops.kernels import load_kernels
+from leanprop.ops.packing import flat_memory_view, pack_bits, unpack_bits
 
 
 def _kernels():
@@ -292,7 +292,7 @@ def test_convert_reuses_parameters_and_loads_into_plain_model():
     opt.step()
     fresh = create("preact_resnet20", shortcut="pad")
     fresh.load_state_dict(model.state_dict())
-    with pytest.raises(ValueError, match="already BLPA-converted"):
+    with pytest.raises(ValueError, match=r"already converted \(blpa\)"):
         leanprop.convert_(model, BLPAConfig(bits=4))
 
 
@@ -368,7 +368,7 @@ def test_flat_memory_view_channels_last():
 
 @pytest.mark.parametrize("kernels", [None, "c"])
 def test_mask_relu_keeps_one_bit_and_exact_gradient(kernels):
-    from leanprop.blpa.functions import mask_relu
+    from leanprop.ops.saving_layers import mask_relu
 
     if kernels == "c" and KERNELS is None:
         pytest.skip("no working C compiler")
@@ -384,7 +384,7 @@ def test_mask_relu_keeps_one_bit_and_exact_gradient(kernels):
 
 
 def test_convert_swaps_outside_relus_to_masks_and_reverts():
-    from leanprop.nn.blpa_layers import MaskReLU
+    from leanprop.ops.saving_layers import MaskReLU
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
     with pytest.warns(RuntimeWarning, match="only the generic saved-tensor codec"):
@@ -410,8 +410,8 @@ def test_convert_imagenet_preact_resnet152():
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 16, 8, 8), (13,)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_mask_relu_compiled_equals_torch_and_keeps_the_input_layout(dtype, shape, channels_last):
-    from leanprop.blpa.functions import mask_relu
-    from leanprop.blpa.kernels import load_kernels
+    from leanprop.ops.kernels import load_kernels
+    from leanprop.ops.saving_layers import mask_relu
 
     k = load_kernels(required=False)
     if k is None:
@@ -439,7 +439,7 @@ def test_mask_relu_compiled_equals_torch_and_keeps_the_input_layout(dtype, shape
 
 def test_c_kernels_refuse_tensors_off_the_cpu():
     """The C kernels read raw host pointers: a tensor on another device is an error, never handed to C."""
-    from leanprop.blpa.kernels import load_kernels
+    from leanprop.ops.kernels import load_kernels
 
     k = load_kernels(required=False)
     if k is None:

@@ -17,8 +17,8 @@ from torch import nn
 import leanprop
 from leanprop import models
 from leanprop.accounting.memory import saved_bytes
-from leanprop.blpa.codec import SavedTensorCodec, _Packed, find_codec
 from leanprop.modes import CompileStats
+from leanprop.ops.codec import SavedTensorCodec, _Packed, find_codec
 
 
 def _create(name: str) -> nn.Module:

@@ -130,13 +130,14 @@ def test_section_inherited_from_base_can_be_removed(tmp_path):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["blpa.bits=8"], r"a blpa: section is set but method.name is not 'blpa' or 'swat\+blpa' "
-                          r"\(it is 'dense'\): set method.name=blpa \(or remove the blpa: section\)"),
+        (["blpa.bits=8"], r"a blpa: section is set but method.name='dense' does not use blpa: "
+                          r"set method.name=blpa \(or remove the blpa: section\)"),
         (["method.name=swat", "blpa.bits=8"], r"set method.name=swat\+blpa"),
         (["method.name=blpa", "swat.sparsity=0.5"], r"a swat: section is set .* set method.name=swat\+blpa"),
-        (["swat.sparsity=0.5"], r"a swat: section is set .*\(it is 'dense'\): set method.name=swat "),
-        (["method.name=blpaa"], r"method.name='blpaa' is not one of: dense, swat, blpa, swat\+blpa. "
-                                r"Did you mean 'blpa'\?"),
+        (["swat.sparsity=0.5"], r"a swat: section is set .*'dense' does not use swat: set method.name=swat "),
+        (["method.name=blpaa"], r"method.name='blpaa': unknown method 'blpaa'.* Did you mean 'blpa'\?"),
+        (["method.name=swat-u90+swat-u80"], r"names swat twice"),
+        (["method.name=swat-q90"], r"unknown SWAT preset 'q90'"),
         (["method.name=blpa", "blpa.bitz=4"], r"Unknown config key 'blpa.bitz'. Did you mean 'bits'\?"),
         (["method.name=blpa", "blpa.windw=2"], r"Did you mean 'window'\?"),
         (["method.name=blpa", "blpa.bits=3"], r"blpa: BLPA bits must be one of \(2, 4, 8, 32\), got 3"),

@@ -12,10 +12,10 @@ from torch import nn
 import leanprop
 from leanprop import models
 from leanprop.accounting.memory import saved_bytes
-from leanprop.blpa.codec import SavedTensorCodec
-from leanprop.nn.blpa_layers import BLPABatchNorm2d, SWATFusedConvTail
-from leanprop.nn.combined import CombinedController
-from leanprop.nn.swat_layers import SWAT_LAYERS, SWATConv2d
+from leanprop.blpa.layers import BLPABatchNorm2d
+from leanprop.methods import ComposedController
+from leanprop.ops.codec import SavedTensorCodec
+from leanprop.swat.layers import SWAT_LAYERS, SWATConv2d
 
 
 def _preact():
@@ -34,9 +34,9 @@ def test_combined_convert_swaps_each_layer_once_and_reverts():
     keys = list(plain.state_dict())
     model = copy.deepcopy(plain)
     ctl = leanprop.convert_(model, [leanprop.BLPAConfig(bits=4), leanprop.SWATConfig(sparsity=0.9)])  # any order
-    assert isinstance(ctl, CombinedController)
+    assert isinstance(ctl, ComposedController) and [p.name for p in ctl.parts] == ["swat", "blpa"]
     assert list(model.state_dict()) == keys
-    tails = [n for n, m in model.named_modules() if isinstance(m, SWATFusedConvTail)]
+    tails = [n for n, m in model.named_modules() if isinstance(m, SWATConv2d) and m.in_fused_unit]
     assert len(tails) == len(ctl.blpa.units) - sum(u.conv is None for u in ctl.blpa.units) > 0
     for n in tails:  # the SWAT controller drives the very objects inside the units
         assert ctl.swat.layers[n] is model.get_submodule(n)
@@ -47,7 +47,7 @@ def test_combined_convert_swaps_each_layer_once_and_reverts():
         m, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)) for m in model.modules())
     assert not any(isinstance(m, (SWATConv2d, BLPABatchNorm2d)) for m in model.modules())
     assert list(model.state_dict()) == keys
-    with pytest.raises(TypeError, match="one SWATConfig and one BLPAConfig"):
+    with pytest.raises(TypeError, match="one config per method"):
         leanprop.convert_(copy.deepcopy(plain), [leanprop.SWATConfig(), leanprop.SWATConfig()])
 
 
@@ -97,7 +97,7 @@ def test_controller_state_roundtrip_and_wrong_state():
                                          leanprop.BLPAConfig(bits=8)])
     other.load_state_dict(state)
     assert other.state_dict()["swat"]["step"] == state["swat"]["step"] == 3
-    with pytest.raises(ValueError, match="SWAT\\+BLPA"):
+    with pytest.raises(ValueError, match=r"not a swat\+blpa state"):
         other.load_state_dict(state["swat"])
 
 

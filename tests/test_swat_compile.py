@@ -16,7 +16,7 @@ import leanprop
 from leanprop import models
 from leanprop.accounting.memory import saved_bytes
 from leanprop.modes import CompileStats
-from leanprop.nn.swat_layers import EagerReLU
+from leanprop.ops.saving_layers import EagerReLU
 from leanprop.swat.topk import _reference_threshold, keep_count, magnitude_threshold
 
 VARIANTS = {

@@ -9,7 +9,7 @@ from torch import nn
 
 import leanprop
 from leanprop import models
-from leanprop.nn import SWATConv2d, SWATLinear
+from leanprop.swat.layers import SWATConv2d, SWATLinear
 from leanprop.swat.topk import keep_count
 
 

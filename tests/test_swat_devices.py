@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import leanprop
-from leanprop.nn.swat_layers import SWATConv2d, top_filters
-from leanprop.swat import storage
+from leanprop.ops import sparse_storage as storage
 from leanprop.swat.controller import SWATController
+from leanprop.swat.layers import SWATConv2d, top_filters
 from leanprop.swat.topk import _reference_threshold, _select_device, keep_count, structured_keep_mask
 
 

@@ -10,9 +10,9 @@ from torch import nn
 
 import leanprop
 from leanprop import models
-from leanprop.nn import SWATConv2d
 from leanprop.swat import functions as swat_functions
 from leanprop.swat.functions import swat_conv2d, swat_filter_conv2d
+from leanprop.swat.layers import SWATConv2d
 from leanprop.swat.topk import keep_count, magnitude_threshold, structured_keep_mask
 
 

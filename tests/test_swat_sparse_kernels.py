@@ -245,7 +245,7 @@ def test_swat_blpa_fused_unit_convs_stay_on_their_fused_kernel():
         torch.manual_seed(0)
         model = models.create("preact_resnet20", num_classes=10, shortcut="pad")
         ctl = convert_(model, [SWATConfig(sparsity=0.8, sparse_kernels=mode), BLPAConfig(bits=4)])
-        fused = [layer for layer in ctl.swat.layers.values() if getattr(layer, "_unit_active", False)]
+        fused = [layer for layer in ctl.swat.layers.values() if getattr(layer, "in_fused_unit", False)]
         assert fused and all(sk.eligible(layer) is not None for layer in fused)
         if mode == "always":
             assert any(op for layer in ctl.swat.layers.values() for op in layer.sparse_ops)

@@ -12,9 +12,9 @@ from torch import nn
 import leanprop
 from leanprop import models
 from leanprop.accounting.memory import saved_bytes
-from leanprop.nn.blpa_layers import MaskReLU
+from leanprop.ops.saving_layers import MaskReLU
+from leanprop.ops.sparse_storage import pack_above, pack_mask, pack_sparse, unpack_mask, unpack_sparse
 from leanprop.swat.functions import swat_conv2d, swat_linear
-from leanprop.swat.storage import pack_above, pack_mask, pack_sparse, unpack_mask, unpack_sparse
 from leanprop.swat.topk import keep_count, magnitude_mask, magnitude_threshold, sparsify
 
 
@@ -114,7 +114,7 @@ def test_convert_compressed_model_matches_uncompressed_and_reverts():
         assert torch.allclose(ga[n], gb[n], rtol=0, atol=1e-6), n
     leanprop.revert_(b)
     assert not any(isinstance(m, MaskReLU) for m in b.modules())
-    assert all(type(m) is not leanprop.nn.SWATConv2d for m in b.modules())
+    assert all(type(m) is not leanprop.swat.layers.SWATConv2d for m in b.modules())
 
 
 def test_compressed_swat_keeps_fewer_bytes_for_backward():
@@ -141,7 +141,7 @@ def _pool_net() -> nn.Module:
 
 
 def test_compressed_swat_max_pool_keeps_window_positions_with_the_same_gradients():
-    from leanprop.nn.blpa_layers import IndexMaxPool2d
+    from leanprop.ops.saving_layers import IndexMaxPool2d
 
     torch.manual_seed(0)
     plain = _pool_net()
@@ -165,7 +165,7 @@ def test_compressed_swat_max_pool_keeps_window_positions_with_the_same_gradients
     (3, 2, 1, 2, True, (2, 3, 10, 11), False), (3, 1, 1, 1, False, (2, 4, 7, 7), True),
     (3, 2, 0, 1, True, (3, 8, 8), False)])
 def test_max_pool_window_index_equals_max_pool2d(k, s, p, d, ceil, shape, channels_last):
-    from leanprop.blpa.functions import max_pool2d_window_index
+    from leanprop.ops.saving_layers import max_pool2d_window_index
 
     torch.manual_seed(1)
     x = torch.randn(*shape, dtype=torch.float64)
@@ -195,7 +195,7 @@ def test_magnitude_mask_matches_sparsify_support():
 @pytest.mark.parametrize("numel", [1, 13, 8 * 1000, (1 << 16) * 3 + 5])  # tails: within a byte, a chunk, chunks
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.01])
 def test_compiled_pack_equals_the_torch_pack(dtype, numel, density):
-    from leanprop.swat.storage import _kernels
+    from leanprop.ops.sparse_storage import _kernels
 
     if _kernels() is None:
         pytest.skip("no C compiler: the compiled packer is not built")
@@ -215,7 +215,7 @@ def test_compiled_pack_equals_the_torch_pack(dtype, numel, density):
 def test_measured_activation_density_counts_the_nonzeros_of_x_s():
     """A threshold of 0 (more natural zeros than the target drops) keeps only the non-zeros, and so says the
     measurement (it used to count every entry as kept)."""
-    from leanprop.nn.swat_layers import _kept_density
+    from leanprop.swat.layers import _kept_density
 
     x = torch.zeros(1000)
     x[:150] = torch.rand(150) + 0.1  # 85 % zeros

@@ -4,8 +4,10 @@ import functools
 import pytest
 import torch
 
+import leanprop
 from leanprop import config as C
 from leanprop.blpa.config import BLPAConfig
+from leanprop.methods import Controller
 from leanprop.swat.config import SWATConfig
 from leanprop.train.checkpoint import load_checkpoint
 from leanprop.train.trainer import Trainer
@@ -171,11 +173,24 @@ def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(tmp_pa
 
 
 # ---------------------------------------------------------------- build_method and the method summary
-class _FakeController:
-    """The controller interface the trainer relies on; like BLPA's, it has no measured_sparsity."""
+class _FakeController(Controller):
+    """A method plugged in through the Controller protocol: the trainer names no method, it only calls these."""
+
+    name = "fake"
 
     def __init__(self):
-        self.steps, self.epochs = 0, []
+        self.steps, self.epochs, self.prepared, self.optimizer = 0, [], 0, None
+
+    def attach_optimizer(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def needs_prepare(self):
+        return self.prepared == 0
+
+    def prepare(self, example_input, *, progress=None, timer=None, out_dir=None):
+        self.prepared += 1
+        return "fake prepared on a batch of " + str(example_input.shape[0])
 
     def step(self):
         self.steps += 1
@@ -189,66 +204,63 @@ class _FakeController:
     def load_state_dict(self, state):
         self.steps = state["steps"]
 
-    def summary(self):
-        return "unit table of the fake controller"
+    def metrics(self):
+        return {"weight_sparsity": 0.25}
+
+    def summary_lines(self, model, input_shape, out_dir=None):
+        (out_dir / "fake_table.txt").write_text("table\n")
+        return [f"  fake method on {tuple(input_shape)}"]
 
 
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        ([], None),
-        (["method.name=swat", "swat.sparsity=0.5"], SWATConfig(sparsity=0.5)),
-        (["method.name=blpa", "blpa.bits=8"], BLPAConfig(bits=8)),
-        (["method.name=blpa"], BLPAConfig()),
-        (["method.name=swat+blpa", "blpa.bits=2"], [SWATConfig(), BLPAConfig(bits=2)]),
+        ([], []),
+        (["method.name=swat", "swat.sparsity=0.5"], [SWATConfig(sparsity=0.5)]),
+        (["method.name=swat-erk80"], [SWATConfig(sparsity=0.8, distribution="erk")]),
+        (["method.name=blpa", "blpa.bits=8"], [BLPAConfig(bits=8)]),
+        (["method.name=blpa"], [BLPAConfig()]),
+        (["method.name=blpa2+swat"], [SWATConfig(), BLPAConfig(bits=2)]),
+        (["method.name=swat-u80+blpa", "blpa.bits=2", "swat.topk_period=5"],
+         [SWATConfig(sparsity=0.8, topk_period=5), BLPAConfig(bits=2)]),
     ],
-    ids=["dense", "swat", "blpa8", "blpa-defaults", "swat+blpa"],
+    ids=["dense", "swat", "swat-erk80", "blpa8", "blpa-defaults", "blpa2+swat", "preset+sections"],
 )
 def test_build_method_passes_the_method_configs_to_convert(monkeypatch, overrides, expected):
-    from leanprop.nn import convert as convert_mod
-    from leanprop.train.trainer import build_method
+    from leanprop.train import trainer
 
     calls = []
-    monkeypatch.setattr(convert_mod, "convert_", lambda model, config: calls.append(config) or "controller")
-    out = build_method(torch.nn.Linear(2, 2), C.load(None, overrides))
-    if expected is None:
-        assert out is None and calls == []
-    else:
-        assert out == "controller" and calls == [expected]
+    monkeypatch.setattr(trainer, "convert_", lambda model, config: calls.append(config) or "controller")
+    out = trainer.build_method(torch.nn.Linear(2, 2), C.load(None, overrides))
+    assert out == "controller" and calls == [expected]
 
 
-def test_build_method_combined_needs_a_convert_that_combines(monkeypatch):
-    from leanprop.nn import convert as convert_mod
-    from leanprop.train.trainer import build_method
-
-    def old_convert(model, config):
-        raise TypeError("convert_: unsupported config list; pass a leanprop.SWATConfig")
-
-    monkeypatch.setattr(convert_mod, "convert_", old_convert)
-    with pytest.raises(C.ConfigError, match=r"method.name=swat\+blpa: .*cannot combine methods"):
-        build_method(torch.nn.Linear(2, 2), C.load(None, ["method.name=swat+blpa"]))
-
-
-def test_blpa_run_summary_without_measured_sparsity(tmp_path, monkeypatch, capsys):
-    """The trainer's BLPA path with a stand-in controller: summary file and line, no sparsity columns."""
-    from leanprop.nn import convert as convert_mod
+def test_trainer_drives_any_method_through_the_protocol(tmp_path, monkeypatch, capsys):
+    """A stand-in method: prepare on the first batch, step, epoch hooks, metrics, state and summary lines."""
+    from leanprop.train import trainer
 
     fake = _FakeController()
-    monkeypatch.setattr(convert_mod, "convert_", lambda model, config: fake)
-    cfg = C.load(None, synth_overrides(tmp_path, "train.epochs=2", "method.name=blpa", "blpa.bits=2",
-                                       "blpa.codec_bits=null"))
+    monkeypatch.setattr(trainer, "convert_", lambda model, config: fake)
+    cfg = C.load(None, synth_overrides(tmp_path, "train.epochs=2", "method.name=blpa2"))
     res = Trainer(cfg, progress=False).fit()
-    out = capsys.readouterr().out
-    assert fake.steps == 8 and fake.epochs == [0, 1]
-    assert (res.run_dir / "blpa_units.txt").read_text() == "unit table of the fake controller\n"
-    line = next(x for x in out.splitlines() if "BLPA activations" in x)
-    assert "2-bit codes" in line and "mode signaware" in line and "kept as they are" in line
-    assert str(res.run_dir / "blpa_units.txt") in line
-    assert "measured sparsity" not in out and "training FLOPs" not in out
-    assert not (res.run_dir / "swat_layers.txt").exists()
-    row = _rows(res.run_dir)[-1]
-    assert row["weight_sparsity"] == "" and row["act_sparsity"] == ""
+    out, err = capsys.readouterr()
+    assert fake.steps == 8 and fake.epochs == [0, 1] and fake.prepared == 1 and fake.optimizer is not None
+    assert "fake prepared on a batch of 16" in err
+    assert "  fake method on (1, 3, 32, 32)" in out
+    assert (res.run_dir / "fake_table.txt").read_text() == "table\n"
+    assert float(_rows(res.run_dir)[-1]["weight_sparsity"]) == 0.25
     assert load_checkpoint(res.run_dir / "checkpoint.pt")["method"] == {"steps": 8}
+
+
+def test_blpa_summary_lines_write_the_unit_table(tmp_path):
+    from leanprop import models
+
+    model = models.create("preact_resnet8", num_classes=10, shortcut="pad")
+    ctl = leanprop.convert_(model, BLPAConfig(bits=2, codec_bits=None))
+    (line,) = ctl.summary_lines(model, (1, 3, 32, 32), tmp_path)
+    assert "2-bit codes" in line and "mode signaware" in line and "kept as they are" in line
+    table = tmp_path / "blpa_units.txt"
+    assert str(table) in line and table.read_text() == ctl.summary() + "\n"
 
 
 def test_build_method_blpa_real():

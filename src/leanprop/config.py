@@ -93,21 +93,16 @@ class TrainConfig:
     deterministic: bool = False
 
 
-# method.name -> the method sections it uses, in the order convert_ applies them. "swat+blpa" combines both
-# (convert_ with a list of configs); each section may only be set when its method is in method.name.
-METHODS: dict[str, tuple[str, ...]] = {
-    "dense": (),
-    "swat": ("swat",),
-    "blpa": ("blpa",),
-    "swat+blpa": ("swat", "blpa"),
-}
+#: The top-level sections that hold a method's settings, by method name (leanprop.methods). A section overlays the
+#: config its method's spec word names: ``method.name=swat-u90`` + ``swat: {topk_period: 10}``.
 METHOD_SECTIONS: dict[str, type] = {"swat": SWATConfig, "blpa": BLPAConfig}
 
 
 @dataclass
 class MethodConfig:
-    """Which back-propagation method trains the model: ``dense`` (plain PyTorch), ``swat``, ``blpa`` or
-    ``swat+blpa``; the settings are in the top-level ``swat:`` / ``blpa:`` sections."""
+    """Which back-propagation method trains the model, as a method spec (:func:`leanprop.methods.parse_method`):
+    ``dense``, ``checkpoint``, ``swat``, ``swat-u90``, ``blpa4``, ``swat-u90+blpa4``...; a top-level ``swat:`` /
+    ``blpa:`` section overrides settings of the config the spec names."""
 
     name: str = "dense"
 
@@ -130,13 +125,36 @@ class RunConfig:
 
 
 def method_configs(cfg: RunConfig) -> list[Any]:
-    """The method configs ``convert_`` needs for ``cfg.method.name`` (an unset section: its defaults).
+    """The method configs ``convert_`` needs for ``cfg.method.name`` (``[]`` for dense), each replaced by its
+    section when that is set (:func:`from_dict` has overlaid the section on the spec's config already)."""
+    return [getattr(cfg, _section_of(c), None) or c for c in _parse_spec(cfg.method.name)]
 
-    ``[]`` for dense, ``[SWATConfig]``, ``[BLPAConfig]``, or ``[SWATConfig, BLPAConfig]`` for swat+blpa.
-    """
-    if cfg.method.name not in METHODS:
-        raise ConfigError(f"method.name={cfg.method.name!r} is not one of: {', '.join(METHODS)}")
-    return [getattr(cfg, s) or METHOD_SECTIONS[s]() for s in METHODS[cfg.method.name]]
+
+def _parse_spec(name: str) -> list[Any]:
+    from leanprop.methods import parse_method
+
+    try:
+        return parse_method(name)
+    except ValueError as e:
+        raise ConfigError(f"method.name={name!r}: {e}") from None
+
+
+def _section_of(config: Any) -> str:
+    from leanprop.methods import method_for
+
+    return method_for(config).name
+
+
+def _overlay_method_sections(data: dict) -> None:
+    """Each method section set in ``data`` becomes the whole config of its method: the spec word's config (e.g. the
+    ``swat-u90`` preset) with the section's keys on top."""
+    spec = (data.get("method") or {}).get("name", "dense")
+    if not isinstance(spec, str):
+        raise ConfigError(f"method.name: expected a method spec string, got {spec!r}")
+    for config in _parse_spec(spec):
+        section = _section_of(config)
+        if section in METHOD_SECTIONS and isinstance(data.get(section), dict):
+            data[section] = {**to_dict(config), **data[section]}
 
 
 class ConfigError(ValueError):
@@ -236,7 +254,9 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(data: dict) -> RunConfig:
-    cfg = _from_dict(RunConfig, data or {})
+    data = dict(data or {})
+    _overlay_method_sections(data)
+    cfg = _from_dict(RunConfig, data)
     validate(cfg)
     return cfg
 
@@ -307,7 +327,6 @@ _CHOICES = {
     "schedule.name": ("constant", "multistep", "cosine", "piecewise"),
     "train.save_best": ("none", "val"),
     "train.progress": ("auto", "on", "off", True, False),
-    "method.name": tuple(METHODS),
 }
 
 
@@ -338,13 +357,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("schedule.warmup_epochs must be >= 0")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError("threads must be >= 1")
+    used = {_section_of(c) for c in _parse_spec(cfg.method.name)}
     for section in METHOD_SECTIONS:
-        if getattr(cfg, section) is not None and section not in METHODS[cfg.method.name]:
-            users = " or ".join(repr(m) for m, parts in METHODS.items() if section in parts)
-            wanted = {*METHODS[cfg.method.name], section}
-            fix = next(m for m, parts in METHODS.items() if set(parts) == wanted)
-            raise ConfigError(f"a {section}: section is set but method.name is not {users} "
-                              f"(it is {cfg.method.name!r}): set method.name={fix} "
-                              f"(or remove the {section}: section)")
+        if getattr(cfg, section) is not None and section not in used:
+            from leanprop.methods import method_for
+
+            words = [w.strip() for w in cfg.method.name.split("+") if w.strip() != "dense"] + [section]
+            fix = "+".join(sorted(words, key=lambda w: method_for(_parse_spec(w)[0]).order))
+            raise ConfigError(f"a {section}: section is set but method.name={cfg.method.name!r} does not use "
+                              f"{section}: set method.name={fix} (or remove the {section}: section)")
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path: the .npz file with x_train, y_train, x_test, y_test")

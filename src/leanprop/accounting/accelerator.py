@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .flops import FlopReport
+from leanprop.ops.flops import FlopReport
 
 __all__ = ["estimate_speedup", "format_speedup", "paper_dnnsim", "PAPER_DNNSIM"]
 

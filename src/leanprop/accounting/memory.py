@@ -16,9 +16,8 @@ Three instruments (docs/methods/blpa.md, docs/benchmarks.md):
 * :func:`max_batch` finds the largest batch whose fresh-process peak fits a memory cap: doubling, then
   binary search; a probe that crashes or is killed (out of memory) counts as "does not fit".
 
-Methods (``spec["method"]``): ``dense`` (plain PyTorch), ``checkpoint`` (``torch.utils.checkpoint`` per
-residual block, :mod:`leanprop.nn.checkpointing`), ``blpaK`` (``leanprop.convert_(model, BLPAConfig(bits=K))``),
-``swat-u90`` / ``swat-erk90`` / ``swat-filter70`` ... (``SWATConfig``; ``-packed``: ``compress_saved=True``).
+Methods (``spec["method"]``): any method spec of :func:`leanprop.methods.parse_method` -- ``dense``,
+``checkpoint``, ``blpa4``, ``swat-u90-packed``, ``swat-u90+blpa4``...
 """
 
 from __future__ import annotations
@@ -37,12 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanprop.ops.codec import find_codec
+
 from .memory_probe import PROBE_MARKER
 
 __all__ = [
     "KINDS", "METHODS", "SavedRecord", "SavedTensorLedger", "SavedBytesReport", "MaxBatchResult",
-    "MethodUnavailable", "saved_bytes", "peak_memory", "max_batch", "normalize_spec", "parse_method",
-    "apply_method", "build_model", "find_codec", "parse_size", "format_bytes",
+    "saved_bytes", "peak_memory", "max_batch", "normalize_spec", "apply_method", "build_model", "find_codec",
+    "make_batch", "parse_size", "format_bytes",
 ]
 
 #: Kinds of saved tensors, in display order.
@@ -53,10 +54,6 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 _CODES = (torch.uint8, torch.int8)
 _INDEX = (torch.int16, torch.int32, torch.int64)
-
-
-class MethodUnavailable(ValueError):
-    """The method exists but cannot run in this build (e.g. ``convert_`` does not accept a BLPAConfig yet)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -319,18 +316,6 @@ class SavedBytesReport:
         return ledger.table(max_rows=max_rows)
 
 
-def find_codec(model: nn.Module) -> Any | None:
-    """The saved-tensor codec of a BLPA-converted model (``leanprop.blpa.codec.find_codec``), or None when the
-    model has none or this build has no BLPA codec module yet."""
-    try:
-        from leanprop.blpa.codec import find_codec as _find
-    except ImportError as e:
-        if e.name in ("leanprop.blpa.codec", "leanprop.blpa"):
-            return None
-        raise
-    return _find(model)
-
-
 def _default_loss(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)):
         output = output[0]
@@ -400,82 +385,14 @@ def saved_bytes(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
 # benchmark specs: model + method
 
 
-_SWAT_METHOD = re.compile(r"swat-(u|erk|m|channel|filter)(\d+)(-p\d+)?(-packed)?")
-_SWAT_KINDS = {"u": ("uniform", None), "erk": ("erk", None), "m": ("momentum", None),
-               "channel": ("uniform", "channel"), "filter": ("uniform", "filter")}
-_METHOD_HELP = ("use dense, checkpoint, blpaK (K = 8, 4, 2 or 32 bits), swat-<u|erk|m|channel|filter><percent>"
-                "[-packed] (e.g. swat-u90, swat-u90-packed; swat-filter70-p10: pruned filters' weight gradient every "
-                "10 steps) or swat-...+blpaK (e.g. swat-u90+blpa4)")
-
-
-def parse_method(method: str) -> tuple[str, Any]:
-    """``"dense"`` -> ``("dense", None)``, ``"checkpoint"`` -> ``("checkpoint", None)``, ``"blpa4"`` ->
-    ``("blpa", 4)``, ``"swat-erk90"`` -> ``("swat", SWATConfig(sparsity=0.9, distribution="erk"))``;
-    ``-packed`` turns on ``compress_saved``; ``"swat-u90+blpa4"`` -> ``("swat+blpa", [SWATConfig, BLPAConfig])``.
-    Unknown names and bit widths BLPAConfig rejects raise
-    ``ValueError``."""
-    name = str(method).strip().lower()
-    if name in ("dense", "checkpoint"):
-        return name, None
-    if "+" in name:  # swat-u90+blpa4: both on one model
-        left, _, right = name.partition("+")
-        (k1, swat), (k2, bits) = parse_method(left), parse_method(right)
-        if (k1, k2) != ("swat", "blpa"):
-            raise ValueError(f"unknown method {method!r}: a combination is swat-...+blpaK, e.g. swat-u90+blpa4")
-        from leanprop.blpa.config import BLPAConfig
-
-        return "swat+blpa", [swat, BLPAConfig(bits=bits)]
-    m = _SWAT_METHOD.fullmatch(name)
-    if m is not None:
-        from leanprop.swat.config import SWATConfig
-
-        percent = int(m.group(2))
-        if not 0 <= percent < 100:
-            raise ValueError(f"unknown method {method!r}: SWAT sparsity must be 0-99 %")
-        distribution, structure = _SWAT_KINDS[m.group(1)]
-        period = int(m.group(3)[2:]) if m.group(3) else 1
-        if period > 1 and structure != "filter":
-            raise ValueError(f"unknown method {method!r}: -pN (dense_grad_period) applies to swat-filterNN only")
-        return "swat", SWATConfig(sparsity=percent / 100, distribution=distribution, structure=structure,
-                                  dense_grad_period=max(1, period), compress_saved=m.group(4) is not None)
-    m = re.fullmatch(r"blpa(\d+)", name)
-    if m is None:
-        raise ValueError(f"unknown method {method!r}; {_METHOD_HELP}")
-    from leanprop.blpa.config import BITS
-
-    bits = int(m.group(1))
-    if bits not in BITS:
-        raise ValueError(f"unknown method {method!r}: BLPA bits must be one of {BITS}")
-    return "blpa", bits
-
-
 def apply_method(model: nn.Module, method: str) -> Any:
-    """Prepare ``model`` in place for ``method``; returns what the method returns (number of checkpointed
-    blocks, the BLPA or SWAT controller, or None for dense).  Raises :class:`MethodUnavailable` when
-    ``leanprop.convert_`` does not take a BLPAConfig in this build, ``ValueError`` when a model has no block
-    to checkpoint."""
-    kind, arg = parse_method(method)
-    if kind == "dense":
-        return None
-    if kind == "checkpoint":
-        from leanprop.nn.checkpointing import checkpoint_blocks_
+    """Prepare ``model`` in place for the method spec ``method`` (:func:`leanprop.methods.parse_method`) and
+    return its :class:`~leanprop.methods.Controller` (dense: the base controller). ``ValueError`` for an unknown
+    spec, or a model the method cannot convert (e.g. ``checkpoint`` on a model without residual blocks)."""
+    from leanprop.methods import parse_method
+    from leanprop.nn.convert import convert_
 
-        n = checkpoint_blocks_(model)
-        if n == 0:
-            raise ValueError(f"method 'checkpoint': {type(model).__name__} has no residual block to checkpoint "
-                             "(no composite child of an nn.Sequential)")
-        return n
-    import leanprop
-
-    if kind in ("swat", "swat+blpa"):
-        return leanprop.convert_(model, arg)
-    from leanprop.blpa.config import BLPAConfig
-
-    try:
-        return leanprop.convert_(model, BLPAConfig(bits=arg))
-    except TypeError as e:
-        raise MethodUnavailable(f"method {method!r} is not available: leanprop.convert_ rejected a BLPAConfig "
-                                f"({e})") from e
+    return convert_(model, parse_method(method))
 
 
 _SPEC_KEYS = ("model", "model_kwargs", "input_shape", "num_classes", "method", "device", "threads", "dtype",
@@ -510,6 +427,8 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "channels_last": bool(spec.get("channels_last", False)),
         "seed": int(spec.get("seed", 0)),
     }
+    from leanprop.methods import parse_method
+
     parse_method(out["method"])
     if out["dtype"] not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {out['dtype']!r}")
@@ -542,14 +461,6 @@ def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     model.to(device)
     model.train()
     return model, handle
-
-
-def autocast_context(spec: dict[str, Any]) -> contextlib.AbstractContextManager:
-    """Autocast for ``spec["dtype"]`` on the spec's device (a no-op for fp32)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("dtype", "fp32"))
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(spec["device"]).type, dtype=dtype)
 
 
 def make_batch(spec: dict[str, Any], batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,7 +80,8 @@ def run(payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
     import torch
     import torch.nn.functional as F
 
-    from leanprop.accounting.memory import autocast_context, build_model, make_batch, normalize_spec
+    from leanprop.accounting.memory import build_model, make_batch, normalize_spec
+    from leanprop.ops.autocast import autocast_context
     from leanprop.timing import time_calls
 
     batch = int(payload.pop("batch"))
@@ -104,7 +105,7 @@ def run(payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
     model, _ = build_model(spec)
     if warmup:  # first-call costs (lazy imports, kernel/thread-pool set-up) are not the step's memory
         wx, wy = make_batch(spec, 2)
-        with autocast_context(spec):
+        with autocast_context(spec["device"], spec["dtype"]):
             F.cross_entropy(model(wx).float(), wy).backward()
         model.zero_grad(set_to_none=True)
         del wx, wy
@@ -120,7 +121,7 @@ def run(payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
     losses = []
 
     def step() -> None:  # the measured step: forward, cross-entropy, backward
-        with autocast_context(spec):
+        with autocast_context(spec["device"], spec["dtype"]):
             losses.append(F.cross_entropy(model(x).float(), y))
         losses[-1].backward()
 

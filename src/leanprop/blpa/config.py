@@ -51,6 +51,18 @@ class BLPAConfig:
         if self.kernels not in KERNELS:
             raise ValueError(f"BLPA kernels {self.kernels!r}: use one of {', '.join(KERNELS)}")
 
+    @classmethod
+    def preset(cls, name: str) -> BLPAConfig:
+        """A named configuration: the code width, ``"8"``, ``"4"``, ``"2"`` or ``"32"`` (lossless check mode);
+        the other settings keep their defaults."""
+        try:
+            bits = int(str(name).strip())
+        except ValueError:
+            bits = None
+        if bits not in BITS:
+            raise ValueError(f"unknown BLPA preset {name!r}: use the bits, one of {', '.join(map(str, BITS))}")
+        return cls(bits=bits)
+
     @property
     def levels(self) -> int:
         """n = 2^K code levels."""

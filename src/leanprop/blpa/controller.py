@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from leanprop.blpa.codec import SavedTensorCodec
 from leanprop.blpa.config import BLPAConfig
+from leanprop.methods import Controller
+from leanprop.ops.codec import SavedTensorCodec
+from leanprop.ops.fusion import FusableConv
+from leanprop.ops.saving_layers import MaskReLU
+from leanprop.utils import atomic_write_text
 
 __all__ = ["Unit", "find_units", "BLPAController"]
 
@@ -25,6 +30,14 @@ class Unit:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _is_relu(m: nn.Module | None) -> bool:
+    return type(m) in (nn.ReLU, MaskReLU)  # MaskReLU: another method already made it keep a mask
+
+
+def _is_conv(m: nn.Module | None) -> bool:
+    return type(m) is nn.Conv2d or (isinstance(m, nn.Conv2d) and isinstance(m, FusableConv))
 
 
 def find_units(model: nn.Module) -> list[Unit]:
@@ -46,26 +59,29 @@ def find_units(model: nn.Module) -> list[Unit]:
             names = list(module._modules)
             for i in range(len(names) - 1):
                 a, b = module._modules[names[i]], module._modules[names[i + 1]]
-                if type(a) is nn.BatchNorm2d and type(b) is nn.ReLU:
+                if type(a) is nn.BatchNorm2d and _is_relu(b):
                     c = module._modules[names[i + 2]] if i + 2 < len(names) else None
-                    runs.append((names[i], names[i + 1], names[i + 2] if type(c) is nn.Conv2d else None))
+                    runs.append((names[i], names[i + 1], names[i + 2] if _is_conv(c) else None))
         for bn, relu, conv in runs:
             full = Unit(_join(prefix, bn), _join(prefix, relu), _join(prefix, conv) if conv else None)
             parts = {full.bn, full.relu} | ({full.conv} if full.conv else set())
             if parts & claimed:
                 continue
             mods = dict(module.named_children())
-            if type(mods.get(bn)) is not nn.BatchNorm2d or type(mods.get(relu)) is not nn.ReLU:
+            if type(mods.get(bn)) is not nn.BatchNorm2d or not _is_relu(mods.get(relu)):
                 continue
-            if conv is not None and type(mods.get(conv)) is not nn.Conv2d:
+            if conv is not None and not _is_conv(mods.get(conv)):
                 continue
             claimed |= parts
             units.append(full)
     return units
 
 
-class BLPAController:
+class BLPAController(Controller):
     """State and reporting of a BLPA-converted model (BLPA keeps no per-step state of its own)."""
+
+    name = "blpa"
+    flops_basis = "as dense (BLPA changes storage only)"
 
     def __init__(self, model: nn.Module, units: list[Unit], cfg: BLPAConfig, codec: SavedTensorCodec | None,
                  kernels_path: str | None):
@@ -84,12 +100,6 @@ class BLPAController:
         (:func:`leanprop.modes.check_mode` refuses the mode at configuration time). BLPA declares no refusal:
         the compiled C kernels serve CPU tensors only and CUDA tensors take the torch-op path."""
         return None
-
-    def on_epoch_start(self, epoch: int) -> None:
-        pass
-
-    def step(self) -> None:
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.cfg), "units": len(self.units)}
@@ -112,3 +122,18 @@ class BLPAController:
             lines.append(f"{u.bn:<32} {'fused' if u.conv else 'half':<6} {c:>8}  {u.conv or '-'}")
         lines.append(f"{len(self.units)} units ({sum(u.conv is not None for u in self.units)} fused with a conv)")
         return "\n".join(lines)
+
+    def summary_lines(self, model: nn.Module, input_shape: tuple[int, ...], out_dir: Any = None) -> list[str]:
+        """The stored precision in one line; the per-unit table goes to ``out_dir/blpa_units.txt``."""
+        b = self.cfg
+        where = ""
+        if out_dir is not None:
+            table = Path(out_dir) / "blpa_units.txt"
+            atomic_write_text(table, self.summary() + "\n")
+            where = f"  (per unit: {table})"
+        stored = "fp32 (lossless check mode)" if b.bits == 32 else f"{b.bits}-bit codes"
+        window = "" if b.bits == 32 else f", window +-{b.window:g} std"
+        codec = "kept as they are" if b.codec_bits is None else f"{b.codec_bits}-bit codec"
+        sim = "; simulate=true: fake-quant, no memory saved" if b.simulate else ""
+        return [f"  BLPA activations  BN outputs stored as {stored} (mode {b.mode}{window}); other saved tensors "
+                f"{codec}{sim}{where}"]

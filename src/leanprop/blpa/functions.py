@@ -14,7 +14,8 @@ Fig. 2)::
 ``bn_relu``: the same without the convolution (a BN->ReLU whose output feeds something other than one
 conv, e.g. a pooling head or a shared shortcut): returns ``z`` and keeps only the codes.
 
-With a SWAT conv (SWAT + BLPA, docs/methods/swat_blpa.md) the unit also takes the SWAT layer: the forward convolves with
+With a fusable conv (:class:`leanprop.ops.fusion.FusableConv`, e.g. SWAT + BLPA, docs/methods/swat_blpa.md) the unit
+asks the layer for its weight and threshold; for a SWAT conv: the forward convolves with
 ``W_s = TopK(W)``, the activation threshold is taken from the exact ``z`` (the layer's own Top-K schedule),
 and the backward computes ``g_z`` from ``W_s`` and ``dW = conv_weight(TopK(z~), g)`` for the dense weight; ``W_s``
 is kept as a 1-bit mask over the weight Parameter. Still only the codes are kept of the activation.
@@ -37,13 +38,17 @@ from torch.autograd.function import once_differentiable
 
 from leanprop.blpa import quantizer as qz
 from leanprop.blpa.config import BLPAConfig
-from leanprop.blpa.kernels import CKernels
-from leanprop.blpa.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
-from leanprop.swat.functions import _autocast_dtype, _cast, _no_autocast, _to
-from leanprop.swat.storage import pack_weight_mask, restore_sparse_weight
-from leanprop.swat.topk import sparsify
+from leanprop.ops.autocast import autocast_dtype as _autocast_dtype
+from leanprop.ops.autocast import autocast_off as _no_autocast
+from leanprop.ops.autocast import cast as _cast
+from leanprop.ops.autocast import to_dtype as _to
+from leanprop.ops.fusion import FusableConv
+from leanprop.ops.kernels import CKernels
+from leanprop.ops.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
+from leanprop.ops.sparse_storage import pack_weight_mask, restore_sparse_weight
+from leanprop.ops.sparsify import sparsify
 
-__all__ = ["UnitSpec", "bn_relu_conv", "bn_relu", "mask_relu", "ActivationStore"]
+__all__ = ["UnitSpec", "bn_relu_conv", "bn_relu", "ActivationStore"]
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ def _bn_forward(x: Tensor, gamma: Tensor | None, beta: Tensor | None, running_me
 class _BNReLUConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, weight, bias, running_mean, running_var, spec: UnitSpec, return_z: bool,
-                weight_sparse=None, swat=None):
+                weight_sparse=None, policy=None):
         dev = x.device.type
         amp = _autocast_dtype(dev)
         with _no_autocast(dev, amp is not None):
@@ -169,11 +174,9 @@ class _BNReLUConv(torch.autograd.Function):
             saved, meta = store.save(x, y, mean, invstd, gamma, beta)  # y is now z = ReLU(y)
             z = y
             ctx.x_threshold = None
-            if swat is not None:  # SWAT's Top-K threshold of the exact conv input (cached by the layer)
+            if policy is not None:  # the conv's own threshold of the exact input (ops.fusion.FusableConv)
                 with torch.no_grad():
-                    ctx.x_threshold = swat._activation_threshold(z)
-                    if swat.measure:
-                        swat._measure(z, weight_sparse, ctx.x_threshold)
+                    ctx.x_threshold = policy.fused_input_threshold(z, weight_sparse)
             wc, bc = _cast(weight if weight_sparse is None else weight_sparse, amp), _cast(bias, amp)
             out = F.conv2d(_cast(z, amp), wc, bc, spec.stride, spec.padding, spec.dilation, spec.groups)
         if weight_sparse is None:  # the weight itself, cast again in backward: no copy of it is kept
@@ -249,102 +252,20 @@ class _BNReLU(torch.autograd.Function):
 
 def bn_relu_conv(x: Tensor, gamma: Tensor | None, beta: Tensor | None, weight: Tensor, bias: Tensor | None,
                  running_mean: Tensor | None, running_var: Tensor | None, spec: UnitSpec,
-                 return_z: bool = False, weight_sparse: Tensor | None = None, swat=None
+                 return_z: bool = False, weight_sparse: Tensor | None = None, policy: FusableConv | None = None
                  ) -> Tensor | tuple[Tensor, Tensor]:
     """``conv(ReLU(BN_train(x)))`` keeping only K-bit codes for backward. ``return_z`` also returns
     ``z = ReLU(BN(x))`` for a second consumer (e.g. an identity shortcut); its gradient joins the conv's.
-    ``weight_sparse`` + ``swat`` (the SWAT conv layer whose Top-K schedule gives the activation threshold):
-    SWAT's forward and backward for the conv (module docstring); the dense ``weight`` gets the gradient."""
-    if (weight_sparse is None) != (swat is None):
-        raise ValueError("bn_relu_conv: pass weight_sparse and swat together (SWAT conv) or neither")
+    ``weight_sparse`` + ``policy`` (a :class:`~leanprop.ops.fusion.FusableConv`, e.g. a SWAT conv, whose
+    ``fused_input_threshold`` gives the activation threshold): forward and ``dX`` with ``weight_sparse``, ``dW``
+    from the thresholded decoded input (module docstring); the dense ``weight`` gets the gradient."""
+    if (weight_sparse is None) != (policy is None):
+        raise ValueError("bn_relu_conv: pass weight_sparse and policy together (a fusable conv) or neither")
     return _BNReLUConv.apply(x, gamma, beta, weight, bias, running_mean, running_var, spec, return_z,
-                             weight_sparse, swat)
+                             weight_sparse, policy)
 
 
 def bn_relu(x: Tensor, gamma: Tensor | None, beta: Tensor | None, running_mean: Tensor | None,
             running_var: Tensor | None, spec: UnitSpec) -> Tensor:
     """``ReLU(BN_train(x))`` keeping only K-bit codes for backward."""
     return _BNReLU.apply(x, gamma, beta, running_mean, running_var, spec)
-
-
-class _MaskReLU(torch.autograd.Function):
-    """ReLU that keeps a 1-bit packed mask ``[x > 0]`` for backward instead of its output
-    (docs/methods/blpa.md, 'Generic codec')."""
-
-    @staticmethod
-    def forward(ctx, x, kernels: CKernels | None):
-        fmt = memory_format_of(x)
-        fast = kernels is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-        if fast:
-            out_flat, packed = kernels.relu_mask(flat_memory_view(x))
-            out = from_flat_memory(out_flat, x.shape, fmt)
-        else:
-            out = torch.relu(x)
-            packed = pack_bits(flat_memory_view((out > 0).to(torch.uint8)), 1)
-        ctx.save_for_backward(packed)
-        ctx.meta, ctx.kernels = (x.shape, fmt, x.numel()), kernels if fast else None
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (packed,) = ctx.saved_tensors
-        shape, fmt, numel = ctx.meta
-        g = g.contiguous(memory_format=fmt)  # the gradient in the layout of the forward input (and of BN's)
-        if ctx.kernels is not None and g.dtype in (torch.float32, torch.bfloat16):
-            return from_flat_memory(ctx.kernels.relu_mask_backward(flat_memory_view(g), packed), shape, fmt), None
-        m = unpack_bits(packed, 1, numel)
-        return g * from_flat_memory(m, shape, fmt).to(g.dtype), None
-
-
-def mask_relu(x: Tensor, kernels: CKernels | None = None) -> Tensor:
-    """``ReLU(x)`` whose backward needs only 1 bit per element."""
-    return _MaskReLU.apply(x, kernels)
-
-
-def _window_origins(out_h: int, out_w: int, stride, padding, device) -> tuple[Tensor, Tensor]:
-    """Top-left input row of every output row and left input column of every output column."""
-    rows = torch.arange(out_h, device=device).mul_(stride[0]).sub_(padding[0]).view(-1, 1)
-    cols = torch.arange(out_w, device=device).mul_(stride[1]).sub_(padding[1]).view(1, -1)
-    return rows, cols
-
-
-class _MaxPoolWindowIndex(torch.autograd.Function):
-    """2-D max pooling that keeps, for backward, only which window element was the maximum: one uint8 per
-    output (``kh*kw <= 256``) instead of the input and int64 flat indices PyTorch keeps. Exact: the backward
-    rebuilds the flat indices and scatter-adds the output gradient, as ``max_pool2d``'s backward does."""
-
-    @staticmethod
-    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
-        out, flat = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-        w = x.shape[-1]
-        r0, c0 = _window_origins(out.shape[-2], out.shape[-1], stride, padding, x.device)
-        pos = ((flat // w - r0) // dilation[0]) * kernel[1] + (flat % w - c0) // dilation[1]
-        ctx.save_for_backward(pos.to(torch.uint8))
-        ctx.conf = (x.shape, memory_format_of(x), kernel, stride, padding, dilation)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (pos,) = ctx.saved_tensors
-        shape, fmt, kernel, stride, padding, dilation = ctx.conf
-        n, c, h, w = shape
-        r0, c0 = _window_origins(g.shape[-2], g.shape[-1], stride, padding, g.device)
-        pos = pos.long()
-        flat = (r0 + (pos // kernel[1]) * dilation[0]) * w + c0 + (pos % kernel[1]) * dilation[1]
-        grad = g.new_zeros((n, c, h * w)).scatter_add_(2, flat.reshape(n, c, -1), g.reshape(n, c, -1))
-        return grad.view(n, c, h, w).contiguous(memory_format=fmt), None, None, None, None, None
-
-
-def max_pool2d_window_index(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
-                            ceil_mode: bool = False) -> Tensor:
-    """``F.max_pool2d(x, ...)`` (4-D or unbatched 3-D input) whose backward keeps one uint8 per output."""
-    pair = torch.nn.modules.utils._pair
-    kernel = pair(kernel_size)
-    if kernel[0] * kernel[1] > 256:
-        raise ValueError(f"max_pool2d_window_index: a {kernel} window has more than 256 positions")
-    if x.dim() == 3:
-        return max_pool2d_window_index(x.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode).squeeze(0)
-    stride = kernel if stride is None or stride in ([], ()) else pair(stride)  # F.max_pool2d's default
-    return _MaxPoolWindowIndex.apply(x, kernel, stride, pair(padding), pair(dilation), ceil_mode)

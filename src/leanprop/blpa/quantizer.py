@@ -3,7 +3,7 @@
 
 Everything is expressed through per-channel coefficients computed once per unit and step
 (:func:`channel_coefficients`), so the encode and decode passes are one affine map, a floor and a clamp
-per element; the compiled kernels (:mod:`leanprop.blpa.kernels`) use the same coefficients.
+per element; the compiled kernels (:mod:`leanprop.ops.kernels`) use the same coefficients.
 
 Encode (``signaware``, the default): with ``sg = sign(gamma)`` (+1 for gamma = 0), ``g = |gamma|``,
 ``b = beta/g`` (0 where gamma = 0), ``Delta = 2R/2^K`` and ``s = clamp(2^K/2 - floor(b/Delta), 1, 2^K-1)``,

@@ -7,26 +7,16 @@ same cache serialise on a lock file instead of decoding the same images twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-try:  # POSIX only; elsewhere concurrent builders simply both do the work
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
-
-def _user_cache_base() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+from leanprop.utils import cache_dir, file_lock, user_cache_base  # noqa: F401 (re-exported)
 
 
 def resolve_data_root(cfg_root: str | os.PathLike | None) -> Path:
@@ -37,34 +27,7 @@ def resolve_data_root(cfg_root: str | os.PathLike | None) -> Path:
     env = os.environ.get("LEANPROP_DATA")
     if env:
         return Path(env).expanduser()
-    return _user_cache_base() / "leanprop" / "data"
-
-
-def cache_dir() -> Path:
-    """Where decoded image arrays are cached: ``$LEANPROP_CACHE``, else ``$XDG_CACHE_HOME/leanprop``
-    (``~/.cache/leanprop``). Safe to delete at any time; it is rebuilt on demand."""
-    env = os.environ.get("LEANPROP_CACHE")
-    return Path(env).expanduser() if env else _user_cache_base() / "leanprop"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on ``path`` (created if needed). A no-op where locking is impossible."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+b")  # noqa: SIM115 - closed below
-    except OSError:
-        yield
-        return
-    try:
-        if fcntl is not None:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        yield
-    finally:
-        if fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        fh.close()
+    return user_cache_base() / "leanprop" / "data"
 
 
 _ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")

@@ -1,6 +1,5 @@
-"""Swapped layers and in-place model conversion."""
+"""In-place model conversion through the method registry: ``convert_`` / ``revert_``."""
 
-from leanprop.nn.convert import convert_, hard_prune_, revert_
-from leanprop.nn.swat_layers import SWATConv2d, SWATLinear
+from leanprop.nn.convert import convert_, revert_
 
-__all__ = ["convert_", "revert_", "hard_prune_", "SWATConv2d", "SWATLinear"]
+__all__ = ["convert_", "revert_"]

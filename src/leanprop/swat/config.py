@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 DISTRIBUTIONS = ("uniform", "erk", "momentum")
 STRUCTURES = (None, "channel", "filter")
 ESTIMATORS = ("exact", "sample")
 SPARSE_KERNELS = ("auto", "never", "always")
+#: preset words: ``<kind><percent>[-p<P>][-packed]``, e.g. ``u90``, ``erk90``, ``filter70-p10``, ``u90-packed``
+PRESET_GRAMMAR = "<u|erk|m|channel|filter><percent>[-p<P>][-packed]"
+_PRESET = re.compile(r"(u|erk|m|channel|filter)(\d+)(-p\d+)?(-packed)?")
+_KINDS = {"u": ("uniform", None), "erk": ("erk", None), "m": ("momentum", None),
+          "channel": ("uniform", "channel"), "filter": ("uniform", "filter")}
 
 
 @dataclass
@@ -88,6 +94,33 @@ class SWATConfig:
                 raise ValueError(f"SWAT override {name!r}: sparsity must be in [0, 1), got {s}")
         if not 0.0 < self.momentum_freeze <= 1.0:
             raise ValueError("SWAT momentum_freeze must be in (0, 1]")
+
+    @classmethod
+    def preset(cls, name: str) -> SWATConfig:
+        """A named configuration: ``u90`` (SWAT-U, 90 % sparsity), ``erk90`` (SWAT-ERK), ``m90`` (SWAT-M),
+        ``channel50`` / ``filter70`` (structured, uniform), ``-p10`` (``dense_grad_period=10``, filter only),
+        ``-packed`` (``compress_saved=True``). Other settings keep their defaults (Raihan & Aamodt 2020, §4)."""
+        m = _PRESET.fullmatch(str(name).strip().lower())
+        if m is None:
+            raise ValueError(f"unknown SWAT preset {name!r}: use {PRESET_GRAMMAR}, e.g. u90, erk90, filter70-p10")
+        percent = int(m.group(2))
+        if not 0 <= percent < 100:
+            raise ValueError(f"SWAT preset {name!r}: the sparsity must be 0-99 %")
+        distribution, structure = _KINDS[m.group(1)]
+        period = int(m.group(3)[2:]) if m.group(3) else 1
+        if period > 1 and structure != "filter":
+            raise ValueError(f"SWAT preset {name!r}: -pN (dense_grad_period) applies to filter presets only")
+        return cls(sparsity=percent / 100, distribution=distribution, structure=structure,
+                   dense_grad_period=max(1, period), compress_saved=m.group(4) is not None)
+
+    @property
+    def preset_name(self) -> str:
+        """The preset word of this config's distribution, structure, sparsity, period and packing (its other
+        settings are not part of the name)."""
+        kind = {"channel": "channel", "filter": "filter"}.get(self.structure or "") or \
+            {"uniform": "u", "erk": "erk", "momentum": "m"}[self.distribution]
+        period = f"-p{self.dense_grad_period}" if self.dense_grad_period > 1 else ""
+        return f"{kind}{round(self.sparsity * 100)}{period}" + ("-packed" if self.compress_saved else "")
 
     @property
     def first_layer_sparse(self) -> bool:

@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from leanprop.methods import Controller
+from leanprop.ops.autocast import autocast_dtype
 from leanprop.swat import sparse_kernels as sk
 from leanprop.swat.config import SWATConfig
+from leanprop.utils import atomic_write_text
 
 
-class SWATController:
+class SWATController(Controller):
+    """SWAT's :class:`~leanprop.methods.Controller` (module docstring)."""
+
+    name = "swat"
+    flops_basis = "from the SWAT budgets (forward·d_w + grad-input·d_w + grad-weight·d_a)"
+
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], cfg: SWATConfig, budget: dict[str, float],
                  measure_every: int = 50):
         self.model = model
@@ -69,8 +78,6 @@ class SWATController:
         Call it inside the autocast context of training (the kernels are timed in its dtype). Returns the
         timings (also kept as ``self.kernel_timings``; :func:`leanprop.swat.sparse_kernels.format_table` prints
         them)."""
-        from leanprop.swat.functions import _autocast_dtype
-
         captured: dict[str, torch.Tensor] = {}
 
         def hook(name):
@@ -88,13 +95,29 @@ class SWATController:
                 h.remove()
             self.model.train(was_training)
         dev = example_input.device.type
-        dtype = _autocast_dtype(dev)
+        dtype = autocast_dtype(dev)
         with torch.autocast(dev, enabled=False) if dtype is not None else contextlib.nullcontext():
             self.kernel_timings = sk.calibrate(self.layers, captured, dtype=dtype, reps=reps, margin=margin,
                                                timer=timer, progress=progress)
         self._adopt_rank0_kernels()
         self.kernel_sparsity = {name: layer.sparsity for name, layer in self.layers.items()}
         return self.kernel_timings
+
+    @property
+    def needs_prepare(self) -> bool:
+        return self.needs_kernel_calibration
+
+    def prepare(self, example_input: torch.Tensor, *, progress: Callable[[str], None] | None = None,
+                timer: Callable | None = None, out_dir: Any = None) -> str | None:
+        """Kernel calibration (:meth:`calibrate_kernels`) on the first batch, and again on the batch of a step where
+        a SWAT-M budget moved a layer's sparsity; the per-layer table goes to ``out_dir/swat_kernels.txt``.
+        Under DDP every rank times, then all ranks take rank 0's choice (the kernels fix the summation order)."""
+        timings = self.calibrate_kernels(example_input, progress=progress, timer=timer)
+        if out_dir is None:
+            return self.kernel_summary()
+        table = Path(out_dir) / "swat_kernels.txt"
+        atomic_write_text(table, sk.format_table(timings) + "\n")
+        return f"{self.kernel_summary()} (per layer: {table})"
 
     def _adopt_rank0_kernels(self) -> None:
         """Under ``torch.distributed`` every rank times its own kernels, and timings differ between ranks: all
@@ -238,6 +261,37 @@ class SWATController:
                          "target": layer.sparsity, "weight_sparsity": w_now,
                          "act_sparsity": None if measured is None else 1.0 - measured[1]})
         return rows
+
+    def metrics(self) -> dict[str, Any]:
+        return self.measured_sparsity()
+
+    def notes(self) -> dict[str, Any]:
+        return {"sparse_kernels": self.kernel_summary()}
+
+    def training_flops(self, model: nn.Module, input_shape: tuple[int, ...]) -> tuple[float, str]:
+        from leanprop.ops.flops import count_flops
+
+        return 1.0 - count_flops(model, input_shape).training_reduction, self.flops_basis
+
+    def summary_lines(self, model: nn.Module, input_shape: tuple[int, ...], out_dir: Any = None) -> list[str]:
+        """Counted training-FLOP reduction and measured sparsities; the per-layer table goes to
+        ``out_dir/swat_layers.txt``."""
+        from leanprop.ops.flops import count_flops
+
+        report = count_flops(model, input_shape)
+        m = self.measured_sparsity()
+        where = ""
+        if out_dir is not None:
+            table = Path(out_dir) / "swat_layers.txt"
+            atomic_write_text(table, self.summary() + "\n\n" + report.table() + "\n")
+            where = f"  (per layer: {table})"
+        act = "-" if m["act_sparsity"] is None else f"{m['act_sparsity']:.1%}"
+        first = (f"  training FLOPs -{report.training_reduction:.1%} vs dense (conv/linear, counted from budgets; "
+                 f"inference -{report.inference_reduction:.1%}")
+        if report.measured_training_reduction is not None:
+            first += f"; measured -{report.measured_training_reduction:.1%}"
+        return [first + ")", f"  measured sparsity  weights {m['weight_sparsity']:.1%}  activations {act} "
+                f"(sparse layers){where}"]
 
     def measured_sparsity(self) -> dict[str, float | None]:
         """Overall measured weight sparsity (by parameter count, all SWAT layers) and the mean measured

@@ -16,50 +16,25 @@ fp32 (see ``topk.sparsify``).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from leanprop.blpa.packing import memory_format_of
+from leanprop.ops.autocast import autocast_dtype as _autocast_dtype
+from leanprop.ops.autocast import autocast_off as _no_autocast
+from leanprop.ops.autocast import cast as _cast
+from leanprop.ops.autocast import to_dtype as _to
+from leanprop.ops.packing import memory_format_of
+from leanprop.ops.sparse_storage import pack_above, pack_weight_mask, restore_sparse_weight, unpack_sparse
+from leanprop.ops.sparsify import compiling as _compiling
+from leanprop.ops.sparsify import sparsify
 from leanprop.swat import sparse_kernels as sk
-from leanprop.swat.storage import pack_above, pack_weight_mask, restore_sparse_weight, unpack_sparse
-from leanprop.swat.topk import _compiling, sparsify
 
 __all__ = ["swat_conv2d", "swat_linear", "swat_filter_conv2d"]
 
 Threshold = Tensor | float | None
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast compute dtype for this device type, or None when autocast is off."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except (TypeError, RuntimeError):  # torch < 2.4 or a device type without autocast
-        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-        if device_type == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-    return None
-
-
-def _no_autocast(device_type: str, active: bool):
-    return torch.autocast(device_type, enabled=False) if active else contextlib.nullcontext()
-
-
-def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
-    """Autocast's rule: floating tensors other than float64 go to the autocast dtype."""
-    if t is None or dtype is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
-        return t
-    return t.to(dtype)
-
-
-def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, compress=False, sparse_ops=sk.NO_SPARSE):
@@ -68,7 +43,7 @@ def _forward_and_save(ctx, op, x, weight, weight_sparse, bias, x_threshold, comp
 
     ``W_s`` is kept as the dense Parameter + a 1-bit mask of its non-zeros (never a second dense copy;
     no mask when ``weight_sparse`` is the Parameter's own storage, i.e. nothing is pruned). ``compress``: keep
-    ``X_s`` as values + positions (:mod:`leanprop.swat.storage`); the backward restores both exactly.
+    ``X_s`` as values + positions (:mod:`leanprop.ops.sparse_storage`); the backward restores both exactly.
     ``sparse_ops``: the sparse format (or None) of (forward, grad-input, grad-weight) (:mod:`.sparse_kernels`);
     ``op`` gets the forward's as its last argument. Always eager (the public functions are compiler-disabled)."""
     dev = x.device.type

@@ -12,8 +12,8 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bn_bias: bool) -
     """Split parameters into decayed and non-decayed groups.
 
     With ``exclude_bn_bias`` every 1-D parameter (BatchNorm/LayerNorm scale and shift, biases) gets no
-    weight decay, the ImageNet recipe of SWAT (docs/methods/swat.md, 'Suggested hyper-parameters') done right:
-    by shape, not by module name.
+    weight decay, the ImageNet recipe of Raihan & Aamodt (2020) done right: by shape, not by module name
+    (docs/configuration.md, ``optim``).
     """
     decay, no_decay = [], []
     for p in model.parameters():

@@ -5,62 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
-import torch
 import yaml
 
-from leanprop.train.checkpoint import atomic_write_text
+from leanprop.utils import atomic_write_text, environment, git_sha  # noqa: F401 (re-exported)
 
 METRIC_FIELDS = [
     "epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
     "val_loss", "val_top1", "val_top5", "epoch_seconds", "train_images_per_s", "data_images_per_s",
     "weight_sparsity", "act_sparsity",
 ]
-
-
-def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd or Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device, world_size: int = 1) -> dict:
-    """What a result depends on: versions, threads, allocator, machine."""
-    info = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "world_size": world_size,
-        "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
-        "git_sha": git_sha(),
-        "argv": sys.argv,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_config(run_dir: Path, cfg_dict: dict) -> None:

@@ -1,11 +1,12 @@
 """Learning-rate schedules as pure functions of the global iteration (so resuming needs only the step).
 
 - ``multistep``: ``lr·γ^#{m ≤ epoch}`` with epoch milestones (CIFAR recipes: ×0.1 at 50 and 100).
-- ``piecewise``: constant between iteration ``boundaries`` (BLPA: 0.01 for 400 it, 0.1, ÷10 at 32k, 48k).
+- ``piecewise``: constant between iteration ``boundaries`` (Chakrabarti & Moseley 2019: 0.01 for 400 it, 0.1, ÷10 at
+  32k, 48k).
 - ``cosine``: half-cosine from ``lr`` to ``min_lr`` over the run (after any warm-up).
 - ``constant``.
-Linear warm-up (SWAT ImageNet recipe) multiplies any of them by ``(it+1)/(T+1)`` for ``it < T``,
-``T = warmup_epochs·steps_per_epoch`` (the official SWAT ImageNet code; docs/configuration.md, ``schedule``).
+Linear warm-up (the ImageNet recipe of Raihan & Aamodt 2020) multiplies any of them by ``(it+1)/(T+1)`` for ``it < T``,
+``T = warmup_epochs·steps_per_epoch`` (their official ImageNet code; docs/configuration.md, ``schedule``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ epoch/step and the method controller's state, so a resumed run continues exactly
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -24,9 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanprop import models
-from leanprop.config import METHODS, ConfigError, RunConfig, method_configs, to_dict
+from leanprop.config import ConfigError, RunConfig, method_configs, to_dict
 from leanprop.data import DataBundle, build_data
+from leanprop.methods import Controller
 from leanprop.modes import ExecutionMode, check_mode
+from leanprop.nn.convert import convert_
+from leanprop.ops.autocast import autocast_context
 from leanprop.train import checkpoint as ckpt_io
 from leanprop.train import distributed as dist_util
 from leanprop.train.optim import build_optimizer
@@ -88,24 +90,10 @@ def resolve_run_dir(cfg: RunConfig, resume: str | None) -> tuple[Path, Path | No
     return run_dir, None
 
 
-def build_method(model: nn.Module, cfg: RunConfig) -> Any | None:
-    """Convert ``model`` in place for ``cfg.method`` and return the method's controller (``None``: dense).
-
-    One method gets its own config (``convert_(model, SWATConfig(...))``); ``swat+blpa`` passes the list
-    ``[SWATConfig, BLPAConfig]``.
-    """
-    configs = method_configs(cfg)
-    if not configs:
-        return None
-    from leanprop.nn.convert import convert_
-
-    if len(configs) == 1:
-        return convert_(model, configs[0])
-    try:
-        return convert_(model, configs)
-    except TypeError as e:
-        raise ConfigError(f"method.name={cfg.method.name}: this version of leanprop.convert_ cannot combine "
-                          f"methods ({e}); train with one method") from e
+def build_method(model: nn.Module, cfg: RunConfig) -> Controller:
+    """Convert ``model`` in place for ``cfg.method`` (a method spec) and return its controller
+    (:class:`leanprop.methods.Controller`; dense: the base controller, which does nothing)."""
+    return convert_(model, method_configs(cfg))
 
 
 def model_args(cfg: RunConfig, data: DataBundle) -> dict:
@@ -134,13 +122,6 @@ def _hit_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] 
 
 def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
     return _hit_counts(logits, target, ks).tolist()
-
-
-def autocast_context(device: torch.device, amp: str | None):
-    if amp is None:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -222,8 +203,7 @@ class Trainer:
         check_mode(self.controller, ExecutionMode.of_run(cfg, self.device), method=cfg.method.name)
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout; parameters come from rank 0 via DDP
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        if self.controller is not None and hasattr(self.controller, "attach_optimizer"):
-            self.controller.attach_optimizer(self.optimizer)
+        self.controller.attach_optimizer(self.optimizer)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, len(self.data.train), cfg.train.epochs)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" else None
         self.train_model: nn.Module = self.model
@@ -253,7 +233,7 @@ class Trainer:
             "rng": ckpt_io.rng_state(),
             "epoch": self.epoch,
             "step": self.step,
-            "method": self.controller.state_dict() if self.controller is not None else None,
+            "method": self.controller.state_dict() or None,  # None: the method keeps no state (dense)
             "best": self.best,
         }
 
@@ -265,7 +245,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if self.controller is not None and state.get("method") is not None:
+        if state.get("method") is not None:
             self.controller.load_state_dict(state["method"])
         ckpt_io.set_rng_state(state["rng"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state.get("best")
@@ -341,8 +321,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         loader = self.data.train
         loader.set_epoch(self.epoch)
-        if self.controller is not None:
-            self.controller.on_epoch_start(self.epoch)
+        self.controller.on_epoch_start(self.epoch)
         self.train_model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.float64, device=dev)
@@ -367,8 +346,8 @@ class Trainer:
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(dev, non_blocking=True)
-            if getattr(self.controller, "needs_kernel_calibration", False):
-                self._calibrate_kernels(x)
+            if self.controller.needs_prepare:
+                self._prepare_method(x)
             with autocast_context(dev, cfg.train.amp):
                 out = self.train_model(x)
                 loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.optim.label_smoothing)
@@ -385,8 +364,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            if self.controller is not None:
-                self.controller.step()
+            self.controller.step()
             self.step += 1
             steps += 1
             n = y.numel()
@@ -426,8 +404,7 @@ class Trainer:
             "data_images_per_s": (self.dist.world_size * stats["images"] / stats["data_seconds"]
                                   if stats["data_seconds"] > 0 else None),
         }
-        if self.controller is not None and hasattr(self.controller, "measured_sparsity"):
-            row.update(self.controller.measured_sparsity())
+        row.update(self.controller.metrics())
         dist_util.broadcast_buffers(self.model, self.dist)
         if self.epoch % cfg.train.eval_every == 0 or last:
             kw = dict(amp=cfg.train.amp, channels_last=cfg.train.channels_last, dist_info=self.dist)
@@ -461,67 +438,17 @@ class Trainer:
         dist_util.barrier(self.dist)
         return row
 
-    def _calibrate_kernels(self, x: torch.Tensor) -> None:
-        """SWAT ``sparse_kernels="auto"``: time the sparse (CSR, COO) and the dense kernels on the first batch,
-        and again on the batch of a step where a SWAT-M budget moved a layer's sparsity; the table goes to
-        ``swat_kernels.txt`` in the run dir. Under DDP every rank times, then the controller makes all ranks take
-        rank 0's choice (the kernels fix the summation order, so ranks choosing differently would drift apart)."""
-        from leanprop.swat.sparse_kernels import format_table
-
-        bar = tqdm(desc="timing sparse vs dense kernels", unit="layer", leave=False, dynamic_ncols=True,
+    def _prepare_method(self, x: torch.Tensor) -> None:
+        """The method's calibration on this batch (``Controller.prepare``, e.g. timing its kernels), in the
+        run's autocast; its table goes to the run dir (main rank) and its one line to the log."""
+        bar = tqdm(desc=f"preparing {self.cfg.method.name}", unit="step", leave=False, dynamic_ncols=True,
                    disable=not (self.show_progress and self.dist.is_main))
         with autocast_context(self.device, self.cfg.train.amp):
-            timings = self.controller.calibrate_kernels(x, progress=lambda _name: bar.update())
+            line = self.controller.prepare(x, progress=lambda _name: bar.update(),
+                                           out_dir=self.run_dir if self.dist.is_main else None)
         bar.close()
-        if self.dist.is_main:
-            table = self.run_dir / "swat_kernels.txt"
-            ckpt_io.atomic_write_text(table, format_table(timings) + "\n")
-            self._say(f"{self.controller.kernel_summary()} (per layer: {table})")
-
-    def _method_summary_lines(self) -> list[str]:
-        """A few summary lines per method of the run; the controller's per-layer/per-unit table goes to a file
-        in the run dir (SWAT: ``swat_layers.txt``, BLPA: ``blpa_units.txt``)."""
-        if self.controller is None or not hasattr(self.controller, "summary"):
-            return []
-        parts = METHODS.get(self.cfg.method.name, ())
-        out: list[str] = []
-        if "swat" in parts and hasattr(self.controller, "measured_sparsity"):
-            out += self._swat_summary_lines()
-        if "blpa" in parts:
-            out += self._blpa_summary_lines()
-        return out
-
-    def _swat_summary_lines(self) -> list[str]:
-        """Counted training-FLOP reduction and measured sparsities; the per-layer table goes to swat_layers.txt."""
-        from leanprop.accounting.flops import count_flops
-
-        shape = (1, self.data.in_channels, self.data.image_size, self.data.image_size)
-        report = count_flops(self.model, shape)
-        m = self.controller.measured_sparsity()
-        table = self.run_dir / "swat_layers.txt"
-        ckpt_io.atomic_write_text(table, self.controller.summary() + "\n\n" + report.table() + "\n")
-        act = "-" if m["act_sparsity"] is None else f"{m['act_sparsity']:.1%}"
-        out = [f"  training FLOPs -{report.training_reduction:.1%} vs dense (conv/linear, counted from budgets; "
-               f"inference -{report.inference_reduction:.1%})"]
-        if getattr(report, "measured_training_reduction", None) is not None:
-            out[0] = out[0][:-1] + f"; measured -{report.measured_training_reduction:.1%})"
-        out.append(f"  measured sparsity  weights {m['weight_sparsity']:.1%}  activations {act} (sparse layers)  "
-                   f"(per layer: {table})")
-        return out
-
-    def _blpa_summary_lines(self) -> list[str]:
-        """The stored precision in one line; the controller's per-unit table goes to blpa_units.txt."""
-        from leanprop.blpa.config import BLPAConfig
-
-        b = self.cfg.blpa or BLPAConfig()
-        table = self.run_dir / "blpa_units.txt"
-        ckpt_io.atomic_write_text(table, self.controller.summary() + "\n")
-        stored = "fp32 (lossless check mode)" if b.bits == 32 else f"{b.bits}-bit codes"
-        window = "" if b.bits == 32 else f", window +-{b.window:g} std"
-        codec = "kept as they are" if b.codec_bits is None else f"{b.codec_bits}-bit codec"
-        sim = "; simulate=true: fake-quant, no memory saved" if b.simulate else ""
-        return [f"  BLPA activations  BN outputs stored as {stored} (mode {b.mode}{window}); other saved tensors "
-                f"{codec}{sim}  (per unit: {table})"]
+        if line and self.dist.is_main:
+            self._say(line)
 
     def _say(self, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
@@ -536,7 +463,8 @@ class Trainer:
         if r.best:
             lines.append(f"  best on validation: epoch {r.best['epoch']}, val top-1 {r.best['val_top1']:.2f}% "
                          f"-> {BEST_NAME}")
-        lines += self._method_summary_lines()
+        shape = (1, self.data.in_channels, self.data.image_size, self.data.image_size)
+        lines += self.controller.summary_lines(self.model, shape, self.run_dir)
         lines.append(f"  training speed {r.train_images_per_s:.0f} images/s "
                      f"(data pipeline alone {r.data_images_per_s:.0f} images/s), "
                      f"{torch.get_num_threads()} thread(s), {self.device}")

@@ -270,7 +270,7 @@ void blpa_unpack(const uint8_t *packed, int64_t numel, int bits, uint8_t *codes,
     for (int64_t i = full * k; i < numel; ++i) codes[i] = (uint8_t)((packed[full] >> (8 - bits * (i - full * k + 1))) & mask);
 }
 
-/* SWAT sparse storage (leanprop.swat.storage): keep = |x| >= thr, as a 1-bit mask (element i -> byte i/8, bit
+/* SWAT sparse storage (leanprop.ops.sparse_storage): keep = |x| >= thr, as a 1-bit mask (element i -> byte i/8, bit
  * 7 - i%8, like blpa_pack with bits=1) plus the kept values in memory order. The flat tensor is cut into
  * `nch` chunks of `chunk` elements (a multiple of 8; the last may be shorter); pass 1 writes the mask and
  * counts each chunk, the caller turns the counts into offsets (exclusive prefix sums), pass 2 copies the

@@ -18,12 +18,11 @@ the layers (BN, ReLU, adds, pooling) are compiled. See docs/methods/swat.md, "to
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanprop.ops.fusion import FusableConv
 from leanprop.swat import sparse_kernels as sk
 from leanprop.swat.config import SWATConfig
 from leanprop.swat.functions import swat_conv2d, swat_filter_conv2d, swat_linear
@@ -172,8 +171,24 @@ class SWATMixin:
         return f"{s}, sparsity={self.sparsity:.3f}{structure}"
 
 
-class SWATConv2d(SWATMixin, nn.Conv2d):
-    """``nn.Conv2d`` trained with SWAT (any stride, padding, dilation, groups, padding mode)."""
+class SWATConv2d(SWATMixin, FusableConv, nn.Conv2d):
+    """``nn.Conv2d`` trained with SWAT (any stride, padding, dilation, groups, padding mode).
+
+    As a :class:`~leanprop.ops.fusion.FusableConv` it also runs inside another method's fused unit (BLPA's
+    BN->ReLU->conv): forward and ``dX`` with ``TopK(W)``, ``dW`` from ``TopK`` of the decoded input under the
+    threshold of the exact input (docs/methods/swat_blpa.md)."""
+
+    def fused_weight(self) -> torch.Tensor | None:
+        return self._sparse_weight() if self.sparsity > 0 else None
+
+    def fused_input_threshold(self, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        thr = self._activation_threshold(z)
+        if self.measure:
+            self._measure(z, weight, thr)
+        return thr
+
+    def fused_eval(self, z: torch.Tensor) -> torch.Tensor:
+        return self._swat_forward(z)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, sparsity: float, cfg: SWATConfig) -> SWATConv2d:
@@ -232,6 +247,8 @@ class SWATConv2d(SWATMixin, nn.Conv2d):
         return super()._train_forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_fused_unit:  # the fused unit ran this conv already (ops.fusion)
+            return x
         return self._swat_forward(x)
 
 
@@ -263,41 +280,6 @@ class SWATLinear(SWATMixin, nn.Linear):
 
 
 SWAT_LAYERS = (SWATConv2d, SWATLinear)
-
-
-class EagerReLU(nn.ReLU):
-    """``nn.ReLU`` whose training forward stays eager under ``torch.compile`` (``convert_`` swaps every plain ReLU
-    of an uncompressed SWAT model for one; identical in eager mode).
-
-    Uncompressed SWAT keeps ``X`` for its backward because the ReLU that produced it saves the same storage
-    (no extra bytes). A SWAT layer is a graph break under compile, so a compiled ReLU's output leaves its graph,
-    and Inductor then saves a 1-byte mask for the ReLU's backward *besides* the ``X`` the SWAT layer keeps (+11 %
-    kept bytes on resnet20 fp32, +23 % bf16, measured). Eager, the ReLU saves its output again, the one storage
-    the SWAT layer shares: compiled SWAT keeps what eager SWAT keeps. See docs/methods/swat.md, "torch.compile".
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.training and torch.is_grad_enabled():
-            return self._eager(x)
-        return super().forward(x)
-
-    @torch.compiler.disable
-    def _eager(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x, inplace=self.inplace)
-
-
-def to_eager_relu(relu: nn.ReLU) -> EagerReLU:
-    """The same ReLU (``inplace``, mode, hooks) as an :class:`EagerReLU`."""
-    new = copy.copy(relu)
-    new.__class__ = EagerReLU
-    return new
-
-
-def from_eager_relu(relu: EagerReLU) -> nn.ReLU:
-    """A plain ``nn.ReLU`` again (same ``inplace``, mode, hooks)."""
-    old = copy.copy(relu)
-    old.__class__ = nn.ReLU
-    return old
 
 
 def to_dense(layer: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ At density ``d`` and fp32 values that is ``32·d + 1`` bits per element with the
 Parameter (which exists anyway) and a 1-bit mask of its kept entries. Restoring is exact: ``unpack(pack(t))``
 equals ``t`` bit for bit, so gradients are those of the uncompressed SWAT Functions.
 
-On CPU the mask and the compaction run in one compiled pass each (``swat_*`` in ``blpa/csrc/blpa_kernels.c``,
+On CPU the mask and the compaction run in one compiled pass each (``swat_*`` in ``ops/csrc/kernels.c``,
 the same build as BLPA's kernels); elsewhere, or without a C compiler, torch ops do the same (same layout).
 The C kernels take only CPU tensors (:func:`_cpu_kernels_for`): a CUDA (or any non-CPU) tensor always takes the
 torch ops. Packing on an accelerator costs one host sync per layer and step: the number of kept values, which
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from leanprop.blpa.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
+from leanprop.ops.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
 
 __all__ = ["PackedSparse", "pack_sparse", "pack_above", "unpack_sparse", "pack_mask", "unpack_mask",
            "pack_weight_mask", "restore_sparse_weight"]
@@ -36,7 +36,7 @@ __all__ = ["PackedSparse", "pack_sparse", "pack_above", "unpack_sparse", "pack_m
 
 @functools.cache
 def _kernels():
-    from leanprop.blpa.kernels import load_kernels
+    from leanprop.ops.kernels import load_kernels
 
     return load_kernels(required=False)
 
@@ -117,7 +117,7 @@ def pack_above(t: Tensor, thr: Tensor | float, use_kernels: bool = True) -> tupl
     """:func:`pack_sparse` of ``keep = |t| >= thr`` (``thr`` compared as fp32), through the compiled kernels
     for CPU fp32/bf16 tensors when they are available. A threshold tensor on an accelerator stays a tensor (no
     host sync for it) and takes the torch ops."""
-    from leanprop.swat.topk import magnitude_mask
+    from leanprop.ops.sparsify import magnitude_mask
 
     k = _cpu_kernels_for(t, thr) if use_kernels else None
     if k is None:

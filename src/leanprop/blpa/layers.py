@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv, mask_relu, max_pool2d_window_index
-from leanprop.nn.swat_layers import SWATConv2d, to_dense
+from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv
+from leanprop.ops.fusion import FusableConv
 
-__all__ = ["BLPABatchNorm2d", "FusedConvTail", "MaskReLU", "IndexMaxPool2d", "BLPA_LAYERS", "make_unit", "unmake_unit",
-           "to_mask_relu", "from_mask_relu", "to_index_maxpool", "from_index_maxpool"]
+__all__ = ["BLPABatchNorm2d", "FusedConvTail", "BLPA_LAYERS", "make_unit", "unmake_unit"]
 
 
 def _swap_class(module: nn.Module, cls: type) -> nn.Module:
@@ -36,17 +35,6 @@ def _swap_class(module: nn.Module, cls: type) -> nn.Module:
 
 class FusedConvTail(nn.Conv2d):
     """The Conv2d of a fused unit: holds the conv's Parameters (same keys); its forward passes the unit's output on."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if getattr(self, "_unit_active", False):
-            return x
-        return super().forward(x)
-
-
-class SWATFusedConvTail(SWATConv2d):
-    """A SWAT conv inside a fused BLPA unit (SWAT + BLPA): the unit's head runs it with SWAT's policy, so its own
-    forward passes the unit's output on; the object (and with it the SWAT controller's reference) is the one
-    ``convert_`` made, with its class changed in place."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if getattr(self, "_unit_active", False):
@@ -84,16 +72,15 @@ class BLPABatchNorm2d(nn.BatchNorm2d):
     def _plain(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = F.relu(super().forward(x))
         conv = self._conv
-        if isinstance(conv, SWATConv2d):
-            return z, conv._swat_forward(z)  # eval / no grad: SWAT's own rule (sparse weights by default)
+        if isinstance(conv, FusableConv):
+            return z, conv.fused_eval(z)  # eval / no grad: the conv's own rule (e.g. SWAT's sparse weights)
         return z, conv._conv_forward(z, conv.weight, conv.bias) if conv is not None else None
 
-    def _swat_args(self) -> dict:
-        """SWAT's arguments of the fused Function when the unit's conv is a SWAT layer (else none)."""
+    def _policy_args(self) -> dict:
+        """The fused Function's arguments for a conv of another method (:class:`FusableConv`), else none."""
         conv = self._conv
-        if not isinstance(conv, SWATConv2d) or conv.sparsity <= 0:
-            return {}
-        return {"weight_sparse": conv._sparse_weight(), "swat": conv}
+        w = conv.fused_weight() if isinstance(conv, FusableConv) else None
+        return {} if w is None else {"weight_sparse": w, "policy": conv}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if not self._fused_active(x):
@@ -108,7 +95,7 @@ class BLPABatchNorm2d(nn.BatchNorm2d):
         if self._conv is None:
             return bn_relu(x, gamma, beta, rm, rv, spec)
         return bn_relu_conv(x, gamma, beta, self._conv.weight, self._conv.bias, rm, rv, spec, return_z=return_z,
-                            **self._swat_args())
+                            **self._policy_args())
 
     @property
     def fuses_conv(self) -> bool:
@@ -131,59 +118,7 @@ def _params_need_grad(bn: nn.Module, conv: nn.Module | None) -> bool:
     return any(p.requires_grad for p in ps)
 
 
-class MaskReLU(nn.ReLU):
-    """A ReLU outside fused units that keeps a 1-bit mask for backward (exact gradient, 1 bit per element)."""
-
-    kernels = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.training and torch.is_grad_enabled() and x.requires_grad:
-            return self._masked(x)
-        return super().forward(x)
-
-    @torch.compiler.disable
-    def _masked(self, x: torch.Tensor) -> torch.Tensor:
-        return mask_relu(x, self.kernels)
-
-
-def to_mask_relu(relu: nn.ReLU, kernels) -> MaskReLU:
-    new = _swap_class(relu, MaskReLU)
-    new.kernels = kernels
-    return new
-
-
-def from_mask_relu(relu: MaskReLU) -> nn.ReLU:
-    old = _swap_class(relu, nn.ReLU)
-    old.__dict__.pop("kernels", None)
-    return old
-
-
-class IndexMaxPool2d(nn.MaxPool2d):
-    """An ``nn.MaxPool2d`` that keeps, for backward, one uint8 per output (which window element was the
-    maximum) instead of its input and int64 indices; exact gradient (``max_pool2d_window_index``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.training and torch.is_grad_enabled() and x.requires_grad and not self.return_indices:
-            return self._indexed(x)
-        return super().forward(x)
-
-    @torch.compiler.disable
-    def _indexed(self, x: torch.Tensor) -> torch.Tensor:
-        return max_pool2d_window_index(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
-
-
-def to_index_maxpool(pool: nn.MaxPool2d) -> nn.MaxPool2d:
-    """``pool`` as an :class:`IndexMaxPool2d` (same attributes), or ``pool`` itself when its window has more
-    than 256 positions or it returns indices."""
-    kh, kw = torch.nn.modules.utils._pair(pool.kernel_size)
-    return pool if pool.return_indices or kh * kw > 256 else _swap_class(pool, IndexMaxPool2d)
-
-
-def from_index_maxpool(pool: IndexMaxPool2d) -> nn.MaxPool2d:
-    return _swap_class(pool, nn.MaxPool2d)
-
-
-BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail, SWATFusedConvTail, MaskReLU, IndexMaxPool2d)
+BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail)
 
 
 def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_kwargs: dict, relu_name: str = "",
@@ -196,12 +131,12 @@ def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_
     if conv is not None:
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             raise ValueError("BLPA units support zero, numeric conv padding only")
-        if isinstance(conv, SWATConv2d):  # SWAT + BLPA: same object, so the SWAT controller still drives it
-            conv.__class__ = SWATFusedConvTail
+        if isinstance(conv, FusableConv):  # another method's conv (SWAT + BLPA): same object, still driven by it
+            conv.in_fused_unit = True
             tail = conv
         else:
             tail = _swap_class(conv, FusedConvTail)
-        tail._unit_active = True
+            tail._unit_active = True
         head.blpa_spec = UnitSpec(eps=bn.eps, momentum=0.0, stride=tuple(conv.stride), padding=tuple(conv.padding),
                                   dilation=tuple(conv.dilation), groups=conv.groups, **spec_kwargs)
     else:
@@ -219,8 +154,9 @@ def unmake_unit(head: BLPABatchNorm2d) -> tuple[nn.BatchNorm2d, nn.Module, nn.Co
     for attr in ("blpa_spec", "_conv", "_relu", "blpa_relu_name", "blpa_conv_name"):
         bn.__dict__.pop(attr, None)
     conv = None
-    if isinstance(head._conv, SWATConv2d):
-        conv = to_dense(head._conv)
+    if isinstance(head._conv, FusableConv):  # stays the other method's layer; its own revert restores it
+        conv = head._conv
+        conv.__dict__.pop("in_fused_unit", None)
     elif head._conv is not None:
         conv = _swap_class(head._conv, nn.Conv2d)
         conv.__dict__.pop("_unit_active", None)

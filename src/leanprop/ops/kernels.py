@@ -1,4 +1,4 @@
-"""Compiled CPU kernels of the BLPA unit (``csrc/blpa_kernels.c``), with the torch-ops fallback.
+"""Compiled CPU kernels of the BLPA unit (``csrc/kernels.c``), with the torch-ops fallback.
 
 The C source is compiled once per machine with the system C compiler (``cc -O3 -fopenmp``) into the
 leanprop cache (``$LEANPROP_CACHE/kernels``) and loaded with ctypes; no PyTorch headers are needed, so
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from leanprop.data.paths import cache_dir, file_lock
+from leanprop.utils import cache_dir, file_lock
 
 __all__ = ["CKernels", "load_kernels", "kernel_layout"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "blpa_kernels.c"
+_SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 # -fno-trapping-math lets floorf vectorise; none of these flags changes a result (no fast-math)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC",
           "-shared"]

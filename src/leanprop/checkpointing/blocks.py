@@ -1,7 +1,7 @@
 """Activation checkpointing per residual block: the ``checkpoint`` baseline of the memory benchmarks.
 
 ``checkpoint_blocks_(model)`` makes each block keep only its input for backward and recompute its inside
-during backward (``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``; spec blpa.md §3.6).
+during backward (``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``; Chen et al. 2016).
 Gradients are exact.  The wrapping is an instance-level ``forward`` attribute, so module names, ``state_dict``
 keys and Parameters do not change, and ``uncheckpoint_blocks_`` restores the original behaviour.
 
@@ -82,14 +82,18 @@ def default_blocks(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def checkpoint_blocks_(model: nn.Module, block_types: type | tuple[type, ...] | None = None) -> int:
+def checkpoint_blocks_(model: nn.Module, block_types: type | tuple[type, ...] | None = None,
+                       blocks: list[nn.Module] | None = None) -> int:
     """Checkpoint each residual block of ``model`` in place; returns how many blocks were wrapped.
 
     ``block_types``: wrap every module of these classes instead (outermost only: a match inside an already
-    wrapped module is left alone).  Default: :func:`default_blocks`.  Blocks already wrapped are skipped and
+    wrapped module is left alone); ``blocks``: wrap exactly these modules.
+    Default: :func:`default_blocks`.  Blocks already wrapped are skipped and
     not counted.  The checkpoint only acts while the block is training and grad is enabled.
     """
-    if block_types is None:
+    if blocks is not None:
+        blocks = list(blocks)
+    elif block_types is None:
         blocks = default_blocks(model)
     else:
         blocks = []

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanprop.blpa.packing import pack_bits, unpack_bits
+from leanprop.ops.packing import pack_bits, unpack_bits
 
 __all__ = ["SavedTensorCodec", "find_codec", "GROUP"]
 
