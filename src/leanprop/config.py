@@ -120,8 +120,8 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    swat: SWATConfig | None = None  # method.name=swat (or swat+blpa); None: SWATConfig() defaults
-    blpa: BLPAConfig | None = None  # method.name=blpa (or swat+blpa); None: BLPAConfig() defaults
+    swat: SWATConfig | None = None  # overrides the SWAT config method.name names (swat, swat-u90, swat-u90+blpa4...)
+    blpa: BLPAConfig | None = None  # overrides the BLPA config method.name names (blpa, blpa4, swat-u90+blpa4...)
 
 
 def method_configs(cfg: RunConfig) -> list[Any]:

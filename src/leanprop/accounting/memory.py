@@ -38,14 +38,14 @@ from torch import nn
 
 from leanprop.ops.codec import find_codec
 
-from .memory_probe import PROBE_MARKER
-
 __all__ = [
     "KINDS", "METHODS", "SavedRecord", "SavedTensorLedger", "SavedBytesReport", "MaxBatchResult",
     "saved_bytes", "peak_memory", "max_batch", "normalize_spec", "apply_method", "build_model", "find_codec",
     "make_batch", "parse_size", "format_bytes",
 ]
 
+#: The line prefix of the fresh-process probe's result (:mod:`leanprop.accounting.memory_probe`).
+PROBE_MARKER = "LEANPROP_PROBE_RESULT "
 #: Kinds of saved tensors, in display order.
 KINDS = ("float", "codes", "mask", "index", "other", "parameter")
 #: The methods the memory benchmark compares by default.

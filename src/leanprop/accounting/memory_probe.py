@@ -18,7 +18,8 @@ import sys
 import threading
 from typing import Any
 
-PROBE_MARKER = "LEANPROP_PROBE_RESULT "
+from leanprop.accounting.memory import PROBE_MARKER
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
