@@ -183,4 +183,4 @@ def test_blpa_presets_follow_the_paper_and_differ_from_exact_only_in_the_method(
             cfg = C.load(folder / f"{stem}_{k}bit.yaml")
             assert cfg.method.name == f"blpa{k}" and C.method_configs(cfg) == [C.BLPAConfig(bits=k)]
             d, e = C.to_dict(cfg), C.to_dict(exact)
-            assert {key for key in d if d[key] != e[key]} == {"method"}, (stem, k)
+            assert {key for key in d if d[key] != e[key]} == {"method", "blpa"}, (stem, k)

@@ -126,7 +126,7 @@ class RunConfig:
 
 def method_configs(cfg: RunConfig) -> list[Any]:
     """The method configs ``convert_`` needs for ``cfg.method.name`` (``[]`` for dense), each replaced by its
-    section when that is set (:func:`from_dict` has overlaid the section on the spec's config already)."""
+    section when there is one (:func:`from_dict` put the spec's config, with the section's keys on top, there)."""
     return [getattr(cfg, _section_of(c), None) or c for c in _parse_spec(cfg.method.name)]
 
 
@@ -146,15 +146,15 @@ def _section_of(config: Any) -> str:
 
 
 def _overlay_method_sections(data: dict) -> None:
-    """Each method section set in ``data`` becomes the whole config of its method: the spec word's config (e.g. the
-    ``swat-u90`` preset) with the section's keys on top."""
+    """Every method of the spec with a section gets its whole config there: the spec word's config (e.g. the
+    ``swat-u90`` preset) with the section's keys, if any, on top (so a run's ``config.yaml`` shows what trained)."""
     spec = (data.get("method") or {}).get("name", "dense")
     if not isinstance(spec, str):
         raise ConfigError(f"method.name: expected a method spec string, got {spec!r}")
     for config in _parse_spec(spec):
         section = _section_of(config)
-        if section in METHOD_SECTIONS and isinstance(data.get(section), dict):
-            data[section] = {**to_dict(config), **data[section]}
+        if section in METHOD_SECTIONS and isinstance(data.get(section) or {}, dict):
+            data[section] = {**to_dict(config), **(data.get(section) or {})}
 
 
 class ConfigError(ValueError):
