@@ -1,4 +1,5 @@
-"""Compiled CPU kernels of the BLPA unit (``csrc/kernels.c``), with the torch-ops fallback.
+"""Compiled CPU kernels the methods share (BLPA's fused unit, SWAT's sparse storage, the mask-ReLU;
+``csrc/kernels.c``), with the torch-ops fallback.
 
 The C source is compiled once per machine with the system C compiler (``cc -O3 -fopenmp``) into the
 leanprop cache (``$LEANPROP_CACHE/kernels``) and loaded with ctypes; no PyTorch headers are needed, so
