@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "append_jsonl", "cache_dir",
-           "user_cache_base", "file_lock", "environment", "git_sha", "run_context"]
+           "user_cache_base", "file_lock", "environment", "git_sha", "run_context", "set_submodule"]
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -157,3 +157,11 @@ def run_context(device: str = "cpu") -> tuple[dict, str]:
 
     env = {k: v for k, v in environment(torch.device(device)).items() if k != "argv"}
     return env, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------------ modules
+def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` inside ``model`` (the way in-place conversions swap layers)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

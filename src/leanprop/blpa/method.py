@@ -23,14 +23,9 @@ from leanprop.methods import FilterFn, Method
 from leanprop.ops.codec import SavedTensorCodec, find_codec
 from leanprop.ops.kernels import load_kernels
 from leanprop.ops.saving_layers import keep_masks_
+from leanprop.utils import set_submodule
 
 __all__ = ["METHOD"]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _convert(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, others: Sequence[Any]
@@ -43,10 +38,10 @@ def _convert(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, othe
     for u in units:
         head, relu, tail = make_unit(modules[u.bn], modules[u.relu], modules[u.conv] if u.conv else None,
                                      {"cfg": cfg, "kernels": kernels}, u.relu, u.conv)
-        _set_submodule(model, u.bn, head)
-        _set_submodule(model, u.relu, relu)
+        set_submodule(model, u.bn, head)
+        set_submodule(model, u.relu, relu)
         if tail is not None:
-            _set_submodule(model, u.conv, tail)
+            set_submodule(model, u.conv, tail)
     codec = None
     if cfg.codec_bits is not None:
         keep_masks_(model, kernels)
@@ -60,10 +55,10 @@ def _revert(model: nn.Module) -> None:
         if isinstance(module, BLPABatchNorm2d):
             relu_name, conv_name = module.blpa_relu_name, module.blpa_conv_name
             bn, relu, conv = unmake_unit(module)
-            _set_submodule(model, name, bn)
-            _set_submodule(model, relu_name, relu)
+            set_submodule(model, name, bn)
+            set_submodule(model, relu_name, relu)
             if conv is not None:
-                _set_submodule(model, conv_name, conv)
+                set_submodule(model, conv_name, conv)
     codec = find_codec(model)
     if codec is not None:
         codec.detach()

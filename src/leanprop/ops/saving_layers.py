@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from leanprop.ops.kernels import CKernels
 from leanprop.ops.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
+from leanprop.utils import set_submodule
 
 __all__ = ["mask_relu", "max_pool2d_window_index", "MaskReLU", "IndexMaxPool2d", "EagerReLU", "SAVING_LAYERS",
            "to_mask_relu", "from_mask_relu", "to_index_maxpool", "from_index_maxpool", "to_eager_relu",
@@ -31,12 +32,6 @@ def _swap_class(module: nn.Module, cls: type) -> nn.Module:
     new = copy.copy(module)  # shares the Parameter and buffer objects
     new.__class__ = cls
     return new
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 class _MaskReLU(torch.autograd.Function):
@@ -217,16 +212,16 @@ def keep_masks_(model: nn.Module, kernels: CKernels | None) -> None:
     packer, or None for torch ops), every plain ``nn.MaxPool2d`` one uint8 window position per output."""
     for name, m in list(model.named_modules()):
         if type(m) is nn.ReLU:
-            _set_submodule(model, name, to_mask_relu(m, kernels))
+            set_submodule(model, name, to_mask_relu(m, kernels))
         elif type(m) is nn.MaxPool2d:
-            _set_submodule(model, name, to_index_maxpool(m))
+            set_submodule(model, name, to_index_maxpool(m))
 
 
 def keep_relu_outputs_eager_(model: nn.Module) -> None:
     """Every plain ``nn.ReLU`` of ``model`` becomes an :class:`EagerReLU`."""
     for name, m in list(model.named_modules()):
         if type(m) is nn.ReLU:
-            _set_submodule(model, name, to_eager_relu(m))
+            set_submodule(model, name, to_eager_relu(m))
 
 
 def revert_saving_layers_(model: nn.Module) -> None:
@@ -234,4 +229,4 @@ def revert_saving_layers_(model: nn.Module) -> None:
     back = {MaskReLU: from_mask_relu, EagerReLU: from_eager_relu, IndexMaxPool2d: from_index_maxpool}
     for name, m in list(model.named_modules()):
         if type(m) in back:
-            _set_submodule(model, name, back[type(m)](m))
+            set_submodule(model, name, back[type(m)](m))

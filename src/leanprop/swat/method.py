@@ -22,14 +22,9 @@ from leanprop.swat.budget import assign_budget, collect_layers
 from leanprop.swat.config import PRESET_GRAMMAR, SWATConfig
 from leanprop.swat.controller import SWATController
 from leanprop.swat.layers import SWAT_LAYERS, SWATConv2d, SWATLinear, to_dense
+from leanprop.utils import set_submodule
 
 __all__ = ["METHOD"]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _convert(model: nn.Module, cfg: SWATConfig, filter_fn: FilterFn | None, others: Sequence[Any]
@@ -47,7 +42,7 @@ def _convert(model: nn.Module, cfg: SWATConfig, filter_fn: FilterFn | None, othe
         old = modules[spec.name]
         cls = SWATConv2d if isinstance(old, nn.Conv2d) else SWATLinear
         new = cls.from_dense(old, budget[spec.name], cfg)
-        _set_submodule(model, spec.name, new)
+        set_submodule(model, spec.name, new)
         layers[spec.name] = new
     if cfg.compress_saved:
         keep_masks_(model, load_kernels(required=False))
@@ -59,7 +54,7 @@ def _convert(model: nn.Module, cfg: SWATConfig, filter_fn: FilterFn | None, othe
 def _revert(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, SWAT_LAYERS):
-            _set_submodule(model, name, to_dense(module))
+            set_submodule(model, name, to_dense(module))
 
 
 def _parse(word: str) -> SWATConfig | None:
