@@ -85,14 +85,14 @@ import sys
 
 import torch
 
-import leanprop.accounting.matrix
-import leanprop.accounting.modes_bench
+import leanprop.bench.matrix
+import leanprop.bench.modes
 import leanprop.modes
 import leanprop.train.trainer
 from leanprop.cli import _parser
 
 print("torch", torch.__version__, "leanprop", leanprop.modes.__name__, leanprop.train.trainer.__name__,
-      leanprop.accounting.matrix.__name__, leanprop.accounting.modes_bench.__name__)
+      leanprop.bench.matrix.__name__, leanprop.bench.modes.__name__)
 cmd = []
 for a in [*sys.argv[1:], "--"]:
     if a == "--":

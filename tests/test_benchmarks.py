@@ -1,15 +1,12 @@
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from leanprop.bench import report, train_throughput
 
-import report  # noqa: E402
-import train_throughput  # noqa: E402
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_quick_throughput_writes_jsonl_and_report(tmp_path):
@@ -36,7 +33,7 @@ def test_report_rejects_corrupt_jsonl(tmp_path):
 
 
 def test_swat_speed_records_ratio(tmp_path):
-    import swat_speed
+    from leanprop.bench import swat_speed
 
     out = tmp_path / "s.jsonl"
     assert swat_speed.main(["--models", "resnet20", "--threads", "1", "--batch", "8", "--rounds", "3",
@@ -48,7 +45,7 @@ def test_swat_speed_records_ratio(tmp_path):
 
 
 def test_swat_filter_floor_records_the_decomposition(tmp_path):
-    import swat_filter_floor
+    from leanprop.bench import swat_filter_floor
 
     out, md = tmp_path / "f.jsonl", tmp_path / "bench.md"
     assert swat_filter_floor.main(["--models", "resnet8", "--threads", "1", "--batch", "4", "--repeats", "1",
@@ -66,7 +63,7 @@ def test_swat_filter_floor_records_the_decomposition(tmp_path):
 
 
 def test_swat_accuracy_report_from_run_dirs(tmp_path):
-    import swat_accuracy
+    from leanprop.bench import accuracy_swat as swat_accuracy
 
     out = tmp_path / "runs"
     fields = "epoch,step,test_top1,weight_sparsity,act_sparsity"
@@ -105,8 +102,8 @@ class _Ran:
 
 def test_swat_accuracy_commands_and_run_names_are_unchanged(tmp_path, monkeypatch):
     """Runs in progress resume by run name and the report quotes these commands: they must not drift."""
-    import _accuracy_matrix
-    import swat_accuracy
+    from leanprop.bench import accuracy as _accuracy_matrix
+    from leanprop.bench import accuracy_swat as swat_accuracy
 
     assert swat_accuracy.command("swat-u90", "resnet20", 30) == SWAT_U90_COMMAND
     assert swat_accuracy.run_dir(tmp_path, "resnet20", "swat-m90") == tmp_path / "acc-resnet20-swat-m90"
@@ -127,9 +124,8 @@ def test_swat_accuracy_commands_and_run_names_are_unchanged(tmp_path, monkeypatc
 
 
 def test_blpa_accuracy_commands_train_the_presets():
-    import blpa_accuracy
-
     from leanprop import config as C
+    from leanprop.bench import accuracy_blpa as blpa_accuracy
 
     assert list(blpa_accuracy.VARIANTS) == ["exact", "blpa8", "blpa4", "blpa2"]
     root = BENCH.parent
@@ -151,8 +147,8 @@ def test_blpa_accuracy_commands_train_the_presets():
 
 
 def test_blpa_accuracy_report_and_runner(tmp_path, monkeypatch):
-    import _accuracy_matrix
-    import blpa_accuracy
+    from leanprop.bench import accuracy as _accuracy_matrix
+    from leanprop.bench import accuracy_blpa as blpa_accuracy
 
     out = tmp_path / "runs"
     for name, acc, epochs, cfg in (("exact", 91.0, 30, "method: {name: dense}\n"),
@@ -240,8 +236,8 @@ def test_bench_matrix_rejects_unknown_methods_and_models(capsys):
 def test_accuracy_runner_archives_finished_runs_and_trains_in_parallel(tmp_path, monkeypatch):
     """--jobs 2 runs variants as parallel processes (logs in OUT_DIR); a finished run's result files (never its
     checkpoint) go to the archive, from which the report and the skip logic read when OUT_DIR lacks the run."""
-    import _accuracy_matrix
-    import swat_accuracy
+    from leanprop.bench import accuracy as _accuracy_matrix
+    from leanprop.bench import accuracy_swat as swat_accuracy
 
     out, archive, md = tmp_path / "runs", tmp_path / "archive", tmp_path / "swat.md"
     started = []
@@ -284,7 +280,7 @@ def test_accuracy_runner_archives_finished_runs_and_trains_in_parallel(tmp_path,
 def test_archived_run_files_carry_no_machine_paths(tmp_path):
     """The archive is committed: the runs folder, the repository and the home folder are written as OUT_DIR, .
     and ~ (and the CSV's line ends are kept)."""
-    import swat_accuracy
+    from leanprop.bench import accuracy_swat as swat_accuracy
 
     out = tmp_path / "runs"
     d = swat_accuracy.run_dir(out, "resnet20", "dense")
@@ -305,7 +301,7 @@ def test_archived_run_files_carry_no_machine_paths(tmp_path):
 
 
 def test_sparse_kernel_report_lists_each_format_and_its_break_even():
-    from leanprop.accounting import report
+    from leanprop.bench import report
 
     ratios = {("csr", 0.9): 1.5, ("csr", 0.99): 0.8, ("coo", 0.9): 1.2, ("coo", 0.99): 1.1}
     recs = [{"bench": "sparse_kernels", "layer": "64->64@32x32", "op": "forward", "batch": 32, "threads": 1,
@@ -325,9 +321,8 @@ def test_sparse_kernel_report_lists_each_format_and_its_break_even():
 
 def test_swat_packing_measures_bits_per_element(tmp_path):
     """The packed X_s costs what the mask form's formula says (plus small offsets), and indices where sparser."""
-    import swat_packing
-
-    from leanprop.accounting.report import _packing_section
+    from leanprop.bench import swat_packing
+    from leanprop.bench.report import _packing_section
 
     out = tmp_path / "res" / "swat_packing.jsonl"
     assert swat_packing.main(["--shapes", "2,16,16,16", "--densities", "0.9,0.1,0.01", "--reps", "1", "--out",
@@ -346,7 +341,7 @@ def test_report_shows_compiled_over_eager_and_a_gpu_section(tmp_path):
     """Matrix records carry compile and device: compiled tables show step time / the eager step of the same
     settings and the graph breaks; CUDA records (matrix, modes, memory) go to their own section; the README
     headline keeps CPU eager records only."""
-    from leanprop.accounting.report import headline, render
+    from leanprop.bench.report import headline, render
 
     base = {"bench": "matrix", "model": "resnet20", "batch": 16, "threads": 2, "dtype": "fp32", "channels_last": False,
             "processor": "cpu-x", "git_sha": "abc", "saved_bytes": 2**20, "ratio_vs_dense": 1.0}

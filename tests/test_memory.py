@@ -4,8 +4,6 @@
 import contextlib
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanprop import models
-from leanprop.accounting import memory_cli, memory_probe
+from leanprop.accounting import memory_probe
 from leanprop.accounting.memory import (
     MethodUnavailable,
     SavedTensorLedger,
@@ -24,6 +22,7 @@ from leanprop.accounting.memory import (
     peak_memory,
     saved_bytes,
 )
+from leanprop.bench import memory as memory_cli
 from leanprop.cli import main
 from leanprop.nn.checkpointing import checkpoint_blocks_, checkpointed_blocks, uncheckpoint_blocks_
 
@@ -364,8 +363,7 @@ def test_bench_memory_runs_and_appends_jsonl(tmp_path, capsys):
 
 
 def test_report_renders_memory_section(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import report
+    from leanprop.bench import report
 
     base = {"bench": "memory", "model": "preact_resnet164", "model_kwargs": {"shortcut": "pad"}, "batch": 128,
             "input_shape": [3, 32, 32], "device": "cpu", "dtype": "fp32", "threads": 2, "processor": "x"}
@@ -382,7 +380,7 @@ def test_report_renders_memory_section(tmp_path):
 
 
 def test_report_capacity_sections_and_plot(tmp_path):
-    from leanprop.accounting.report import write_report
+    from leanprop.bench.report import write_report
 
     base = {"bench": "memory", "model": "resnet20", "batch": 128, "device": "cpu", "dtype": "fp32",
             "mem_cap_bytes": 4 * 2**30}
@@ -401,7 +399,7 @@ def test_report_capacity_sections_and_plot(tmp_path):
     assert "| resnet20 | 128 | swat-u90-packed | 0.600 | BatchNorm2d 0.500, SWATConv2d 0.080, MaskReLU 0.020 |" in text
     assert (out.parent / "img" / "max_batch_4GiB.png").stat().st_size > 1000
     assert "](img/max_batch_4GiB.png)" in text
-    from leanprop.accounting.report import _headline_max_batch
+    from leanprop.bench.report import _headline_max_batch
 
     assert "under 4 GiB (fresh-process peak): resnet20: dense 1000, swat-u90-packed 1500 (1.50x)." in \
         _headline_max_batch(recs)

@@ -1,7 +1,7 @@
 """The execution-mode matrix: every method's training steps in each mode against its reference.
 
 Same weights, same batch (16 images of 32x32, so two SWAT layer shapes take the large-tensor Top-K path), three SGD
-steps; loss and parameter gradients compared per step (:mod:`leanprop.accounting.modes_bench`). References:
+steps; loss and parameter gradients compared per step (:mod:`leanprop.bench.modes`). References:
 eager bf16 and CUDA modes against eager fp32 on the CPU, compiled against eager in the same dtype, channels-last
 against contiguous. Modes a method cannot honour are refused by its controller (:mod:`leanprop.modes`).
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from leanprop import config as C
-from leanprop.accounting.modes_bench import METHODS, compare, grad_distance, reference_mode, run_steps
+from leanprop.bench.modes import METHODS, compare, grad_distance, reference_mode, run_steps
 from leanprop.config import ConfigError
 from leanprop.modes import CompileStats, ExecutionMode, check_mode, unsupported_reason
 

@@ -7,13 +7,16 @@ import os
 import sys
 from pathlib import Path
 
-from leanprop.accounting import flops_cli, matrix, memory_cli, modes_bench, report
+from leanprop import bench
+from leanprop.accounting import flops_cli
+from leanprop.bench import report
 
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 LONG_RUNNING = {"train", "bench"}
-#: ``leanprop bench KIND``: modules with ``add_parser(subparsers)`` that set ``bench_run`` (add new kinds here).
-BENCH_KINDS = (memory_cli, matrix, modes_bench)
+#: ``leanprop bench KIND``: modules with ``add_parser(subparsers)`` that set ``bench_run`` (add new kinds to
+#: :data:`leanprop.bench.KINDS`).
+BENCH_KINDS = bench.kind_modules()
 
 
 def _jemalloc_path() -> str | None:
@@ -100,8 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     flops_cli.add_parser(sub)
     report.add_parser(sub)
 
-    b = sub.add_parser("bench", help="measure methods: memory, matrix (every method x model), modes (against eager)",
-                       description="Measurements that compare training methods on the same model.")
+    b = sub.add_parser("bench", help="benchmarks: " + ", ".join(bench.KINDS),
+                       description="Measurements that compare training methods on the same model; each kind appends "
+                                   "JSONL records under benchmarks/results/ (run from the repository root) and "
+                                   "`leanprop report` turns them into docs/benchmarks.md.")
     kinds = b.add_subparsers(dest="bench", required=True, metavar="KIND")
     for module in BENCH_KINDS:
         module.add_parser(kinds)

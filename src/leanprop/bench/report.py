@@ -1,7 +1,6 @@
 """JSONL benchmark records -> ``docs/benchmarks.md`` tables and PNG plots (generated; do not edit by hand).
 
     leanprop report                        # from benchmarks/results/*.jsonl; plots into docs/img/
-    python benchmarks/report.py            # the same (a thin wrapper kept for the benchmark scripts)
 """
 
 from __future__ import annotations
@@ -12,21 +11,19 @@ import os
 import tempfile
 from pathlib import Path
 
-from leanprop.accounting.context import append_jsonl as append_records
-from leanprop.accounting.context import run_context
-from leanprop.accounting.report_capacity import (
+from leanprop.bench.report_capacity import (
     filter_floor_section,
     kept_by_module_section,
     max_batch_records,
     max_batch_section,
     write_max_batch_plot,
 )
-from leanprop.accounting.report_modes import device_of, gpu_memory_rows, modes_section
-from leanprop.accounting.report_tables import latest as _latest
-from leanprop.accounting.report_tables import markdown_table as _table
-from leanprop.accounting.report_tables import method_rank, pyplot, save_fig
+from leanprop.bench.report_modes import device_of, gpu_memory_rows, modes_section
+from leanprop.bench.report_tables import latest as _latest
+from leanprop.bench.report_tables import markdown_table as _table
+from leanprop.bench.report_tables import method_rank, pyplot, save_fig
 
-__all__ = ["append_records", "read_records", "render", "run_context", "write_report", "write_plots", "main"]
+__all__ = ["read_records", "render", "write_report", "write_plots", "main"]
 
 
 def _atomic_write(path: Path, text: str) -> None:

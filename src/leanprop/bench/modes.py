@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,9 @@ METHODS = ("dense", "swat-u90", "swat-erk90", "swat-filter70", "swat-u90-packed"
            "swat-u90+blpa4")
 #: the tiny model each method family runs on: post-activation ResNet-8 for dense and SWAT, the pre-activation one
 #: (BN->ReLU->conv units, shortcut=pad) for BLPA and SWAT+BLPA
-MODEL_OF = {"dense": "resnet8", "swat": "resnet8", "blpa": "preact_resnet8", "swat+blpa": "preact_resnet8"}
+#: the model of a method: pre-activation blocks (BN->ReLU->conv units to compress) for a method that compresses saved
+#: activations, else the post-activation ResNet
+MODEL_OF = {False: "resnet8", True: "preact_resnet8"}
 CPU_MODES = ("cpu-bf16", "cpu-fp32-nhwc", "cpu-fp32-compile", "cpu-bf16-compile")
 CUDA_MODES = ("cuda-fp32", "cuda-bf16", "cuda-fp16", "cuda-fp32-nhwc", "cuda-fp32-compile", "cuda-bf16-compile")
 
@@ -54,9 +55,9 @@ def reference_mode(mode: Any) -> Any:
 
 def model_for(method: str) -> str:
     """The model a method runs on in the mode matrix (:data:`MODEL_OF`)."""
-    from .memory import parse_method
+    from leanprop.methods import method_for, parse_method
 
-    return MODEL_OF[parse_method(method)[0]]
+    return MODEL_OF[any(method_for(c).compresses_saved for c in parse_method(method))]
 
 
 @dataclass
@@ -88,10 +89,10 @@ def run_steps(method: str, mode: Any, *, model: str | None = None, batch: int = 
     import torch.nn.functional as F
 
     from leanprop import models
+    from leanprop.accounting.memory import apply_method, saved_bytes
+    from leanprop.bench.memory import default_model_kwargs
     from leanprop.modes import CompileStats, check_mode
-
-    from .memory import apply_method, saved_bytes
-    from .memory_cli import default_model_kwargs
+    from leanprop.timing import device_sync, time_calls
 
     name = model or model_for(method)
     torch.manual_seed(seed)
@@ -109,8 +110,7 @@ def run_steps(method: str, mode: Any, *, model: str | None = None, batch: int = 
     if mode.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    if hasattr(handle, "attach_optimizer"):
-        handle.attach_optimizer(opt)
+    handle.attach_optimizer(opt)
     if mode.compile:  # a fresh Dynamo cache: another model's graphs (same classes) would be reused and counted there
         torch._dynamo.reset()
     fwd = torch.compile(net) if mode.compile else net
@@ -128,34 +128,33 @@ def run_steps(method: str, mode: Any, *, model: str | None = None, batch: int = 
 
         return inductor_config.patch(emulate_precision_casts=True)
 
-    t0 = time.perf_counter()
-    with precision(), stats:
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            with mode.autocast():
-                out = fwd(x)
-                loss = F.cross_entropy(out.float(), y)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            losses.append(float(loss.detach()))
-            grads.append({n: p.grad.detach().to("cpu", torch.float64) for n, p in zip(
-                names, net.parameters(), strict=True) if p.grad is not None})
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            if hasattr(handle, "step"):
-                handle.step()
-    seconds = time.perf_counter() - t0
+    def one_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with mode.autocast():
+            out = fwd(x)
+            loss = F.cross_entropy(out.float(), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append({n: p.grad.detach().to("cpu", torch.float64) for n, p in zip(
+            names, net.parameters(), strict=True) if p.grad is not None})
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        handle.step()
+
+    with precision(), stats:  # wall time of the steps, compilation included
+        seconds = time_calls(one_step, reps=steps, sync=device_sync(device))
     kept = None
     if measure_kept:
         with precision(), mode.autocast():
             kept = saved_bytes(fwd, x, lambda out: F.cross_entropy(out.float(), y)).total_bytes
-    return StepRun(losses, grads, stats.as_dict() if mode.compile else None, kept, seconds, emulate)
+    return StepRun(losses, grads, stats.as_dict() if mode.compile else None, kept, sum(seconds), emulate)
 
 
 def grad_distance(run: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float, str]:
@@ -233,10 +232,9 @@ def run(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from leanprop.config import ConfigError
+    from leanprop.methods import parse_method
     from leanprop.modes import ExecutionMode
-
-    from .context import append_jsonl, run_context
-    from .memory import parse_method
+    from leanprop.utils import append_jsonl, run_context
 
     methods = [m.strip().lower() for m in a.methods.split(",") if m.strip()]
     for m in methods:

@@ -1,4 +1,5 @@
-"""Shared machinery of the accuracy runners (``swat_accuracy.py``, ``blpa_accuracy.py``).
+"""``leanprop bench accuracy --suite swat|blpa|swat_blpa``: train an accuracy matrix (resumable) and write its
+markdown table.
 
 A matrix is a set of named variants of one recipe, each trained by one ``leanprop train`` command into
 ``OUT_DIR/acc-<model>-<variant>`` with ``--resume auto``, so a matrix can be trained in pieces across
@@ -8,31 +9,66 @@ of every row below it. A finished run's small result files (metrics, resolved co
 summaries; never checkpoints) are copied to ``benchmarks/results/accuracy/<run>/``, which is committed: the
 report falls back to that archive for runs absent from ``OUT_DIR``, so a committed table can be regenerated
 (``--report-only``) on any machine, and a matrix trained over several sessions keeps its finished rows.
-The scripts stay thin: they describe their variants, the recipe text and their method-specific columns.
+The suites (:mod:`.accuracy_swat`, :mod:`.accuracy_blpa`, :mod:`.accuracy_swat_blpa`) describe their variants,
+the recipe text and their method-specific columns. Paths are relative to the working directory (run from the
+repository root: the commands name ``configs/...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import os
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT / "benchmarks" / "results" / "accuracy"
+__all__ = ["Matrix", "SUITES", "ARCHIVE", "ARCHIVED_FILES", "add_parser", "run", "read_rows", "suite"]
+
+KIND = "accuracy"
+ARCHIVE = Path("benchmarks") / "results" / "accuracy"
 # what a finished run leaves that the report reads (checkpoints stay in OUT_DIR)
 ARCHIVED_FILES = ("metrics.csv", "config.yaml", "env.json", "swat_layers.txt", "blpa_units.txt")
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import _atomic_write  # noqa: E402
+#: suite name -> the module holding its ``MATRIX``
+SUITES = {"swat": "leanprop.bench.accuracy_swat", "blpa": "leanprop.bench.accuracy_blpa",
+          "swat_blpa": "leanprop.bench.accuracy_swat_blpa"}
 
 # (run dir, variant name, last metrics row) -> the text of one extra column
 Column = Callable[[Path, str, dict], str]
+
+
+def add_parser(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(KIND, help="train an accuracy matrix (resumable) and write its table (docs/results/)",
+                         description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", required=True, choices=list(SUITES),
+                   help="swat: dense vs SWAT variants; blpa: exact vs BLPA-8/4/2; swat_blpa: SWAT + BLPA against "
+                        "each alone")
+    p.add_argument("--out-dir", default="runs/accuracy")
+    p.add_argument("--model", help="default: the suite's (resnet8 / preact_resnet8)")
+    p.add_argument("--epochs", type=int, help="default: the suite's (30)")
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants of the suite")
+    p.add_argument("--data-dir")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--report", help="default: docs/results/<suite>.md")
+    p.add_argument("--threads", type=int, help="torch threads of each training run (default: cores / jobs)")
+    p.add_argument("--archive", help="where finished runs' result files are copied (committed; the report falls "
+                                     f"back to it; default: {ARCHIVE})")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="variants trained at once (each in its own process, its log in OUT_DIR/<run>.log)")
+    p.set_defaults(bench_run=run)
+
+
+def suite(name: str) -> Matrix:
+    """The :class:`Matrix` of a suite of :data:`SUITES`."""
+    return importlib.import_module(SUITES[name]).MATRIX
+
+
+def run(a: argparse.Namespace) -> int:
+    return suite(a.suite).run(a)
 
 
 @dataclass
@@ -53,7 +89,7 @@ class Matrix:
     columns: list[tuple[str, Column]] = field(default_factory=list)
     default_model: str = "resnet20"
     default_epochs: int = 30
-    default_report: Path = ROOT / "docs" / "results" / "accuracy.md"
+    default_report: Path = Path("docs") / "results" / "accuracy.md"
     archive: Path = ARCHIVE
 
     @property
@@ -95,6 +131,8 @@ class Matrix:
         return ["leanprop", "train", "--config", config, *[a for s in sets for a in ("--set", s)]]
 
     def report(self, out_dir: Path, model: str, epochs: int, path: Path) -> str:
+        from leanprop.utils import atomic_write_text
+
         headers = ["method", "epochs done", "test top-1", f"gap to {self.baseline}", *(h for h, _ in self.columns)]
         lines = [f"# {self.title}", "", self.intro(model, epochs), "",
                  "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -119,56 +157,52 @@ class Matrix:
         lines += ["", "Commands (run from the repository root, data via `--data-dir` or `LEANPROP_DATA`):", "",
                   *cmds, ""]
         text = "\n".join(lines)
-        _atomic_write(path, text)
+        atomic_write_text(path, text)
         return text
 
-    def main(self, argv: list[str] | None, description: str) -> int:
-        ap = argparse.ArgumentParser(description=description)
-        ap.add_argument("--out-dir", default="runs/accuracy")
-        ap.add_argument("--model", default=self.default_model)
-        ap.add_argument("--epochs", type=int, default=self.default_epochs)
-        ap.add_argument("--only", nargs="+", choices=list(self.variants))
-        ap.add_argument("--data-dir")
-        ap.add_argument("--report-only", action="store_true")
-        ap.add_argument("--report", default=str(self.default_report))
-        ap.add_argument("--threads", type=int, help="torch threads of each training run (default: cores / jobs)")
-        ap.add_argument("--archive", default=str(self.archive),
-                        help="where finished runs' result files are copied (committed; the report falls back to it)")
-        ap.add_argument("--jobs", type=int, default=1,
-                        help="variants trained at once (each in its own process, its log in OUT_DIR/<run>.log)")
-        a = ap.parse_args(argv)
+    def run(self, a: argparse.Namespace) -> int:
+        """Train what is unfinished (``a``: the ``leanprop bench accuracy`` arguments), then write the report."""
+        model = a.model or self.default_model
+        epochs = a.epochs if a.epochs is not None else self.default_epochs
+        report = Path(a.report) if a.report else self.default_report
+        unknown = [n for n in a.only or () if n not in self.variants]
+        if unknown:
+            raise ValueError(f"--only {' '.join(unknown)}: not a variant of this suite; choose from "
+                             f"{', '.join(self.variants)}")
         if a.jobs < 1:
             raise SystemExit("--jobs must be >= 1")
         out = Path(a.out_dir)
-        self.archive = Path(a.archive)
+        if a.archive:
+            self.archive = Path(a.archive)
         if not a.report_only:
             todo = []
             for name in a.only or self.variants:
-                rows = read_rows(self.result_dir(out, a.model, name))
-                if rows and int(rows[-1]["epoch"]) >= a.epochs:
+                rows = read_rows(self.result_dir(out, model, name))
+                if rows and int(rows[-1]["epoch"]) >= epochs:
                     continue  # finished here or in the archive
                 todo.append(name)
             threads = a.threads or (max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None)
-            cmds = {n: self.train_command(n, a.model, a.epochs, out, a.data_dir, threads) for n in todo}
+            cmds = {n: self.train_command(n, model, epochs, out, a.data_dir, threads) for n in todo}
             if a.jobs == 1:
                 for name, cmd in cmds.items():
                     print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
                     subprocess.run(cmd, check=True)
-                    self.archive_run(out, a.model, name, a.epochs)
-                    self.report(out, a.model, a.epochs, Path(a.report))
+                    self.archive_run(out, model, name, epochs)
+                    self.report(out, model, epochs, report)
             else:
-                self._run_parallel(cmds, a, out)
-        print(self.report(out, a.model, a.epochs, Path(a.report)))
+                self._run_parallel(cmds, a.jobs, model, epochs, out, report)
+        print(self.report(out, model, epochs, report))
         return 0
 
-    def _run_parallel(self, cmds: dict[str, list[str]], a: argparse.Namespace, out: Path) -> None:
-        """Train up to ``a.jobs`` variants at once; a failed run stops the matrix after the others end."""
+    def _run_parallel(self, cmds: dict[str, list[str]], jobs: int, model: str, epochs: int, out: Path,
+                      report: Path) -> None:
+        """Train up to ``jobs`` variants at once; a failed run stops the matrix after the others end."""
         out.mkdir(parents=True, exist_ok=True)
         pending, running, failed = list(cmds), {}, []
         while pending or running:
-            while pending and len(running) < a.jobs and not failed:
+            while pending and len(running) < jobs and not failed:
                 name = pending.pop(0)
-                log = open(out / f"{self.run_name(a.model, name)}.log", "a")
+                log = open(out / f"{self.run_name(model, name)}.log", "a")
                 print("+", " ".join(shlex.quote(c) for c in cmds[name]), f"> {log.name}", flush=True)
                 running[name] = (subprocess.Popen(cmds[name], stdout=log, stderr=subprocess.STDOUT), log)
             if failed and not running:
@@ -183,8 +217,8 @@ class Matrix:
                     failed.append(name)
                     print(f"! {name} failed (exit {proc.returncode}); see {log.name}", flush=True)
                     continue
-                self.archive_run(out, a.model, name, a.epochs)
-                self.report(out, a.model, a.epochs, Path(a.report))
+                self.archive_run(out, model, name, epochs)
+                self.report(out, model, epochs, report)
                 print(f"= {name} finished", flush=True)
         if failed:
             raise SystemExit(f"training failed for {', '.join(failed)}")
@@ -202,9 +236,11 @@ class Matrix:
 
 def _portable(text: str, out_dir: Path) -> str:
     """``text`` without this machine's absolute paths (the archive is committed): the runs folder becomes
-    ``OUT_DIR``, the repository ``.`` and the home folder ``~``."""
-    for path, name in ((Path(out_dir).resolve(), "OUT_DIR"), (ROOT, "."), (Path.home(), "~")):
-        text = text.replace(str(path), name)
+    ``OUT_DIR``, the repository (the working directory) ``.`` and the home folder ``~``."""
+    repo = Path.cwd().resolve()
+    for path, name in ((Path(out_dir).resolve(), "OUT_DIR"), (repo, "."), (Path.home(), "~")):
+        if path != Path(path.anchor):  # never the file-system root: every path would change
+            text = text.replace(str(path), name)
     return text
 
 

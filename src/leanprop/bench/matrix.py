@@ -23,7 +23,6 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -69,27 +68,6 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.set_defaults(bench_run=run)
 
 
-def _train_step(model, handle, opt, x, y, spec) -> float:
-    import torch.nn.functional as F
-
-    from .memory import autocast_context
-
-    t0 = time.perf_counter()
-    with autocast_context(spec):
-        out = model(x)
-    loss = F.cross_entropy(out.float(), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if hasattr(handle, "step"):
-        handle.step()
-    if x.device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 #: suffix of the eager step times ``step_times(compile=True)`` returns beside the compiled ones
 EAGER = "@eager"
 
@@ -97,49 +75,57 @@ EAGER = "@eager"
 def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int, warmup: int,
                note=lambda s: None, kernels: dict[str, dict] | None = None,
                compile: bool = False) -> dict[str, list[float]]:
-    """Seconds of each method's training steps, interleaved round by round (one model per method).
+    """Seconds of each method's training steps (:func:`leanprop.timing.training_step`), interleaved round by
+    round (:func:`leanprop.timing.interleaved`; one model per method).
 
-    SWAT methods first choose their kernels as training does (``sparse_kernels="auto"``: timed on this batch);
-    ``kernels``, when given, receives for each such method ``{"sparse_kernels": one-line choice,
-    "kernel_calibration_s": seconds the timing took}`` (the latter only when it ran here). ``compile``: each
-    model runs under ``torch.compile``; ``kernels`` then also receives per method ``compile_s`` (the first,
-    compiling step) and the graph breaks, graphs and recompile-limit hits of its steps
-    (:class:`leanprop.modes.CompileStats`), and every model also steps eagerly, interleaved with its compiled
-    steps: those times are returned under ``method + EAGER``."""
+    A method whose controller :attr:`~leanprop.methods.Controller.needs_prepare` prepares on this batch first, as
+    training does (e.g. SWAT's ``sparse_kernels="auto"`` times its kernels); ``kernels``, when given, receives
+    for each method with something to say the controller's :meth:`~leanprop.methods.Controller.notes` (SWAT:
+    ``sparse_kernels``, the one-line kernel choice) and ``kernel_calibration_s`` (seconds the preparation took,
+    only when it ran here). ``compile``: each model runs under ``torch.compile``; ``kernels`` then also receives
+    per method ``compile_s`` (the first, compiling step) and the graph breaks, graphs and recompile-limit hits of
+    its steps (:class:`leanprop.modes.CompileStats`), and every model also steps eagerly, interleaved with its
+    compiled steps: those times are returned under ``method + EAGER``."""
     import torch
 
+    from leanprop.accounting.memory import build_model, make_batch, normalize_spec
     from leanprop.modes import CompileStats
-
-    from .memory import autocast_context, build_model, make_batch, normalize_spec
+    from leanprop.ops.autocast import autocast_context
+    from leanprop.timing import device_sync, interleaved, time_calls, training_step
 
     built = {}
     for m in methods:
         spec = normalize_spec({**base, "method": m})
         model, handle = build_model(spec)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        if hasattr(handle, "attach_optimizer"):
-            handle.attach_optimizer(opt)
+        handle.attach_optimizer(opt)
         built[m] = (model, handle, opt, spec)
     x, y = make_batch(built[methods[0]][3], batch)
+    for m in methods:
+        _, handle, _, spec = built[m]
+        info: dict[str, Any] = {}
+        if handle.needs_prepare:
+            note(f"prepare {m}")
+            with autocast_context(spec["device"], spec["dtype"]):
+                seconds = time_calls(lambda h=handle, m=m: h.prepare(x, progress=lambda s: note(f"prepare {m}: {s}")),
+                                     reps=1)[0]
+            info["kernel_calibration_s"] = round(seconds, 1)
+        facts = {**handle.notes(), **info}
+        if kernels is not None and facts:
+            kernels[m] = facts
     order = list(methods)
     if compile:  # the same model also steps eagerly, interleaved: compiled / eager comes from one run
         eager = {m + EAGER: entry for m, entry in built.items()}
         built = {m: (torch.compile(model), handle, opt, spec) for m, (model, handle, opt, spec) in built.items()}
         built.update(eager)
         order = [k for m in methods for k in (m + EAGER, m)]
-    for m in methods:
-        _, handle, _, spec = built[m]
-        info: dict[str, Any] = {}
-        if getattr(handle, "needs_kernel_calibration", False):
-            note(f"kernels {m}")
-            t0 = time.perf_counter()
-            with autocast_context(spec):
-                handle.calibrate_kernels(x)
-            info["kernel_calibration_s"] = round(time.perf_counter() - t0, 1)
-        if kernels is not None and hasattr(handle, "kernel_summary"):
-            kernels[m] = {"sparse_kernels": handle.kernel_summary(), **info}
-    times: dict[str, list[float]] = {m: [] for m in order}
     stats = {m: CompileStats() for m in order}
+    calls = {}
+    for m in order:
+        model, handle, opt, spec = built[m]
+        step = training_step(model, handle, opt, x, y,
+                             autocast=lambda spec=spec: autocast_context(spec["device"], spec["dtype"]))
+        calls[m] = _within(stats[m], step) if compile else step
     limits = contextlib.nullcontext()
     if compile:  # the methods' models share code objects (e.g. ResNet.forward): a cache entry per model and variant
         import torch._dynamo
@@ -147,50 +133,34 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
         torch._dynamo.reset()
         n = 8 * len(methods)
         limits = torch._dynamo.config.patch(recompile_limit=n, accumulated_recompile_limit=max(256, 16 * n))
-    with limits:
-        _timed_rounds(built, order, x, y, rounds, warmup, note, times, stats if compile else None, kernels)
+    with limits:  # warm-up rounds timed too: the first compiled step is the compile time
+        times = interleaved(calls, rounds=warmup + rounds, sync=device_sync(x.device), progress=note)
     if compile and kernels is not None:
         for m in methods:
+            if warmup:
+                kernels.setdefault(m, {})["compile_s"] = round(times[m][0], 1)
             kernels.setdefault(m, {}).update(stats[m].as_dict(max_reasons=3))
-    return times
+    return {m: ts[warmup:] for m, ts in times.items()}
 
 
-def _timed_rounds(built: dict, methods: list[str], x, y, rounds: int, warmup: int, note, times: dict,
-                  stats: dict | None, kernels: dict | None) -> None:
-    """Warm-up then timed steps of every method, interleaved round by round (``stats``: per method, compiled)."""
-    for r in range(warmup + rounds):
-        for m in methods:
-            note(f"step {r + 1}/{warmup + rounds} {m}")
-            with stats[m] if stats is not None else contextlib.nullcontext():
-                dt = _train_step(*built[m][:3], x, y, built[m][3])
-            if r >= warmup:
-                times[m].append(dt)
-            elif stats is not None and r == 0 and kernels is not None:
-                kernels.setdefault(m, {})["compile_s"] = round(dt, 1)
+def _within(context: contextlib.AbstractContextManager, fn):
+    """``fn`` called inside ``context`` (entered anew for every call)."""
+
+    def call():
+        with context:
+            return fn()
+
+    return call
 
 
 def flops_ratio(base: dict[str, Any], method: str) -> tuple[float | None, str]:
-    """(counted training FLOPs of ``method`` / dense, how they were counted) for conv/linear MACs."""
-    from .flops import count_flops
-    from .memory import build_model, normalize_spec, parse_method
+    """(counted training FLOPs of ``method`` / dense, how they were counted) for conv/linear MACs: the method's
+    controller counts them on its converted model (:meth:`leanprop.methods.Controller.training_flops`)."""
+    from leanprop.accounting.memory import build_model, normalize_spec
 
     spec = normalize_spec({**base, "method": method})
-    kind, _ = parse_method(method)
-    shape = (1, *spec["input_shape"])
-    if kind in ("dense", "blpa"):
-        return 1.0, "as dense" if kind == "dense" else "as dense (BLPA changes storage only)"
-    if kind == "checkpoint":
-        from leanprop.nn.checkpointing import default_blocks
-
-        model, _ = build_model({**spec, "method": "dense"})
-        rep = count_flops(model, shape)
-        names = {id(b): n for n, b in model.named_modules()}
-        prefixes = [names[id(b)] + "." for b in default_blocks(model)]
-        extra = sum(layer.macs for layer in rep.layers if any(layer.name.startswith(p) for p in prefixes))
-        return (rep.train_dense_macs + extra) / rep.train_dense_macs, "dense + one more forward of each block"
-    model, _ = build_model(spec)
-    rep = count_flops(model, shape)
-    return 1.0 - rep.training_reduction, "from the SWAT budgets (forward·d_w + grad-input·d_w + grad-weight·d_a)"
+    model, handle = build_model(spec)
+    return handle.training_flops(model, (1, *spec["input_shape"]))
 
 
 def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namespace, bar=None) -> list[dict]:
@@ -198,10 +168,9 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
     import torch
 
     from leanprop import models as zoo
-
-    from .context import run_context
-    from .memory import parse_size
-    from .memory_cli import default_model_kwargs, measure_methods
+    from leanprop.accounting.memory import parse_size
+    from leanprop.bench.memory import default_model_kwargs, measure_methods
+    from leanprop.utils import run_context
 
     def note(s: str) -> None:
         if bar is not None:
@@ -249,7 +218,7 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
 
 def _kept_vs_batch(spec: dict[str, Any], batch: int, full: int | None) -> list[list[int]]:
     """``[[batch, kept bytes], ...]`` at 1/4, 1/2 and the whole batch (the last from the main audit)."""
-    from .memory_cli import audit_saved
+    from leanprop.bench.memory import audit_saved
 
     points = [[b, audit_saved(spec, b).total_bytes]
               for b in sorted({max(1, batch // 4), max(1, batch // 2)} - {batch})]
@@ -286,9 +255,8 @@ def run(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from leanprop import models as zoo
-
-    from .context import append_jsonl, run_context
-    from .memory import parse_method
+    from leanprop.methods import parse_method
+    from leanprop.utils import append_jsonl, run_context
 
     if a.quick:
         for k, v in QUICK.items():
@@ -333,7 +301,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _summary(model: str, batch: int, records: list[dict]) -> str:
-    from .memory import format_bytes
+    from leanprop.accounting.memory import format_bytes
 
     w = max(12, *(len(r["method"]) for r in records))
     lines = [f"{model}, batch {batch}",

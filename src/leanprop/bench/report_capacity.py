@@ -1,7 +1,7 @@
 """Report sections on memory capacity: which layers keep the bytes, and the largest batch under a memory cap.
 
 Both read the ``bench == "memory"`` and ``bench == "matrix"`` JSONL records (``leanprop bench memory``,
-``python benchmarks/blpa_memory.py``, ``leanprop bench matrix``); :mod:`leanprop.accounting.report` places them
+``python benchmarks/blpa_memory.py``, ``leanprop bench matrix``); :mod:`leanprop.bench.report` places them
 in ``docs/benchmarks.md``.
 """
 

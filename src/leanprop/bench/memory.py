@@ -76,7 +76,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def parse_methods(items: list[str] | None) -> list[str]:
     """Methods from repeated and/or comma-separated ``--method`` values (default: all five), validated, in order,
     without repeats."""
-    from .memory import parse_method
+    from leanprop.methods import parse_method
 
     if not items:
         return list(_DEFAULT_METHODS)
@@ -140,12 +140,13 @@ def audit_saved(spec: dict[str, Any], batch: int):
     spec's model and method at ``batch``, with the cross-entropy loss of random targets."""
     import torch.nn.functional as F
 
-    from .memory import autocast_context, build_model, make_batch, normalize_spec, saved_bytes
+    from leanprop.accounting.memory import build_model, make_batch, normalize_spec, saved_bytes
+    from leanprop.ops.autocast import autocast_context
 
     spec = normalize_spec(spec)
     model, _ = build_model(spec)
     x, y = make_batch(spec, batch)
-    with autocast_context(spec):
+    with autocast_context(spec["device"], spec["dtype"]):
         return saved_bytes(model, x, lambda out: F.cross_entropy(out.float(), y), model_name=spec["model"])
 
 
@@ -153,7 +154,7 @@ def _measure_one(spec: dict[str, Any], batch: int, peak: bool, mem_cap: int | No
                  timeout: float | None, note: Any, tolerance: float = 0.0) -> dict[str, Any]:
     import torch
 
-    from .memory import max_batch, peak_memory
+    from leanprop.accounting.memory import max_batch, peak_memory
 
     rec: dict[str, Any] = {}
     note("saved bytes")
@@ -194,8 +195,8 @@ def measure_methods(base_spec: dict[str, Any], methods: list[str], batch: int, *
     import torch
     from tqdm import tqdm
 
-    from .context import run_context
-    from .memory import normalize_spec
+    from leanprop.accounting.memory import normalize_spec
+    from leanprop.utils import run_context
 
     if base_spec.get("threads"):
         torch.set_num_threads(int(base_spec["threads"]))
@@ -231,7 +232,7 @@ def measure_methods(base_spec: dict[str, Any], methods: list[str], batch: int, *
 
 def format_table(records: list[dict[str, Any]]) -> str:
     """The per-method table, then the per-kind breakdown and errors."""
-    from .memory import format_bytes
+    from leanprop.accounting.memory import format_bytes
 
     cuda = any(str(r.get("device", "")).startswith("cuda") for r in records)
     peak_name = "peak alloc" if cuda else "peak RSS"
@@ -265,9 +266,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``leanprop bench memory``: prints the table, appends to ``--jsonl``. 0 if every method measured, 1 if
     some failed (their errors are printed), 2 on bad arguments (via the CLI's error handler)."""
     from leanprop import models
-
-    from .context import append_jsonl
-    from .memory import parse_size
+    from leanprop.accounting.memory import parse_size
+    from leanprop.utils import append_jsonl
 
     info = models.model_info(args.model)
     methods = parse_methods(args.method)

@@ -1,6 +1,6 @@
 """Report sections on execution modes and on the GPU: ``bench == "modes"`` records (``leanprop bench modes``) and
 the CUDA records of the matrix and memory benchmarks (``benchmarks/gpu_check.sh``); placed in
-``docs/benchmarks.md`` by :mod:`leanprop.accounting.report`."""
+``docs/benchmarks.md`` by :mod:`leanprop.bench.report`."""
 
 from __future__ import annotations
 
