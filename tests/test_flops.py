@@ -231,6 +231,18 @@ def test_cli_prints_reduction(capsys):
     assert "paper: training FLOP reduction 89.5 %" in out and "ideal accelerator speed-up" in out
 
 
+def test_cli_takes_a_method_spec(capsys):
+    assert _cli(["--model", "vgg16", "--dataset", "cifar10", "--method", "swat-erk95"]) == 0
+    assert "training FLOP reduction (conv/linear, paper convention):  89.54 %" in capsys.readouterr().out
+    assert _cli(["--model", "resnet18", "--dataset", "cifar10", "--method", "swat-channel50+blpa4", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["swat"]["structure"] == "channel" and d["layers"][1]["d_w"] == 0.5
+    assert _cli(["--model", "vgg16", "--dataset", "cifar10", "--method", "blpa4"]) == 0
+    assert "(dense)" in capsys.readouterr().out  # BLPA computes what dense computes
+    with pytest.raises(ValueError, match="unknown method"):
+        _cli(["--model", "vgg16", "--method", "swot"])
+
+
 def test_cli_json_and_flags(capsys):
     assert _cli(["--model", "resnet18", "--dataset", "cifar10", "--swat", "u", "--sparsity", "0.5",
                  "--structure", "channel", "--no-last-layer", "--json"]) == 0

@@ -3,6 +3,7 @@
 Example::
 
     leanprop flops --model vgg16 --dataset cifar10 --swat erk --sparsity 0.95
+    leanprop flops --model vgg16 --dataset cifar10 --method swat-erk95          # the same, as a method spec
 
 Only ``argparse`` is imported at module level so that ``leanprop --help`` stays fast.
 """
@@ -71,6 +72,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="registry name, or a short name resolved by dataset (vgg16, densenet121, resnet18 -> cifar_*)")
     f.add_argument("--dataset", choices=sorted(DATASETS),
                    help="sets input shape and classes (default: cifar10 or imagenet, from the model family)")
+    f.add_argument("--method", metavar="SPEC",
+                   help="a method spec (swat-erk95, swat-channel50, swat-u90+blpa4...; `leanprop bench --help`): "
+                        "its SWAT config sets --swat, --sparsity and --structure; other methods count as dense")
     f.add_argument("--swat", default="none", type=str.lower, choices=sorted(_SWAT),
                    help="budget distribution: none (dense), uniform/u, erk, momentum/m (M: its uniform start)")
     f.add_argument("--sparsity", type=float, default=0.9, help="SWAT sparsity s (density d = 1 - s)")
@@ -129,6 +133,17 @@ def _parse_overrides(items: list[str]) -> dict[str, float]:
     return out
 
 
+def _apply_method_spec(args: argparse.Namespace) -> None:
+    """``--method``: the SWAT preset of the spec as ``--swat/--sparsity/--structure`` (dense without one)."""
+    from leanprop.methods import parse_method
+    from leanprop.swat.config import SWATConfig
+
+    swat = [c for c in parse_method(args.method) if isinstance(c, SWATConfig)]
+    args.swat = swat[0].distribution if swat else "none"
+    if swat:
+        args.sparsity, args.structure = swat[0].sparsity, swat[0].structure
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``leanprop flops``; prints the table, totals, reductions and accelerator estimate. Returns 0."""
     from leanprop import models
@@ -142,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     model = models.create(name, num_classes=classes)
+    if args.method is not None:
+        _apply_method_spec(args)
     distribution = _SWAT[args.swat]
     cfg = None
     densities: dict[str, tuple[float, float]] = {}
