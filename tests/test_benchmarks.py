@@ -142,7 +142,7 @@ def test_blpa_accuracy_commands_train_the_presets():
         if bits is None:
             assert cfg.method.name == "dense" and cfg.blpa is None
         else:
-            assert cfg.method.name == "blpa" and cfg.blpa.bits == bits
+            assert cfg.method.name == f"blpa{bits}" and cfg.blpa.bits == bits
     assert "--set train.epochs=45" in " ".join(blpa_accuracy.command("blpa4", "preact_resnet20", 45))
 
 

@@ -117,8 +117,8 @@ def test_c_kernels_are_bypassed_on_cuda_tensors(_):
     layers with C kernels forced compute on CUDA what the torch-op kernels compute)."""
     from leanprop import models
     from leanprop.blpa.config import BLPAConfig
-    from leanprop.blpa.kernels import CKernels, load_kernels
     from leanprop.nn.convert import convert_
+    from leanprop.ops.kernels import CKernels, load_kernels
     from leanprop.swat.config import SWATConfig
 
     if load_kernels(required=False) is None:

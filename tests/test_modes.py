@@ -17,6 +17,7 @@ import torch
 from leanprop import config as C
 from leanprop.bench.modes import METHODS, compare, grad_distance, reference_mode, run_steps
 from leanprop.config import ConfigError
+from leanprop.methods import Controller
 from leanprop.modes import CompileStats, ExecutionMode, check_mode, unsupported_reason
 
 from ._helpers import synth_overrides
@@ -150,7 +151,7 @@ def test_cuda_compiled_step_matches_eager(method):
 
 # ------------------------------------------------------------------------------------------------ capabilities
 
-class _Refuses:
+class _Refuses(Controller):
     """A controller that cannot run compiled."""
 
     def unsupported_reason(self, mode):
@@ -163,7 +164,7 @@ def test_check_mode_refuses_what_the_controller_declares():
                        r"traced; set train.compile=false"):
         check_mode(_Refuses(), ExecutionMode("cpu", "bf16", compile=True), method="toy")
     with pytest.raises(ConfigError, match="fp16 autocast needs a CUDA GPU.*use train.amp=bf16"):
-        check_mode(None, ExecutionMode("cpu", "fp16"))  # dense: the refusals every method shares
+        check_mode(Controller(), ExecutionMode("cpu", "fp16"))  # dense: the refusals every method shares
 
 
 def _controller(method):

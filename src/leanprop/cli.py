@@ -215,7 +215,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from leanprop import config as C
     from leanprop import models
     from leanprop.data import build_data
-    from leanprop.nn.inference import inference_state_dict
+    from leanprop.export import inference_state_dict
     from leanprop.train.checkpoint import atomic_torch_save, load_checkpoint
     from leanprop.train.trainer import model_args
 

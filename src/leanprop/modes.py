@@ -110,21 +110,21 @@ def _generic_reason(mode: ExecutionMode) -> tuple[str, str] | None:
 
 
 def unsupported_reason(controller: Any, mode: ExecutionMode) -> str | None:
-    """Why ``mode`` cannot run with this method (``controller``: what ``leanprop.convert_`` returned, None for
-    dense), or None when it can: the refusals every method shares, then the controller's own declaration."""
+    """Why ``mode`` cannot run with this method (``controller``: the :class:`leanprop.methods.Controller` that
+    ``leanprop.convert_`` returned), or None when it can: the refusals every method shares, then the
+    controller's own ``unsupported_reason``."""
     generic = _generic_reason(mode)
     if generic is not None:
         return f"{generic[0]}; {generic[1]}"
-    declare = getattr(controller, "unsupported_reason", None)
-    return declare(mode) if callable(declare) else None
+    return controller.unsupported_reason(mode)
 
 
 def check_mode(controller: Any, mode: ExecutionMode, *, method: str | None = None) -> None:
-    """Raise :class:`leanprop.config.ConfigError` when ``mode`` cannot run with the method of ``controller``
-    (None: dense). ``method`` names it in the message (default: the controller's class)."""
+    """Raise :class:`leanprop.config.ConfigError` when ``mode`` cannot run with the method of ``controller``.
+    ``method`` names it in the message (default: the controller's name)."""
     reason = unsupported_reason(controller, mode)
     if reason is not None:
-        who = method or ("dense" if controller is None else type(controller).__name__.removesuffix("Controller"))
+        who = method or controller.name
         raise ConfigError(f"method {who} cannot train in mode {mode.name} ({mode.describe()}): {reason}")
 
 

@@ -160,7 +160,7 @@ class SWATMixin:
 
     @torch.no_grad()
     def inference_weights(self) -> dict[str, torch.Tensor]:
-        """The weights the evaluation forward uses (``leanprop export``, :mod:`leanprop.nn.inference`): ``TopK(W)``
+        """The weights the evaluation forward uses (``leanprop export``, :mod:`leanprop.export`): ``TopK(W)``
         under the cached threshold or structured mask when ``sparse_eval``, else ``W`` (docs/methods/swat.md,
         'No activation Top-K without gradients')."""
         return {"weight": self._sparse_weight() if self.sparse_eval else self.weight.detach()}

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leanprop.blpa.packing import memory_format_of
+from leanprop.ops.packing import memory_format_of
 from leanprop.timing import time_calls
 
 __all__ = ["OPS", "FORMATS", "NO_SPARSE", "format_of", "KernelTiming", "conv_forward", "conv_grad_input",
@@ -120,8 +120,8 @@ def eligible(layer) -> str | None:
     """None when ``layer`` (a SWAT layer) can use the sparse kernels, else why not."""
     if getattr(layer, "structure", None) is not None:
         return "structured"
-    if getattr(layer, "_unit_active", False):
-        return "runs inside a fused BLPA unit"
+    if getattr(layer, "in_fused_unit", False):
+        return "runs inside another method's fused unit"
     if layer.sparsity <= 0:
         return "dense layer"
     if isinstance(layer, torch.nn.Conv2d):
