@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from leanprop.ops import sparsify as sparsify_mod
 from leanprop.swat import topk
 from leanprop.swat.topk import (
     keep_count,
@@ -311,7 +312,7 @@ def test_sparsify_keeps_negatives_and_memory_format():
 
 def test_sparsify_tensor_path_without_host_sync_matches(monkeypatch):
     """The device path (used on accelerators and under torch.compile) agrees with the fused CPU path."""
-    monkeypatch.setattr(topk, "_compiling", lambda: True)
+    monkeypatch.setattr(sparsify_mod, "compiling", lambda: True)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = torch.randn(1000).to(dtype)
         for v in (0.0, 0.25, 1.00001, math.inf):
