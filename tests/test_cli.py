@@ -56,11 +56,12 @@ def test_models_lists_registry(capsys):
 
 def test_reexec_under_jemalloc_rules(monkeypatch):
     import leanprop.cli as cli
+    import leanprop.utils as utils
 
     calls = []
-    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
-    monkeypatch.setattr(cli.sys, "platform", "linux")
-    monkeypatch.setattr(cli, "_jemalloc_path", lambda: "/fake/libjemalloc.so.2")
+    monkeypatch.setattr(utils.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    monkeypatch.setattr(utils.sys, "platform", "linux")
+    monkeypatch.setattr(utils, "_jemalloc_path", lambda: "/fake/libjemalloc.so.2")
     monkeypatch.delenv("LEANPROP_ALLOCATOR", raising=False)
     monkeypatch.setenv("LD_PRELOAD", "")
     cli._maybe_reexec_with_jemalloc(["models"])                   # not a long-running command
@@ -76,7 +77,7 @@ def test_reexec_under_jemalloc_rules(monkeypatch):
     monkeypatch.setenv("LEANPROP_ALLOCATOR", "auto")
     monkeypatch.setenv("LD_PRELOAD", "/x/libjemalloc.so.2")       # already preloaded
     cli.reexec_under_jemalloc(["/bin/python", "script.py"])
-    monkeypatch.setattr(cli, "_jemalloc_path", lambda: None)
+    monkeypatch.setattr(utils, "_jemalloc_path", lambda: None)
     monkeypatch.setenv("LD_PRELOAD", "")
     cli.reexec_under_jemalloc(["/bin/python", "script.py"])       # not installed
     assert calls == []

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from leanprop import bench
 from leanprop.accounting import flops_cli
 from leanprop.bench import report
+from leanprop.utils import reexec_under_jemalloc, run_reporting_errors
 
-JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 LONG_RUNNING = {"train", "bench"}
 #: ``leanprop bench KIND``: modules with ``add_parser(subparsers)`` that set ``bench_run`` (add new kinds to
 #: :data:`leanprop.bench.KINDS`).
 BENCH_KINDS = bench.kind_modules()
-
-
-def _jemalloc_path() -> str | None:
-    return next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
 
 
 def _maybe_reexec_with_jemalloc(argv: list[str]) -> None:
@@ -31,27 +25,6 @@ def _maybe_reexec_with_jemalloc(argv: list[str]) -> None:
     """
     if argv and argv[0] in LONG_RUNNING:
         reexec_under_jemalloc([sys.executable, "-m", "leanprop", *argv])
-
-
-def reexec_under_jemalloc(cmd: list[str]) -> None:
-    """Replace this process by ``cmd`` with jemalloc preloaded -- only on Linux, when libjemalloc.so.2 is
-    installed, ``LEANPROP_ALLOCATOR`` is unset or ``auto`` (``system`` turns it off) and jemalloc is not
-    preloaded already; otherwise return and let the caller go on. Benchmark scripts call it first so that
-    their timings use the allocator ``leanprop bench`` uses."""
-    if not sys.platform.startswith("linux"):
-        return
-    if os.environ.get("LEANPROP_ALLOCATOR", "auto") != "auto" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    lib = _jemalloc_path()
-    if lib is None:
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = (lib + " " + env.get("LD_PRELOAD", "")).strip()
-    env.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
-    env["LEANPROP_ALLOCATOR"] = "jemalloc"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(cmd[0], cmd, env)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -275,16 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
         _maybe_reexec_with_jemalloc(argv)
     args = _parser().parse_args(argv)
-    from leanprop.config import ConfigError
-
+    what = " ".join(filter(None, (args.command, getattr(args, "bench", None))))
     try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError, ImportError) as e:
-        if os.environ.get("LEANPROP_DEBUG"):
-            raise
-        what = " ".join(filter(None, (args.command, getattr(args, "bench", None))))
-        print(f"leanprop {what}: error: {e}", file=sys.stderr)
-        return 2
+        return run_reporting_errors(f"leanprop {what}", COMMANDS[args.command], args)
     except KeyboardInterrupt:
         print("interrupted; the last complete epoch's checkpoint is kept (resume with --resume auto)",
               file=sys.stderr)

@@ -26,7 +26,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "append_jsonl", "cache_dir",
-           "user_cache_base", "file_lock", "environment", "git_sha", "run_context", "set_submodule"]
+           "user_cache_base", "file_lock", "environment", "git_sha", "run_context", "set_submodule",
+           "reexec_under_jemalloc", "run_reporting_errors", "JEMALLOC_PATHS"]
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -165,3 +166,47 @@ def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) ->
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+# ------------------------------------------------------------------------------------------------ processes
+#: where jemalloc is looked for (``leanprop train`` / ``bench`` restart under it when present)
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+
+
+def _jemalloc_path() -> str | None:
+    return next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+
+
+def reexec_under_jemalloc(cmd: list[str]) -> None:
+    """Replace this process by ``cmd`` with jemalloc preloaded -- only on Linux, when libjemalloc.so.2 is
+    installed, ``LEANPROP_ALLOCATOR`` is unset or ``auto`` (``system`` turns it off) and jemalloc is not
+    preloaded already; otherwise return and let the caller go on. Benchmark scripts call it first so that
+    their timings use the allocator ``leanprop bench`` uses."""
+    if not sys.platform.startswith("linux"):
+        return
+    if os.environ.get("LEANPROP_ALLOCATOR", "auto") != "auto" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = _jemalloc_path()
+    if lib is None:
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = (lib + " " + env.get("LD_PRELOAD", "")).strip()
+    env.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    env["LEANPROP_ALLOCATOR"] = "jemalloc"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)
+
+
+def run_reporting_errors(what: str, fn: Any, args: Any) -> int:
+    """``fn(args)``; a configuration or input error (``ConfigError`` is a ``ValueError``; missing files, NaN
+    losses, missing optional modules) becomes one ``WHAT: error: ...`` line on stderr and exit status 2
+    (``LEANPROP_DEBUG=1`` raises it instead)."""
+    try:
+        return fn(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
+        if os.environ.get("LEANPROP_DEBUG"):
+            raise
+        print(f"{what}: error: {e}", file=sys.stderr)
+        return 2

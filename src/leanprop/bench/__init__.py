@@ -30,9 +30,14 @@ def script_main(kind: str, argv: list[str] | None = None, fixed: tuple[str, ...]
     """``leanprop bench KIND [FIXED...] ARGV...``; ``argv`` None: this process's arguments, after restarting under
     the allocator ``leanprop bench`` uses (jemalloc, when installed), so that a script times what the command
     times."""
-    from leanprop import cli
+    import argparse
+
+    from leanprop.utils import reexec_under_jemalloc, run_reporting_errors
 
     if argv is None:
         argv = sys.argv[1:]
-        cli.reexec_under_jemalloc([sys.executable, "-m", "leanprop", "bench", kind, *fixed, *argv])
-    return cli.main(["bench", kind, *fixed, *argv])
+        reexec_under_jemalloc([sys.executable, "-m", "leanprop", "bench", kind, *fixed, *argv])
+    parser = argparse.ArgumentParser(prog="leanprop bench")
+    importlib.import_module(f"leanprop.bench.{kind}").add_parser(parser.add_subparsers(dest="bench", required=True))
+    args = parser.parse_args([kind, *fixed, *argv])
+    return run_reporting_errors(f"leanprop bench {kind}", args.bench_run, args)
