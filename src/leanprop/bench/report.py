@@ -67,13 +67,13 @@ def _memory_section(recs: list[dict]) -> list[str]:
              "deduplicated by storage, parameters and buffers excluded); vs dense: against the dense record of "
              "the same invocation. Peak: one training step (forward, cross-entropy, backward; after a warm-up "
              "step) in a fresh process, peak RSS on CPU (max allocated on CUDA); growth = peak minus the RSS "
-             "just before the forward. Command: `python benchmarks/blpa_memory.py`. Target (spec blpa.md §6): "
+             "just before the forward. Command: `leanprop bench blpa_memory`. Target: "
              "BLPA-4 keeps >= 14x less than dense on pre-activation ResNet-164. `swat-*`: SWAT with the "
              "paper's arithmetic (W_s kept as the Parameter + a 1-bit mask, X_s as X itself -- usually the "
              "ReLU's saved output -- plus its threshold, masked in the backward; records from before git 5a599a7 "
              "kept both as extra zero-filled copies); `swat-*-packed`: `SWATConfig(compress_saved=True)` (X_s as "
              "values + 1-bit mask, 1-bit ReLU masks; exact gradients; BatchNorm inputs stay dense fp32 as SWAT "
-             "specifies). Issue 5 target: packed SWAT-U90 <= 1/3 of dense "
+             "specifies). Target: packed SWAT-U90 <= 1/3 of dense "
              "on ResNet-18 (CIFAR) and ResNet-50.", ""]
 
     def order(r: dict) -> tuple:
@@ -109,7 +109,7 @@ def _sparse_kernels_section(recs: list[dict]) -> list[str]:
              "CSR / COO SpMM on im2col (`torch.sparse.mm`), including im2col/col2im and the dense->sparse conversion a "
              "real sparse path pays every step, against oneDNN on the zero-filled tensors; ratio = sparse time / "
              "dense time (below 1: sparse wins). Break-even: the lowest measured sparsity at which sparse wins. "
-             "Command: `python benchmarks/sparse_kernels.py`. A SWAT layer uses a sparse kernel only for an op "
+             "Command: `leanprop bench kernels`. A SWAT layer uses a sparse kernel only for an op "
              "where it measured faster on the running machine: with `sparse_kernels=\"auto\"` (the default) the "
              "dense kernel and both sparse formats are timed for every layer at its real shapes before the first "
              "training step "
@@ -144,8 +144,8 @@ def _packing_section(recs: list[dict]) -> list[str]:
             "What `compress_saved=True` really keeps for one SWAT layer input (post-ReLU activations, ResNet-18-"
             "CIFAR shapes at batch 128): positions (a 1-bit mask, or int32 indices where those are smaller) + the "
             "kept values + the packer's chunk offsets, in bits per element of the dense tensor; formula: "
-            "value bits x kept + 1 (the mask form). Issue 5 expected about 4.2 bits at 90 % sparsity in fp32. "
-            "Command: `python benchmarks/swat_packing.py`.", "",
+            "value bits x kept + 1 (the mask form). Expected: about 4.2 bits at 90 % sparsity in fp32. "
+            "Command: `leanprop bench swat_packing`.", "",
             _table(["tensor", "dtype", "kept", "bits/element", "formula", "positions", "x dense bytes",
                     "pack ms", "unpack ms", "threads", "git"], rows), ""]
 
@@ -330,7 +330,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
     if tp:
         parts += ["## Dense training throughput", "",
                   "Full SGD steps (forward, cross-entropy, backward, momentum update) on a fixed batch; median "
-                  "of the timed steps. Command: `python benchmarks/train_throughput.py`.", ""]
+                  "of the timed steps. Command: `leanprop bench train_throughput`.", ""]
         rows = [[r["model"], str(r["batch"]), str(r["threads"]), r["dtype"], "NHWC" if r["channels_last"] else "NCHW",
                  f"{r['step_ms_median']:.1f}", f"{r['images_per_s']:.1f}", r.get("allocator", "?"),
                  r.get("torch", "?"), r.get("git_sha") or "?"]
@@ -350,7 +350,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
         parts += ["## SWAT step time against dense (emulated sparsity, masked dense kernels)", "",
                   "Dense and SWAT steps interleaved round by round in one process (bs 128, NHWC, fp32); the "
                   "median ratio ignores the exact Top-K steps, the ratio of means amortises them over the "
-                  "period. Command: `python benchmarks/swat_speed.py [--topk-period P]`. Target: <= 1.10.", ""]
+                  "period. Command: `leanprop bench swat_speed [--topk-period P]`. Target: <= 1.10.", ""]
         rows = [[r["model"], r["method"], str(r["topk_period"]), str(r["threads"]), f"{r['dense_ms']:.1f}",
                  f"{r['swat_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_mean']:.3f}", str(r["rounds"]),
                  r.get("git_sha") or "?"]
@@ -360,7 +360,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
     th = _latest([r for r in recs if r.get("bench") == "swat_threshold"], ("shape", "op", "threads", "processor"))
     if th:
         parts += ["## Top-K threshold and mask cost", "",
-                  "Median ms per call on one tensor at 10 % kept. Command: `python benchmarks/swat_threshold.py`.",
+                  "Median ms per call on one tensor at 10 % kept. Command: `leanprop bench swat_threshold`.",
                   ""]
         ops = list(dict.fromkeys(r["op"] for r in th))
         keys = list(dict.fromkeys((str(r["shape"]), r["threads"]) for r in th))
@@ -375,7 +375,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
         parts += ["## BLPA training throughput against dense", "",
                   "Dense and BLPA steps (same weights, shortcut=pad) interleaved round by round in one process, "
                   "bs 128; throughput ratio = median dense step / median BLPA step. Command: "
-                  "`python benchmarks/blpa_speed.py`. Target: BLPA-4 >= 0.90.", ""]
+                  "`leanprop bench blpa_speed`. Target: BLPA-4 >= 0.90.", ""]
         rows = [[r["model"], r["method"], r["dtype"], "NHWC" if r["channels_last"] else "NCHW", str(r["threads"]),
                  f"{r['dense_ms']:.1f}", f"{r['blpa_ms']:.1f}", f"{r['throughput_ratio']:.3f}", r["kernels"],
                  str(r["rounds"]), r.get("git_sha") or "?"]

@@ -1,7 +1,7 @@
 """Report sections on memory capacity: which layers keep the bytes, and the largest batch under a memory cap.
 
 Both read the ``bench == "memory"`` and ``bench == "matrix"`` JSONL records (``leanprop bench memory``,
-``python benchmarks/blpa_memory.py``, ``leanprop bench matrix``); :mod:`leanprop.bench.report` places them
+``leanprop bench blpa_memory``, ``leanprop bench matrix``); :mod:`leanprop.bench.report` places them
 in ``docs/benchmarks.md``.
 """
 
@@ -37,7 +37,7 @@ def kept_by_module_section(recs: list[dict]) -> list[str]:
              "for the module that saved it first: in dense models the ReLU output is also the next conv's input "
              "and shows under ReLU), as a fraction of the dense model's total at the same batch. BatchNorm2d: "
              "the BN inputs (conv outputs), which SWAT keeps dense by its definition (spec swat.md §4.2), so "
-             "their share bounds what SWAT alone can save. Command: `python benchmarks/blpa_memory.py "
+             "their share bounds what SWAT alone can save. Command: `leanprop bench blpa_memory "
              "--models M --methods ...` (or `leanprop bench memory`).", ""]
     rows = []
     for r in sorted(rows_in, key=lambda r: (r["model"], r["batch"], _rank(r["method"]))):
@@ -73,7 +73,7 @@ def max_batch_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
              "The largest batch whose one training step (forward, cross-entropy, backward, after a warm-up step) "
              "peaks under the cap in a fresh process (peak RSS on CPU, max allocated on CUDA): doubling/halving "
              "from a guess, then binary search; with a tolerance the true largest batch lies in [max batch, first "
-             "failing batch). Command: `python benchmarks/blpa_memory.py --models M --methods ... --mem-cap 4GiB "
+             "failing batch). Command: `leanprop bench blpa_memory --models M --methods ... --mem-cap 4GiB "
              "--max-batch-tolerance 0.02` (or `leanprop bench memory --mem-cap 4GiB`).", ""]
     for cap in sorted({r["mem_cap_bytes"] for r in mb}):
         group = [r for r in mb if r["mem_cap_bytes"] == cap]
@@ -138,7 +138,7 @@ def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[
 
 def filter_floor_section(recs: list[dict]) -> list[str]:
     """"Filter-structured SWAT: how fast it could be" from ``bench == "swat_filter_floor"`` records
-    (``python benchmarks/swat_filter_floor.py``)."""
+    (``leanprop bench swat_filter_floor``)."""
     fl = _latest([{**r, "channels_last": bool(r.get("channels_last"))} for r in recs
                   if r.get("bench") == "swat_filter_floor"],
                  ("model", "batch", "sparsity", "period", "threads", "channels_last", "processor"))
@@ -151,9 +151,9 @@ def filter_floor_section(recs: list[dict]) -> list[str]:
              "time (BN, ReLU, adds, pooling, loss, optimizer). Floor: the step ratio filter SWAT would reach if "
              "gathering/scattering the kept channels, Top-K masks and the controller cost nothing -- kept forward "
              "+ kept input gradient + the *dense* weight gradient (the paper's semantics) + non-conv; periodic "
-             "floor: the weight gradient of the kept filters, plus the dense one every P-th step. Issue 5 "
-             "targets: <= 0.65 (paper's semantics), <= 0.45 (periodic). Command: "
-             "`python benchmarks/swat_filter_floor.py`.", ""]
+             "floor: the weight gradient of the kept filters, plus the dense one every P-th step. "
+             "Targets: <= 0.65 (paper's semantics), <= 0.45 (periodic). Command: "
+             "`leanprop bench swat_filter_floor`.", ""]
     rows = [[r["model"], "NHWC" if r.get("channels_last") else "NCHW", str(r["batch"]), f"{r['sparsity']:.2f}",
              str(r["period"]), str(r["threads"]),
              f"{r['dense_step_ms']:.0f}", f"{r['other_share']:.3f}", f"{r['wgrad_share']:.3f}", f"{r['floor']:.3f}",
