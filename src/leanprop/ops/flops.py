@@ -148,7 +148,8 @@ class FlopReport:
     def activation_sparsity(self) -> float:
         """Nominal activation sparsity: ``1 − d_a`` averaged with weights = conv/linear input elements per sample.
 
-        docs/methods/swat.md ('FLOP accounting') finds the paper's "A%" column close to this (e.g. VGG-16 ERK95: 80.2 here, 82 reported).
+        docs/methods/swat.md ('FLOP accounting') finds the paper's "A%" column close to this
+        (e.g. VGG-16 ERK95: 80.2 here, 82 reported).
         """
         total = sum(r.input_elements for r in self.layers)
         return sum((1.0 - r.d_a) * r.input_elements for r in self.layers) / total if total else 0.0
