@@ -25,6 +25,7 @@ ALL_MODELS = [
     "cifar_resnet18", "cifar_resnet34", "cifar_resnet50",
     "preact_resnet8", "preact_resnet20", "preact_resnet56", "preact_resnet164",
     "cifar_vgg16", "wrn16_8", "wrn28_10", "cifar_densenet121",
+    "mobilenet_v2", "efficientnet_b0", "convnext_atto",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d",
     "preact_resnet152",
 ]  # fmt: skip
@@ -50,7 +51,26 @@ EXACT_PARAMS = {
     # ResNet-8 (n=1): 3x3 convs 3->16, 16->16 x2, 16->32, 32->32, 32->64, 64->64; 7 BNs of 16/16/16/32/32/64/64
     "resnet8": (3 * 16 + 2 * 16 * 16 + 16 * 32 + 32 * 32 + 32 * 64 + 64 * 64) * 9
     + 2 * (16 * 3 + 32 * 2 + 64 * 2) + 650,
+    # MobileNetV2 / EfficientNet-B0: the published ImageNet counts (3,504,872 and 5,288,548; the CIFAR stems
+    # only change a stride) less the 1000-class classifier, plus a 10-class one on the 1280 features.
+    "mobilenet_v2": 3_504_872 - 1281 * 1000 + 1281 * 10,
+    "efficientnet_b0": 5_288_548 - 1281 * 1000 + 1281 * 10,
 }
+
+
+def _convnext_params(depths, dims, in_channels=3, num_classes=10, stem=2):
+    """ConvNeXt: stem conv + LN; per block dwconv 7x7 (+bias), LN, Linear d->4d, Linear 4d->d, layer scale;
+    downsampling LN + 2x2 conv; final LN + linear."""
+    n = in_channels * dims[0] * stem * stem + dims[0] + 2 * dims[0]
+    for i, (depth, d) in enumerate(zip(depths, dims, strict=True)):
+        if i:
+            n += 2 * dims[i - 1] + 4 * dims[i - 1] * d + d
+        n += depth * (49 * d + d + 2 * d + 4 * d * d + 4 * d + 4 * d * d + d + d)
+    return n + 2 * dims[-1] + dims[-1] * num_classes + num_classes
+
+
+# With the paper's 4x4 stem and 1000 classes this is the 3.70M usually reported for ConvNeXt-atto.
+EXACT_PARAMS["convnext_atto"] = _convnext_params((2, 2, 6, 2), (40, 80, 160, 320))
 
 # Approximate counts from the papers / common reports, checked to within 1 %.
 APPROX_PARAMS = {
@@ -254,6 +274,38 @@ def test_pad_shortcut_variants_have_no_shortcut_weights():
         assert any(isinstance(m, ZeroPadShortcut) for m in pad.modules())
 
 
+def test_mobile_efficient_convnext_options():
+    from leanprop.models.convnext import ConvNeXtBlock
+    from leanprop.models.efficientnet import MBConv
+    from leanprop.models.mobilenet_v2 import round_channels
+
+    assert [round_channels(c) for c in (16, 12, 20, 4.5, 1280 * 0.35)] == [16, 16, 24, 8, 448]
+    half = meta_model("mobilenet_v2", width_mult=0.5)
+    assert n_params(half) < n_params(meta_model("mobilenet_v2")) and half.fc.in_features == 1280
+    assert meta_model("mobilenet_v2", width_mult=1.4).fc.in_features == 1792
+    assert _first_conv(meta_model("mobilenet_v2")).stride == (1, 1)  # CIFAR stem
+    assert _first_conv(meta_model("efficientnet_b0")).stride == (1, 1)
+    assert _first_conv(meta_model("convnext_atto")).kernel_size == (2, 2)  # 2x2 patchify
+    assert all(b.drop_prob == 0 for b in meta_model("efficientnet_b0").modules() if isinstance(b, MBConv))
+    drops = [b.drop_prob for b in meta_model("efficientnet_b0", stochastic_depth=0.2).modules()
+             if isinstance(b, MBConv)]
+    assert drops[0] == 0 and drops == sorted(drops) and drops[-1] == pytest.approx(0.2 * 15 / 16)
+    drops = [b.drop_prob for b in meta_model("convnext_atto", stochastic_depth=0.1).modules()
+             if isinstance(b, ConvNeXtBlock)]
+    assert len(drops) == 12 and drops[0] == 0 and drops[-1] == pytest.approx(0.1)
+    assert all(torch.all(b.gamma == 1e-6) for b in models.create("convnext_atto").modules()
+               if isinstance(b, ConvNeXtBlock))
+    torch.manual_seed(0)
+    m = models.create("efficientnet_b0", stochastic_depth=0.5, dropout=0.0).train()
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(m(x), m(x))  # branches dropped at random in training
+    for name, bad in [("mobilenet_v2", {"width_mult": 0}), ("mobilenet_v2", {"dropout": 1.0}),
+                      ("efficientnet_b0", {"stochastic_depth": -0.1}), ("convnext_atto", {"layer_scale_init": 0}),
+                      ("convnext_atto", {"stochastic_depth": 1.0})]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            models.create(name, **bad)
+
+
 # ------------------------------------------------------------------------------ torchvision names
 
 
@@ -404,12 +456,16 @@ def test_forward_backward(name):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+# The activation each family uses: MobileNetV2 ReLU6, EfficientNet SiLU, ConvNeXt GELU, the rest ReLU.
+ACTIVATION = {"mobilenet_v2": nn.ReLU6, "efficientnet_b0": nn.SiLU, "convnext_atto": nn.GELU}
+
+
 def test_layer_types_are_real_modules():
-    # ReLUs are modules (never functional), non-inplace; convs/linears are plain nn modules.
+    # Activations are modules (never functional), non-inplace; convs/linears are plain nn modules.
     for name in ALL_MODELS:
         model = meta_model(name)
-        relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-        assert relus and all(not m.inplace for m in relus)
+        acts = [m for m in model.modules() if isinstance(m, ACTIVATION.get(name, nn.ReLU))]
+        assert acts and all(not getattr(m, "inplace", False) for m in acts)
         assert any(type(m) is nn.Conv2d for m in model.modules())
         assert any(type(m) is nn.Linear for m in model.modules())
 

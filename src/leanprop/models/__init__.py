@@ -13,8 +13,11 @@ call order), so layers can be found and swapped by walking ``named_modules()``.
 from . import (  # noqa: F401  (imported for their registrations)
     cifar_resnet,
     cifar_resnet_large,
+    convnext,
     densenet,
+    efficientnet,
     imagenet_resnet,
+    mobilenet_v2,
     preact_resnet,
     vgg,
     wide_resnet,
