@@ -13,8 +13,9 @@ from leanprop.blpa.config import BLPAConfig  # noqa: E402
 from leanprop.checkpointing.config import CheckpointConfig  # noqa: E402
 from leanprop.methods import Controller, parse_method  # noqa: E402
 from leanprop.nn.convert import convert_, revert_  # noqa: E402
+from leanprop.profile import profile  # noqa: E402
 from leanprop.swat.config import SWATConfig  # noqa: E402
 from leanprop.swat.prune import hard_prune_  # noqa: E402
 
 __all__ = ["SWATConfig", "BLPAConfig", "CheckpointConfig", "Controller", "parse_method", "convert_", "revert_",
-           "hard_prune_", "__version__"]
+           "hard_prune_", "profile", "__version__"]

@@ -397,13 +397,154 @@ def apply_method(model: nn.Module, method: str) -> Any:
 
 _SPEC_KEYS = ("model", "model_kwargs", "input_shape", "num_classes", "method", "device", "threads", "dtype",
               "channels_last", "seed")
+#: how a model of one's own is named where a registry name is expected
+FACTORY_FORMS = "package.module:factory or path/to/file.py:factory"
+_FACTORY_INPUT_SHAPE = (3, 32, 32)
+_INFERRED_CLASSES: dict[tuple, int] = {}
+
+
+def is_factory_ref(model: Any) -> bool:
+    """Whether a spec's ``model`` names a factory of one's own (``package.module:factory``,
+    ``path/to/file.py:factory``) rather than a registry name (registry names have no ``:``)."""
+    return isinstance(model, str) and ":" in model
+
+
+def _factory_ref(ref: str) -> tuple[str, str, bool]:
+    """``(module or absolute file path, attribute path, is a file)`` of a factory reference."""
+    target, _, attr = ref.strip().rpartition(":")
+    if not target or not attr or not all(part.isidentifier() for part in attr.split(".")):
+        raise ValueError(f"model {ref!r}: use a registry name (see `leanprop models`) or {FACTORY_FORMS}")
+    is_file = target.endswith(".py") or "/" in target or os.sep in target
+    if is_file:
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"model {ref!r}: no file {path}; give an existing path/to/file.py:factory")
+        target = str(path)
+    elif not all(part.isidentifier() for part in target.split(".")):
+        raise ValueError(f"model {ref!r}: {target!r} is not a module name; use {FACTORY_FORMS}")
+    return target, attr, is_file
+
+
+def resolve_factory(ref: str) -> tuple[str, Callable[..., nn.Module]]:
+    """``(canonical reference, factory)`` of ``package.module:factory`` or ``path/to/file.py:factory`` (the
+    canonical form has the file's absolute path, so a fresh-process probe started anywhere finds it).
+
+    A module is imported with the working directory on ``sys.path`` (appended, as ``python -m`` would have it);
+    a file is loaded once per process under a private module name (its ``if __name__ == "__main__":`` block does
+    not run), with its own directory on ``sys.path`` while it loads. ``ImportError`` / ``ValueError`` naming the
+    fix when the module cannot be imported or has no such callable."""
+    import importlib
+    import importlib.util
+
+    target, attr, is_file = _factory_ref(ref)
+    if is_file:
+        name = "_leanprop_user_model_" + re.sub(r"\W", "_", target)
+        module = sys.modules.get(name)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(name, target)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ImportError(f"model {ref!r}: cannot load {target} as Python source")
+            module = importlib.util.module_from_spec(loader_spec)
+            folder = str(Path(target).parent)
+            added = folder not in sys.path
+            if added:
+                sys.path.insert(0, folder)
+            sys.modules[name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise ImportError(f"model {ref!r}: importing {target} failed: {type(e).__name__}: {e}; fix that "
+                                  "file (it must import on its own)") from e
+            finally:
+                if added and folder in sys.path:
+                    sys.path.remove(folder)
+        canonical = f"{target}:{attr}"
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ImportError(f"model {ref!r}: cannot import {target!r} ({e}); install it, run from the directory "
+                              f"that holds it or add that directory to PYTHONPATH, or name the file: "
+                              f"path/to/{target.replace('.', '/')}.py:{attr}") from e
+        except Exception as e:
+            raise ImportError(f"model {ref!r}: importing {target} failed: {type(e).__name__}: {e}; fix that module "
+                              "(it must import on its own)") from e
+        canonical = f"{target}:{attr}"
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {ref!r}: {target} has no attribute {attr!r}; name a function or class there "
+                             "that returns the torch.nn.Module")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {ref!r}: {attr} is a {type(obj).__name__}, not callable; name a function or class "
+                         "that returns the torch.nn.Module")
+    return canonical, obj
+
+
+def _factory_params(factory: Callable[..., Any]) -> dict[str, Any]:
+    import inspect
+
+    try:
+        return dict(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # builtins and some C extensions have no signature
+        return {}
+
+
+def _call_factory(ref: str, factory: Callable[..., Any], kwargs: dict[str, Any], num_classes: int | None,
+                  in_channels: int) -> nn.Module:
+    """``factory(**kwargs)``, with ``num_classes`` (when not None) and ``in_channels`` added where its signature
+    names them; ``ValueError`` naming the fix when the call fails or does not return a ``torch.nn.Module``."""
+    params = _factory_params(factory)
+    call = dict(kwargs)
+    if "num_classes" in params and num_classes is not None:
+        call.setdefault("num_classes", num_classes)
+    if "in_channels" in params:
+        call.setdefault("in_channels", in_channels)
+    shown = ", ".join(f"{k}={v!r}" for k, v in call.items())
+    try:
+        model = factory(**call)
+    except Exception as e:
+        raise ValueError(f"model {ref!r}: calling {ref.rpartition(':')[2]}({shown}) failed: "
+                         f"{type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {ref!r}: {ref.rpartition(':')[2]}({shown}) returned a value of type "
+                         f"{type(model).__name__}, not a torch.nn.Module; make the factory return the model (e.g. "
+                         "`return MyNet()`)")
+    return model
+
+
+def _factory_num_classes(ref: str, factory: Callable[..., Any], kwargs: dict[str, Any],
+                         input_shape: list[int]) -> int:
+    """Classes of a factory's model when the spec gives none: its ``num_classes`` default, 10 when it takes a
+    ``num_classes`` without default, else the last dimension of the output for one sample (cached)."""
+    p = _factory_params(factory).get("num_classes")
+    if p is not None:
+        return int(p.default) if isinstance(p.default, int) and p.default > 0 else 10
+    key = (ref, json.dumps(kwargs, sort_keys=True, default=str), tuple(input_shape))
+    if key not in _INFERRED_CLASSES:
+        model = _call_factory(ref, factory, kwargs, None, input_shape[0]).eval()
+        with torch.no_grad():
+            out = model(torch.zeros(1, *input_shape))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise ValueError(f"model {ref!r}: the benchmarks train on cross-entropy and need logits of shape "
+                             f"(batch, classes); the model returns {getattr(out, 'shape', type(out).__name__)}")
+        _INFERRED_CLASSES[key] = int(out.shape[-1])
+    return _INFERRED_CLASSES[key]
 
 
 def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A complete, validated copy of a benchmark spec (JSON-serialisable).
 
-    Keys: ``model`` (registry name, required), ``model_kwargs`` ({}), ``input_shape`` (per sample; default
-    ``[3, S, S]`` with the model's input size), ``num_classes`` (the model's default), ``method`` (dense),
+    Keys: ``model`` (required: a registry name, or a model of one's own, ``package.module:factory`` or
+    ``path/to/file.py:factory``, see :func:`resolve_factory`), ``model_kwargs`` ({}), ``input_shape`` (per sample;
+    default ``[3, S, S]`` with the model's input size, ``[3, 32, 32]`` for a factory), ``num_classes`` (the
+    model's default; for a factory its ``num_classes`` default, else read off its output), ``method`` (dense),
     ``device`` ("cpu"; "auto" picks cuda when available), ``threads`` (None: torch's default), ``dtype``
     ("fp32"; "bf16"/"fp16" run under autocast), ``channels_last`` (False), ``seed`` (0).
     """
@@ -413,13 +554,27 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown spec key(s) {unknown}; known: {', '.join(_SPEC_KEYS)}")
     if "model" not in spec:
-        raise ValueError("spec needs a 'model' (a leanprop.models registry name)")
-    info = models.model_info(spec["model"])
+        raise ValueError(f"spec needs a 'model' (a leanprop.models registry name, or {FACTORY_FORMS})")
+    kwargs = dict(spec.get("model_kwargs") or {})
+    if is_factory_ref(spec["model"]):
+        name, factory = resolve_factory(spec["model"])
+        shape = [int(v) for v in (spec.get("input_shape") or _FACTORY_INPUT_SHAPE)]
+        if any(v < 1 for v in shape):
+            raise ValueError(f"input_shape must be positive, got {shape}")
+        classes = int(spec.get("num_classes") or _factory_num_classes(name, factory, kwargs, shape))
+    else:
+        try:
+            info = models.model_info(spec["model"])
+        except ValueError as e:
+            raise ValueError(f"{e} (a model of your own: {FACTORY_FORMS})") from None
+        name = info.name
+        shape = [int(v) for v in (spec.get("input_shape") or (3, info.input_size, info.input_size))]
+        classes = int(spec.get("num_classes") or info.default_num_classes)
     out = {
-        "model": info.name,
-        "model_kwargs": dict(spec.get("model_kwargs") or {}),
-        "input_shape": [int(v) for v in (spec.get("input_shape") or (3, info.input_size, info.input_size))],
-        "num_classes": int(spec.get("num_classes") or info.default_num_classes),
+        "model": name,
+        "model_kwargs": kwargs,
+        "input_shape": shape,
+        "num_classes": classes,
         "method": str(spec.get("method", "dense")).strip().lower(),
         "device": str(spec.get("device") or "cpu"),
         "threads": None if spec.get("threads") is None else int(spec["threads"]),
@@ -447,12 +602,18 @@ def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     """``(model, handle)``: the spec's model on its device, in training mode, prepared for its method
-    (``handle`` is what :func:`apply_method` returned).  Seeded with ``spec["seed"]``."""
+    (``handle`` is what :func:`apply_method` returned).  Seeded with ``spec["seed"]``.  A factory's model
+    (``package.module:factory``) is built by calling it with ``num_classes`` and ``in_channels`` (the input's
+    channels) where its signature names them, and the spec's ``model_kwargs``."""
     from leanprop import models
 
     spec = normalize_spec(spec)
     torch.manual_seed(spec["seed"])
-    model = models.create(spec["model"], num_classes=spec["num_classes"], **spec["model_kwargs"])
+    if is_factory_ref(spec["model"]):
+        ref, factory = resolve_factory(spec["model"])
+        model = _call_factory(ref, factory, spec["model_kwargs"], spec["num_classes"], spec["input_shape"][0])
+    else:
+        model = models.create(spec["model"], num_classes=spec["num_classes"], **spec["model_kwargs"])
     device = torch.device(spec["device"])
     model.to(device)
     if spec["channels_last"]:

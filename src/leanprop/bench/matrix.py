@@ -42,7 +42,11 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         "matrix", help="every method x model: step time, memory kept for backward, peak, FLOPs, max batch",
         description=__doc__.split("\n\n")[0] + " Writes JSONL records; `leanprop report` turns them into "
         "docs/benchmarks.md tables and PNG plots.")
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated registry names")
+    p.add_argument("--models", "--model", default=",".join(DEFAULT_MODELS),
+                   help="comma-separated registry names and/or models of your own: package.module:factory or "
+                        "path/to/file.py:factory (called with num_classes and in_channels when it takes them)")
+    p.add_argument("--input-shape", metavar="CxHxW",
+                   help="per-sample input of every model (default: each model's; a factory's: 3x32x32)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated (see `leanprop bench memory --help`); dense is always measured")
     p.add_argument("--batch", type=int, default=128, help="batch of the CIFAR models (default 128)")
@@ -61,7 +65,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                    help="relative resolution of the --mem-cap search (default 0: exact; 0.02: within 2 %%)")
     p.add_argument("--no-peak", dest="peak", action="store_false", help="skip the fresh-process peak probes")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run (resnet20, 4 methods, batch 16, 2 rounds, no peak probes; ~1 minute)")
+                   help="smoke run (resnet20 unless --models is given, 4 methods, batch 16, 2 rounds, no peak "
+                        "probes; ~1 minute)")
     p.add_argument("--force", action="store_true", help="measure again what the JSONL already holds")
     p.add_argument("--out", default="benchmarks/results/matrix.jsonl", help="JSONL file records are appended to")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
@@ -167,9 +172,8 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
     """The records of one model: memory (and peak / max batch), step times and FLOPs of every method."""
     import torch
 
-    from leanprop import models as zoo
     from leanprop.accounting.memory import parse_size
-    from leanprop.bench.memory import default_model_kwargs, measure_methods
+    from leanprop.bench.memory import default_model_kwargs, measure_methods, model_name_family, parse_input_shape
     from leanprop.utils import run_context
 
     def note(s: str) -> None:
@@ -179,7 +183,8 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
     if a.threads:
         torch.set_num_threads(a.threads)
     base = {"model": model, "model_kwargs": default_model_kwargs(model, {}), "threads": a.threads,
-            "device": a.device, "dtype": a.dtype, "channels_last": a.channels_last}
+            "device": a.device, "dtype": a.dtype, "channels_last": a.channels_last,
+            "input_shape": parse_input_shape(getattr(a, "input_shape", None))}
     cap = parse_size(a.mem_cap) if a.mem_cap else None
     note("memory")
     records = measure_methods(base, methods, batch, peak=a.peak, mem_cap=cap, progress=False,
@@ -191,14 +196,14 @@ def measure_model(model: str, methods: list[str], batch: int, a: argparse.Namesp
                        compile=compile)
     env, stamp = run_context(a.device)
     dense_s = statistics.median(times["dense"])
-    info = zoo.model_info(model)
+    family = model_name_family(model)[1]
     for rec in records:
         m = rec["method"]
         if bar is not None:
             bar.update(1)
         med = statistics.median(times[m])
         rec.update(env)
-        rec.update(bench="matrix", family=info.family, timestamp=stamp, rounds=a.rounds,
+        rec.update(bench="matrix", family=family, timestamp=stamp, rounds=a.rounds,
                    warmup=max(a.warmup, 2) if compile else a.warmup, compile=compile,
                    step_s=med, step_s_all=times[m], dense_step_s=dense_s, time_vs_dense=med / dense_s,
                    throughput_vs_dense=dense_s / med, images_per_s=batch / med)
@@ -254,19 +259,22 @@ def run(a: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from leanprop import models as zoo
+    from leanprop.bench.memory import model_name_family, parse_input_shape
     from leanprop.methods import parse_method
     from leanprop.utils import append_jsonl, run_context
 
     if a.quick:
         for k, v in QUICK.items():
+            if k == "models" and a.models != ",".join(DEFAULT_MODELS):
+                continue  # --quick on the models given (e.g. --model package.module:factory)
             setattr(a, k, ",".join(v) if isinstance(v, tuple) else v)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     methods = [m.strip().lower() for m in a.methods.split(",") if m.strip()]
     for m in methods:
         parse_method(m)  # a ValueError naming the accepted forms
-    for name in models:
-        zoo.model_info(name)  # a ValueError listing the models
+    families = dict(model_name_family(name) for name in models)  # ValueError: unknown name, or a factory's problem
+    models = list(families)
+    parse_input_shape(getattr(a, "input_shape", None))
     if "dense" in methods:
         methods.remove("dense")
     methods = ["dense", *methods]
@@ -280,7 +288,7 @@ def run(a: argparse.Namespace) -> int:
     have = set() if a.force else done_keys(out)
     plan = []
     for name in models:
-        batch = a.imagenet_batch if zoo.model_info(name).family == "imagenet" else a.batch
+        batch = a.imagenet_batch if families[name] == "imagenet" else a.batch
         missing = [m for m in methods if _key(name, m, batch, a, threads, sha) not in have]
         if missing:
             plan.append((name, batch, ["dense", *[m for m in missing if m != "dense"]]))

@@ -2,6 +2,7 @@
 
     leanprop bench memory --model preact_resnet164 --batch 128 --method blpa4
     leanprop bench memory --model preact_resnet56 --method dense,checkpoint --mem-cap 4GiB --jsonl mem.jsonl
+    leanprop bench memory --model mypackage.models:make_net --input-shape 3x64x64 --method dense,blpa4
 
 For each method the same model (same seed, same ``--model-arg`` options) is measured three ways
 (:mod:`leanprop.accounting.memory`): the saved-tensor audit of one forward pass in this process, the peak of one
@@ -18,7 +19,7 @@ import sys
 from typing import Any
 
 __all__ = ["add_parser", "run", "measure_methods", "format_table", "parse_methods", "parse_model_args",
-           "parse_input_shape", "default_model_kwargs"]
+           "parse_input_shape", "default_model_kwargs", "model_name_family"]
 
 _DEFAULT_METHODS = ("dense", "checkpoint", "blpa8", "blpa4", "blpa2")
 
@@ -33,7 +34,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "--mem-cap, the largest batch that fits. Every method runs on the same model; preact_* "
                     "models default to shortcut=pad (the BLPA architecture; override with --model-arg "
                     "shortcut=projection).")
-    m.add_argument("--model", required=True, help="registry name (see `leanprop models`)")
+    m.add_argument("--model", required=True,
+                   help="registry name (see `leanprop models`), or a model of your own: package.module:factory or "
+                        "path/to/file.py:factory (called with num_classes and in_channels when it takes them)")
     m.add_argument("--batch", type=int, help="batch size (default: 128 for CIFAR models, 32 for ImageNet ones)")
     m.add_argument("--method", action="append", metavar="M[,M...]",
                    help="dense, checkpoint (torch.utils.checkpoint per residual block), blpaK (K = 8, 4, 2, 32) or "
@@ -43,7 +46,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     m.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="model option, e.g. shortcut=pad (repeatable; VALUE parsed as YAML). preact_* models "
                         "default to shortcut=pad")
-    m.add_argument("--input-size", help="per-sample input: S (3xSxS) or CxHxW (default: the model's, e.g. 3x32x32)")
+    m.add_argument("--input-size", "--input-shape", dest="input_size",
+                   help="per-sample input: S (3xSxS) or CxHxW (default: the model's, e.g. 3x32x32; a factory's: "
+                        "3x32x32)")
     m.add_argument("--num-classes", type=int, help="classes of the classifier (default: the model's)")
     m.add_argument("--threads", type=int, help="torch intra-op threads, here and in the probes (default: torch's)")
     m.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | auto")
@@ -113,6 +118,21 @@ def default_model_kwargs(model: str, given: dict[str, Any]) -> dict[str, Any]:
     if model.startswith("preact_"):
         kwargs.setdefault("shortcut", "pad")
     return kwargs
+
+
+def model_name_family(model: str) -> tuple[str, str]:
+    """``(name, family)`` of ``--model``: a registry name and its family (``cifar``/``imagenet``), or a factory of
+    one's own (``package.module:factory``, ``path/to/file.py:factory``; checked to import) and ``"custom"``."""
+    from leanprop import models
+    from leanprop.accounting.memory import FACTORY_FORMS, is_factory_ref, resolve_factory
+
+    if is_factory_ref(model):
+        return resolve_factory(model)[0], "custom"
+    try:
+        info = models.model_info(model)
+    except ValueError as e:
+        raise ValueError(f"{e} (a model of your own: {FACTORY_FORMS})") from None
+    return info.name, info.family
 
 
 def parse_input_shape(text: str | None) -> list[int] | None:
@@ -265,25 +285,26 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run ``leanprop bench memory``: prints the table, appends to ``--jsonl``. 0 if every method measured, 1 if
     some failed (their errors are printed), 2 on bad arguments (via the CLI's error handler)."""
-    from leanprop import models
-    from leanprop.accounting.memory import parse_size
+    from leanprop.accounting.memory import build_model, normalize_spec, parse_size
     from leanprop.utils import append_jsonl
 
-    info = models.model_info(args.model)
+    name, family = model_name_family(args.model)
     methods = parse_methods(args.method)
-    kwargs = default_model_kwargs(info.name, parse_model_args(args.model_arg))
+    kwargs = default_model_kwargs(name, parse_model_args(args.model_arg))
     shape = parse_input_shape(args.input_size)
     cap = parse_size(args.mem_cap) if args.mem_cap is not None else None
-    batch = args.batch if args.batch is not None else (128 if info.family == "cifar" else 32)
+    batch = args.batch if args.batch is not None else (128 if family in ("cifar", "custom") else 32)
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if args.max_batch_limit < 1:
         raise ValueError(f"--max-batch-limit must be >= 1, got {args.max_batch_limit}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    models.create(info.name, num_classes=args.num_classes, **kwargs)  # bad --model-arg: fail before measuring
-    base = {"model": info.name, "model_kwargs": kwargs, "input_shape": shape, "num_classes": args.num_classes,
-            "device": args.device, "threads": args.threads, "dtype": args.dtype, "channels_last": args.channels_last}
+    base = normalize_spec({"model": name, "model_kwargs": kwargs, "input_shape": shape,
+                           "num_classes": args.num_classes, "device": args.device, "threads": args.threads,
+                           "dtype": args.dtype, "channels_last": args.channels_last})
+    build_model({**base, "device": "cpu", "channels_last": False})  # bad --model-arg or factory: fail before measuring
+    base.pop("method")
     progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
     if not 0 <= args.max_batch_tolerance < 1:
         raise ValueError(f"--max-batch-tolerance must be in [0, 1), got {args.max_batch_tolerance}")
@@ -291,7 +312,8 @@ def run(args: argparse.Namespace) -> int:
                               timeout=args.probe_timeout, progress=progress, tolerance=args.max_batch_tolerance)
     r0 = records[0]
     opts = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-    print(f"{info.name}{f' ({opts})' if opts else ''}, batch {batch}, input {'x'.join(map(str, r0['input_shape']))}, "
+    shown = base["model"]
+    print(f"{shown}{f' ({opts})' if opts else ''}, batch {batch}, input {'x'.join(map(str, r0['input_shape']))}, "
           f"{r0['device']}, {r0['dtype']}, {r0['threads']} threads"
           + (f", memory cap {args.mem_cap}" if cap else ""))
     print(format_table(records))
