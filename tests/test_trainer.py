@@ -256,7 +256,7 @@ def test_blpa_summary_lines_write_the_unit_table(tmp_path):
     from leanprop import models
 
     model = models.create("preact_resnet8", num_classes=10, shortcut="pad")
-    ctl = leanprop.convert_(model, BLPAConfig(bits=2, codec_bits=None))
+    ctl = leanprop.convert_(model, BLPAConfig(bits=2, codec=False))
     (line,) = ctl.summary_lines(model, (1, 3, 32, 32), tmp_path)
     assert "2-bit codes" in line and "mode signaware" in line and "kept as they are" in line
     table = tmp_path / "blpa_units.txt"

@@ -53,7 +53,8 @@ def intro(model: str, epochs: int) -> str:
     kw = ", ".join(f"{k}={v}" for k, v in c.model.kwargs.items())
     warm = f"{c.schedule.warmup_epochs:g}-epoch linear warm-up, then " if c.schedule.warmup_epochs else ""
     wd = f"wd {c.optim.weight_decay:g}" + (" on conv/linear weights only" if c.optim.wd_exclude_bn_bias else "")
-    codec = "kept as they are" if b.codec_bits is None else f"stored by the {b.codec_bits}-bit saved-tensor codec"
+    codec = "as the 'outside units' column says (the storage policy of docs/methods/blpa.md, or the 8-bit codec of " \
+            "runs from before it)"
     return (f"{model} ({kw}), {epochs} epochs, batch {c.data.batch_size}, SGD {c.optim.momentum:g}, lr {c.optim.lr:g} "
             f"({warm}{c.schedule.name} decay), {wd}, bf16 autocast, channels_last, seed {c.seed}, pad-4 crop + flip "
             f"(`{PRESET.format('*')}`); CIFAR-10 from the shared JPEG copy (about 1-3 points below published "
@@ -76,8 +77,29 @@ def stored(d: Path, name: str, last: dict) -> str:
     cfg = yaml.safe_load(f.read_text()) or {}
     if cfg.get("method", {}).get("name") == "dense":
         return "as PyTorch (exact)"
-    bits = (cfg.get("blpa") or {}).get("bits", 4)
+    b = cfg.get("blpa") or {}
+    bits = b.get("bits", 4)
     return "fp32 + 1-bit mask (lossless)" if bits == 32 else f"{bits}-bit codes"
+
+
+def outside(d: Path, name: str, last: dict) -> str:
+    """How the run kept the saved tensors outside the fused units, from its resolved config.yaml (runs from before
+    the storage policy had an 8-bit codec whatever ``bits`` said)."""
+    import yaml
+
+    f = d / "config.yaml"
+    if not f.exists():
+        return ""
+    cfg = yaml.safe_load(f.read_text()) or {}
+    if cfg.get("method", {}).get("name") == "dense":
+        return "as PyTorch"
+    b = cfg.get("blpa") or {}
+    if "codec" not in b:  # before the storage policy
+        return "as they are" if b.get("codec_bits", 8) is None else f"{b.get('codec_bits', 8)}-bit codec"
+    if not b["codec"]:
+        return "as they are"
+    width = b.get("codec_bits") or b.get("bits", 4)
+    return f"storage policy, {width}-bit codes" + (" (stochastic)" if b.get("stochastic", True) else "")
 
 
 def epoch_seconds(d: Path, name: str, last: dict) -> str:
@@ -90,7 +112,8 @@ MATRIX = Matrix(
     variants={name: (config, []) for name, config in VARIANTS.items()},
     common=common,
     intro=intro,
-    columns=[("stored BN->ReLU->conv activations", stored), ("time/epoch (median)", epoch_seconds)],
+    columns=[("stored BN->ReLU->conv activations", stored), ("outside units", outside),
+             ("time/epoch (median)", epoch_seconds)],
     default_model="preact_resnet8",
     default_epochs=30,
     default_report=Path("docs") / "results" / "blpa.md",

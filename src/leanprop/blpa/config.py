@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 BITS = (2, 4, 8, 32)
 MODES = ("signaware", "ref")
@@ -21,8 +21,16 @@ class BLPAConfig:
     window: R, the quantised range is +-R batch standard deviations ("ref" fixes R = 3).
     simulate: fake-quant mode for accuracy debugging: same gradients, but keeps the dequantised fp32
         values instead of packed codes (no memory saved). Never use it for benchmarks.
-    codec_bits: bits of the generic saved-tensor codec for float tensors saved *outside* the fused units
-        (stem, classifier, ops BLPA cannot fuse): 8 or 4, or None to leave them alone.
+    codec: store what autograd keeps *outside* the fused units by the storage policy of
+        :mod:`leanprop.ops.codec` (1-bit masks for ReLU-family ops and dropout, nothing for pooling inputs,
+        ``bits``-bit codes for every other float tensor: conv/linear/BatchNorm/LayerNorm/activation inputs);
+        False keeps them as they are (the BLPA paper's scope: units only).
+    codec_bits: the code width outside the units when it should differ from ``bits`` (2, 4, 8, or 32 = kept as
+        they are); None: ``bits``.
+    policy: per op-kind code widths, e.g. ``{"conv": 8, "batch_norm": 4}`` (kinds: ``leanprop.ops.codec.OP_KINDS``
+        and ``other``), over ``codec_bits``.
+    stochastic: unbiased stochastic rounding of the codes outside the units (ActNN, Chen et al. 2021), drawn from
+        the codec's own generator (seeded with ``seed``; its state goes into checkpoints); False: nearest.
     codec_min_bytes: tensors smaller than this are kept as they are by the codec.
     kernels: "auto" (compiled C kernels when a C compiler works, else torch ops), "c" or "torch".
     """
@@ -31,7 +39,11 @@ class BLPAConfig:
     mode: str = "signaware"
     window: float = 3.0
     simulate: bool = False
-    codec_bits: int | None = 8
+    codec: bool = True
+    codec_bits: int | None = None
+    policy: dict[str, int] = field(default_factory=dict)
+    stochastic: bool = True
+    seed: int = 0
     codec_min_bytes: int = 65536
     kernels: str = "auto"
 
@@ -44,8 +56,16 @@ class BLPAConfig:
             raise ValueError("BLPA mode='ref' fixes window=3.0 (Delta = 6/2^K); use mode='signaware' to change it")
         if not self.window > 0:
             raise ValueError(f"BLPA window must be > 0 (standard deviations), got {self.window}")
-        if self.codec_bits not in (None, 4, 8):
-            raise ValueError(f"BLPA codec_bits must be 8, 4 or null, got {self.codec_bits!r}")
+        if self.codec_bits not in (None, 2, 4, 8, 32):
+            raise ValueError(f"BLPA codec_bits must be 2, 4, 8, 32 or null (= bits), got {self.codec_bits!r}")
+        from leanprop.ops.codec import OP_KINDS
+
+        kinds = (*OP_KINDS, "other")
+        for kind, b in self.policy.items():
+            if kind not in kinds:
+                raise ValueError(f"BLPA policy: unknown op kind {kind!r}; use one of {', '.join(kinds)}")
+            if b not in (2, 4, 8, 32):
+                raise ValueError(f"BLPA policy[{kind!r}]: bits must be 2, 4, 8 or 32, got {b!r}")
         if self.codec_min_bytes < 0:
             raise ValueError("BLPA codec_min_bytes must be >= 0")
         if self.kernels not in KERNELS:
@@ -62,6 +82,13 @@ class BLPAConfig:
         if bits not in BITS:
             raise ValueError(f"unknown BLPA preset {name!r}: use the bits, one of {', '.join(map(str, BITS))}")
         return cls(bits=bits)
+
+    @property
+    def outside_bits(self) -> int | None:
+        """The code width outside the fused units (None: the codec is off)."""
+        if not self.codec:
+            return None
+        return self.bits if self.codec_bits is None else self.codec_bits
 
     @property
     def levels(self) -> int:

@@ -101,20 +101,28 @@ class BLPAController(Controller):
         the compiled C kernels serve CPU tensors only and CUDA tensors take the torch-op path."""
         return None
 
+    def step(self) -> None:
+        """After ``optimizer.step()``: the codec's stochastic rounding moves on to the next step's draws."""
+        if self.codec is not None:
+            self.codec.step += 1
+
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.cfg), "units": len(self.units)}
+        return {"config": asdict(self.cfg), "units": len(self.units),
+                "rng": self.codec.rng_state() if self.codec is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("config", {}).get("bits", self.cfg.bits) != self.cfg.bits:
             raise ValueError(f"checkpoint was trained with BLPA bits={state['config']['bits']}, "
                              f"this run uses bits={self.cfg.bits}")
+        if self.codec is not None and state.get("rng"):
+            self.codec.set_rng_state(state["rng"])
 
     def summary(self) -> str:
         modules = dict(self.model.named_modules())
         bits = "fp32 xhat + 1-bit mask" if self.cfg.bits == 32 else f"{self.cfg.bits}-bit codes"
         lines = [f"BLPA {self.cfg.mode}, {bits}, window ±{self.cfg.window}σ, "
                  f"kernels: {'compiled C' if self.kernels_path else 'torch ops'}, "
-                 f"codec outside units: {self.cfg.codec_bits or 'off'}"
+                 f"outside units: {self._outside()}"
                  + (" (simulate: fake-quant, no memory saved)" if self.cfg.simulate else ""),
                  f"{'unit (BN)':<32} {'kind':<6} {'channels':>8}  conv"]
         for u in self.units:
@@ -122,6 +130,15 @@ class BLPAController(Controller):
             lines.append(f"{u.bn:<32} {'fused' if u.conv else 'half':<6} {c:>8}  {u.conv or '-'}")
         lines.append(f"{len(self.units)} units ({sum(u.conv is not None for u in self.units)} fused with a conv)")
         return "\n".join(lines)
+
+    def _outside(self) -> str:
+        """How what lies outside the units is kept, in words."""
+        bits = self.cfg.outside_bits
+        if bits is None or (bits >= 32 and not self.cfg.policy):
+            return "kept as they are" + (" (1-bit ReLU masks)" if bits is not None else "")
+        rounding = "stochastic" if self.cfg.stochastic else "nearest"
+        extra = "".join(f", {k} {v}" for k, v in sorted(self.cfg.policy.items()))
+        return f"storage policy: {bits}-bit codes ({rounding} rounding{extra}), 1-bit ReLU/dropout masks"
 
     def summary_lines(self, model: nn.Module, input_shape: tuple[int, ...], out_dir: Any = None) -> list[str]:
         """The stored precision in one line; the per-unit table goes to ``out_dir/blpa_units.txt``."""
@@ -133,7 +150,7 @@ class BLPAController(Controller):
             where = f"  (per unit: {table})"
         stored = "fp32 (lossless check mode)" if b.bits == 32 else f"{b.bits}-bit codes"
         window = "" if b.bits == 32 else f", window +-{b.window:g} std"
-        codec = "kept as they are" if b.codec_bits is None else f"{b.codec_bits}-bit codec"
+        codec = self._outside()
         sim = "; simulate=true: fake-quant, no memory saved" if b.simulate else ""
         return [f"  BLPA activations  BN outputs stored as {stored} (mode {b.mode}{window}); other saved tensors "
                 f"{codec}{sim}{where}"]

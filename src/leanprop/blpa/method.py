@@ -4,8 +4,8 @@
 Converting fuses every BN->ReLU(->Conv) unit (Chakrabarti & Moseley 2019, §3; docs/methods/blpa.md): the BN
 becomes the unit's head, the ReLU an identity, the conv a tail whose forward passes the unit's output on. A conv
 of another method (:class:`leanprop.ops.fusion.FusableConv`, e.g. SWAT's) stays that method's layer and runs
-inside the unit. With ``codec_bits`` every other ReLU / MaxPool keeps a mask / window index and the generic
-saved-tensor codec takes the remaining float tensors.
+inside the unit. With ``codec`` (default) every other ReLU / MaxPool module keeps a mask / window index and the
+saved-tensor codec stores the rest by the op that keeps it (:mod:`leanprop.ops.codec`: masks, shapes, K-bit codes).
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ def _convert(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, othe
         if tail is not None:
             set_submodule(model, u.conv, tail)
     codec = None
-    if cfg.codec_bits is not None:
+    if cfg.outside_bits is not None:
         keep_masks_(model, kernels)
-        codec = SavedTensorCodec(cfg.codec_bits, cfg.codec_min_bytes)
+        codec = SavedTensorCodec(cfg.outside_bits, cfg.codec_min_bytes, by_op=True, stochastic=cfg.stochastic,
+                                 seed=cfg.seed, policy=cfg.policy)
         codec.attach(model)
     return BLPAController(model, units, cfg, codec, str(kernels.path) if kernels is not None else None)
 

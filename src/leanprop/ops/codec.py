@@ -19,6 +19,19 @@ in-place change of the parameter in between is an error, as autograd's own check
 costs one weight-sized comparison per candidate, and candidates are only tensors whose shape is a parameter's
 (docs/methods/blpa.md, "Generic codec").
 
+With ``by_op=True`` the codec also knows which op saves each tensor (a ``TorchFunctionMode`` active during the
+forward records the innermost torch function being called, whether a module or an ``F.*`` call in a user's
+forward made it) and stores it by the op's need (:data:`OP_KINDS`; docs/methods/blpa.md, "Storage policy"):
+
+* ReLU / ReLU6 / Hardtanh / LeakyReLU: a 1-bit mask (exact: their backward reads only which side of the
+  threshold(s) each element was on); dropout's keep-mask (bool, or the scaled float ``{0, 1/(1-p)}``): 1 bit;
+* max-pool and average-pool inputs: nothing but the shape (their backward reads only the sizes); max-pool
+  indices: int16 (or int32) instead of int64;
+* every other float tensor (conv / linear / BatchNorm / LayerNorm / smooth-activation inputs...): ``bits``-bit
+  codes per group of 256 elements, with unbiased stochastic rounding when ``stochastic`` (ActNN, Chen et al.
+  2021, §3.2), drawn from the codec's own generator, reseeded with ``(seed, step)`` at every forward (so a resumed
+  run, and a compiled model, draw what the eager run draws); ``policy`` overrides the bits per op kind.
+
 Under ``torch.compile`` the hooks are installed eagerly (the entry and exit hooks are excluded from tracing) and
 apply to what each compiled region saves for its backward, as in eager they apply to what each op saves.
 """
@@ -27,17 +40,42 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from leanprop.ops.packing import pack_bits, unpack_bits
 
-__all__ = ["SavedTensorCodec", "find_codec", "GROUP"]
+__all__ = ["SavedTensorCodec", "find_codec", "GROUP", "OP_KINDS", "op_kind"]
 
 GROUP = 256
+
+#: The op kinds of the storage policy (:func:`op_kind`), each with the torch function names that make it.
+OP_KINDS: dict[str, tuple[str, ...]] = {
+    "relu": ("relu", "relu_"),
+    "hardtanh": ("hardtanh", "hardtanh_", "relu6"),
+    "leaky_relu": ("leaky_relu", "leaky_relu_"),
+    "max_pool": ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+                 "max_pool3d_with_indices", "_max_pool1d", "_max_pool2d", "_max_pool3d"),
+    "avg_pool": ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                 "adaptive_avg_pool3d"),
+    "dropout": ("dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout"),
+    "conv": ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+    "linear": ("linear", "bilinear", "matmul", "mm", "bmm", "addmm", "__matmul__"),
+    "batch_norm": ("batch_norm", "instance_norm"),
+    "norm": ("layer_norm", "group_norm", "rms_norm"),
+    "smooth": ("silu", "silu_", "gelu", "hardswish", "hardswish_", "mish", "sigmoid", "sigmoid_", "tanh", "tanh_",
+               "softplus", "elu", "elu_", "selu", "celu", "hardsigmoid"),
+}
+_KIND_OF = {name: kind for kind, names in OP_KINDS.items() for name in names}
+
+
+def op_kind(func: Any) -> str:
+    """The storage-policy kind of a torch function (``"other"`` when it is none of :data:`OP_KINDS`)."""
+    return _KIND_OF.get(getattr(func, "__name__", ""), "other")
 
 
 class _Packed:
@@ -49,7 +87,7 @@ class _Packed:
 
     __slots__ = ("codes", "lo", "step", "shape", "stride", "dtype", "numel", "bits")
 
-    def __init__(self, t: torch.Tensor, bits: int):
+    def __init__(self, t: torch.Tensor, bits: int, generator: torch.Generator | None = None):
         self.shape, self.stride, self.dtype, self.numel, self.bits = t.shape, t.stride(), t.dtype, t.numel(), bits
         flat = t.detach().reshape(-1).float()
         pad = (-flat.numel()) % GROUP
@@ -59,7 +97,12 @@ class _Packed:
         lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
         levels = (1 << bits) - 1
         step = ((hi - lo) / levels).clamp_min_(torch.finfo(torch.float32).tiny)
-        q = ((g - lo) / step).round_().clamp_(0, levels).to(torch.uint8).view(-1)
+        scaled = (g - lo) / step
+        if generator is None:  # round to nearest
+            scaled.round_()
+        else:  # unbiased stochastic rounding: floor(v + u), u ~ U[0, 1)
+            scaled.add_(torch.rand(scaled.shape, generator=generator, device=scaled.device)).floor_()
+        q = scaled.clamp_(0, levels).to(torch.uint8).view(-1)
         self.codes = pack_bits(q, bits)
         self.lo, self.step = lo, step
 
@@ -96,6 +139,115 @@ class _ParamRef:
         return torch.empty_strided(v.shape, self.stride, dtype=v.dtype, device=v.device).copy_(v)
 
 
+def _pack_bool(flat: torch.Tensor) -> torch.Tensor:
+    n = flat.numel()
+    pad = (-n) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bool(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+
+
+def _strided_like(logical: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    if logical.stride() == stride:
+        return logical
+    return torch.empty_strided(logical.shape, stride, dtype=logical.dtype, device=logical.device).copy_(logical)
+
+
+class _Mask:
+    """A tensor an op reads only through one comparison, kept as a 1-bit mask (see :class:`SavedTensorCodec`).
+
+    ``inside``/``outside``: the values the rebuilt tensor holds where the mask is set / clear (chosen so that the
+    op's backward takes the same branch as with the original); a bool tensor is rebuilt as itself."""
+
+    __slots__ = ("bits", "shape", "stride", "dtype", "inside", "outside")
+
+    def __init__(self, mask: torch.Tensor, like: torch.Tensor, inside: float, outside: float):
+        self.bits = _pack_bool(mask.reshape(-1))
+        self.shape, self.stride, self.dtype = like.shape, like.stride(), like.dtype
+        self.inside, self.outside = inside, outside
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.bits]
+
+    def unpack(self) -> torch.Tensor:
+        m = _unpack_bool(self.bits, _numel(self.shape)).view(self.shape)
+        if self.dtype == torch.bool:
+            return _strided_like(m, self.stride)
+        t = torch.where(m, torch.tensor(self.inside, dtype=self.dtype, device=m.device),
+                        torch.tensor(self.outside, dtype=self.dtype, device=m.device))
+        return _strided_like(t, self.stride)
+
+
+class _ShapeOnly:
+    """A tensor whose op reads only its sizes and layout in backward (pooling inputs): nothing is kept."""
+
+    __slots__ = ("shape", "stride", "dtype", "device")
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.stride, self.dtype, self.device = t.shape, t.stride(), t.dtype, t.device
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def unpack(self) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+
+
+class _NarrowIndex:
+    """int64 indices (max-pool) kept as int16 or int32 when their values fit; rebuilt exactly."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, t: torch.Tensor, dtype: torch.dtype):
+        self.values = t.to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.values]
+
+    def unpack(self) -> torch.Tensor:
+        return self.values.to(torch.int64)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _OpTracker(TorchFunctionMode):
+    """Records the torch function being called during the forward (innermost first), for the pack hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[tuple[str, str, tuple, dict]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.stack.append((op_kind(func), getattr(func, "__name__", ""), args, kwargs))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.stack.pop()
+
+
+def _hardtanh_range(args: tuple, kwargs: dict, name: str) -> tuple[float, float]:
+    if name == "relu6":
+        return 0.0, 6.0
+    lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+    hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    return float(lo), float(hi)
+
+
+_STATS = ("coded", "kept", "param_copies", "masks", "shape_only", "indices")
+
+
 class SavedTensorCodec:
     """Pack/unpack hooks that compress float tensors saved for backward (see the module docstring).
 
@@ -103,19 +255,59 @@ class SavedTensorCodec:
     tensor actually kept to ``ledger.record(tensor, kind)`` (kind None: the ledger classifies it).
     """
 
-    def __init__(self, bits: int | None = 8, min_bytes: int = 65536):
-        if bits not in (None, 4, 8):
-            raise ValueError(f"codec bits must be 4, 8 or None, got {bits!r}")
+    def __init__(self, bits: int | None = 8, min_bytes: int = 65536, *, by_op: bool = False,
+                 stochastic: bool = False, seed: int = 0, policy: Mapping[str, int] | None = None):
+        if bits not in (None, 2, 4, 8, 32):
+            raise ValueError(f"codec bits must be 2, 4, 8, 32 or None, got {bits!r}")
+        unknown = sorted(set(policy or {}) - set(OP_KINDS) - {"other"})
+        if unknown:
+            raise ValueError(f"codec policy: unknown op kind(s) {unknown}; use {', '.join([*OP_KINDS, 'other'])}")
+        bad = {k: v for k, v in (policy or {}).items() if v not in (2, 4, 8, 32)}
+        if bad:
+            raise ValueError(f"codec policy: bits must be 2, 4, 8 or 32, got {bad}")
         self.bits = bits
         self.min_bytes = int(min_bytes)
+        self.by_op = bool(by_op)
+        self.policy = dict(policy or {})
+        self.stochastic = bool(stochastic)
+        self.seed = int(seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._ledger: Any = None
         self._seen: dict[tuple, Any] = {}
         self._params: set[int] = set()
         self._by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, bool]]] = {}
         self._depth = 0
+        self._tracker: _OpTracker | None = None
         #: counts of the last forward: ``coded`` tensors, ``kept`` (passed through: small, integer, parameters),
-        #: ``param_copies`` (copies of a parameter, e.g. its autocast cast, kept as a reference to it)
-        self.stats: dict[str, int] = {"coded": 0, "kept": 0, "param_copies": 0}
+        #: ``param_copies`` (copies of a parameter, e.g. its autocast cast, kept as a reference to it), ``masks``
+        #: (1-bit), ``shape_only`` (nothing kept), ``indices`` (narrowed)
+        self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
+
+    # -- stochastic rounding --------------------------------------------------------------------------
+    #: Stochastic rounding draws from a generator reseeded at every forward with ``(seed, step)``: a forward's
+    #: draws depend only on the training step and the order the forward codes its tensors in -- not on how many
+    #: forwards ran before (audits, compilation) -- so a resumed run, and an eager and a compiled model coding the
+    #: same tensors, draw the same numbers. The owner advances :attr:`step` once per optimizer step.
+    step: int = 0
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if not self.stochastic:
+            return None
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device)
+            g.manual_seed(self._round_seed())
+        return g
+
+    def _round_seed(self) -> int:
+        return (self.seed * 1_000_003 + self.step) % (2**63 - 1)
+
+    def rng_state(self) -> dict[str, int]:
+        """What the stochastic rounding depends on besides the data (a checkpoint keeps it)."""
+        return {"seed": self.seed, "step": self.step}
+
+    def set_rng_state(self, state: Mapping[str, int]) -> None:
+        self.seed, self.step = int(state.get("seed", self.seed)), int(state.get("step", self.step))
 
     # -- installation -----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -145,16 +337,24 @@ class SavedTensorCodec:
     def _enter(self, module: nn.Module, args: Any) -> None:
         if self._depth == 0:
             self._seen = {}
-            self.stats = {"coded": 0, "kept": 0, "param_copies": 0}
+            self.stats = dict.fromkeys(_STATS, 0)
+            for g in self._generators.values():
+                g.manual_seed(self._round_seed())
             self._index_parameters(module)
             self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
             self._ctx.__enter__()
+            if self.by_op:
+                self._tracker = _OpTracker()
+                self._tracker.__enter__()
         self._depth += 1
 
     @torch.compiler.disable
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         self._depth -= 1
         if self._depth == 0:
+            if self._tracker is not None:
+                self._tracker.__exit__(None, None, None)
+                self._tracker = None
             self._ctx.__exit__(None, None, None)
             self._seen = {}
 
@@ -178,8 +378,52 @@ class SavedTensorCodec:
                 return _ParamRef(p, transposed, t)
         return None
 
+    def _current_op(self) -> tuple[str, str, tuple, dict]:
+        if self._tracker is None or not self._tracker.stack:
+            return "other", "", (), {}
+        return self._tracker.stack[-1]
+
+    def _by_op(self, t: torch.Tensor, kind: str, name: str, args: tuple, kwargs: dict) -> Any:
+        """The op-specific representation of ``t`` (1-bit mask, shape only, narrowed indices), or None."""
+        if t.dtype == torch.bool:
+            return _Mask(t, t, 1.0, 0.0)
+        if not t.is_floating_point():
+            if kind == "max_pool" and t.dtype == torch.int64 and t.numel():
+                top = int(t.max())
+                dtype = torch.int16 if top < 2**15 else torch.int32 if top < 2**31 else None
+                return _NarrowIndex(t, dtype) if dtype is not None else None
+            return None
+        if kind in ("max_pool", "avg_pool"):
+            return _ShapeOnly(t)
+        if kind == "dropout" and t.numel():  # the scaled keep-mask {0, 1/(1-p)} dropout multiplies by (CPU)
+            scale = t.detach().amax()
+            keep = t != 0
+            if bool(((t == scale) | ~keep).all()):
+                return _Mask(keep, t, float(scale), 0.0)
+            return None
+        if kind == "relu":  # ReLU keeps its result: backward reads result > 0
+            return _Mask(t > 0, t, 1.0, 0.0)
+        if kind == "leaky_relu":  # backward reads x > 0 (result > 0 for the in-place form)
+            return _Mask(t > 0, t, 1.0, -1.0)
+        if kind == "hardtanh":  # backward reads min < x < max
+            lo, hi = _hardtanh_range(args, kwargs, name)
+            return _Mask((t > lo) & (t < hi), t, (lo + hi) / 2, hi + 1.0)
+        return None
+
     def pack(self, t: torch.Tensor) -> Any:
-        if (self.bits is None or not t.is_floating_point() or isinstance(t, nn.Parameter)
+        if self.by_op:
+            kind, name, args, kwargs = self._current_op()
+            if not (t.is_floating_point() and (isinstance(t, nn.Parameter) or t.data_ptr() in self._params)):
+                special = self._by_op(t, kind, name, args, kwargs)
+                if special is not None:
+                    self.stats[{_Mask: "masks", _ShapeOnly: "shape_only", _NarrowIndex: "indices"}[type(special)]] += 1
+                    for part in special.tensors():
+                        self._record(part, "mask" if isinstance(special, _Mask) else None)
+                    return special
+        else:
+            kind = "other"
+        bits = self.policy.get(kind, self.bits)
+        if (bits is None or bits >= 32 or not t.is_floating_point() or isinstance(t, nn.Parameter)
                 or t.data_ptr() in self._params):
             return self._keep(t)
         ref = self._parameter_of(t) if t.dim() >= 2 else None
@@ -192,12 +436,12 @@ class SavedTensorCodec:
         # not be rebuilt from codes
         if t.numel() * t.element_size() < self.min_bytes or not _dense(t):
             return self._keep(t)
-        key = (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, bits)
         hit = self._seen.get(key)
         # a live weak reference proves the memory still belongs to the tensor packed under this key
         packed = hit[0] if hit is not None and hit[1]() is not None else None
         if packed is None:
-            packed = _Packed(t, self.bits)
+            packed = _Packed(t, bits, self._generator(t.device))
             self.stats["coded"] += 1
             self._seen[key] = (packed, weakref.ref(t))
             for part in packed.tensors():
@@ -211,7 +455,7 @@ class SavedTensorCodec:
 
     @staticmethod
     def unpack(obj: Any) -> torch.Tensor:
-        return obj.unpack() if isinstance(obj, (_Packed, _ParamRef)) else obj
+        return obj.unpack() if isinstance(obj, (_Packed, _ParamRef, _Mask, _ShapeOnly, _NarrowIndex)) else obj
 
 
 def _dense(t: torch.Tensor) -> bool:

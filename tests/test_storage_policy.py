@@ -1,0 +1,132 @@
+"""The saved-tensor storage policy (leanprop.ops.codec, ``by_op=True``): what each op keeps, exactness where the
+representation is exact, gradient cosines of the K-bit codes, deterministic stochastic rounding, and BLPA's use of
+it on models written the way users write them (tests/user_models.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import leanprop
+from leanprop import models
+from leanprop.accounting.memory import saved_bytes
+from leanprop.blpa.config import BLPAConfig
+from leanprop.ops.codec import OP_KINDS, SavedTensorCodec, op_kind
+
+from .user_models import USER_MODELS, example_batch
+
+
+class _Ops(nn.Module):
+    """One of every op kind the policy treats specially, called functionally and through modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.ln = nn.LayerNorm(16)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        x = self.relu(self.b1(self.c1(x)))
+        x = self.relu(self.b2(self.c2(x)) + x)                  # BN -> add -> shared ReLU module
+        x = F.max_pool2d(x, 2)
+        x = F.relu6(self.dw(x))
+        x = F.leaky_relu(x, 0.1)
+        x = F.hardtanh(x, -0.5, 2.0)
+        x = x * torch.sigmoid(F.silu(x))                         # squeeze-excite style gate
+        x = self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = F.gelu(F.avg_pool2d(x, 2))
+        return self.fc(self.drop(torch.flatten(x, 1)))
+
+
+def _grads(model, x, y):
+    torch.manual_seed(7)  # the same dropout mask in every run
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _with_codec(model, bits, **kw):
+    m = copy.deepcopy(model)
+    codec = SavedTensorCodec(bits, 0, by_op=True, **kw)
+    codec.attach(m)
+    return m, codec
+
+
+def test_op_kinds_cover_what_users_call():
+    assert op_kind(F.relu) == op_kind(torch.relu) == op_kind(torch.Tensor.relu_) == "relu"
+    assert op_kind(F.relu6) == op_kind(F.hardtanh) == "hardtanh" and op_kind(F.leaky_relu) == "leaky_relu"
+    assert op_kind(F.max_pool2d) == "max_pool" and op_kind(F.adaptive_avg_pool2d) == "avg_pool"
+    assert op_kind(F.conv2d) == "conv" and op_kind(F.linear) == "linear" and op_kind(F.batch_norm) == "batch_norm"
+    assert op_kind(F.layer_norm) == op_kind(F.group_norm) == "norm" and op_kind(F.silu) == "smooth"
+    assert op_kind(torch.add) == "other" and set(OP_KINDS) >= {"dropout", "smooth", "norm"}
+
+
+def test_32_bit_policy_is_exact_and_keeps_masks_shapes_and_narrow_indices():
+    torch.manual_seed(0)
+    model = _Ops()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    m, codec = _with_codec(model, 32)
+    assert torch.equal(_grads(m, x, y), _grads(model, x, y))  # masks and shapes rebuild what backward reads
+    # relu (x2), relu6, leaky_relu, hardtanh: 1-bit masks; dropout's bool mask: 1 bit
+    assert codec.stats["masks"] == 6 and codec.stats["shape_only"] == 2 and codec.stats["indices"] == 1
+    kept = saved_bytes(m, x)
+    assert kept.by_kind["mask"] < 0.05 * kept.total_bytes and kept.by_kind["index"] == 4 * 16 * 8 * 8 * 2
+
+
+@pytest.mark.parametrize("bits,cosine", [(8, 0.999), (4, 0.98), (2, 0.80)])
+def test_k_bit_codes_keep_less_with_gradients_close_to_exact(bits, cosine):
+    torch.manual_seed(0)
+    model = models.create("resnet20")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    m, _ = _with_codec(model, bits, stochastic=True)
+    cos = F.cosine_similarity(_grads(m, x, y), _grads(model, x, y), 0)
+    assert cos >= cosine, (bits, float(cos))
+    dense = saved_bytes(model, x).total_bytes
+    assert saved_bytes(m, x).total_bytes < {8: 0.30, 4: 0.17, 2: 0.10}[bits] * dense
+
+
+def test_stochastic_rounding_is_unbiased_and_follows_seed_and_step():
+    t = torch.full((1, 4096), 0.3)
+    t[0, 0], t[0, 1] = 0.0, 1.0  # group range [0, 1]: 0.3 lies between codes at 2 bits (0, 1/3, 2/3, 1)
+    codec = SavedTensorCodec(2, 0, stochastic=True, seed=3)
+    mean = torch.stack([codec.unpack(codec.pack(t.clone())) for _ in range(20)]).mean()
+    assert abs(float(mean) - float(t.mean())) < 2e-3  # unbiased (nearest would give 1/3 for every 0.3)
+    a, b = SavedTensorCodec(2, 0, stochastic=True, seed=3), SavedTensorCodec(2, 0, stochastic=True, seed=3)
+    a.step = b.step = 5
+    assert torch.equal(a.unpack(a.pack(t)), b.unpack(b.pack(t)))  # same seed and step: the same codes
+
+
+def test_blpa_policy_state_roundtrip_and_summary():
+    model = models.create("resnet8")
+    ctl = leanprop.convert_(model, BLPAConfig(bits=4, policy={"conv": 8}))
+    for _ in range(3):
+        ctl.step()
+    assert ctl.state_dict()["rng"] == {"seed": 0, "step": 3}
+    other = leanprop.convert_(models.create("resnet8"), BLPAConfig(bits=4, policy={"conv": 8}))
+    other.load_state_dict(ctl.state_dict())
+    assert other.codec.step == 3 and other.codec.policy == {"conv": 8}
+    assert "4-bit codes (stochastic rounding, conv 8)" in ctl.summary()
+    with pytest.raises(ValueError, match="unknown op kind 'conv2d'"):
+        BLPAConfig(policy={"conv2d": 4})
+
+
+@pytest.mark.parametrize("name", sorted(USER_MODELS))
+def test_blpa4_on_user_models_keeps_less_with_close_gradients(name):
+    """Any model: the policy applies wherever fused units are not found (F.relu, shared ReLUs, SiLU, LayerNorm)."""
+    torch.manual_seed(0)
+    model = USER_MODELS[name]()
+    x, y = example_batch(8)
+    plain = copy.deepcopy(model)
+    leanprop.convert_(model, BLPAConfig(bits=4))
+    cos = F.cosine_similarity(_grads(model, x, y), _grads(plain, x, y), 0)
+    assert cos >= 0.95, float(cos)
+    ratio = saved_bytes(model, x).total_bytes / saved_bytes(plain, x).total_bytes
+    assert ratio < 0.30, ratio
