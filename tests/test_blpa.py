@@ -383,16 +383,20 @@ def test_mask_relu_keeps_one_bit_and_exact_gradient(kernels):
     assert torch.equal(x.grad, g * (x > 0))
 
 
-def test_convert_swaps_outside_relus_to_masks_and_reverts():
-    from leanprop.ops.saving_layers import MaskReLU
+def test_outside_relus_keep_masks_through_the_codec_and_revert():
+    """ReLU modules stay (the storage policy sees them, as it sees F.relu); max-pooling modules keep window indices."""
+    from leanprop.ops.codec import find_codec
+    from leanprop.ops.saving_layers import IndexMaxPool2d
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool2d(2))
     with pytest.warns(RuntimeWarning, match="only the generic saved-tensor codec"):
         leanprop.convert_(model, BLPAConfig(bits=4))
-    assert isinstance(model[1], MaskReLU) and isinstance(model[3], MaskReLU)
+    assert type(model[1]) is nn.ReLU and type(model[3]) is nn.ReLU and isinstance(model[4], IndexMaxPool2d)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert find_codec(model).stats["masks"] == 2
     leanprop.revert_(model)
-    assert type(model[1]) is nn.ReLU and type(model[3]) is nn.ReLU
+    assert type(model[4]) is nn.MaxPool2d
 
 
 def test_convert_imagenet_preact_resnet152():

@@ -5,6 +5,7 @@ it on models written the way users write them (tests/user_models.py)."""
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -113,7 +114,8 @@ def test_blpa_policy_state_roundtrip_and_summary():
     other = leanprop.convert_(models.create("resnet8"), BLPAConfig(bits=4, policy={"conv": 8}))
     other.load_state_dict(ctl.state_dict())
     assert other.codec.step == 3 and other.codec.policy == {"conv": 8}
-    assert "4-bit codes (stochastic rounding, conv 8)" in ctl.summary()
+    assert "4-bit codes (nearest rounding, conv 8)" in ctl.summary()
+    assert BLPAConfig(bits=2).stochastic_rounding and not BLPAConfig(bits=4).stochastic_rounding
     with pytest.raises(ValueError, match="unknown op kind 'conv2d'"):
         BLPAConfig(policy={"conv2d": 4})
 
@@ -130,3 +132,53 @@ def test_blpa4_on_user_models_keeps_less_with_close_gradients(name):
     assert cos >= 0.95, float(cos)
     ratio = saved_bytes(model, x).total_bytes / saved_bytes(plain, x).total_bytes
     assert ratio < 0.30, ratio
+
+
+class _PostAct(nn.Module):
+    """A post-activation residual block written with F.relu: conv-BN-relu-conv-BN, add, relu, twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(4))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        for i in (0, 2):
+            y = F.relu(self.bns[i](self.convs[i](x)))
+            x = F.relu(self.bns[i + 1](self.convs[i + 1](y)) + x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_virtual_units_rebuild_relu_of_bn_and_block_outputs_from_the_bn_codes():
+    """Every ReLU(BN) and ReLU(BN + identity) output is rebuilt from BN codes: the convs keep nothing of their input."""
+    torch.manual_seed(0)
+    model = _PostAct()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    m, codec = _with_codec(model, 8)
+    g, g0 = _grads(m, x, y), _grads(model, x, y)
+    assert F.cosine_similarity(g, g0, 0) > 0.999
+    assert codec.stats["derived"] == 4  # every conv input after the stem: ReLU(BN) and ReLU(BN + identity)
+    assert codec.stats["coded"] == 5 + 1 + 1  # the five BN inputs (xhat codes), the stem's input image, fc's input
+    kept, dense = saved_bytes(m, x), saved_bytes(model, x)
+    # per activation: 8-bit BN codes and a 1-bit ReLU mask; dense keeps the BN input and the ReLU output (64 bits)
+    assert kept.total_bytes < 0.18 * dense.total_bytes
+
+
+def test_swat_with_blpa_never_keeps_more_than_blpa_on_user_models():
+    for name in ("FunctionalReLUNet", "SharedReLUNet", "MobileNetStyle", "EfficientNetStyle"):
+        torch.manual_seed(0)
+        base = USER_MODELS[name]()
+        x, _ = example_batch(8)
+        kept = {}
+        for label, cfg in (("blpa", BLPAConfig(bits=4)), ("both", [leanprop.SWATConfig(sparsity=0.9),
+                                                                   BLPAConfig(bits=4)])):
+            m = copy.deepcopy(base)
+            with pytest.warns(RuntimeWarning) if name != "InplaceReLUNet" else nullcontext():
+                leanprop.convert_(m, cfg)
+            kept[label] = saved_bytes(m, x).total_bytes
+        layers = sum(isinstance(mod, (nn.Conv2d, nn.Linear)) for mod in base.modules())
+        assert kept["both"] <= kept["blpa"] + 8 * layers, (name, kept)  # + SWAT's two thresholds per layer

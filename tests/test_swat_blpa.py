@@ -40,7 +40,7 @@ def test_combined_convert_swaps_each_layer_once_and_reverts():
     assert len(tails) == len(ctl.blpa.units) - sum(u.conv is None for u in ctl.blpa.units) > 0
     for n in tails:  # the SWAT controller drives the very objects inside the units
         assert ctl.swat.layers[n] is model.get_submodule(n)
-    assert ctl.swat.cfg.compress_saved  # SWAT's saved tensors are always packed when combined
+    assert not ctl.swat.cfg.compress_saved  # X kept as it is, for BLPA's storage policy to store (or rebuild) once
     assert ctl.summary().startswith("SWAT (uniform, target 90%)") and "BLPA signaware, 4-bit codes" in ctl.summary()
     leanprop.revert_(model)
     assert all(type(m) in (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Linear) or not isinstance(
@@ -69,7 +69,7 @@ def test_lossless_blpa_with_swat_equals_swat_alone():
     assert (gb["layer1.0.conv1.weight"][w.detach().abs() < w.detach().abs().quantile(0.8)] != 0).any()  # pruned learn
 
 
-def test_combined_keeps_less_than_either_method_alone_on_a_post_activation_resnet():
+def test_combined_keeps_what_blpa_keeps_on_a_post_activation_resnet():
     x = torch.randn(16, 3, 32, 32)
     kept = {}
     for label, cfg in (("dense", None), ("swat", leanprop.SWATConfig(sparsity=0.9, compress_saved=True)),
@@ -82,7 +82,10 @@ def test_combined_keeps_less_than_either_method_alone_on_a_post_activation_resne
                 warnings.simplefilter("ignore", RuntimeWarning)  # BLPA: no fusable unit in a post-act ResNet
                 leanprop.convert_(m, cfg)
         kept[label] = saved_bytes(m.train(), x).total_bytes
-    assert kept["both"] < kept["blpa"] < kept["swat"] < kept["dense"]
+    # SWAT adds only its per-layer thresholds (two 4-byte scalars per layer): W_s is rebuilt from W and its
+    # threshold, and X from BLPA's codes (or kept once, coded, where it cannot be rebuilt)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in models.create("resnet20").modules())
+    assert kept["both"] <= kept["blpa"] + 8 * n_layers < kept["swat"] < kept["dense"], kept
 
 
 def test_controller_state_roundtrip_and_wrong_state():

@@ -99,7 +99,9 @@ def outside(d: Path, name: str, last: dict) -> str:
     if not b["codec"]:
         return "as they are"
     width = b.get("codec_bits") or b.get("bits", 4)
-    return f"storage policy, {width}-bit codes" + (" (stochastic)" if b.get("stochastic", True) else "")
+    stochastic = b.get("stochastic")
+    stochastic = width <= 2 if stochastic is None else stochastic
+    return f"storage policy, {width}-bit codes" + (" (stochastic)" if stochastic else "")
 
 
 def epoch_seconds(d: Path, name: str, last: dict) -> str:

@@ -30,7 +30,9 @@ class BLPAConfig:
     policy: per op-kind code widths, e.g. ``{"conv": 8, "batch_norm": 4}`` (kinds: ``leanprop.ops.codec.OP_KINDS``
         and ``other``), over ``codec_bits``.
     stochastic: unbiased stochastic rounding of the codes outside the units (ActNN, Chen et al. 2021), drawn from
-        the codec's own generator (seeded with ``seed``; its state goes into checkpoints); False: nearest.
+        the codec's own generator (seeded with ``seed``; its state goes into checkpoints); False: nearest; None
+        (default): stochastic at 2 bits, where its lack of bias matters most, nearest above (one step's gradient is
+        closer to exact with nearest rounding at 4 bits: cosine 0.971 against 0.941 on efficientnet_b0, batch 8).
     codec_min_bytes: tensors smaller than this are kept as they are by the codec.
     kernels: "auto" (compiled C kernels when a C compiler works, else torch ops), "c" or "torch".
     """
@@ -42,7 +44,7 @@ class BLPAConfig:
     codec: bool = True
     codec_bits: int | None = None
     policy: dict[str, int] = field(default_factory=dict)
-    stochastic: bool = True
+    stochastic: bool | None = None
     seed: int = 0
     codec_min_bytes: int = 65536
     kernels: str = "auto"
@@ -89,6 +91,14 @@ class BLPAConfig:
         if not self.codec:
             return None
         return self.bits if self.codec_bits is None else self.codec_bits
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        """Whether the codes outside the units round stochastically (``stochastic``; None: at 2 bits)."""
+        if self.stochastic is not None:
+            return self.stochastic
+        bits = self.outside_bits
+        return bits is not None and bits <= 2
 
     @property
     def levels(self) -> int:

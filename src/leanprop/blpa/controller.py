@@ -13,7 +13,7 @@ from leanprop.blpa.config import BLPAConfig
 from leanprop.methods import Controller
 from leanprop.ops.codec import SavedTensorCodec
 from leanprop.ops.fusion import FusableConv
-from leanprop.ops.saving_layers import MaskReLU
+from leanprop.ops.saving_layers import EagerReLU, MaskReLU
 from leanprop.utils import atomic_write_text
 
 __all__ = ["Unit", "find_units", "BLPAController"]
@@ -33,7 +33,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _is_relu(m: nn.Module | None) -> bool:
-    return type(m) in (nn.ReLU, MaskReLU)  # MaskReLU: another method already made it keep a mask
+    return type(m) in (nn.ReLU, MaskReLU, EagerReLU)  # another method's ReLU swap (e.g. SWAT's) is still a ReLU
 
 
 def _is_conv(m: nn.Module | None) -> bool:
@@ -136,7 +136,7 @@ class BLPAController(Controller):
         bits = self.cfg.outside_bits
         if bits is None or (bits >= 32 and not self.cfg.policy):
             return "kept as they are" + (" (1-bit ReLU masks)" if bits is not None else "")
-        rounding = "stochastic" if self.cfg.stochastic else "nearest"
+        rounding = "stochastic" if self.cfg.stochastic_rounding else "nearest"
         extra = "".join(f", {k} {v}" for k, v in sorted(self.cfg.policy.items()))
         return f"storage policy: {bits}-bit codes ({rounding} rounding{extra}), 1-bit ReLU/dropout masks"
 

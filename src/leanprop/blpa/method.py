@@ -44,8 +44,9 @@ def _convert(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, othe
             set_submodule(model, u.conv, tail)
     codec = None
     if cfg.outside_bits is not None:
-        keep_masks_(model, kernels)
-        codec = SavedTensorCodec(cfg.outside_bits, cfg.codec_min_bytes, by_op=True, stochastic=cfg.stochastic,
+        # ReLUs stay: the codec keeps their masks and sees a ReLU of a BN output (a virtual unit, ops.bn_units)
+        keep_masks_(model, kernels, relus=False)
+        codec = SavedTensorCodec(cfg.outside_bits, cfg.codec_min_bytes, by_op=True, stochastic=cfg.stochastic_rounding,
                                  seed=cfg.seed, policy=cfg.policy)
         codec.attach(model)
     return BLPAController(model, units, cfg, codec, str(kernels.path) if kernels is not None else None)

@@ -44,9 +44,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from leanprop.ops.bn_units import BNInput, BNRecord, RecipeValue, ReluOfBN, SavedValue, SumRecipe, tensor_key
 from leanprop.ops.packing import pack_bits, unpack_bits
 
 __all__ = ["SavedTensorCodec", "find_codec", "GROUP", "OP_KINDS", "op_kind"]
@@ -71,6 +73,7 @@ OP_KINDS: dict[str, tuple[str, ...]] = {
                "softplus", "elu", "elu_", "selu", "celu", "hardsigmoid"),
 }
 _KIND_OF = {name: kind for kind, names in OP_KINDS.items() for name in names}
+_ADD_NAMES = frozenset({"add", "add_", "__add__", "__iadd__", "__radd__"})
 
 
 def op_kind(func: Any) -> str:
@@ -175,8 +178,11 @@ class _Mask:
     def tensors(self) -> list[torch.Tensor]:
         return [self.bits]
 
+    def bool_mask(self) -> torch.Tensor:
+        return _unpack_bool(self.bits, _numel(self.shape)).view(self.shape)
+
     def unpack(self) -> torch.Tensor:
-        m = _unpack_bool(self.bits, _numel(self.shape)).view(self.shape)
+        m = self.bool_mask()
         if self.dtype == torch.bool:
             return _strided_like(m, self.stride)
         t = torch.where(m, torch.tensor(self.inside, dtype=self.dtype, device=m.device),
@@ -222,17 +228,24 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 class _OpTracker(TorchFunctionMode):
-    """Records the torch function being called during the forward (innermost first), for the pack hook."""
+    """Records the torch function being called during the forward (innermost first), for the pack hook, and lets
+    the codec see a BN's output and a ReLU of it (:mod:`leanprop.ops.bn_units`)."""
 
-    def __init__(self):
+    def __init__(self, codec: SavedTensorCodec):
         super().__init__()
+        self.codec = codec
         self.stack: list[tuple[str, str, tuple, dict]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.stack.append((op_kind(func), getattr(func, "__name__", ""), args, kwargs))
+        entry = (op_kind(func), getattr(func, "__name__", ""), args, kwargs)
+        self.stack.append(entry)
         try:
-            return func(*args, **kwargs)
+            pre = self.codec._before(func, entry)
+            out = func(*args, **kwargs)
+            if pre is not None:
+                self.codec._after(entry, pre, out)
+            return out
         finally:
             self.stack.pop()
 
@@ -245,7 +258,7 @@ def _hardtanh_range(args: tuple, kwargs: dict, name: str) -> tuple[float, float]
     return float(lo), float(hi)
 
 
-_STATS = ("coded", "kept", "param_copies", "masks", "shape_only", "indices")
+_STATS = ("coded", "kept", "param_copies", "masks", "shape_only", "indices", "derived")
 
 
 class SavedTensorCodec:
@@ -278,6 +291,12 @@ class SavedTensorCodec:
         self._by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, bool]]] = {}
         self._depth = 0
         self._tracker: _OpTracker | None = None
+        self._bn_pending: list[BNRecord] = []
+        self._bn_out: dict[tuple, tuple[BNRecord, Any]] = {}  # key of a BN output -> its record (while alive)
+        self._derived: dict[tuple, ReluOfBN] = {}  # key of a ReLU(BN) output -> how to rebuild it
+        self._kept: dict[tuple, tuple[Any, Any]] = {}  # key of a float tensor kept as codes/recipe -> (it, weakref)
+        self._last_mask: _Mask | None = None
+        self._last_above: _Mask | None = None
         #: counts of the last forward: ``coded`` tensors, ``kept`` (passed through: small, integer, parameters),
         #: ``param_copies`` (copies of a parameter, e.g. its autocast cast, kept as a reference to it), ``masks``
         #: (1-bit), ``shape_only`` (nothing kept), ``indices`` (narrowed)
@@ -344,7 +363,8 @@ class SavedTensorCodec:
             self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
             self._ctx.__enter__()
             if self.by_op:
-                self._tracker = _OpTracker()
+                self._bn_out, self._derived, self._bn_pending, self._kept = {}, {}, [], {}
+                self._tracker = _OpTracker(self)
                 self._tracker.__enter__()
         self._depth += 1
 
@@ -355,6 +375,7 @@ class SavedTensorCodec:
             if self._tracker is not None:
                 self._tracker.__exit__(None, None, None)
                 self._tracker = None
+            self._bn_out, self._derived, self._bn_pending, self._kept = {}, {}, [], {}
             self._ctx.__exit__(None, None, None)
             self._seen = {}
 
@@ -383,6 +404,82 @@ class SavedTensorCodec:
             return "other", "", (), {}
         return self._tracker.stack[-1]
 
+    # -- virtual BN->ReLU units (leanprop.ops.bn_units) ----------------------------------------------------
+    def _bn_bits(self) -> int | None:
+        bits = self.policy.get("batch_norm", self.bits)
+        return None if bits is None or bits >= 32 else bits
+
+    def _before(self, func: Any, entry: tuple) -> Any:
+        """Called before a torch function runs in the forward: a BN call or a ReLU of a BN output to follow."""
+        kind, _, args, kwargs = entry
+        if kind == "batch_norm" and func is F.batch_norm and self._bn_bits() is not None and torch.is_grad_enabled():
+            x = args[0] if args else kwargs.get("input")
+            training = kwargs.get("training", args[5] if len(args) > 5 else False)
+            if not (training and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2):
+                return None
+            weight = kwargs.get("weight", args[3] if len(args) > 3 else None)
+            bias = kwargs.get("bias", args[4] if len(args) > 4 else None)
+            record = BNRecord(weight, bias)
+            record.eps = float(kwargs.get("eps", args[7] if len(args) > 7 else 1e-5))
+            record.skip = {id(a) for a in (args[1:3] if len(args) > 2 else ()) if isinstance(a, torch.Tensor)}
+            record.skip |= {id(kwargs[k]) for k in ("running_mean", "running_var") if kwargs.get(k) is not None}
+            self._bn_pending.append(record)
+            return record
+        if kind in ("relu", "hardtanh") and self._bn_out and args and isinstance(args[0], torch.Tensor):
+            hit = self._bn_out.get(tensor_key(args[0]))
+            if hit is not None and hit[1]() is args[0]:
+                self._last_mask, self._last_above = None, None
+                return hit[0]
+        if entry[1] in _ADD_NAMES and self._bn_out and len(args) >= 2 and kwargs.get("alpha", 1) == 1:
+            a, b = args[0], args[1]
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+                ra, rb = self._recipe_of(a), self._recipe_of(b)
+                if ra is not None and rb is not None and (isinstance(ra, BNRecord) or isinstance(rb, BNRecord)):
+                    return SumRecipe(ra, rb)
+        return None
+
+    def _recipe_of(self, t: torch.Tensor) -> Any:
+        """How to rebuild ``t`` from what the codec keeps anyway: a BN output's record or ``t``'s own codes/recipe."""
+        key = tensor_key(t)
+        hit = self._bn_out.get(key)
+        if hit is not None and hit[1]() is t:
+            return hit[0]
+        kept = self._kept.get(key)
+        if kept is not None and kept[1]() is t:
+            return SavedValue(kept[0])
+        return None
+
+    def _after(self, entry: tuple, record: BNRecord, out: Any) -> None:
+        kind = entry[0]
+        if kind == "batch_norm":
+            self._bn_pending.remove(record)
+            bits = self._bn_bits()
+            if isinstance(out, torch.Tensor) and record.finalize(
+                    lambda xhat: _Packed(xhat, bits, self._generator(xhat.device)), record.eps):
+                self.stats["coded"] += 1
+                for part in record.codes.tensors():
+                    self._record(part, "codes" if part.dtype == torch.uint8 else None)
+                self._bn_out[tensor_key(out)] = (record, weakref.ref(out))
+        elif kind == "relu" and isinstance(out, torch.Tensor) and self._last_mask is not None:
+            self._derived[tensor_key(out)] = ReluOfBN(record, self._last_mask, out)
+        elif kind == "hardtanh" and isinstance(out, torch.Tensor) and self._last_above is not None:
+            lo, hi = _hardtanh_range(entry[2], entry[3], entry[1])
+            self._derived[tensor_key(out)] = ReluOfBN(record, self._last_mask, out, (lo, hi, self._last_above))
+        elif isinstance(record, SumRecipe) and isinstance(out, torch.Tensor):  # a rebuildable sum, for a ReLU
+            self._bn_out[tensor_key(out)] = (record, weakref.ref(out))
+
+    def _bn_saved(self, t: torch.Tensor, record: BNRecord) -> Any:
+        """What a BN call under way keeps of ``t``: its input as the record's codes; the statistics, running buffers
+        and affine parameters exactly as they are (the backward and the codes' rebuild read them)."""
+        if t.dim() >= 2 and record.x is None and t.is_floating_point() and id(t) not in record.skip \
+                and not isinstance(t, nn.Parameter) and t.data_ptr() not in self._params:
+            record.x = t
+            return BNInput(record, t)
+        if t.dim() == 1 and t.is_floating_point() and id(t) not in record.skip and not isinstance(t, nn.Parameter) \
+                and t.data_ptr() not in self._params:
+            record.stats.append(t)
+        return self._keep(t)
+
     def _by_op(self, t: torch.Tensor, kind: str, name: str, args: tuple, kwargs: dict) -> Any:
         """The op-specific representation of ``t`` (1-bit mask, shape only, narrowed indices), or None."""
         if t.dtype == torch.bool:
@@ -402,17 +499,39 @@ class SavedTensorCodec:
                 return _Mask(keep, t, float(scale), 0.0)
             return None
         if kind == "relu":  # ReLU keeps its result: backward reads result > 0
-            return _Mask(t > 0, t, 1.0, 0.0)
+            self._last_mask = _Mask(t > 0, t, 1.0, 0.0)
+            return self._last_mask
         if kind == "leaky_relu":  # backward reads x > 0 (result > 0 for the in-place form)
             return _Mask(t > 0, t, 1.0, -1.0)
         if kind == "hardtanh":  # backward reads min < x < max
             lo, hi = _hardtanh_range(args, kwargs, name)
-            return _Mask((t > lo) & (t < hi), t, (lo + hi) / 2, hi + 1.0)
+            self._last_mask = _Mask((t > lo) & (t < hi), t, (lo + hi) / 2, hi + 1.0)
+            if self._bn_out and args and args[0] is t:  # of a BN output: the top edge too, to rebuild the output
+                self._last_above = _Mask(t >= hi, t, 1.0, 0.0)
+                self._record(self._last_above.bits, "mask")
+            return self._last_mask
         return None
 
     def pack(self, t: torch.Tensor) -> Any:
         if self.by_op:
             kind, name, args, kwargs = self._current_op()
+            if self._derived and t.is_floating_point():
+                derived = self._derived.get(tensor_key(t))
+                if derived is not None and derived.alive() is not None:
+                    self.stats["derived"] += 1
+                    self._kept[tensor_key(t)] = (derived, weakref.ref(t))
+                    return derived
+            if kind == "batch_norm" and self._bn_pending:
+                saved = self._bn_saved(t, self._bn_pending[-1])
+                if saved is not None:
+                    return saved
+            if self._bn_out and t.is_floating_point() and kind not in ("relu", "hardtanh", "leaky_relu"):
+                hit = self._bn_out.get(tensor_key(t))  # a BN output (or a sum of one) saved as it is: a recipe
+                if hit is not None and hit[1]() is t:
+                    self.stats["derived"] += 1
+                    value = RecipeValue(hit[0], t)
+                    self._kept[tensor_key(t)] = (value, weakref.ref(t))
+                    return value
             if not (t.is_floating_point() and (isinstance(t, nn.Parameter) or t.data_ptr() in self._params)):
                 special = self._by_op(t, kind, name, args, kwargs)
                 if special is not None:
@@ -444,6 +563,8 @@ class SavedTensorCodec:
             packed = _Packed(t, bits, self._generator(t.device))
             self.stats["coded"] += 1
             self._seen[key] = (packed, weakref.ref(t))
+            if self.by_op:
+                self._kept[tensor_key(t)] = (packed, weakref.ref(t))
             for part in packed.tensors():
                 self._record(part, "codes" if part.dtype == torch.uint8 else None)
         return packed
@@ -455,7 +576,8 @@ class SavedTensorCodec:
 
     @staticmethod
     def unpack(obj: Any) -> torch.Tensor:
-        return obj.unpack() if isinstance(obj, (_Packed, _ParamRef, _Mask, _ShapeOnly, _NarrowIndex)) else obj
+        return obj.unpack() if isinstance(obj, (_Packed, _ParamRef, _Mask, _ShapeOnly, _NarrowIndex, BNInput,
+                                                ReluOfBN, RecipeValue)) else obj
 
 
 def _dense(t: torch.Tensor) -> bool:

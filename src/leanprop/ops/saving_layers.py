@@ -207,11 +207,12 @@ def from_eager_relu(relu: EagerReLU) -> nn.ReLU:
 SAVING_LAYERS = (MaskReLU, IndexMaxPool2d, EagerReLU)
 
 
-def keep_masks_(model: nn.Module, kernels: CKernels | None) -> None:
+def keep_masks_(model: nn.Module, kernels: CKernels | None, relus: bool = True) -> None:
     """Every plain ``nn.ReLU`` of ``model`` keeps an exact 1-bit mask (:class:`MaskReLU`; ``kernels``: the compiled
-    packer, or None for torch ops), every plain ``nn.MaxPool2d`` one uint8 window position per output."""
+    packer, or None for torch ops; ``relus=False`` leaves them, e.g. to a codec that sees them), every plain
+    ``nn.MaxPool2d`` one uint8 window position per output."""
     for name, m in list(model.named_modules()):
-        if type(m) is nn.ReLU:
+        if type(m) is nn.ReLU and relus:
             set_submodule(model, name, to_mask_relu(m, kernels))
         elif type(m) is nn.MaxPool2d:
             set_submodule(model, name, to_index_maxpool(m))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ from torch import Tensor
 from leanprop.ops.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
 
 __all__ = ["PackedSparse", "pack_sparse", "pack_above", "unpack_sparse", "pack_mask", "unpack_mask",
-           "pack_weight_mask", "restore_sparse_weight"]
+           "pack_weight_mask", "restore_sparse_weight", "THRESHOLD_ATTR"]
 
 
 @functools.cache
@@ -74,15 +75,27 @@ def unpack_mask(bits: Tensor, meta: tuple[torch.Size, torch.memory_format, int])
     return from_flat_memory(unpack_bits(bits, 1, numel).bool(), shape, fmt)
 
 
-def pack_weight_mask(weight_sparse: Tensor) -> tuple[Tensor, tuple[torch.Size, torch.memory_format, int]]:
-    """What backward keeps of ``W_s`` besides the dense Parameter: a 1-bit mask of its non-zeros."""
+#: the attribute through which a ``W_s`` made by ``sparsify(W, t)`` tells :func:`pack_weight_mask` its threshold ``t``
+THRESHOLD_ATTR = "_sparse_threshold"
+
+
+def pack_weight_mask(weight_sparse: Tensor) -> tuple[Tensor, Any]:
+    """What backward keeps of ``W_s`` besides the dense Parameter: the magnitude threshold that made it (a 0-d
+    tensor, when ``W_s = sparsify(W, t)`` carries ``t`` as :data:`THRESHOLD_ATTR`: ``W_s`` is rebuilt exactly from
+    the unchanged Parameter), else a 1-bit mask of its non-zeros (structured masks)."""
+    thr = getattr(weight_sparse, THRESHOLD_ATTR, None)
+    if thr is not None:
+        return thr, "threshold"
     return pack_mask(weight_sparse != 0)
 
 
-def restore_sparse_weight(weight: Tensor, bits: Tensor, meta: tuple[torch.Size, torch.memory_format, int],
-                          dtype: torch.dtype) -> Tensor:
-    """``W_s`` from the dense Parameter and :func:`pack_weight_mask`'s mask, in ``dtype`` (exact: zeros stay zero
+def restore_sparse_weight(weight: Tensor, bits: Tensor, meta: Any, dtype: torch.dtype) -> Tensor:
+    """``W_s`` from the dense Parameter and what :func:`pack_weight_mask` kept, in ``dtype`` (exact: zeros stay zero
     under a cast, kept entries are the Parameter's)."""
+    if meta == "threshold":
+        from leanprop.ops.sparsify import sparsify
+
+        return sparsify(weight.detach(), bits).to(dtype)
     return torch.where(unpack_mask(bits, meta), weight.detach(), 0).to(dtype)
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanprop.ops.fusion import FusableConv
+from leanprop.ops.sparse_storage import THRESHOLD_ATTR
 from leanprop.swat import sparse_kernels as sk
 from leanprop.swat.config import SWATConfig
 from leanprop.swat.functions import swat_conv2d, swat_filter_conv2d, swat_linear
@@ -101,7 +102,10 @@ class SWATMixin:
             return w * structured_keep_mask(w, self.sparsity, self.structure)
         if self.training and torch.is_grad_enabled() and self._recompute_now():
             self.refresh_weight_threshold()
-        return sparsify(w, self.w_threshold)
+        w_s = sparsify(w, self.w_threshold)
+        if w_s is not w:  # backward rebuilds W_s from W and this threshold (no mask kept; ops.sparse_storage)
+            setattr(w_s, THRESHOLD_ATTR, self.w_threshold.detach().clone())
+        return w_s
 
     def _recompute_now(self) -> bool:
         """Exact Top-K on this training step (else the cached thresholds are reused)."""

@@ -4,7 +4,8 @@ Converting swaps every selected ``nn.Conv2d`` / ``nn.Linear`` for a SWAT layer h
 its budget from the configured distribution (Raihan & Aamodt 2020, §3; docs/methods/swat.md). What backward
 keeps: with ``compress_saved`` the layers pack ``X_s`` and every plain ReLU / MaxPool keeps a mask / window index
 (:mod:`leanprop.ops.saving_layers`); else every ReLU stays eager under ``torch.compile`` so that compiled SWAT
-keeps what eager SWAT keeps. Next to a method that compresses saved activations (BLPA), SWAT always packs.
+keeps what eager SWAT keeps. Next to a method that compresses saved activations (BLPA), SWAT keeps X as it is and
+leaves it to that method's storage policy (docs/methods/swat_blpa.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ __all__ = ["METHOD"]
 def _convert(model: nn.Module, cfg: SWATConfig, filter_fn: FilterFn | None, others: Sequence[Any]
              ) -> SWATController:
     if any(method_for(o).compresses_saved for o in others):
-        cfg = dataclasses.replace(cfg, compress_saved=True)  # X_s packed: the other method's codec takes the values
+        # X kept as it is: the other method's storage policy stores it once for every op that keeps it -- often as
+        # nothing but a recipe from a BN's codes (ops.bn_units) -- and SWAT's backward applies the threshold to it
+        cfg = dataclasses.replace(cfg, compress_saved=False)
     modules = dict(model.named_modules())
     specs = [s for s in collect_layers(model) if filter_fn is None or filter_fn(s.name, modules[s.name])]
     if not specs:

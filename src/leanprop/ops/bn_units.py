@@ -1,0 +1,187 @@
+"""Virtual BN->ReLU units of the storage policy: BLPA's saving on any model, found from the computation itself.
+
+BLPA keeps, of a BatchNorm -> ReLU pair, only K-bit codes of the normalised BN output and the exact ReLU mask
+(Chakrabarti & Moseley 2019, §3): the BN backward needs ``xhat = (x - mean) * invstd`` and the next layer needs
+``z = ReLU(gamma * xhat + beta)``, both rebuilt from the codes. :class:`~leanprop.ops.codec.SavedTensorCodec`
+(``by_op=True``) does the same for every ``F.batch_norm`` call of a training forward -- whatever module or
+functional call made it -- and for every ``relu`` applied to such a BN's output:
+
+* the BN's saved input becomes :class:`BNInput`: codes of ``xhat`` (per group of 256, stochastic rounding),
+  rebuilt as ``xhat~ / invstd + mean`` with the batch statistics BN keeps anyway;
+* the ReLU keeps its 1-bit mask as before, and any op that saves the ReLU's output (the next conv, a projection
+  shortcut, a pooling layer...) keeps :class:`ReluOfBN`: nothing but references, rebuilt in backward as
+  ``where(mask, gamma * xhat~ + beta, 0)`` -- one set of codes for the pair, as in BLPA's fused unit, without
+  swapping any module (``F.relu`` in a forward and one ReLU module used twice are seen the same way);
+* a post-activation block's ``ReLU(BN(x) + identity)`` is rebuilt the same way when the identity is itself kept
+  (codes, or such a recipe): :class:`SumRecipe` adds the two rebuilt terms, so the block output costs no bytes
+  beyond its 1-bit mask;
+* ReLU6 of a BN output is rebuilt with two 1-bit masks (inside the range, at the top), and any other op that saves
+  a BN output itself (the input SiLU, GELU or a plain conv keeps) keeps :class:`RecipeValue`: no bytes.
+
+The affine parameters are read again in backward (an in-place change before backward is an error, as for any
+saved tensor). docs/methods/blpa.md, "Storage policy".
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+__all__ = ["BNRecord", "BNInput", "ReluOfBN", "RecipeValue", "SumRecipe", "SavedValue", "tensor_key"]
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's current value: storage address, version, shape, strides and dtype."""
+    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (C,) vector shaped to broadcast over ``like``'s channel dimension (dim 1)."""
+    return v.reshape([1, -1] + [1] * (like.dim() - 2))
+
+
+def _check_version(p: torch.Tensor | None, version: int | None) -> None:
+    if p is not None and p._version != version:
+        raise RuntimeError(f"a BatchNorm parameter of shape {tuple(p.shape)} was modified in place before backward "
+                           f"(version {version}, now {p._version}); update parameters only after backward")
+
+
+class BNRecord:
+    """One training-mode BN call: its input while the call runs, then the codes of ``xhat`` and the statistics."""
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+        self.versions = (None if weight is None else weight._version, None if bias is None else bias._version)
+        self.x: torch.Tensor | None = None  # only until finalize
+        self.stats: list[torch.Tensor] = []  # save_mean, save_invstd, as the BN node saves them
+        self.codes: Any = None
+        self.mean: torch.Tensor | None = None
+        self.invstd: torch.Tensor | None = None
+
+    def finalize(self, pack_xhat, eps: float) -> bool:
+        """Code ``xhat`` of the input seen during the call; False when the call saved no input (nothing to do)."""
+        x = self.x
+        if x is None:
+            return False
+        if len(self.stats) == 2 and all(s.numel() == x.shape[1] for s in self.stats):
+            mean, invstd = (s.detach().float() for s in self.stats)
+        else:  # not the native kernel's saved statistics: compute them
+            dims = [d for d in range(x.dim()) if d != 1]
+            var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0)
+            invstd = torch.rsqrt(var + eps)
+        self.mean, self.invstd = mean, invstd
+        xhat = (x.detach().float() - _per_channel(mean, x)) * _per_channel(invstd, x)
+        self.codes = pack_xhat(xhat)
+        self.x = None
+        return True
+
+    def xhat(self) -> torch.Tensor:
+        return self.codes.unpack()
+
+    def y(self, like: torch.Tensor) -> torch.Tensor:
+        """``gamma * xhat~ + beta`` in float32, shaped like the BN output."""
+        _check_version(self.weight, self.versions[0])
+        _check_version(self.bias, self.versions[1])
+        y = self.xhat()
+        if self.weight is not None:
+            y = y * _per_channel(self.weight.detach().float(), like)
+        if self.bias is not None:
+            y = y + _per_channel(self.bias.detach().float(), like)
+        return y
+
+
+class SavedValue:
+    """A tensor the codec keeps anyway (codes or a rebuild recipe), read as a float32 term of a sum."""
+
+    def __init__(self, saved: Any):
+        self.saved = saved
+
+    def y(self, like: torch.Tensor) -> torch.Tensor:
+        return self.saved.unpack().float()
+
+
+class SumRecipe:
+    """``a + b`` of two rebuildable terms (a BN output plus an identity shortcut: BN -> add -> ReLU)."""
+
+    def __init__(self, a: Any, b: Any):
+        self.a, self.b = a, b
+
+    def y(self, like: torch.Tensor) -> torch.Tensor:
+        return self.a.y(like) + self.b.y(like)
+
+
+class BNInput:
+    """A BN's saved input, kept as its record's codes of ``xhat`` (filled in when the BN call returns)."""
+
+    __slots__ = ("record", "shape", "stride", "dtype")
+
+    def __init__(self, record: BNRecord, t: torch.Tensor):
+        self.record = record
+        self.shape, self.stride, self.dtype = t.shape, t.stride(), t.dtype
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.record.codes.tensors() if self.record.codes is not None else []
+
+    def unpack(self) -> torch.Tensor:
+        r = self.record
+        x = r.xhat() / _per_channel(r.invstd, r.xhat()) + _per_channel(r.mean, r.xhat())
+        return _strided(x.to(self.dtype), self.stride)
+
+
+class RecipeValue:
+    """A saved tensor that is itself a rebuildable value (a BN output, or a sum of one), e.g. the input SiLU keeps."""
+
+    __slots__ = ("record", "shape", "stride", "dtype", "alive")
+
+    def __init__(self, record: Any, t: torch.Tensor):
+        self.record = record
+        self.shape, self.stride, self.dtype = t.shape, t.stride(), t.dtype
+        self.alive = weakref.ref(t)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def unpack(self) -> torch.Tensor:
+        like = torch.empty(0).new_empty(self.shape, device="meta")
+        return _strided(self.record.y(like).to(self.dtype), self.stride)
+
+
+class ReluOfBN:
+    """A saved ``ReLU(BN(x))`` (or ``clamp(BN(x), lo, hi)``, ReLU6): nothing kept but the BN's record and the
+    activation's 1-bit mask(s)."""
+
+    __slots__ = ("record", "mask", "shape", "stride", "dtype", "alive", "clamp")
+
+    def __init__(self, record: BNRecord, mask: Any, out: torch.Tensor, clamp: tuple | None = None):
+        self.record, self.mask = record, mask
+        self.shape, self.stride, self.dtype = out.shape, out.stride(), out.dtype
+        self.alive = weakref.ref(out)
+        self.clamp = clamp  # (lo, hi, mask of the elements at hi) for a clamp
+
+    def matches(self, t: torch.Tensor) -> bool:
+        return self.alive() is not None and self.alive() is t or (
+            self.alive() is not None and tensor_key(self.alive()) == tensor_key(t))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def unpack(self) -> torch.Tensor:
+        like = torch.empty(0).new_empty(self.shape, device="meta")
+        y = self.record.y(like)
+        m = self.mask.bool_mask().view(self.shape)
+        if self.clamp is None:
+            z = torch.where(m, y, torch.zeros((), dtype=y.dtype, device=y.device))
+        else:
+            lo, hi, above = self.clamp
+            edge = torch.where(above.bool_mask().view(self.shape), torch.tensor(hi, dtype=y.dtype, device=y.device),
+                               torch.tensor(lo, dtype=y.dtype, device=y.device))
+            z = torch.where(m, y, edge)
+        return _strided(z.to(self.dtype), self.stride)
+
+
+def _strided(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    if t.stride() == stride:
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
