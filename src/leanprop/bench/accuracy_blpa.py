@@ -67,17 +67,22 @@ def intro(model: str, epochs: int) -> str:
             "`leanprop bench accuracy --suite blpa`; each row's command is below the table.")
 
 
-def stored(d: Path, name: str, last: dict) -> str:
-    """What the run kept of each BN->ReLU->conv activation, from its resolved config.yaml."""
+def _blpa_section(d: Path) -> dict | None:
+    """The run's resolved ``blpa:`` settings from its config.yaml ({} for a dense run, None without a config)."""
     import yaml
 
     f = d / "config.yaml"
     if not f.exists():
-        return ""
+        return None
     cfg = yaml.safe_load(f.read_text()) or {}
-    if cfg.get("method", {}).get("name") == "dense":
-        return "as PyTorch (exact)"
-    b = cfg.get("blpa") or {}
+    return {} if cfg.get("method", {}).get("name") == "dense" else (cfg.get("blpa") or {"bits": 4})
+
+
+def stored(d: Path, name: str, last: dict) -> str:
+    """What the run kept of each BN->ReLU->conv activation, from its resolved config.yaml."""
+    b = _blpa_section(d)
+    if not b:
+        return "" if b is None else "as PyTorch (exact)"
     bits = b.get("bits", 4)
     return "fp32 + 1-bit mask (lossless)" if bits == 32 else f"{bits}-bit codes"
 
@@ -85,15 +90,9 @@ def stored(d: Path, name: str, last: dict) -> str:
 def outside(d: Path, name: str, last: dict) -> str:
     """How the run kept the saved tensors outside the fused units, from its resolved config.yaml (runs from before
     the storage policy had an 8-bit codec whatever ``bits`` said)."""
-    import yaml
-
-    f = d / "config.yaml"
-    if not f.exists():
-        return ""
-    cfg = yaml.safe_load(f.read_text()) or {}
-    if cfg.get("method", {}).get("name") == "dense":
-        return "as PyTorch"
-    b = cfg.get("blpa") or {}
+    b = _blpa_section(d)
+    if not b:
+        return "" if b is None else "as PyTorch"
     if "codec" not in b:  # before the storage policy
         return "as they are" if b.get("codec_bits", 8) is None else f"{b.get('codec_bits', 8)}-bit codec"
     if not b["codec"]:
