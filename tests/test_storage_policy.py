@@ -182,3 +182,31 @@ def test_swat_with_blpa_never_keeps_more_than_blpa_on_user_models():
             kept[label] = saved_bytes(m, x).total_bytes
         layers = sum(isinstance(mod, (nn.Conv2d, nn.Linear)) for mod in base.modules())
         assert kept["both"] <= kept["blpa"] + 8 * layers, (name, kept)  # + SWAT's two thresholds per layer
+
+
+def test_layer_norm_and_smooth_activations_are_rebuilt_from_codes():
+    """LayerNorm -> linear -> GELU -> linear (a ConvNeXt MLP) and BN -> SiLU (in place) -> conv: the LN output, the
+    GELU output and the SiLU output keep nothing; gradients stay close to exact."""
+    torch.manual_seed(0)
+
+    class _Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU(inplace=True)
+            self.ln, self.fc1, self.fc2, self.head = nn.LayerNorm(16), nn.Linear(16, 64), nn.Linear(64, 16), \
+                nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.act(self.bn(self.conv(x)))
+            h = x.permute(0, 2, 3, 1)
+            h = h + self.fc2(F.gelu(self.fc1(self.ln(h))))
+            return self.head(h.mean((1, 2)))
+
+    model = _Mlp()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    m, codec = _with_codec(model, 8)
+    assert F.cosine_similarity(_grads(m, x, y), _grads(model, x, y), 0) > 0.999
+    # SiLU's input (a BN output), the LN output (fc1's 2-D input view) and the GELU output (fc2's input): recipes
+    assert codec.stats["derived"] >= 3, codec.stats
+    kept, dense = saved_bytes(m, x), saved_bytes(model, x)
+    assert kept.total_bytes < 0.25 * dense.total_bytes

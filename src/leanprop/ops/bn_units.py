@@ -16,7 +16,11 @@ functional call made it -- and for every ``relu`` applied to such a BN's output:
   (codes, or such a recipe): :class:`SumRecipe` adds the two rebuilt terms, so the block output costs no bytes
   beyond its 1-bit mask;
 * ReLU6 of a BN output is rebuilt with two 1-bit masks (inside the range, at the top), and any other op that saves
-  a BN output itself (the input SiLU, GELU or a plain conv keeps) keeps :class:`RecipeValue`: no bytes.
+  a BN output itself (the input SiLU, GELU or a plain conv keeps) keeps :class:`RecipeValue`: no bytes;
+* ``F.layer_norm`` (:class:`LNRecord`) the same way: its input as codes of ``xhat`` with the per-position statistics
+  LayerNorm keeps, its output -- e.g. the input of the pointwise linear layer after it -- as a recipe;
+* a smooth activation of a kept or rebuildable input (GELU, SiLU, sigmoid; :class:`UnaryRecipe`): its output, saved
+  by the next layer, is rebuilt by applying the activation to the rebuilt input.
 
 The affine parameters are read again in backward (an in-place change before backward is an error, as for any
 saved tensor). docs/methods/blpa.md, "Storage policy".
@@ -29,7 +33,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["BNRecord", "BNInput", "ReluOfBN", "RecipeValue", "SumRecipe", "SavedValue", "tensor_key"]
+__all__ = ["BNRecord", "LNRecord", "UnaryRecipe", "BNInput", "ReluOfBN", "RecipeValue", "SumRecipe", "SavedValue",
+           "tensor_key"]
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
@@ -80,6 +85,10 @@ class BNRecord:
     def xhat(self) -> torch.Tensor:
         return self.codes.unpack()
 
+    def x_from(self, xhat: torch.Tensor) -> torch.Tensor:
+        """The input rebuilt from ``xhat``: ``xhat / invstd + mean``."""
+        return xhat / _per_channel(self.invstd, xhat) + _per_channel(self.mean, xhat)
+
     def y(self, like: torch.Tensor) -> torch.Tensor:
         """``gamma * xhat~ + beta`` in float32, shaped like the BN output."""
         _check_version(self.weight, self.versions[0])
@@ -89,6 +98,40 @@ class BNRecord:
             y = y * _per_channel(self.weight.detach().float(), like)
         if self.bias is not None:
             y = y + _per_channel(self.bias.detach().float(), like)
+        return y
+
+
+class LNRecord(BNRecord):
+    """One ``F.layer_norm`` call: the same as :class:`BNRecord`, normalised over the last dimensions, with the
+    per-position statistics the LayerNorm node keeps (shaped to broadcast) and the affine over those dimensions."""
+
+    def finalize(self, pack_xhat, eps: float) -> bool:
+        x = self.x
+        if x is None:
+            return False
+        k = self.normalized_dims
+        if len(self.stats) == 2 and all(tuple(s.shape) == tuple(x.shape[:-k]) + (1,) * k for s in self.stats):
+            mean, rstd = (s.detach().float() for s in self.stats)
+        else:
+            dims = list(range(x.dim() - k, x.dim()))
+            var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0, keepdim=True)
+            rstd = torch.rsqrt(var + eps)
+        self.mean, self.invstd = mean, rstd
+        self.codes = pack_xhat((x.detach().float() - mean) * rstd)
+        self.x = None
+        return True
+
+    def x_from(self, xhat: torch.Tensor) -> torch.Tensor:
+        return xhat / self.invstd + self.mean
+
+    def y(self, like: torch.Tensor) -> torch.Tensor:
+        _check_version(self.weight, self.versions[0])
+        _check_version(self.bias, self.versions[1])
+        y = self.xhat()
+        if self.weight is not None:
+            y = y * self.weight.detach().float()
+        if self.bias is not None:
+            y = y + self.bias.detach().float()
         return y
 
 
@@ -125,8 +168,7 @@ class BNInput:
         return self.record.codes.tensors() if self.record.codes is not None else []
 
     def unpack(self) -> torch.Tensor:
-        r = self.record
-        x = r.xhat() / _per_channel(r.invstd, r.xhat()) + _per_channel(r.mean, r.xhat())
+        x = self.record.x_from(self.record.xhat())
         return _strided(x.to(self.dtype), self.stride)
 
 
@@ -145,7 +187,21 @@ class RecipeValue:
 
     def unpack(self) -> torch.Tensor:
         like = torch.empty(0).new_empty(self.shape, device="meta")
-        return _strided(self.record.y(like).to(self.dtype), self.stride)
+        y = self.record.y(like)
+        if tuple(y.shape) != tuple(self.shape):  # a contiguous view of the value (e.g. a linear layer's 2-D input)
+            y = y.reshape(self.shape)
+        return _strided(y.to(self.dtype), self.stride)
+
+
+class UnaryRecipe:
+    """``f(a)`` of a rebuildable ``a`` for an elementwise ``f`` (GELU, SiLU, sigmoid...): the next layer's saved
+    input costs nothing when the activation's own input is kept."""
+
+    def __init__(self, func: Any, a: Any, kwargs: dict):
+        self.func, self.a, self.kwargs = func, a, kwargs
+
+    def y(self, like: torch.Tensor) -> torch.Tensor:
+        return self.func(self.a.y(like), **self.kwargs)
 
 
 class ReluOfBN:

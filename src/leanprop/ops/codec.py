@@ -48,7 +48,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from leanprop.ops.bn_units import BNInput, BNRecord, RecipeValue, ReluOfBN, SavedValue, SumRecipe, tensor_key
+from leanprop.ops.bn_units import (
+    BNInput,
+    BNRecord,
+    LNRecord,
+    RecipeValue,
+    ReluOfBN,
+    SavedValue,
+    SumRecipe,
+    UnaryRecipe,
+    tensor_key,
+)
 from leanprop.ops.packing import pack_bits, unpack_bits
 
 __all__ = ["SavedTensorCodec", "find_codec", "GROUP", "OP_KINDS", "op_kind"]
@@ -74,6 +84,11 @@ OP_KINDS: dict[str, tuple[str, ...]] = {
 }
 _KIND_OF = {name: kind for kind, names in OP_KINDS.items() for name in names}
 _ADD_NAMES = frozenset({"add", "add_", "__add__", "__iadd__", "__radd__"})
+_UNARY_PENDING = object()
+_SAVES_RESULT = frozenset({"sigmoid", "sigmoid_", "tanh", "tanh_"})
+#: elementwise activations whose output is rebuilt from their input (:class:`leanprop.ops.bn_units.UnaryRecipe`)
+_UNARY = {"gelu": F.gelu, "silu": F.silu, "silu_": F.silu, "sigmoid": torch.sigmoid, "sigmoid_": torch.sigmoid,
+          "tanh": torch.tanh, "tanh_": torch.tanh, "hardswish": F.hardswish, "hardswish_": F.hardswish, "mish": F.mish}
 
 
 def op_kind(func: Any) -> str:
@@ -295,8 +310,10 @@ class SavedTensorCodec:
         self._bn_out: dict[tuple, tuple[BNRecord, Any]] = {}  # key of a BN output -> its record (while alive)
         self._derived: dict[tuple, ReluOfBN] = {}  # key of a ReLU(BN) output -> how to rebuild it
         self._kept: dict[tuple, tuple[Any, Any]] = {}  # key of a float tensor kept as codes/recipe -> (it, weakref)
+        self._bn_view: dict[tuple, tuple[Any, Any]] = {}  # (ptr, version, numel) of a contiguous norm output
         self._last_mask: _Mask | None = None
         self._last_above: _Mask | None = None
+        self._unary_input: tuple | None = None  # (recipe, shape, name) of the activation being called
         #: counts of the last forward: ``coded`` tensors, ``kept`` (passed through: small, integer, parameters),
         #: ``param_copies`` (copies of a parameter, e.g. its autocast cast, kept as a reference to it), ``masks``
         #: (1-bit), ``shape_only`` (nothing kept), ``indices`` (narrowed)
@@ -363,7 +380,7 @@ class SavedTensorCodec:
             self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
             self._ctx.__enter__()
             if self.by_op:
-                self._bn_out, self._derived, self._bn_pending, self._kept = {}, {}, [], {}
+                self._bn_out, self._derived, self._bn_pending, self._kept, self._bn_view = {}, {}, [], {}, {}
                 self._tracker = _OpTracker(self)
                 self._tracker.__enter__()
         self._depth += 1
@@ -375,7 +392,7 @@ class SavedTensorCodec:
             if self._tracker is not None:
                 self._tracker.__exit__(None, None, None)
                 self._tracker = None
-            self._bn_out, self._derived, self._bn_pending, self._kept = {}, {}, [], {}
+            self._bn_out, self._derived, self._bn_pending, self._kept, self._bn_view = {}, {}, [], {}, {}
             self._ctx.__exit__(None, None, None)
             self._seen = {}
 
@@ -409,6 +426,10 @@ class SavedTensorCodec:
         bits = self.policy.get("batch_norm", self.bits)
         return None if bits is None or bits >= 32 else bits
 
+    def _norm_bits(self) -> int | None:
+        bits = self.policy.get("norm", self.bits)
+        return None if bits is None or bits >= 32 else bits
+
     def _before(self, func: Any, entry: tuple) -> Any:
         """Called before a torch function runs in the forward: a BN call or a ReLU of a BN output to follow."""
         kind, _, args, kwargs = entry
@@ -425,11 +446,29 @@ class SavedTensorCodec:
             record.skip |= {id(kwargs[k]) for k in ("running_mean", "running_var") if kwargs.get(k) is not None}
             self._bn_pending.append(record)
             return record
+        if kind == "norm" and func is F.layer_norm and self._norm_bits() is not None and torch.is_grad_enabled():
+            x = args[0] if args else kwargs.get("input")
+            shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
+            if not (isinstance(x, torch.Tensor) and x.is_floating_point() and shape is not None):
+                return None
+            weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
+            bias = kwargs.get("bias", args[3] if len(args) > 3 else None)
+            record = LNRecord(weight, bias)
+            record.eps = float(kwargs.get("eps", args[4] if len(args) > 4 else 1e-5))
+            record.normalized_dims = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
+            record.skip = set()
+            self._bn_pending.append(record)
+            return record
         if kind in ("relu", "hardtanh") and self._bn_out and args and isinstance(args[0], torch.Tensor):
             hit = self._bn_out.get(tensor_key(args[0]))
             if hit is not None and hit[1]() is args[0]:
                 self._last_mask, self._last_above = None, None
                 return hit[0]
+        if entry[1] in _UNARY and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            # the input's recipe now (an in-place call changes its version), else after the call, which may pack it
+            ra = self._recipe_of(args[0])
+            self._unary_input = (ra, tuple(args[0].shape), entry[1]) if ra is not None else None
+            return (_UNARY_PENDING, ra)
         if entry[1] in _ADD_NAMES and self._bn_out and len(args) >= 2 and kwargs.get("alpha", 1) == 1:
             a, b = args[0], args[1]
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
@@ -451,22 +490,35 @@ class SavedTensorCodec:
 
     def _after(self, entry: tuple, record: BNRecord, out: Any) -> None:
         kind = entry[0]
-        if kind == "batch_norm":
+        if kind in ("batch_norm", "norm") and isinstance(record, BNRecord):
             self._bn_pending.remove(record)
-            bits = self._bn_bits()
+            bits = self._bn_bits() if kind == "batch_norm" else self._norm_bits()
             if isinstance(out, torch.Tensor) and record.finalize(
                     lambda xhat: _Packed(xhat, bits, self._generator(xhat.device)), record.eps):
                 self.stats["coded"] += 1
                 for part in record.codes.tensors():
                     self._record(part, "codes" if part.dtype == torch.uint8 else None)
                 self._bn_out[tensor_key(out)] = (record, weakref.ref(out))
+                if out.is_contiguous():  # a contiguous view of it (a linear layer's 2-D input) is the same value
+                    self._bn_view[(out.data_ptr(), out._version, out.numel())] = (record, weakref.ref(out))
         elif kind == "relu" and isinstance(out, torch.Tensor) and self._last_mask is not None:
             self._derived[tensor_key(out)] = ReluOfBN(record, self._last_mask, out)
         elif kind == "hardtanh" and isinstance(out, torch.Tensor) and self._last_above is not None:
             lo, hi = _hardtanh_range(entry[2], entry[3], entry[1])
             self._derived[tensor_key(out)] = ReluOfBN(record, self._last_mask, out, (lo, hi, self._last_above))
-        elif isinstance(record, SumRecipe) and isinstance(out, torch.Tensor):  # a rebuildable sum, for a ReLU
+        elif isinstance(record, tuple) and record[0] is _UNARY_PENDING:
+            self._unary_input = None
+            ra = record[1] if record[1] is not None else self._recipe_of(entry[2][0])
+            ra = ra if isinstance(out, torch.Tensor) else None
+            if ra is not None:
+                recipe = UnaryRecipe(_UNARY[entry[1]], ra, {k: v for k, v in entry[3].items() if k == "approximate"})
+                self._bn_out[tensor_key(out)] = (recipe, weakref.ref(out))
+                if out.is_contiguous():
+                    self._bn_view[(out.data_ptr(), out._version, out.numel())] = (recipe, weakref.ref(out))
+        elif isinstance(record, SumRecipe) and isinstance(out, torch.Tensor):  # a rebuildable value
             self._bn_out[tensor_key(out)] = (record, weakref.ref(out))
+            if out.is_contiguous():
+                self._bn_view[(out.data_ptr(), out._version, out.numel())] = (record, weakref.ref(out))
 
     def _bn_saved(self, t: torch.Tensor, record: BNRecord) -> Any:
         """What a BN call under way keeps of ``t``: its input as the record's codes; the statistics, running buffers
@@ -475,8 +527,8 @@ class SavedTensorCodec:
                 and not isinstance(t, nn.Parameter) and t.data_ptr() not in self._params:
             record.x = t
             return BNInput(record, t)
-        if t.dim() == 1 and t.is_floating_point() and id(t) not in record.skip and not isinstance(t, nn.Parameter) \
-                and t.data_ptr() not in self._params:
+        if t.is_floating_point() and id(t) not in record.skip and not isinstance(t, nn.Parameter) \
+                and t.data_ptr() not in self._params and (t.dim() == 1 or isinstance(record, LNRecord)):
             record.stats.append(t)
         return self._keep(t)
 
@@ -521,13 +573,27 @@ class SavedTensorCodec:
                     self.stats["derived"] += 1
                     self._kept[tensor_key(t)] = (derived, weakref.ref(t))
                     return derived
-            if kind == "batch_norm" and self._bn_pending:
+            if kind in ("batch_norm", "norm") and self._bn_pending:
                 saved = self._bn_saved(t, self._bn_pending[-1])
                 if saved is not None:
                     return saved
+            if kind == "smooth" and self._unary_input is not None and t.is_floating_point() \
+                    and tuple(t.shape) == self._unary_input[1]:
+                # what the activation keeps of a rebuildable input: the input itself (or the copy an in-place call
+                # keeps), or its result (sigmoid, tanh): rebuilt, no bytes
+                ra, _, fname = self._unary_input
+                value = RecipeValue(UnaryRecipe(_UNARY[fname], ra, {}) if fname in _SAVES_RESULT else ra, t)
+                self.stats["derived"] += 1
+                self._kept[tensor_key(t)] = (value, weakref.ref(t))
+                return value
             if self._bn_out and t.is_floating_point() and kind not in ("relu", "hardtanh", "leaky_relu"):
                 hit = self._bn_out.get(tensor_key(t))  # a BN output (or a sum of one) saved as it is: a recipe
-                if hit is not None and hit[1]() is t:
+                if hit is None and t.is_contiguous():
+                    hit = self._bn_view.get((t.data_ptr(), t._version, t.numel()))
+                    hit = hit if hit is not None and hit[1]() is not None else None
+                elif hit is not None and hit[1]() is not t:
+                    hit = None
+                if hit is not None:
                     self.stats["derived"] += 1
                     value = RecipeValue(hit[0], t)
                     self._kept[tensor_key(t)] = (value, weakref.ref(t))
