@@ -228,7 +228,7 @@ class ReluOfBN:
         y = self.record.y(like)
         m = self.mask.bool_mask().view(self.shape)
         if self.clamp is None:
-            z = torch.where(m, y, torch.zeros((), dtype=y.dtype, device=y.device))
+            z = y.mul_(m)  # y is a fresh tensor: zero where the ReLU was off
         else:
             lo, hi, above = self.clamp
             edge = torch.where(above.bool_mask().view(self.shape), torch.tensor(hi, dtype=y.dtype, device=y.device),

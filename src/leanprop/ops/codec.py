@@ -158,6 +158,11 @@ class _ParamRef:
 
 
 def _pack_bool(flat: torch.Tensor) -> torch.Tensor:
+    """A flat bool tensor as bits, most significant first (NumPy's packbits on CPU: one C pass)."""
+    if flat.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.packbits(flat.contiguous().numpy()))
     n = flat.numel()
     pad = (-n) % 8
     if pad:
@@ -167,6 +172,10 @@ def _pack_bool(flat: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_bool(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    if bits.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.unpackbits(bits.numpy(), count=numel).view(np.bool_))
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
     return ((bits.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
 
@@ -200,8 +209,9 @@ class _Mask:
         m = self.bool_mask()
         if self.dtype == torch.bool:
             return _strided_like(m, self.stride)
-        t = torch.where(m, torch.tensor(self.inside, dtype=self.dtype, device=m.device),
-                        torch.tensor(self.outside, dtype=self.dtype, device=m.device))
+        t = m.to(self.dtype)  # inside where set, outside where clear, by one multiply-add (no where)
+        if self.inside != 1.0 or self.outside != 0.0:
+            t.mul_(self.inside - self.outside).add_(self.outside)
         return _strided_like(t, self.stride)
 
 
