@@ -33,7 +33,7 @@ def _convert(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, othe
     modules = dict(model.named_modules())
     units = [u for u in find_units(model) if filter_fn is None or filter_fn(u.bn, modules[u.bn])]
     kernels = None
-    if cfg.kernels != "torch" and units and cfg.bits != 32:
+    if cfg.kernels != "torch" and ((units and cfg.bits != 32) or (cfg.outside_bits or 32) < 32):
         kernels = load_kernels(required=cfg.kernels == "c")
     for u in units:
         head, relu, tail = make_unit(modules[u.bn], modules[u.relu], modules[u.conv] if u.conv else None,
@@ -47,7 +47,7 @@ def _convert(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, othe
         # ReLUs stay: the codec keeps their masks and sees a ReLU of a BN output (a virtual unit, ops.bn_units)
         keep_masks_(model, kernels, relus=False)
         codec = SavedTensorCodec(cfg.outside_bits, cfg.codec_min_bytes, by_op=True, stochastic=cfg.stochastic_rounding,
-                                 seed=cfg.seed, policy=cfg.policy)
+                                 seed=cfg.seed, policy=cfg.policy, kernels=kernels)
         codec.attach(model)
     return BLPAController(model, units, cfg, codec, str(kernels.path) if kernels is not None else None)
 

@@ -103,15 +103,21 @@ class _Packed:
     channels-last copy of a tensor gets the same codes as the tensor (``torch.compile`` may save the one where
     eager saves the other); the rebuilt tensor has the original's strides."""
 
-    __slots__ = ("codes", "lo", "step", "shape", "stride", "dtype", "numel", "bits")
+    __slots__ = ("codes", "lo", "step", "shape", "stride", "dtype", "numel", "bits", "kernels")
 
-    def __init__(self, t: torch.Tensor, bits: int, generator: torch.Generator | None = None):
+    def __init__(self, t: torch.Tensor, bits: int, generator: torch.Generator | None = None, kernels: Any = None):
         self.shape, self.stride, self.dtype, self.numel, self.bits = t.shape, t.stride(), t.dtype, t.numel(), bits
         flat = t.detach().reshape(-1).float()
         pad = (-flat.numel()) % GROUP
         if pad:
             flat = torch.cat([flat, flat.new_zeros(pad)])
         g = flat.view(-1, GROUP)
+        self.kernels = kernels if kernels is not None and g.device.type == "cpu" else None
+        if self.kernels is not None:  # one compiled pass: ranges, rounding and packing
+            seeds = None if generator is None else torch.randint(
+                -(2**63), 2**63 - 1, (g.shape[0],), generator=generator, dtype=torch.int64)
+            self.codes, self.lo, self.step = self.kernels.group_encode(g.contiguous(), bits, seeds)
+            return
         lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
         levels = (1 << bits) - 1
         step = ((hi - lo) / levels).clamp_min_(torch.finfo(torch.float32).tiny)
@@ -128,8 +134,12 @@ class _Packed:
         return [self.codes, self.lo, self.step]
 
     def unpack(self) -> torch.Tensor:
-        q = unpack_bits(self.codes, self.bits, self.lo.numel() * GROUP).view(-1, GROUP).float()
-        logical = (q * self.step + self.lo).view(-1)[: self.numel].to(self.dtype).view(self.shape)
+        if self.kernels is not None:
+            values = self.kernels.group_decode(self.codes, self.lo, self.step, self.bits, GROUP)
+        else:
+            q = unpack_bits(self.codes, self.bits, self.lo.numel() * GROUP).view(-1, GROUP).float()
+            values = q * self.step + self.lo
+        logical = values.view(-1)[: self.numel].to(self.dtype).view(self.shape)
         if logical.stride() == self.stride:
             return logical
         out = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=logical.device)
@@ -294,7 +304,8 @@ class SavedTensorCodec:
     """
 
     def __init__(self, bits: int | None = 8, min_bytes: int = 65536, *, by_op: bool = False,
-                 stochastic: bool = False, seed: int = 0, policy: Mapping[str, int] | None = None):
+                 stochastic: bool = False, seed: int = 0, policy: Mapping[str, int] | None = None,
+                 kernels: Any = None):
         if bits not in (None, 2, 4, 8, 32):
             raise ValueError(f"codec bits must be 2, 4, 8, 32 or None, got {bits!r}")
         unknown = sorted(set(policy or {}) - set(OP_KINDS) - {"other"})
@@ -305,6 +316,7 @@ class SavedTensorCodec:
             raise ValueError(f"codec policy: bits must be 2, 4, 8 or 32, got {bad}")
         self.bits = bits
         self.min_bytes = int(min_bytes)
+        self.kernels = kernels  # the compiled group coder (leanprop.ops.kernels), or None for torch ops
         self.by_op = bool(by_op)
         self.policy = dict(policy or {})
         self.stochastic = bool(stochastic)
@@ -504,7 +516,7 @@ class SavedTensorCodec:
             self._bn_pending.remove(record)
             bits = self._bn_bits() if kind == "batch_norm" else self._norm_bits()
             if isinstance(out, torch.Tensor) and record.finalize(
-                    lambda xhat: _Packed(xhat, bits, self._generator(xhat.device)), record.eps):
+                    lambda xhat: _Packed(xhat, bits, self._generator(xhat.device), self.kernels), record.eps):
                 self.stats["coded"] += 1
                 for part in record.codes.tensors():
                     self._record(part, "codes" if part.dtype == torch.uint8 else None)
@@ -636,7 +648,7 @@ class SavedTensorCodec:
         # a live weak reference proves the memory still belongs to the tensor packed under this key
         packed = hit[0] if hit is not None and hit[1]() is not None else None
         if packed is None:
-            packed = _Packed(t, bits, self._generator(t.device))
+            packed = _Packed(t, bits, self._generator(t.device), self.kernels)
             self.stats["coded"] += 1
             self._seen[key] = (packed, weakref.ref(t))
             if self.by_op:

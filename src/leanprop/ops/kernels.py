@@ -67,6 +67,8 @@ class CKernels:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.blpa_pack.argtypes = [p, i64, i32, p, i32]
         lib.blpa_unpack.argtypes = [p, i64, i32, p, i32]
+        lib.group_encode_f32.argtypes = [p, p, i64, i64, i32, p, p, p, i32]
+        lib.group_decode_f32.argtypes = [p, p, p, i64, i64, i32, p, i32]
         for suf in _SUFFIX.values():
             getattr(lib, f"blpa_encode_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, i32, p, i32]
             getattr(lib, f"blpa_decode_z_{suf}").argtypes = [p, p, i64, i64, i64, i32, i32, p, i32]
@@ -100,6 +102,28 @@ class CKernels:
         k = 8 // bits
         out = torch.empty((codes.numel() + k - 1) // k, dtype=torch.uint8)
         self.lib.blpa_pack(codes.data_ptr(), codes.numel(), bits, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def group_encode(self, groups: torch.Tensor, bits: int, seeds: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(packed codes, lo, step)`` of a contiguous fp32 ``(ngroups, G)`` tensor: per-group min and step,
+        nearest rounding, or stochastic with one int64 ``seeds`` entry per group (:class:`leanprop.ops.codec`)."""
+        _require_cpu(groups)
+        ng, g = groups.shape
+        packed = torch.empty(ng * g * bits // 8, dtype=torch.uint8)
+        lo, step = torch.empty(ng, 1), torch.empty(ng, 1)
+        self.lib.group_encode_f32(groups.data_ptr(), None if seeds is None else seeds.data_ptr(), ng, g, bits,
+                                  packed.data_ptr(), lo.data_ptr(), step.data_ptr(), torch.get_num_threads())
+        return packed, lo, step
+
+    def group_decode(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,
+                     group: int) -> torch.Tensor:
+        """Inverse of :meth:`group_encode`: the ``(ngroups, G)`` fp32 values ``lo + q * step``."""
+        _require_cpu(packed, lo, step)
+        ng = lo.numel()
+        out = torch.empty(ng, group)
+        self.lib.group_decode_f32(packed.data_ptr(), lo.data_ptr(), step.data_ptr(), ng, group, bits,
+                                  out.data_ptr(), torch.get_num_threads())
         return out
 
     def unpack(self, packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

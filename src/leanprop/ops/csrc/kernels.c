@@ -404,3 +404,58 @@ void relu_mask_backward_##SUF(const T_ *g, const uint8_t *bits, int64_t n, T_ *g
 
 DEFINE_RELU_MASK(float, f32, f32_load)
 DEFINE_RELU_MASK(uint16_t, bf16, bf16_load)
+
+/* Group codes of the saved-tensor codec (leanprop.ops.codec._Packed): a flat fp32 buffer of ngroups * G elements
+ * (the caller pads), per group lo = min, step = max((max - lo) / (2^bits - 1), FLT_MIN), codes
+ * q = clamp(floor((v - lo) / step + r), 0, 2^bits - 1) with r = 0.5 (nearest, ties up) or r uniform in [0, 1)
+ * (stochastic): drawn by a xorshift64* generator per group, seeded by seeds[g] (the caller draws them from its
+ * torch generator, so the draws follow its seed). Packed like blpa_pack; decode writes lo + q * step. */
+static inline float uniform01(uint64_t *s) {
+    uint64_t x = *s;
+    x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+    *s = x;
+    return (float)((x * 0x2545F4914F6CDD1DULL) >> 40) * (1.0f / 16777216.0f);
+}
+void group_encode_f32(const float *x, const uint64_t *seeds, int64_t ngroups, int64_t G, int bits, uint8_t *packed,
+                      float *lo_out, float *step_out, int nt) {
+    const int k = 8 / bits;
+    const float levels = (float)((1 << bits) - 1);
+    #pragma omp parallel num_threads(nt)
+    {
+        uint8_t q[4096];
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < ngroups; ++g) {
+            const float *v = x + g * G;
+            float lo = v[0], hi = v[0];
+            for (int64_t i = 1; i < G; ++i) { lo = MINF(lo, v[i]); hi = MAXF(hi, v[i]); }
+            float step = (hi - lo) / levels;
+            if (!(step > 1.17549435e-38f)) step = 1.17549435e-38f;
+            const float inv = 1.0f / step;
+            uint64_t st = seeds ? (seeds[g] | 1ULL) : 0;
+            for (int64_t i = 0; i < G; ++i) {
+                float t = (v[i] - lo) * inv + (seeds ? uniform01(&st) : 0.5f);
+                t = t < 0.0f ? 0.0f : (t > levels ? levels : t);
+                q[i] = (uint8_t)t; /* truncation = floor for t >= 0 */
+                if (q[i] > (uint8_t)levels) q[i] = (uint8_t)levels;
+            }
+            pack_chunk(q, G, bits, packed + g * (G / k));
+            lo_out[g] = lo;
+            step_out[g] = step;
+        }
+    }
+}
+void group_decode_f32(const uint8_t *packed, const float *lo, const float *step, int64_t ngroups, int64_t G,
+                      int bits, float *out, int nt) {
+    const int k = 8 / bits;
+    #pragma omp parallel num_threads(nt)
+    {
+        uint8_t q[4096];
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < ngroups; ++g) {
+            unpack_chunk(packed + g * (G / k), G, bits, q);
+            const float l = lo[g], s = step[g];
+            float *o = out + g * G;
+            for (int64_t i = 0; i < G; ++i) o[i] = l + (float)q[i] * s;
+        }
+    }
+}
