@@ -210,3 +210,25 @@ def test_layer_norm_and_smooth_activations_are_rebuilt_from_codes():
     assert codec.stats["derived"] >= 3, codec.stats
     kept, dense = saved_bytes(m, x), saved_bytes(model, x)
     assert kept.total_bytes < 0.25 * dense.total_bytes
+
+
+def test_compiled_group_coder_matches_torch_ops_and_is_unbiased():
+    from leanprop.ops.codec import _Packed
+    from leanprop.ops.kernels import load_kernels
+
+    kernels = load_kernels(required=False)
+    if kernels is None:
+        pytest.skip("no C compiler: the torch-op coder is the one in use")
+    t = torch.randn(4, 8, 33, 7)  # not a multiple of the group: the last group is padded
+    for bits in (2, 4, 8):
+        c, ref = _Packed(t, bits, None, kernels).unpack(), _Packed(t, bits).unpack()
+        step = (t.max() - t.min()) / ((1 << bits) - 1)
+        assert c.shape == t.shape and (c - t).abs().max() <= step / 2 + 1e-6  # nearest, like the torch ops
+        assert (c - ref).abs().max() <= step + 1e-6  # (ties round up here, to even there)
+    flat = torch.full((64, 256), 0.3)
+    flat[:, 0], flat[:, 1] = 0.0, 1.0
+    g = torch.Generator().manual_seed(0)
+    decoded = _Packed(flat, 2, g, kernels).unpack()[:, 2:]
+    assert abs(float(decoded.mean()) - 0.3) < 2e-3  # stochastic rounding: unbiased
+    again = _Packed(flat, 2, torch.Generator().manual_seed(0), kernels).unpack()[:, 2:]
+    assert torch.equal(decoded, again)  # the draws follow the generator's seed
