@@ -232,3 +232,22 @@ def test_compiled_group_coder_matches_torch_ops_and_is_unbiased():
     assert abs(float(decoded.mean()) - 0.3) < 2e-3  # stochastic rounding: unbiased
     again = _Packed(flat, 2, torch.Generator().manual_seed(0), kernels).unpack()[:, 2:]
     assert torch.equal(decoded, again)  # the draws follow the generator's seed
+
+
+def test_compiled_bn_codes_rebuild_what_the_torch_path_rebuilds():
+    """The affine group coder (BN input -> xhat codes, decoded into x, or ReLU(gamma * xhat + beta) with the mask)
+    gives the gradients of the torch-op path up to the rounding of ties."""
+    from leanprop.ops.kernels import load_kernels
+
+    kernels = load_kernels(required=False)
+    if kernels is None:
+        pytest.skip("no C compiler: the torch-op coder is the one in use")
+    torch.manual_seed(0)
+    model = _PostAct()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    exact = _grads(model, x, y)
+    m_c, c = _with_codec(model, 8, kernels=kernels)
+    m_t, _ = _with_codec(model, 8)
+    g_c, g_t = _grads(m_c, x, y), _grads(m_t, x, y)
+    assert F.cosine_similarity(g_c, exact, 0) > 0.999 and F.cosine_similarity(g_c, g_t, 0) > 0.9999
+    assert c.stats["derived"] == 4

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["BNRecord", "LNRecord", "UnaryRecipe", "BNInput", "ReluOfBN", "RecipeValue", "SumRecipe", "SavedValue",
-           "tensor_key"]
+__all__ = ["AffineCodes", "BNRecord", "LNRecord", "UnaryRecipe", "BNInput", "ReluOfBN", "RecipeValue", "SumRecipe",
+           "SavedValue", "tensor_key"]
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
@@ -53,6 +53,29 @@ def _check_version(p: torch.Tensor | None, version: int | None) -> None:
                            f"(version {version}, now {p._version}); update parameters only after backward")
 
 
+class AffineCodes:
+    """Group codes of ``xhat`` made straight from an NCHW fp32 BN input by the compiled kernels (no ``xhat`` tensor),
+    decoded straight into ``x``, ``gamma * xhat + beta`` or ``ReLU`` of it (:meth:`decode`)."""
+
+    __slots__ = ("kernels", "packed", "lo", "step", "bits", "group", "shape")
+
+    def __init__(self, kernels: Any, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, bits: int, group: int,
+                 seeds: torch.Tensor | None):
+        self.kernels, self.bits, self.group, self.shape = kernels, bits, group, tuple(x.shape)
+        self.packed, self.lo, self.step = kernels.group_encode_affine(x, mean.contiguous(), invstd.contiguous(), bits,
+                                                                      group, seeds)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.lo, self.step]
+
+    def decode(self, scale: torch.Tensor | None, shift: torch.Tensor | None, mask: Any = None) -> torch.Tensor:
+        return self.kernels.group_decode_affine(self.packed, self.lo, self.step, self.bits, self.group, self.shape,
+                                                scale, shift, mask)
+
+    def unpack(self) -> torch.Tensor:
+        return self.decode(None, None)
+
+
 class BNRecord:
     """One training-mode BN call: its input while the call runs, then the codes of ``xhat`` and the statistics."""
 
@@ -65,8 +88,9 @@ class BNRecord:
         self.mean: torch.Tensor | None = None
         self.invstd: torch.Tensor | None = None
 
-    def finalize(self, pack_xhat, eps: float) -> bool:
-        """Code ``xhat`` of the input seen during the call; False when the call saved no input (nothing to do)."""
+    def finalize(self, pack_xhat, eps: float, pack_affine: Any = None) -> bool:
+        """Code ``xhat`` of the input seen during the call; False when the call saved no input (nothing to do).
+        ``pack_affine(x, mean, invstd)``: the compiled path (:class:`AffineCodes`), or None where it does not apply."""
         x = self.x
         if x is None:
             return False
@@ -77,8 +101,10 @@ class BNRecord:
             var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0)
             invstd = torch.rsqrt(var + eps)
         self.mean, self.invstd = mean, invstd
-        xhat = (x.detach().float() - _per_channel(mean, x)) * _per_channel(invstd, x)
-        self.codes = pack_xhat(xhat)
+        self.codes = pack_affine(x.detach(), mean, invstd) if pack_affine is not None else None
+        if self.codes is None:
+            xhat = (x.detach().float() - _per_channel(mean, x)) * _per_channel(invstd, x)
+            self.codes = pack_xhat(xhat)
         self.x = None
         return True
 
@@ -89,8 +115,23 @@ class BNRecord:
         """The input rebuilt from ``xhat``: ``xhat / invstd + mean``."""
         return xhat / _per_channel(self.invstd, xhat) + _per_channel(self.mean, xhat)
 
+    def rebuilt_input(self) -> torch.Tensor:
+        """The rebuilt input (one compiled pass where the codes allow)."""
+        if isinstance(self.codes, AffineCodes):
+            return self.codes.decode(1.0 / self.invstd, self.mean)
+        return self.x_from(self.xhat())
+
+    def affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        _check_version(self.weight, self.versions[0])
+        _check_version(self.bias, self.versions[1])
+        w = None if self.weight is None else self.weight.detach().float().contiguous()
+        b = None if self.bias is None else self.bias.detach().float().contiguous()
+        return w, b
+
     def y(self, like: torch.Tensor) -> torch.Tensor:
         """``gamma * xhat~ + beta`` in float32, shaped like the BN output."""
+        if isinstance(self.codes, AffineCodes):
+            return self.codes.decode(*self.affine())
         _check_version(self.weight, self.versions[0])
         _check_version(self.bias, self.versions[1])
         y = self.xhat()
@@ -105,7 +146,7 @@ class LNRecord(BNRecord):
     """One ``F.layer_norm`` call: the same as :class:`BNRecord`, normalised over the last dimensions, with the
     per-position statistics the LayerNorm node keeps (shaped to broadcast) and the affine over those dimensions."""
 
-    def finalize(self, pack_xhat, eps: float) -> bool:
+    def finalize(self, pack_xhat, eps: float, pack_affine: Any = None) -> bool:
         x = self.x
         if x is None:
             return False
@@ -123,6 +164,9 @@ class LNRecord(BNRecord):
 
     def x_from(self, xhat: torch.Tensor) -> torch.Tensor:
         return xhat / self.invstd + self.mean
+
+    def rebuilt_input(self) -> torch.Tensor:
+        return self.x_from(self.xhat())
 
     def y(self, like: torch.Tensor) -> torch.Tensor:
         _check_version(self.weight, self.versions[0])
@@ -168,8 +212,7 @@ class BNInput:
         return self.record.codes.tensors() if self.record.codes is not None else []
 
     def unpack(self) -> torch.Tensor:
-        x = self.record.x_from(self.record.xhat())
-        return _strided(x.to(self.dtype), self.stride)
+        return _strided(self.record.rebuilt_input().to(self.dtype), self.stride)
 
 
 class RecipeValue:
@@ -224,8 +267,12 @@ class ReluOfBN:
         return []
 
     def unpack(self) -> torch.Tensor:
+        r = self.record
+        if self.clamp is None and type(r) is BNRecord and isinstance(r.codes, AffineCodes) \
+                and self.mask.bits.device.type == "cpu":  # ReLU(gamma * xhat + beta) in one compiled pass
+            return _strided(r.codes.decode(*r.affine(), self.mask.bits).to(self.dtype), self.stride)
         like = torch.empty(0).new_empty(self.shape, device="meta")
-        y = self.record.y(like)
+        y = r.y(like)
         m = self.mask.bool_mask().view(self.shape)
         if self.clamp is None:
             z = y.mul_(m)  # y is a fresh tensor: zero where the ReLU was off

@@ -49,6 +49,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from leanprop.ops.bn_units import (
+    AffineCodes,
     BNInput,
     BNRecord,
     LNRecord,
@@ -452,6 +453,23 @@ class SavedTensorCodec:
         bits = self.policy.get("norm", self.bits)
         return None if bits is None or bits >= 32 else bits
 
+    def _affine_packer(self, bits: int) -> Any:
+        """The compiled xhat coder for a BN input it can take (CPU fp32 NCHW-contiguous, whole groups), else None."""
+        kernels = self.kernels
+        if kernels is None:
+            return None
+
+        def pack(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> Any:
+            if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 3 or not x.is_contiguous() \
+                    or x.numel() % GROUP:
+                return None
+            g = self._generator(x.device)
+            seeds = None if g is None else torch.randint(-(2**63), 2**63 - 1, (x.numel() // GROUP,), generator=g,
+                                                         dtype=torch.int64)
+            return AffineCodes(kernels, x, mean, invstd, bits, GROUP, seeds)
+
+        return pack
+
     def _before(self, func: Any, entry: tuple) -> Any:
         """Called before a torch function runs in the forward: a BN call or a ReLU of a BN output to follow."""
         kind, _, args, kwargs = entry
@@ -516,7 +534,8 @@ class SavedTensorCodec:
             self._bn_pending.remove(record)
             bits = self._bn_bits() if kind == "batch_norm" else self._norm_bits()
             if isinstance(out, torch.Tensor) and record.finalize(
-                    lambda xhat: _Packed(xhat, bits, self._generator(xhat.device), self.kernels), record.eps):
+                    lambda xhat: _Packed(xhat, bits, self._generator(xhat.device), self.kernels), record.eps,
+                    self._affine_packer(bits) if kind == "batch_norm" else None):
                 self.stats["coded"] += 1
                 for part in record.codes.tensors():
                     self._record(part, "codes" if part.dtype == torch.uint8 else None)

@@ -69,6 +69,8 @@ class CKernels:
         lib.blpa_unpack.argtypes = [p, i64, i32, p, i32]
         lib.group_encode_f32.argtypes = [p, p, i64, i64, i32, p, p, p, i32]
         lib.group_decode_f32.argtypes = [p, p, p, i64, i64, i32, p, i32]
+        lib.group_encode_affine_f32.argtypes = [p, p, p, i64, i64, p, i64, i64, i32, p, p, p, i32]
+        lib.group_decode_affine_f32.argtypes = [p, p, p, i64, i64, i32, p, p, i64, i64, p, p, i32]
         for suf in _SUFFIX.values():
             getattr(lib, f"blpa_encode_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, i32, p, i32]
             getattr(lib, f"blpa_decode_z_{suf}").argtypes = [p, p, i64, i64, i64, i32, i32, p, i32]
@@ -124,6 +126,35 @@ class CKernels:
         out = torch.empty(ng, group)
         self.lib.group_decode_f32(packed.data_ptr(), lo.data_ptr(), step.data_ptr(), ng, group, bits,
                                   out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def group_encode_affine(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, bits: int, group: int,
+                            seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`group_encode` of ``(x - shift[c]) * scale[c]`` for an NCHW-contiguous fp32 ``x`` (numel a multiple
+        of ``group``; ``shift``/``scale``: contiguous fp32 ``(C,)``) without materialising it."""
+        _require_cpu(x, shift, scale)
+        c, inner = x.shape[1], x[0, 0].numel()
+        ng = x.numel() // group
+        packed = torch.empty(ng * group * bits // 8, dtype=torch.uint8)
+        lo, step = torch.empty(ng, 1), torch.empty(ng, 1)
+        self.lib.group_encode_affine_f32(x.data_ptr(), shift.data_ptr(), scale.data_ptr(), c, inner,
+                                         None if seeds is None else seeds.data_ptr(), ng, group, bits,
+                                         packed.data_ptr(), lo.data_ptr(), step.data_ptr(), torch.get_num_threads())
+        return packed, lo, step
+
+    def group_decode_affine(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, group: int,
+                            shape: tuple[int, ...], scale: torch.Tensor | None, shift: torch.Tensor | None,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(lo + q * step) * scale[c] + shift[c]`` as an NCHW fp32 tensor of ``shape``, zero where the packed
+        ``mask`` (NumPy packbits order) is clear."""
+        _require_cpu(packed, lo, step)
+        out = torch.empty(shape)
+        c, inner = shape[1], out[0, 0].numel()
+        self.lib.group_decode_affine_f32(packed.data_ptr(), lo.data_ptr(), step.data_ptr(), lo.numel(), group, bits,
+                                         None if scale is None else scale.data_ptr(),
+                                         None if shift is None else shift.data_ptr(), c, inner,
+                                         None if mask is None else mask.data_ptr(), out.data_ptr(),
+                                         torch.get_num_threads())
         return out
 
     def unpack(self, packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

@@ -459,3 +459,67 @@ void group_decode_f32(const uint8_t *packed, const float *lo, const float *step,
         }
     }
 }
+
+/* The same group codes of a per-channel affine image of an NCHW-contiguous fp32 tensor, v = (x - shift[c]) * scale[c]
+ * with c = (i / inner) % C -- a BatchNorm input's xhat without materialising it (leanprop.ops.bn_units) -- and the
+ * decode of such codes back through an affine, y = (lo + q * step) * scale[c] + shift[c], optionally zeroed where a
+ * 1-bit mask (bit 7 - i % 8 of byte i / 8, as NumPy's packbits) is clear: a ReLU of a rebuilt BN output in one pass.
+ * numel must be a multiple of G. */
+void group_encode_affine_f32(const float *x, const float *shift, const float *scale, int64_t C, int64_t inner,
+                             const uint64_t *seeds, int64_t ngroups, int64_t G, int bits, uint8_t *packed,
+                             float *lo_out, float *step_out, int nt) {
+    const int k = 8 / bits;
+    const float levels = (float)((1 << bits) - 1);
+    #pragma omp parallel num_threads(nt)
+    {
+        uint8_t q[4096];
+        float v[4096];
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < ngroups; ++g) {
+            const int64_t i0 = g * G;
+            int64_t c = (i0 / inner) % C, r = i0 % inner;
+            float lo = 0.0f, hi = 0.0f;
+            for (int64_t i = 0; i < G; ++i) {
+                const float t = (x[i0 + i] - shift[c]) * scale[c];
+                v[i] = t;
+                if (i == 0) { lo = t; hi = t; } else { lo = MINF(lo, t); hi = MAXF(hi, t); }
+                if (++r == inner) { r = 0; if (++c == C) c = 0; }
+            }
+            float step = (hi - lo) / levels;
+            if (!(step > 1.17549435e-38f)) step = 1.17549435e-38f;
+            const float inv = 1.0f / step;
+            uint64_t st = seeds ? (seeds[g] | 1ULL) : 0;
+            for (int64_t i = 0; i < G; ++i) {
+                float t = (v[i] - lo) * inv + (seeds ? uniform01(&st) : 0.5f);
+                t = t < 0.0f ? 0.0f : (t > levels ? levels : t);
+                q[i] = (uint8_t)t;
+            }
+            pack_chunk(q, G, bits, packed + g * (G / k));
+            lo_out[g] = lo;
+            step_out[g] = step;
+        }
+    }
+}
+void group_decode_affine_f32(const uint8_t *packed, const float *lo, const float *step, int64_t ngroups, int64_t G,
+                             int bits, const float *scale, const float *shift, int64_t C, int64_t inner,
+                             const uint8_t *mask, float *out, int nt) {
+    const int k = 8 / bits;
+    #pragma omp parallel num_threads(nt)
+    {
+        uint8_t q[4096];
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < ngroups; ++g) {
+            const int64_t i0 = g * G;
+            unpack_chunk(packed + g * (G / k), G, bits, q);
+            int64_t c = (i0 / inner) % C, r = i0 % inner;
+            const float l = lo[g], s = step[g];
+            for (int64_t i = 0; i < G; ++i) {
+                const int64_t j = i0 + i;
+                float y = (l + (float)q[i] * s) * (scale ? scale[c] : 1.0f) + (shift ? shift[c] : 0.0f);
+                if (mask && !((mask[j >> 3] >> (7 - (j & 7))) & 1)) y = 0.0f;
+                out[j] = y;
+                if (++r == inner) { r = 0; if (++c == C) c = 0; }
+            }
+        }
+    }
+}
