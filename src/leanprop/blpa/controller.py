@@ -90,10 +90,12 @@ class BLPAController(Controller):
         self.cfg = cfg
         self.codec = codec
         self.kernels_path = kernels_path
-        if not units:
-            what = "only the generic saved-tensor codec applies" if codec is not None else "nothing changed"
-            warnings.warn(f"BLPA: the model has no BatchNorm2d->ReLU(->Conv2d) run that can be fused; {what}",
-                          RuntimeWarning, stacklevel=3)
+        has_norm = any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) for m in model.modules())
+        if not units and (codec is None or not has_norm):
+            what = ("its storage policy still keeps masks and codes of what autograd saves" if codec is not None
+                    else "nothing changed (codec=false)")
+            warnings.warn(f"BLPA: the model has no BatchNorm2d->ReLU(->Conv2d) run and no normalisation layer to "
+                          f"build units on; {what}", RuntimeWarning, stacklevel=3)
 
     def unsupported_reason(self, mode: Any) -> str | None:
         """Why BLPA cannot train in ``mode`` (a :class:`leanprop.modes.ExecutionMode`), or None when it can
