@@ -416,6 +416,20 @@ static inline float uniform01(uint64_t *s) {
     *s = x;
     return (float)((x * 0x2545F4914F6CDD1DULL) >> 40) * (1.0f / 16777216.0f);
 }
+/* codes of one group of G values with range [lo, hi]: returns the step */
+static inline float quantize_group(const float *v, int64_t G, float lo, float hi, float levels, const uint64_t *seed,
+                                   uint8_t *q) {
+    float step = (hi - lo) / levels;
+    if (!(step > 1.17549435e-38f)) step = 1.17549435e-38f;
+    const float inv = 1.0f / step;
+    uint64_t st = seed ? (*seed | 1ULL) : 0;
+    for (int64_t i = 0; i < G; ++i) {
+        float t = (v[i] - lo) * inv + (seed ? uniform01(&st) : 0.5f);
+        t = t < 0.0f ? 0.0f : (t > levels ? levels : t);
+        q[i] = (uint8_t)t; /* truncation = floor for t >= 0 */
+    }
+    return step;
+}
 void group_encode_f32(const float *x, const uint64_t *seeds, int64_t ngroups, int64_t G, int bits, uint8_t *packed,
                       float *lo_out, float *step_out, int nt) {
     const int k = 8 / bits;
@@ -428,16 +442,7 @@ void group_encode_f32(const float *x, const uint64_t *seeds, int64_t ngroups, in
             const float *v = x + g * G;
             float lo = v[0], hi = v[0];
             for (int64_t i = 1; i < G; ++i) { lo = MINF(lo, v[i]); hi = MAXF(hi, v[i]); }
-            float step = (hi - lo) / levels;
-            if (!(step > 1.17549435e-38f)) step = 1.17549435e-38f;
-            const float inv = 1.0f / step;
-            uint64_t st = seeds ? (seeds[g] | 1ULL) : 0;
-            for (int64_t i = 0; i < G; ++i) {
-                float t = (v[i] - lo) * inv + (seeds ? uniform01(&st) : 0.5f);
-                t = t < 0.0f ? 0.0f : (t > levels ? levels : t);
-                q[i] = (uint8_t)t; /* truncation = floor for t >= 0 */
-                if (q[i] > (uint8_t)levels) q[i] = (uint8_t)levels;
-            }
+            const float step = quantize_group(v, G, lo, hi, levels, seeds ? seeds + g : 0, q);
             pack_chunk(q, G, bits, packed + g * (G / k));
             lo_out[g] = lo;
             step_out[g] = step;
@@ -485,15 +490,7 @@ void group_encode_affine_f32(const float *x, const float *shift, const float *sc
                 if (i == 0) { lo = t; hi = t; } else { lo = MINF(lo, t); hi = MAXF(hi, t); }
                 if (++r == inner) { r = 0; if (++c == C) c = 0; }
             }
-            float step = (hi - lo) / levels;
-            if (!(step > 1.17549435e-38f)) step = 1.17549435e-38f;
-            const float inv = 1.0f / step;
-            uint64_t st = seeds ? (seeds[g] | 1ULL) : 0;
-            for (int64_t i = 0; i < G; ++i) {
-                float t = (v[i] - lo) * inv + (seeds ? uniform01(&st) : 0.5f);
-                t = t < 0.0f ? 0.0f : (t > levels ? levels : t);
-                q[i] = (uint8_t)t;
-            }
+            const float step = quantize_group(v, G, lo, hi, levels, seeds ? seeds + g : 0, q);
             pack_chunk(q, G, bits, packed + g * (G / k));
             lo_out[g] = lo;
             step_out[g] = step;
