@@ -68,9 +68,10 @@ class AffineCodes:
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.lo, self.step]
 
-    def decode(self, scale: torch.Tensor | None, shift: torch.Tensor | None, mask: Any = None) -> torch.Tensor:
+    def decode(self, scale: torch.Tensor | None, shift: torch.Tensor | None, mask: Any = None,
+               addend: torch.Tensor | None = None) -> torch.Tensor:
         return self.kernels.group_decode_affine(self.packed, self.lo, self.step, self.bits, self.group, self.shape,
-                                                scale, shift, mask)
+                                                scale, shift, mask, addend)
 
     def unpack(self) -> torch.Tensor:
         return self.decode(None, None)
@@ -268,9 +269,16 @@ class ReluOfBN:
 
     def unpack(self) -> torch.Tensor:
         r = self.record
-        if self.clamp is None and type(r) is BNRecord and isinstance(r.codes, AffineCodes) \
-                and self.mask.bits.device.type == "cpu":  # ReLU(gamma * xhat + beta) in one compiled pass
+        cpu = self.mask.bits.device.type == "cpu"
+        if self.clamp is None and type(r) is BNRecord and isinstance(r.codes, AffineCodes) and cpu:
+            # ReLU(gamma * xhat + beta) in one compiled pass
             return _strided(r.codes.decode(*r.affine(), self.mask.bits).to(self.dtype), self.stride)
+        if self.clamp is None and isinstance(r, SumRecipe) and cpu:  # ReLU(BN + identity): the same, plus the identity
+            for bn, other in ((r.a, r.b), (r.b, r.a)):
+                if type(bn) is BNRecord and isinstance(bn.codes, AffineCodes):
+                    like = torch.empty(0).new_empty(self.shape, device="meta")
+                    z = bn.codes.decode(*bn.affine(), self.mask.bits, other.y(like).reshape(self.shape))
+                    return _strided(z.to(self.dtype), self.stride)
         like = torch.empty(0).new_empty(self.shape, device="meta")
         y = r.y(like)
         m = self.mask.bool_mask().view(self.shape)

@@ -70,7 +70,7 @@ class CKernels:
         lib.group_encode_f32.argtypes = [p, p, i64, i64, i32, p, p, p, i32]
         lib.group_decode_f32.argtypes = [p, p, p, i64, i64, i32, p, i32]
         lib.group_encode_affine_f32.argtypes = [p, p, p, i64, i64, p, i64, i64, i32, p, p, p, i32]
-        lib.group_decode_affine_f32.argtypes = [p, p, p, i64, i64, i32, p, p, i64, i64, p, p, i32]
+        lib.group_decode_affine_f32.argtypes = [p, p, p, i64, i64, i32, p, p, i64, i64, p, p, p, i32]
         for suf in _SUFFIX.values():
             getattr(lib, f"blpa_encode_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, i32, p, i32]
             getattr(lib, f"blpa_decode_z_{suf}").argtypes = [p, p, i64, i64, i64, i32, i32, p, i32]
@@ -144,15 +144,18 @@ class CKernels:
 
     def group_decode_affine(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, group: int,
                             shape: tuple[int, ...], scale: torch.Tensor | None, shift: torch.Tensor | None,
-                            mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``(lo + q * step) * scale[c] + shift[c]`` as an NCHW fp32 tensor of ``shape``, zero where the packed
-        ``mask`` (NumPy packbits order) is clear."""
+                            mask: torch.Tensor | None = None, addend: torch.Tensor | None = None) -> torch.Tensor:
+        """``(lo + q * step) * scale[c] + shift[c] (+ addend)`` as an NCHW fp32 tensor of ``shape``, zero where the
+        packed ``mask`` (NumPy packbits order) is clear; ``addend``: a contiguous fp32 tensor of ``shape``."""
         _require_cpu(packed, lo, step)
+        if addend is not None and (addend.dtype != torch.float32 or not addend.is_contiguous()):
+            addend = addend.float().contiguous()
         out = torch.empty(shape)
         c, inner = shape[1], out[0, 0].numel()
         self.lib.group_decode_affine_f32(packed.data_ptr(), lo.data_ptr(), step.data_ptr(), lo.numel(), group, bits,
                                          None if scale is None else scale.data_ptr(),
                                          None if shift is None else shift.data_ptr(), c, inner,
+                                         None if addend is None else addend.data_ptr(),
                                          None if mask is None else mask.data_ptr(), out.data_ptr(),
                                          torch.get_num_threads())
         return out

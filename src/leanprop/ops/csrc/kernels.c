@@ -467,8 +467,9 @@ void group_decode_f32(const uint8_t *packed, const float *lo, const float *step,
 
 /* The same group codes of a per-channel affine image of an NCHW-contiguous fp32 tensor, v = (x - shift[c]) * scale[c]
  * with c = (i / inner) % C -- a BatchNorm input's xhat without materialising it (leanprop.ops.bn_units) -- and the
- * decode of such codes back through an affine, y = (lo + q * step) * scale[c] + shift[c], optionally zeroed where a
- * 1-bit mask (bit 7 - i % 8 of byte i / 8, as NumPy's packbits) is clear: a ReLU of a rebuilt BN output in one pass.
+ * decode of such codes back through an affine, y = (lo + q * step) * scale[c] + shift[c] (+ addend[i], a residual
+ * branch), optionally zeroed where a 1-bit mask (bit 7 - i % 8 of byte i / 8, as NumPy's packbits) is clear: a ReLU
+ * of a rebuilt BN output, or of BN output + identity, in one pass.
  * numel must be a multiple of G. */
 void group_encode_affine_f32(const float *x, const float *shift, const float *scale, int64_t C, int64_t inner,
                              const uint64_t *seeds, int64_t ngroups, int64_t G, int bits, uint8_t *packed,
@@ -499,7 +500,7 @@ void group_encode_affine_f32(const float *x, const float *shift, const float *sc
 }
 void group_decode_affine_f32(const uint8_t *packed, const float *lo, const float *step, int64_t ngroups, int64_t G,
                              int bits, const float *scale, const float *shift, int64_t C, int64_t inner,
-                             const uint8_t *mask, float *out, int nt) {
+                             const float *addend, const uint8_t *mask, float *out, int nt) {
     const int k = 8 / bits;
     #pragma omp parallel num_threads(nt)
     {
@@ -508,14 +509,25 @@ void group_decode_affine_f32(const uint8_t *packed, const float *lo, const float
         for (int64_t g = 0; g < ngroups; ++g) {
             const int64_t i0 = g * G;
             unpack_chunk(packed + g * (G / k), G, bits, q);
-            int64_t c = (i0 / inner) % C, r = i0 % inner;
             const float l = lo[g], s = step[g];
-            for (int64_t i = 0; i < G; ++i) {
-                const int64_t j = i0 + i;
-                float y = (l + (float)q[i] * s) * (scale ? scale[c] : 1.0f) + (shift ? shift[c] : 0.0f);
-                if (mask && !((mask[j >> 3] >> (7 - (j & 7))) & 1)) y = 0.0f;
-                out[j] = y;
-                if (++r == inner) { r = 0; if (++c == C) c = 0; }
+            float *o = out + i0;
+            int64_t c = (i0 / inner) % C, r = i0 % inner, i = 0;
+            while (i < G) { /* runs of one channel: y = a + q * b, vectorisable */
+                const int64_t n = (G - i) < (inner - r) ? (G - i) : (inner - r);
+                const float sc = scale ? scale[c] : 1.0f, sh = shift ? shift[c] : 0.0f;
+                const float a0 = l * sc + sh, b0 = s * sc;
+                for (int64_t t = 0; t < n; ++t) o[i + t] = a0 + (float)q[i + t] * b0;
+                i += n;
+                r = 0;
+                if (++c == C) c = 0;
+            }
+            if (addend) for (int64_t t = 0; t < G; ++t) o[t] += addend[i0 + t];
+            if (mask) { /* G and i0 are multiples of 8: whole mask bytes */
+                const uint8_t *mb = mask + (i0 >> 3);
+                for (int64_t t = 0; t < G; t += 8) {
+                    const uint8_t m = mb[t >> 3];
+                    for (int bit = 0; bit < 8; ++bit) o[t + bit] = ((m >> (7 - bit)) & 1) ? o[t + bit] : 0.0f;
+                }
             }
         }
     }
