@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from leanprop.train import checkpoint as ck
+from leanprop.utils import atomic_torch_save
 
 
 def test_atomic_save_and_rng_roundtrip(tmp_path):
     state = {"format": ck.FORMAT, "version": ck.VERSION, "rng": ck.rng_state(), "x": torch.arange(3)}
     a = (torch.rand(3), random.random(), np.random.rand())
     path = tmp_path / "sub" / "c.pt"
-    ck.atomic_torch_save(state, path)
+    atomic_torch_save(state, path)
     assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temp file left behind
     loaded = ck.load_checkpoint(path)
     ck.set_rng_state(loaded["rng"])
@@ -38,7 +39,7 @@ def test_failed_save_leaves_nothing(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        ck.atomic_torch_save({"x": Boom()}, tmp_path / "c.pt")
+        atomic_torch_save({"x": Boom()}, tmp_path / "c.pt")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,11 +10,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import leanprop
 from leanprop import models
 from leanprop.accounting.memory import saved_bytes
+from leanprop.bench.swat_compile import _step  # the benchmark's own step: the tests check what it times
 from leanprop.modes import CompileStats
 from leanprop.ops.saving_layers import EagerReLU
 from leanprop.swat.topk import _reference_threshold, keep_count, magnitude_threshold
@@ -48,15 +48,6 @@ def test_threshold_is_exact_under_compile_with_dynamic_shapes(one_thread):
         t = torch.relu(torch.randn(shape, generator=g))
         k = keep_count(t.numel(), 0.9)
         assert torch.equal(f(t, k), _reference_threshold(t.abs().flatten(), k)), shape
-
-
-def _step(fwd, net, x, y, amp):
-    for p in net.parameters():
-        p.grad = None
-    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
-        out = fwd(x)
-    F.cross_entropy(out.float(), y).backward()
-    return {n: p.grad.detach().double().clone() for n, p in net.named_parameters()}
 
 
 def _kept(fwd, x, amp):

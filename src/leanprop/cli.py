@@ -189,8 +189,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from leanprop import models
     from leanprop.data import build_data
     from leanprop.export import inference_state_dict
-    from leanprop.train.checkpoint import atomic_torch_save, load_checkpoint
+    from leanprop.train.checkpoint import load_checkpoint
     from leanprop.train.trainer import model_args
+    from leanprop.utils import atomic_torch_save
 
     ck = load_checkpoint(args.checkpoint)
     cfg = C.from_dict(ck["config"])

@@ -8,6 +8,7 @@ run never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "append_jsonl", "cache_dir",
-           "user_cache_base", "file_lock", "environment", "git_sha", "run_context", "set_submodule",
+           "user_cache_base", "file_lock", "environment", "git_sha", "run_context", "set_submodule", "swap_class",
            "reexec_under_jemalloc", "run_reporting_errors", "JEMALLOC_PATHS"]
 
 
@@ -161,6 +162,13 @@ def run_context(device: str = "cpu") -> tuple[dict, str]:
 
 
 # ------------------------------------------------------------------------------------------------ modules
+def swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A shallow copy of ``module`` as class ``cls``: the same Parameters, buffers, hooks and attributes."""
+    new = copy.copy(module)
+    new.__class__ = cls
+    return new
+
+
 def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     """Put ``module`` at the dotted ``name`` inside ``model`` (the way in-place conversions swap layers)."""
     parent_name, _, child = name.rpartition(".")

@@ -14,7 +14,6 @@ of its codes or 1-bit mask). The plain eval paths are traced (docs/methods/blpa.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -23,14 +22,9 @@ from torch import nn
 
 from leanprop.blpa.functions import UnitSpec, bn_relu, bn_relu_conv
 from leanprop.ops.fusion import FusableConv
+from leanprop.utils import swap_class
 
 __all__ = ["BLPABatchNorm2d", "FusedConvTail", "BLPA_LAYERS", "make_unit", "unmake_unit"]
-
-
-def _swap_class(module: nn.Module, cls: type) -> nn.Module:
-    new = copy.copy(module)  # shares the Parameter and buffer objects
-    new.__class__ = cls
-    return new
 
 
 class FusedConvTail(nn.Conv2d):
@@ -126,7 +120,7 @@ def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_
     """The three replacement modules of one unit (conv None: a half unit)."""
     if bn.training is False and not bn.track_running_stats:
         raise ValueError("BLPA needs BatchNorm2d layers that use batch statistics in training")
-    head = _swap_class(bn, BLPABatchNorm2d)
+    head = swap_class(bn, BLPABatchNorm2d)
     tail = None
     if conv is not None:
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
@@ -135,7 +129,7 @@ def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_
             conv.in_fused_unit = True
             tail = conv
         else:
-            tail = _swap_class(conv, FusedConvTail)
+            tail = swap_class(conv, FusedConvTail)
             tail._unit_active = True
         head.blpa_spec = UnitSpec(eps=bn.eps, momentum=0.0, stride=tuple(conv.stride), padding=tuple(conv.padding),
                                   dilation=tuple(conv.dilation), groups=conv.groups, **spec_kwargs)
@@ -150,7 +144,7 @@ def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_
 
 def unmake_unit(head: BLPABatchNorm2d) -> tuple[nn.BatchNorm2d, nn.Module, nn.Conv2d | None]:
     """The original modules (same Parameters) of a unit."""
-    bn = _swap_class(head, nn.BatchNorm2d)
+    bn = swap_class(head, nn.BatchNorm2d)
     for attr in ("blpa_spec", "_conv", "_relu", "blpa_relu_name", "blpa_conv_name"):
         bn.__dict__.pop(attr, None)
     conv = None
@@ -158,6 +152,6 @@ def unmake_unit(head: BLPABatchNorm2d) -> tuple[nn.BatchNorm2d, nn.Module, nn.Co
         conv = head._conv
         conv.__dict__.pop("in_fused_unit", None)
     elif head._conv is not None:
-        conv = _swap_class(head._conv, nn.Conv2d)
+        conv = swap_class(head._conv, nn.Conv2d)
         conv.__dict__.pop("_unit_active", None)
     return bn, head._relu, conv

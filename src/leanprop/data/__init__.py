@@ -21,7 +21,8 @@ from leanprop.data.augment import (
 )
 from leanprop.data.build import DataBundle, build_data, val_partition
 from leanprop.data.loaders import FileLoader, Loader, TensorLoader
-from leanprop.data.paths import cache_dir, resolve_data_root
+from leanprop.data.paths import resolve_data_root
+from leanprop.utils import cache_dir
 
 __all__ = [
     "ArraySplits",

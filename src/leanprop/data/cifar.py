@@ -24,7 +24,7 @@ from leanprop.data.cifar_jpeg import (
     find_jpeg_files,
     load_cifar10_jpeg,
 )
-from leanprop.data.paths import cache_dir, file_lock
+from leanprop.utils import cache_dir, file_lock
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -29,7 +29,8 @@ import PIL
 from PIL import Image
 from tqdm.auto import tqdm
 
-from leanprop.data.paths import cache_dir, file_lock, load_array_cache, save_array_cache
+from leanprop.data.paths import load_array_cache, save_array_cache
+from leanprop.utils import cache_dir, file_lock
 
 JPEG_SUBDIR = "cifar10"
 JPEG_ARCHIVE = "CIFAR-10-images-jpeg.tar.gz"

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from leanprop.data.arrays import ArraySplits
 from leanprop.data.augment import channel_stats
-from leanprop.data.paths import cache_dir, file_lock, load_array_cache, save_array_cache
+from leanprop.data.paths import load_array_cache, save_array_cache
+from leanprop.utils import cache_dir, file_lock
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SMALL_IMAGE_MAX = 64  # folders whose images are all at most this size (and equal) are decoded into memory

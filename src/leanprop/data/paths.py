@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leanprop.utils import cache_dir, file_lock, user_cache_base  # noqa: F401 (re-exported)
+from leanprop.utils import user_cache_base
 
 
 def resolve_data_root(cfg_root: str | os.PathLike | None) -> Path:

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from leanprop.ops.packing import restride
+
 __all__ = ["AffineCodes", "BNRecord", "LNRecord", "UnaryRecipe", "BNInput", "ReluOfBN", "RecipeValue", "SumRecipe",
            "SavedValue", "tensor_key"]
 
@@ -80,8 +82,12 @@ class AffineCodes:
 class BNRecord:
     """One training-mode BN call: its input while the call runs, then the codes of ``xhat`` and the statistics."""
 
-    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
+                 skip: set[int] | None = None, normalized_dims: int = 1):
         self.weight, self.bias = weight, bias
+        self.eps = eps
+        self.skip = skip or set()  # ids of the call's running-statistics buffers (kept as they are)
+        self.normalized_dims = normalized_dims  # LayerNorm: how many trailing dimensions it normalises
         self.versions = (None if weight is None else weight._version, None if bias is None else bias._version)
         self.x: torch.Tensor | None = None  # only until finalize
         self.stats: list[torch.Tensor] = []  # save_mean, save_invstd, as the BN node saves them
@@ -89,7 +95,7 @@ class BNRecord:
         self.mean: torch.Tensor | None = None
         self.invstd: torch.Tensor | None = None
 
-    def finalize(self, pack_xhat, eps: float, pack_affine: Any = None) -> bool:
+    def finalize(self, pack_xhat, pack_affine: Any = None) -> bool:
         """Code ``xhat`` of the input seen during the call; False when the call saved no input (nothing to do).
         ``pack_affine(x, mean, invstd)``: the compiled path (:class:`AffineCodes`), or None where it does not apply."""
         x = self.x
@@ -100,7 +106,7 @@ class BNRecord:
         else:  # not the native kernel's saved statistics: compute them
             dims = [d for d in range(x.dim()) if d != 1]
             var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0)
-            invstd = torch.rsqrt(var + eps)
+            invstd = torch.rsqrt(var + self.eps)
         self.mean, self.invstd = mean, invstd
         self.codes = pack_affine(x.detach(), mean, invstd) if pack_affine is not None else None
         if self.codes is None:
@@ -147,7 +153,7 @@ class LNRecord(BNRecord):
     """One ``F.layer_norm`` call: the same as :class:`BNRecord`, normalised over the last dimensions, with the
     per-position statistics the LayerNorm node keeps (shaped to broadcast) and the affine over those dimensions."""
 
-    def finalize(self, pack_xhat, eps: float, pack_affine: Any = None) -> bool:
+    def finalize(self, pack_xhat, pack_affine: Any = None) -> bool:
         x = self.x
         if x is None:
             return False
@@ -157,7 +163,7 @@ class LNRecord(BNRecord):
         else:
             dims = list(range(x.dim() - k, x.dim()))
             var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0, keepdim=True)
-            rstd = torch.rsqrt(var + eps)
+            rstd = torch.rsqrt(var + self.eps)
         self.mean, self.invstd = mean, rstd
         self.codes = pack_xhat((x.detach().float() - mean) * rstd)
         self.x = None
@@ -213,7 +219,7 @@ class BNInput:
         return self.record.codes.tensors() if self.record.codes is not None else []
 
     def unpack(self) -> torch.Tensor:
-        return _strided(self.record.rebuilt_input().to(self.dtype), self.stride)
+        return restride(self.record.rebuilt_input().to(self.dtype), self.stride)
 
 
 class RecipeValue:
@@ -234,7 +240,7 @@ class RecipeValue:
         y = self.record.y(like)
         if tuple(y.shape) != tuple(self.shape):  # a contiguous view of the value (e.g. a linear layer's 2-D input)
             y = y.reshape(self.shape)
-        return _strided(y.to(self.dtype), self.stride)
+        return restride(y.to(self.dtype), self.stride)
 
 
 class UnaryRecipe:
@@ -260,10 +266,6 @@ class ReluOfBN:
         self.alive = weakref.ref(out)
         self.clamp = clamp  # (lo, hi, mask of the elements at hi) for a clamp
 
-    def matches(self, t: torch.Tensor) -> bool:
-        return self.alive() is not None and self.alive() is t or (
-            self.alive() is not None and tensor_key(self.alive()) == tensor_key(t))
-
     def tensors(self) -> list[torch.Tensor]:
         return []
 
@@ -272,13 +274,13 @@ class ReluOfBN:
         cpu = self.mask.bits.device.type == "cpu"
         if self.clamp is None and type(r) is BNRecord and isinstance(r.codes, AffineCodes) and cpu:
             # ReLU(gamma * xhat + beta) in one compiled pass
-            return _strided(r.codes.decode(*r.affine(), self.mask.bits).to(self.dtype), self.stride)
+            return restride(r.codes.decode(*r.affine(), self.mask.bits).to(self.dtype), self.stride)
         if self.clamp is None and isinstance(r, SumRecipe) and cpu:  # ReLU(BN + identity): the same, plus the identity
             for bn, other in ((r.a, r.b), (r.b, r.a)):
                 if type(bn) is BNRecord and isinstance(bn.codes, AffineCodes):
                     like = torch.empty(0).new_empty(self.shape, device="meta")
                     z = bn.codes.decode(*bn.affine(), self.mask.bits, other.y(like).reshape(self.shape))
-                    return _strided(z.to(self.dtype), self.stride)
+                    return restride(z.to(self.dtype), self.stride)
         like = torch.empty(0).new_empty(self.shape, device="meta")
         y = r.y(like)
         m = self.mask.bool_mask().view(self.shape)
@@ -289,10 +291,4 @@ class ReluOfBN:
             edge = torch.where(above.bool_mask().view(self.shape), torch.tensor(hi, dtype=y.dtype, device=y.device),
                                torch.tensor(lo, dtype=y.dtype, device=y.device))
             z = torch.where(m, y, edge)
-        return _strided(z.to(self.dtype), self.stride)
-
-
-def _strided(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
-    if t.stride() == stride:
-        return t
-    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+        return restride(z.to(self.dtype), self.stride)

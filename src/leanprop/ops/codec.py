@@ -60,7 +60,7 @@ from leanprop.ops.bn_units import (
     UnaryRecipe,
     tensor_key,
 )
-from leanprop.ops.packing import pack_bits, unpack_bits
+from leanprop.ops.packing import pack_bits, restride, unpack_bits
 
 __all__ = ["SavedTensorCodec", "find_codec", "GROUP", "OP_KINDS", "op_kind"]
 
@@ -140,11 +140,7 @@ class _Packed:
         else:
             q = unpack_bits(self.codes, self.bits, self.lo.numel() * GROUP).view(-1, GROUP).float()
             values = q * self.step + self.lo
-        logical = values.view(-1)[: self.numel].to(self.dtype).view(self.shape)
-        if logical.stride() == self.stride:
-            return logical
-        out = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=logical.device)
-        return out.copy_(logical)
+        return restride(values.view(-1)[: self.numel].to(self.dtype).view(self.shape), self.stride)
 
 
 class _ParamRef:
@@ -162,10 +158,7 @@ class _ParamRef:
             raise RuntimeError(f"a parameter of shape {tuple(p.shape)} saved for backward (as a {self.dtype} copy) was "
                                f"modified in place before backward (version {self.version}, now {p._version}); "
                                "update parameters only after backward, as with any saved tensor")
-        v = (p.detach().t() if self.transposed else p.detach()).to(self.dtype)
-        if v.stride() == self.stride:
-            return v
-        return torch.empty_strided(v.shape, self.stride, dtype=v.dtype, device=v.device).copy_(v)
+        return restride((p.detach().t() if self.transposed else p.detach()).to(self.dtype), self.stride)
 
 
 def _pack_bool(flat: torch.Tensor) -> torch.Tensor:
@@ -191,12 +184,6 @@ def _unpack_bool(bits: torch.Tensor, numel: int) -> torch.Tensor:
     return ((bits.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
 
 
-def _strided_like(logical: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
-    if logical.stride() == stride:
-        return logical
-    return torch.empty_strided(logical.shape, stride, dtype=logical.dtype, device=logical.device).copy_(logical)
-
-
 class _Mask:
     """A tensor an op reads only through one comparison, kept as a 1-bit mask (see :class:`SavedTensorCodec`).
 
@@ -219,11 +206,11 @@ class _Mask:
     def unpack(self) -> torch.Tensor:
         m = self.bool_mask()
         if self.dtype == torch.bool:
-            return _strided_like(m, self.stride)
+            return restride(m, self.stride)
         t = m.to(self.dtype)  # inside where set, outside where clear, by one multiply-add (no where)
         if self.inside != 1.0 or self.outside != 0.0:
             t.mul_(self.inside - self.outside).add_(self.outside)
-        return _strided_like(t, self.stride)
+        return restride(t, self.stride)
 
 
 class _ShapeOnly:
@@ -480,10 +467,9 @@ class SavedTensorCodec:
                 return None
             weight = kwargs.get("weight", args[3] if len(args) > 3 else None)
             bias = kwargs.get("bias", args[4] if len(args) > 4 else None)
-            record = BNRecord(weight, bias)
-            record.eps = float(kwargs.get("eps", args[7] if len(args) > 7 else 1e-5))
-            record.skip = {id(a) for a in (args[1:3] if len(args) > 2 else ()) if isinstance(a, torch.Tensor)}
-            record.skip |= {id(kwargs[k]) for k in ("running_mean", "running_var") if kwargs.get(k) is not None}
+            skip = {id(a) for a in (args[1:3] if len(args) > 2 else ()) if isinstance(a, torch.Tensor)}
+            skip |= {id(kwargs[k]) for k in ("running_mean", "running_var") if kwargs.get(k) is not None}
+            record = BNRecord(weight, bias, float(kwargs.get("eps", args[7] if len(args) > 7 else 1e-5)), skip)
             self._bn_pending.append(record)
             return record
         if kind == "norm" and func is F.layer_norm and self._norm_bits() is not None and torch.is_grad_enabled():
@@ -493,10 +479,9 @@ class SavedTensorCodec:
                 return None
             weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
             bias = kwargs.get("bias", args[3] if len(args) > 3 else None)
-            record = LNRecord(weight, bias)
-            record.eps = float(kwargs.get("eps", args[4] if len(args) > 4 else 1e-5))
-            record.normalized_dims = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
-            record.skip = set()
+            dims = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
+            record = LNRecord(weight, bias, float(kwargs.get("eps", args[4] if len(args) > 4 else 1e-5)),
+                              normalized_dims=dims)
             self._bn_pending.append(record)
             return record
         if kind in ("relu", "hardtanh") and self._bn_out and args and isinstance(args[0], torch.Tensor):
@@ -534,14 +519,12 @@ class SavedTensorCodec:
             self._bn_pending.remove(record)
             bits = self._bn_bits() if kind == "batch_norm" else self._norm_bits()
             if isinstance(out, torch.Tensor) and record.finalize(
-                    lambda xhat: _Packed(xhat, bits, self._generator(xhat.device), self.kernels), record.eps,
+                    lambda xhat: _Packed(xhat, bits, self._generator(xhat.device), self.kernels),
                     self._affine_packer(bits) if kind == "batch_norm" else None):
                 self.stats["coded"] += 1
                 for part in record.codes.tensors():
                     self._record(part, "codes" if part.dtype == torch.uint8 else None)
-                self._bn_out[tensor_key(out)] = (record, weakref.ref(out))
-                if out.is_contiguous():  # a contiguous view of it (a linear layer's 2-D input) is the same value
-                    self._bn_view[(out.data_ptr(), out._version, out.numel())] = (record, weakref.ref(out))
+                self._rebuildable(out, record)
         elif kind == "relu" and isinstance(out, torch.Tensor) and self._last_mask is not None:
             self._derived[tensor_key(out)] = ReluOfBN(record, self._last_mask, out)
         elif kind == "hardtanh" and isinstance(out, torch.Tensor) and self._last_above is not None:
@@ -552,14 +535,17 @@ class SavedTensorCodec:
             ra = record[1] if record[1] is not None else self._recipe_of(entry[2][0])
             ra = ra if isinstance(out, torch.Tensor) else None
             if ra is not None:
-                recipe = UnaryRecipe(_UNARY[entry[1]], ra, {k: v for k, v in entry[3].items() if k == "approximate"})
-                self._bn_out[tensor_key(out)] = (recipe, weakref.ref(out))
-                if out.is_contiguous():
-                    self._bn_view[(out.data_ptr(), out._version, out.numel())] = (recipe, weakref.ref(out))
-        elif isinstance(record, SumRecipe) and isinstance(out, torch.Tensor):  # a rebuildable value
-            self._bn_out[tensor_key(out)] = (record, weakref.ref(out))
-            if out.is_contiguous():
-                self._bn_view[(out.data_ptr(), out._version, out.numel())] = (record, weakref.ref(out))
+                self._rebuildable(out, UnaryRecipe(_UNARY[entry[1]], ra,
+                                                   {k: v for k, v in entry[3].items() if k == "approximate"}))
+        elif isinstance(record, SumRecipe) and isinstance(out, torch.Tensor):
+            self._rebuildable(out, record)
+
+    def _rebuildable(self, out: torch.Tensor, recipe: Any) -> None:
+        """``out`` can be rebuilt by ``recipe``: for an op that keeps it, or a contiguous view of it (a linear
+        layer's 2-D input is the same value), while it is alive."""
+        self._bn_out[tensor_key(out)] = (recipe, weakref.ref(out))
+        if out.is_contiguous():
+            self._bn_view[(out.data_ptr(), out._version, out.numel())] = (recipe, weakref.ref(out))
 
     def _bn_saved(self, t: torch.Tensor, record: BNRecord) -> Any:
         """What a BN call under way keeps of ``t``: its input as the record's codes; the statistics, running buffers

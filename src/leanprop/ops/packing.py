@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["PACK_BITS", "memory_format_of", "flat_memory_view", "from_flat_memory", "pack_bits", "unpack_bits",
-           "packed_numel"]
+           "restride", "packed_numel"]
 
 PACK_BITS = (1, 2, 4, 8)
 
@@ -36,6 +36,13 @@ def from_flat_memory(flat: torch.Tensor, shape: torch.Size, memory_format: torch
         n, c, h, w = shape
         return flat.view(n, h, w, c).permute(0, 3, 1, 2)
     return flat.view(shape)
+
+
+def restride(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """``t`` with the given strides (itself when it has them already): how rebuilt saved tensors get their layout."""
+    if t.stride() == tuple(stride):
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def packed_numel(numel: int, bits: int) -> int:

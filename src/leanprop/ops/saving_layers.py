@@ -12,8 +12,6 @@ training paths run eagerly inside a compiled graph (``torch.compiler.disable``, 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,17 +19,11 @@ from torch.autograd.function import once_differentiable
 
 from leanprop.ops.kernels import CKernels
 from leanprop.ops.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
-from leanprop.utils import set_submodule
+from leanprop.utils import set_submodule, swap_class
 
 __all__ = ["mask_relu", "max_pool2d_window_index", "MaskReLU", "IndexMaxPool2d", "EagerReLU", "SAVING_LAYERS",
            "to_mask_relu", "from_mask_relu", "to_index_maxpool", "from_index_maxpool", "to_eager_relu",
            "from_eager_relu", "keep_masks_", "keep_relu_outputs_eager_", "revert_saving_layers_"]
-
-
-def _swap_class(module: nn.Module, cls: type) -> nn.Module:
-    new = copy.copy(module)  # shares the Parameter and buffer objects
-    new.__class__ = cls
-    return new
 
 
 class _MaskReLU(torch.autograd.Function):
@@ -133,13 +125,13 @@ class MaskReLU(nn.ReLU):
 
 
 def to_mask_relu(relu: nn.ReLU, kernels) -> MaskReLU:
-    new = _swap_class(relu, MaskReLU)
+    new = swap_class(relu, MaskReLU)
     new.kernels = kernels
     return new
 
 
 def from_mask_relu(relu: MaskReLU) -> nn.ReLU:
-    old = _swap_class(relu, nn.ReLU)
+    old = swap_class(relu, nn.ReLU)
     old.__dict__.pop("kernels", None)
     return old
 
@@ -162,11 +154,11 @@ def to_index_maxpool(pool: nn.MaxPool2d) -> nn.MaxPool2d:
     """``pool`` as an :class:`IndexMaxPool2d` (same attributes), or ``pool`` itself when its window has more
     than 256 positions or it returns indices."""
     kh, kw = torch.nn.modules.utils._pair(pool.kernel_size)
-    return pool if pool.return_indices or kh * kw > 256 else _swap_class(pool, IndexMaxPool2d)
+    return pool if pool.return_indices or kh * kw > 256 else swap_class(pool, IndexMaxPool2d)
 
 
 def from_index_maxpool(pool: IndexMaxPool2d) -> nn.MaxPool2d:
-    return _swap_class(pool, nn.MaxPool2d)
+    return swap_class(pool, nn.MaxPool2d)
 
 
 class EagerReLU(nn.ReLU):
@@ -192,16 +184,12 @@ class EagerReLU(nn.ReLU):
 
 def to_eager_relu(relu: nn.ReLU) -> EagerReLU:
     """The same ReLU (``inplace``, mode, hooks) as an :class:`EagerReLU`."""
-    new = copy.copy(relu)
-    new.__class__ = EagerReLU
-    return new
+    return swap_class(relu, EagerReLU)
 
 
 def from_eager_relu(relu: EagerReLU) -> nn.ReLU:
     """A plain ``nn.ReLU`` again (same ``inplace``, mode, hooks)."""
-    old = copy.copy(relu)
-    old.__class__ = nn.ReLU
-    return old
+    return swap_class(relu, nn.ReLU)
 
 
 SAVING_LAYERS = (MaskReLU, IndexMaxPool2d, EagerReLU)

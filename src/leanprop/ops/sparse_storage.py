@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from leanprop.ops.packing import flat_memory_view, from_flat_memory, memory_format_of, pack_bits, unpack_bits
+from leanprop.ops.sparsify import magnitude_mask, sparsify
 
 __all__ = ["PackedSparse", "pack_sparse", "pack_above", "unpack_sparse", "pack_mask", "unpack_mask",
            "pack_weight_mask", "restore_sparse_weight", "THRESHOLD_ATTR"]
@@ -93,8 +94,6 @@ def restore_sparse_weight(weight: Tensor, bits: Tensor, meta: Any, dtype: torch.
     """``W_s`` from the dense Parameter and what :func:`pack_weight_mask` kept, in ``dtype`` (exact: zeros stay zero
     under a cast, kept entries are the Parameter's)."""
     if meta == "threshold":
-        from leanprop.ops.sparsify import sparsify
-
         return sparsify(weight.detach(), bits).to(dtype)
     return torch.where(unpack_mask(bits, meta), weight.detach(), 0).to(dtype)
 
@@ -130,8 +129,6 @@ def pack_above(t: Tensor, thr: Tensor | float, use_kernels: bool = True) -> tupl
     """:func:`pack_sparse` of ``keep = |t| >= thr`` (``thr`` compared as fp32), through the compiled kernels
     for CPU fp32/bf16 tensors when they are available. A threshold tensor on an accelerator stays a tensor (no
     host sync for it) and takes the torch ops."""
-    from leanprop.ops.sparsify import magnitude_mask
-
     k = _cpu_kernels_for(t, thr) if use_kernels else None
     if k is None:
         return pack_sparse(t, magnitude_mask(t, thr))

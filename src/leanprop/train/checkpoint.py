@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from leanprop.utils import atomic_torch_save, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
-
 FORMAT = "leanprop-checkpoint"
 VERSION = 1
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from leanprop.utils import atomic_write_text, environment, git_sha  # noqa: F401 (re-exported)
+from leanprop.utils import atomic_write_text
 
 METRIC_FIELDS = [
     "epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",

@@ -32,8 +32,9 @@ from leanprop.ops.autocast import autocast_context
 from leanprop.train import checkpoint as ckpt_io
 from leanprop.train import distributed as dist_util
 from leanprop.train.optim import build_optimizer
-from leanprop.train.run_log import MetricsCSV, TensorBoard, environment, write_config, write_env
+from leanprop.train.run_log import MetricsCSV, TensorBoard, write_config, write_env
 from leanprop.train.schedules import LRSchedule
+from leanprop.utils import atomic_torch_save, environment
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -422,9 +423,9 @@ class Trainer:
             if tb:
                 tb.log(row, self.step)
             state = self.state_dict()
-            ckpt_io.atomic_torch_save(state, self.run_dir / CHECKPOINT_NAME)
+            atomic_torch_save(state, self.run_dir / CHECKPOINT_NAME)
             if is_best:
-                ckpt_io.atomic_torch_save(state, self.run_dir / BEST_NAME)
+                atomic_torch_save(state, self.run_dir / BEST_NAME)
             msg = (f"epoch {self.epoch}/{cfg.train.epochs}: train loss {stats['loss']:.3f} "
                    f"acc {stats['top1']:.1f}% | {row['train_images_per_s']:.0f} img/s")
             if "test_top1" in row:
