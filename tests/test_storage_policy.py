@@ -252,3 +252,80 @@ def test_compiled_bn_codes_rebuild_what_the_torch_path_rebuilds():
     g_c, g_t = _grads(m_c, x, y), _grads(m_t, x, y)
     assert F.cosine_similarity(g_c, exact, 0) > 0.999 and F.cosine_similarity(g_c, g_t, 0) > 0.9999
     assert c.stats["derived"] == 4
+
+
+class _CountingKernels:
+    """The compiled kernels, counting the calls of each binding."""
+
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, {}
+
+    def __getattr__(self, name):
+        f = getattr(self.kernels, name)
+
+        def counted(*a, **kw):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return f(*a, **kw)
+
+        return counted if callable(f) else f
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_compiled_bn_codes_take_channels_last_and_bf16_autocast(amp):
+    """Channels-last tensors, and the bf16 BN inputs of CPU autocast, go through the compiled coder too (codes and
+    masks in memory order, decoded straight to the saved dtype), with the gradients of the torch-op path."""
+    from leanprop.ops.kernels import load_kernels
+
+    kernels = load_kernels(required=False)
+    if kernels is None:
+        pytest.skip("no C compiler: the torch-op coder is the one in use")
+    torch.manual_seed(0)
+    model = _PostAct().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+
+    def grads(m):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(x)
+        F.cross_entropy(out.float(), y).backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    counting = _CountingKernels(kernels)
+    m_c, c = _with_codec(model, 8, kernels=counting)
+    m_t, _ = _with_codec(model, 8)
+    g_c, g_t, exact = grads(m_c), grads(m_t), grads(model)
+    assert counting.calls.get("group_encode_affine") == 5  # every BN input
+    assert counting.calls.get("group_decode_affine", 0) >= 5
+    assert c.stats["derived"] == 4
+    assert F.cosine_similarity(g_c, g_t, 0) > (0.999 if amp else 0.9999)
+    assert F.cosine_similarity(g_c, exact, 0) > (0.99 if amp else 0.999)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_affine_group_kernels_follow_the_memory_order(dtype):
+    """Codes of a channels-last tensor are the codes of its NHWC memory order with the channel innermost; the
+    decode (with a mask in that order) gives back the same layout and dtype."""
+    import numpy as np
+
+    from leanprop.ops.kernels import load_kernels
+
+    kernels = load_kernels(required=False)
+    if kernels is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8, 8).to(dtype)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    shift, scale = torch.randn(16), torch.rand(16) + 0.5
+    packed, lo, step = kernels.group_encode_affine(cl, shift, scale, 8, 256)
+    v = (cl.float() - shift.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+    ref = kernels.group_encode(v.permute(0, 2, 3, 1).reshape(-1, 256).contiguous(), 8)
+    assert torch.equal(packed, ref[0]) and torch.allclose(lo, ref[1]) and torch.allclose(step, ref[2])
+    keep = torch.rand(x.shape) > 0.5
+    mask = torch.from_numpy(np.packbits(keep.permute(0, 2, 3, 1).reshape(-1).numpy()))
+    w, b = torch.rand(16), torch.randn(16)
+    out = kernels.group_decode_affine(packed, lo, step, 8, 256, tuple(x.shape), w, b, mask, None, dtype, True)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    xhat = kernels.group_decode(packed, lo, step, 8, 256).view(4, 8, 8, 16).permute(0, 3, 1, 2)
+    expect = (xhat * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)) * keep
+    assert torch.allclose(out.float(), expect, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -56,14 +56,16 @@ def _check_version(p: torch.Tensor | None, version: int | None) -> None:
 
 
 class AffineCodes:
-    """Group codes of ``xhat`` made straight from an NCHW fp32 BN input by the compiled kernels (no ``xhat`` tensor),
-    decoded straight into ``x``, ``gamma * xhat + beta`` or ``ReLU`` of it (:meth:`decode`)."""
+    """Group codes of ``xhat`` made straight from a CPU fp32/bf16 BN input (NCHW- or channels-last-contiguous) by the
+    compiled kernels (no ``xhat`` tensor), decoded straight into ``x``, ``gamma * xhat + beta`` or ``ReLU`` of it
+    (:meth:`decode`), in the input's memory layout."""
 
-    __slots__ = ("kernels", "packed", "lo", "step", "bits", "group", "shape")
+    __slots__ = ("kernels", "packed", "lo", "step", "bits", "group", "shape", "channels_last")
 
     def __init__(self, kernels: Any, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, bits: int, group: int,
                  seeds: torch.Tensor | None):
         self.kernels, self.bits, self.group, self.shape = kernels, bits, group, tuple(x.shape)
+        self.channels_last = not x.is_contiguous()  # the kernels' gate admits only the two layouts
         self.packed, self.lo, self.step = kernels.group_encode_affine(x, mean.contiguous(), invstd.contiguous(), bits,
                                                                       group, seeds)
 
@@ -71,9 +73,11 @@ class AffineCodes:
         return [self.packed, self.lo, self.step]
 
     def decode(self, scale: torch.Tensor | None, shift: torch.Tensor | None, mask: Any = None,
-               addend: torch.Tensor | None = None) -> torch.Tensor:
+               addend: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(xhat * scale + shift (+ addend))``, zero where ``mask`` (packed bits in the same memory order) is
+        clear, as a ``dtype`` tensor in the encoded layout."""
         return self.kernels.group_decode_affine(self.packed, self.lo, self.step, self.bits, self.group, self.shape,
-                                                scale, shift, mask, addend)
+                                                scale, shift, mask, addend, dtype, self.channels_last)
 
     def unpack(self) -> torch.Tensor:
         return self.decode(None, None)
@@ -122,11 +126,11 @@ class BNRecord:
         """The input rebuilt from ``xhat``: ``xhat / invstd + mean``."""
         return xhat / _per_channel(self.invstd, xhat) + _per_channel(self.mean, xhat)
 
-    def rebuilt_input(self) -> torch.Tensor:
-        """The rebuilt input (one compiled pass where the codes allow)."""
-        if isinstance(self.codes, AffineCodes):
-            return self.codes.decode(1.0 / self.invstd, self.mean)
-        return self.x_from(self.xhat())
+    def rebuilt_input(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The rebuilt input (one compiled pass, straight to ``dtype``, where the codes allow)."""
+        if isinstance(self.codes, AffineCodes) and dtype in (torch.float32, torch.bfloat16):
+            return self.codes.decode(1.0 / self.invstd, self.mean, dtype=dtype)
+        return self.x_from(self.xhat()).to(dtype)
 
     def affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         _check_version(self.weight, self.versions[0])
@@ -172,8 +176,8 @@ class LNRecord(BNRecord):
     def x_from(self, xhat: torch.Tensor) -> torch.Tensor:
         return xhat / self.invstd + self.mean
 
-    def rebuilt_input(self) -> torch.Tensor:
-        return self.x_from(self.xhat())
+    def rebuilt_input(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.x_from(self.xhat()).to(dtype)
 
     def y(self, like: torch.Tensor) -> torch.Tensor:
         _check_version(self.weight, self.versions[0])
@@ -219,7 +223,7 @@ class BNInput:
         return self.record.codes.tensors() if self.record.codes is not None else []
 
     def unpack(self) -> torch.Tensor:
-        return restride(self.record.rebuilt_input().to(self.dtype), self.stride)
+        return restride(self.record.rebuilt_input(self.dtype), self.stride)
 
 
 class RecipeValue:
@@ -271,16 +275,20 @@ class ReluOfBN:
 
     def unpack(self) -> torch.Tensor:
         r = self.record
-        cpu = self.mask.bits.device.type == "cpu"
-        if self.clamp is None and type(r) is BNRecord and isinstance(r.codes, AffineCodes) and cpu:
+        fused = (self.clamp is None and self.mask.bits.device.type == "cpu"
+                 and self.dtype in (torch.float32, torch.bfloat16))
+        if fused and type(r) is BNRecord and isinstance(r.codes, AffineCodes) \
+                and r.codes.channels_last == self.mask.channels_last:
             # ReLU(gamma * xhat + beta) in one compiled pass
-            return restride(r.codes.decode(*r.affine(), self.mask.bits).to(self.dtype), self.stride)
-        if self.clamp is None and isinstance(r, SumRecipe) and cpu:  # ReLU(BN + identity): the same, plus the identity
+            return restride(r.codes.decode(*r.affine(), self.mask.bits, dtype=self.dtype), self.stride)
+        if fused and isinstance(r, SumRecipe):  # ReLU(BN + identity): the same, plus the identity
             for bn, other in ((r.a, r.b), (r.b, r.a)):
-                if type(bn) is BNRecord and isinstance(bn.codes, AffineCodes):
+                if type(bn) is BNRecord and isinstance(bn.codes, AffineCodes) \
+                        and bn.codes.channels_last == self.mask.channels_last:
                     like = torch.empty(0).new_empty(self.shape, device="meta")
-                    z = bn.codes.decode(*bn.affine(), self.mask.bits, other.y(like).reshape(self.shape))
-                    return restride(z.to(self.dtype), self.stride)
+                    z = bn.codes.decode(*bn.affine(), self.mask.bits, other.y(like).reshape(self.shape),
+                                        dtype=self.dtype)
+                    return restride(z, self.stride)
         like = torch.empty(0).new_empty(self.shape, device="meta")
         y = r.y(like)
         m = self.mask.bool_mask().view(self.shape)

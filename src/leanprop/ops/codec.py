@@ -188,12 +188,14 @@ class _Mask:
     """A tensor an op reads only through one comparison, kept as a 1-bit mask (see :class:`SavedTensorCodec`).
 
     ``inside``/``outside``: the values the rebuilt tensor holds where the mask is set / clear (chosen so that the
-    op's backward takes the same branch as with the original); a bool tensor is rebuilt as itself."""
+    op's backward takes the same branch as with the original); a bool tensor is rebuilt as itself. The bits follow
+    the memory order of a channels-last mask (``channels_last``), else its logical (NCHW) order."""
 
-    __slots__ = ("bits", "shape", "stride", "dtype", "inside", "outside")
+    __slots__ = ("bits", "shape", "stride", "dtype", "inside", "outside", "channels_last")
 
     def __init__(self, mask: torch.Tensor, like: torch.Tensor, inside: float, outside: float):
-        self.bits = _pack_bool(mask.reshape(-1))
+        self.channels_last = _is_channels_last(mask)
+        self.bits = _pack_bool(mask.permute(0, 2, 3, 1).reshape(-1) if self.channels_last else mask.reshape(-1))
         self.shape, self.stride, self.dtype = like.shape, like.stride(), like.dtype
         self.inside, self.outside = inside, outside
 
@@ -201,7 +203,11 @@ class _Mask:
         return [self.bits]
 
     def bool_mask(self) -> torch.Tensor:
-        return _unpack_bool(self.bits, _numel(self.shape)).view(self.shape)
+        m = _unpack_bool(self.bits, _numel(self.shape))
+        if self.channels_last:
+            n, c, h, w = self.shape
+            return m.view(n, h, w, c).permute(0, 3, 1, 2)
+        return m.view(self.shape)
 
     def unpack(self) -> torch.Tensor:
         m = self.bool_mask()
@@ -211,6 +217,11 @@ class _Mask:
         if self.inside != 1.0 or self.outside != 0.0:
             t.mul_(self.inside - self.outside).add_(self.outside)
         return restride(t, self.stride)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also NCHW-contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 class _ShapeOnly:
@@ -441,14 +452,15 @@ class SavedTensorCodec:
         return None if bits is None or bits >= 32 else bits
 
     def _affine_packer(self, bits: int) -> Any:
-        """The compiled xhat coder for a BN input it can take (CPU fp32 NCHW-contiguous, whole groups), else None."""
+        """The compiled xhat coder for a BN input it can take (CPU fp32/bf16, NCHW- or channels-last-contiguous, whole
+        groups), else None."""
         kernels = self.kernels
         if kernels is None:
             return None
 
         def pack(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> Any:
-            if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 3 or not x.is_contiguous() \
-                    or x.numel() % GROUP:
+            if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() < 3 \
+                    or not (x.is_contiguous() or _is_channels_last(x)) or x.numel() % GROUP:
                 return None
             g = self._generator(x.device)
             seeds = None if g is None else torch.randint(-(2**63), 2**63 - 1, (x.numel() // GROUP,), generator=g,

@@ -25,7 +25,7 @@ import torch
 
 from leanprop.utils import cache_dir, file_lock
 
-__all__ = ["CKernels", "load_kernels", "kernel_layout"]
+__all__ = ["CKernels", "affine_layout", "load_kernels", "kernel_layout"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 # -fno-trapping-math lets floorf vectorise; none of these flags changes a result (no fast-math)
@@ -69,9 +69,10 @@ class CKernels:
         lib.blpa_unpack.argtypes = [p, i64, i32, p, i32]
         lib.group_encode_f32.argtypes = [p, p, i64, i64, i32, p, p, p, i32]
         lib.group_decode_f32.argtypes = [p, p, p, i64, i64, i32, p, i32]
-        lib.group_encode_affine_f32.argtypes = [p, p, p, i64, i64, p, i64, i64, i32, p, p, p, i32]
-        lib.group_decode_affine_f32.argtypes = [p, p, p, i64, i64, i32, p, p, i64, i64, p, p, p, i32]
         for suf in _SUFFIX.values():
+            getattr(lib, f"group_encode_affine_{suf}").argtypes = [p, p, p, i64, i64, p, i64, i64, i32, p, p, p, i32]
+            getattr(lib, f"group_decode_affine_{suf}").argtypes = [p, p, p, i64, i64, i32, p, p, i64, i64, p, p, p,
+                                                                   i32]
             getattr(lib, f"blpa_encode_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, i32, p, i32]
             getattr(lib, f"blpa_decode_z_{suf}").argtypes = [p, p, i64, i64, i64, i32, i32, p, i32]
             getattr(lib, f"blpa_bn_sums_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, p, i32]
@@ -130,34 +131,37 @@ class CKernels:
 
     def group_encode_affine(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, bits: int, group: int,
                             seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`group_encode` of ``(x - shift[c]) * scale[c]`` for an NCHW-contiguous fp32 ``x`` (numel a multiple
-        of ``group``; ``shift``/``scale``: contiguous fp32 ``(C,)``) without materialising it."""
+        """:meth:`group_encode` of ``(x - shift[c]) * scale[c]`` in the memory order of an fp32/bf16 ``x`` that is
+        NCHW- or channels-last-contiguous (:func:`affine_layout`; numel a multiple of ``group``; ``shift``/``scale``:
+        contiguous fp32 ``(C,)``) without materialising it."""
         _require_cpu(x, shift, scale)
-        c, inner = x.shape[1], x[0, 0].numel()
+        c, inner = affine_layout(x)
         ng = x.numel() // group
         packed = torch.empty(ng * group * bits // 8, dtype=torch.uint8)
         lo, step = torch.empty(ng, 1), torch.empty(ng, 1)
-        self.lib.group_encode_affine_f32(x.data_ptr(), shift.data_ptr(), scale.data_ptr(), c, inner,
-                                         None if seeds is None else seeds.data_ptr(), ng, group, bits,
-                                         packed.data_ptr(), lo.data_ptr(), step.data_ptr(), torch.get_num_threads())
+        getattr(self.lib, f"group_encode_affine_{_SUFFIX[x.dtype]}")(
+            x.data_ptr(), shift.data_ptr(), scale.data_ptr(), c, inner, None if seeds is None else seeds.data_ptr(),
+            ng, group, bits, packed.data_ptr(), lo.data_ptr(), step.data_ptr(), torch.get_num_threads())
         return packed, lo, step
 
     def group_decode_affine(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, group: int,
                             shape: tuple[int, ...], scale: torch.Tensor | None, shift: torch.Tensor | None,
-                            mask: torch.Tensor | None = None, addend: torch.Tensor | None = None) -> torch.Tensor:
-        """``(lo + q * step) * scale[c] + shift[c] (+ addend)`` as an NCHW fp32 tensor of ``shape``, zero where the
-        packed ``mask`` (NumPy packbits order) is clear; ``addend``: a contiguous fp32 tensor of ``shape``."""
+                            mask: torch.Tensor | None = None, addend: torch.Tensor | None = None,
+                            dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+        """``(lo + q * step) * scale[c] + shift[c] (+ addend)`` as a ``dtype`` (fp32/bf16) tensor of ``shape``, laid
+        out as the encoded tensor was (``channels_last`` or NCHW), zero where the packed ``mask`` (NumPy packbits
+        order, same memory order) is clear; ``addend``: a tensor of ``shape``."""
         _require_cpu(packed, lo, step)
-        if addend is not None and (addend.dtype != torch.float32 or not addend.is_contiguous()):
-            addend = addend.float().contiguous()
-        out = torch.empty(shape)
-        c, inner = shape[1], out[0, 0].numel()
-        self.lib.group_decode_affine_f32(packed.data_ptr(), lo.data_ptr(), step.data_ptr(), lo.numel(), group, bits,
-                                         None if scale is None else scale.data_ptr(),
-                                         None if shift is None else shift.data_ptr(), c, inner,
-                                         None if addend is None else addend.data_ptr(),
-                                         None if mask is None else mask.data_ptr(), out.data_ptr(),
-                                         torch.get_num_threads())
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if addend is not None:
+            addend = addend.to(torch.float32).contiguous(memory_format=fmt)
+        out = torch.empty(shape, dtype=dtype, memory_format=fmt)
+        c, inner = affine_layout(out)
+        getattr(self.lib, f"group_decode_affine_{_SUFFIX[dtype]}")(
+            packed.data_ptr(), lo.data_ptr(), step.data_ptr(), lo.numel(), group, bits,
+            None if scale is None else scale.data_ptr(), None if shift is None else shift.data_ptr(), c, inner,
+            None if addend is None else addend.data_ptr(), None if mask is None else mask.data_ptr(), out.data_ptr(),
+            torch.get_num_threads())
         return out
 
     def unpack(self, packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -300,6 +304,16 @@ def kernel_layout(t: torch.Tensor) -> tuple[int, int, int, int]:
         raise ValueError("BLPA kernels need an NCHW- or channels-last-contiguous tensor")
     n, c = t.shape[0], t.shape[1]
     return n, c, t[0, 0].numel() if t.dim() > 2 else 1, 0
+
+
+def affine_layout(t: torch.Tensor) -> tuple[int, int]:
+    """``(C, inner)`` of the group-affine kernels for ``t`` in its memory order: the channel of element ``i`` is
+    ``(i // inner) % C`` (NCHW-contiguous: ``inner = H * W``; 4-D channels-last: ``inner = 1``)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.shape[1], 1
+    if not t.is_contiguous():
+        raise ValueError("the group-affine kernels need an NCHW- or channels-last-contiguous tensor")
+    return t.shape[1], t[0, 0].numel()
 
 
 def load_kernels(required: bool = False) -> CKernels | None:

@@ -410,6 +410,32 @@ DEFINE_RELU_MASK(uint16_t, bf16, bf16_load)
  * q = clamp(floor((v - lo) / step + r), 0, 2^bits - 1) with r = 0.5 (nearest, ties up) or r uniform in [0, 1)
  * (stochastic): drawn by a xorshift64* generator per group, seeded by seeds[g] (the caller draws them from its
  * torch generator, so the draws follow its seed). Packed like blpa_pack; decode writes lo + q * step. */
+/* range of a group: min and max of v[0..G) (G > 0) */
+static inline void group_minmax(const float *v, int64_t G, float *lo_out, float *hi_out) {
+    int64_t i = 0;
+    float lo = v[0], hi = v[0];
+#if defined(__AVX512F__)
+    if (G >= 16) {
+        __m512 mn = _mm512_loadu_ps(v), mx = mn;
+        for (i = 16; i + 16 <= G; i += 16) {
+            const __m512 t = _mm512_loadu_ps(v + i);
+            mn = _mm512_min_ps(mn, t);
+            mx = _mm512_max_ps(mx, t);
+        }
+        lo = _mm512_reduce_min_ps(mn);
+        hi = _mm512_reduce_max_ps(mx);
+    }
+#endif
+    for (; i < G; ++i) { lo = MINF(lo, v[i]); hi = MAXF(hi, v[i]); }
+    *lo_out = lo;
+    *hi_out = hi;
+}
+/* MASK_LUT[m][l] = bit 7 - l of m as 0.0 / 1.0: a packed mask byte as 8 multipliers (vectorisable) */
+static float MASK_LUT[256][8];
+__attribute__((constructor)) static void init_mask_lut(void) {
+    for (int m = 0; m < 256; ++m)
+        for (int l = 0; l < 8; ++l) MASK_LUT[m][l] = (float)((m >> (7 - l)) & 1);
+}
 static inline float uniform01(uint64_t *s) {
     uint64_t x = *s;
     x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
@@ -440,8 +466,8 @@ void group_encode_f32(const float *x, const uint64_t *seeds, int64_t ngroups, in
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < ngroups; ++g) {
             const float *v = x + g * G;
-            float lo = v[0], hi = v[0];
-            for (int64_t i = 1; i < G; ++i) { lo = MINF(lo, v[i]); hi = MAXF(hi, v[i]); }
+            float lo, hi;
+            group_minmax(v, G, &lo, &hi);
             const float step = quantize_group(v, G, lo, hi, levels, seeds ? seeds + g : 0, q);
             pack_chunk(q, G, bits, packed + g * (G / k));
             lo_out[g] = lo;
@@ -465,70 +491,91 @@ void group_decode_f32(const uint8_t *packed, const float *lo, const float *step,
     }
 }
 
-/* The same group codes of a per-channel affine image of an NCHW-contiguous fp32 tensor, v = (x - shift[c]) * scale[c]
- * with c = (i / inner) % C -- a BatchNorm input's xhat without materialising it (leanprop.ops.bn_units) -- and the
- * decode of such codes back through an affine, y = (lo + q * step) * scale[c] + shift[c] (+ addend[i], a residual
- * branch), optionally zeroed where a 1-bit mask (bit 7 - i % 8 of byte i / 8, as NumPy's packbits) is clear: a ReLU
- * of a rebuilt BN output, or of BN output + identity, in one pass.
+/* The same group codes of a per-channel affine image of a tensor in its memory order, v = (x - shift[c]) * scale[c]
+ * with c = (i / inner) % C (NCHW-contiguous: inner = H * W; channels-last: inner = 1) -- a BatchNorm input's xhat
+ * without materialising it (leanprop.ops.bn_units) -- and the decode of such codes back through an affine,
+ * y = (lo + q * step) * scale[c] + shift[c] (+ addend[i], a residual branch, fp32 in the same memory order),
+ * optionally zeroed where a 1-bit mask (bit 7 - i % 8 of byte i / 8, as NumPy's packbits, same memory order) is
+ * clear: a ReLU of a rebuilt BN output, or of BN output + identity, in one pass. x and y are fp32 or bf16.
  * numel must be a multiple of G. */
-void group_encode_affine_f32(const float *x, const float *shift, const float *scale, int64_t C, int64_t inner,
-                             const uint64_t *seeds, int64_t ngroups, int64_t G, int bits, uint8_t *packed,
-                             float *lo_out, float *step_out, int nt) {
-    const int k = 8 / bits;
-    const float levels = (float)((1 << bits) - 1);
-    #pragma omp parallel num_threads(nt)
-    {
-        uint8_t q[4096];
-        float v[4096];
-        #pragma omp for schedule(static)
-        for (int64_t g = 0; g < ngroups; ++g) {
-            const int64_t i0 = g * G;
-            int64_t c = (i0 / inner) % C, r = i0 % inner;
-            float lo = 0.0f, hi = 0.0f;
-            for (int64_t i = 0; i < G; ++i) {
-                const float t = (x[i0 + i] - shift[c]) * scale[c];
-                v[i] = t;
-                if (i == 0) { lo = t; hi = t; } else { lo = MINF(lo, t); hi = MAXF(hi, t); }
-                if (++r == inner) { r = 0; if (++c == C) c = 0; }
-            }
-            const float step = quantize_group(v, G, lo, hi, levels, seeds ? seeds + g : 0, q);
-            pack_chunk(q, G, bits, packed + g * (G / k));
-            lo_out[g] = lo;
-            step_out[g] = step;
-        }
-    }
+#define DEFINE_AFFINE(T_, SUF, LOAD, STORE)                                                                    \
+void group_encode_affine_##SUF(const T_ *x, const float *shift, const float *scale, int64_t C, int64_t inner,  \
+                               const uint64_t *seeds, int64_t ngroups, int64_t G, int bits, uint8_t *packed,    \
+                               float *lo_out, float *step_out, int nt) {                                        \
+    const int k = 8 / bits;                                                                                     \
+    const float levels = (float)((1 << bits) - 1);                                                              \
+    _Pragma("omp parallel num_threads(nt)")                                                                     \
+    {                                                                                                           \
+        uint8_t q[4096];                                                                                        \
+        float v[4096];                                                                                          \
+        _Pragma("omp for schedule(static)")                                                                     \
+        for (int64_t g = 0; g < ngroups; ++g) {                                                                 \
+            const int64_t i0 = g * G;                                                                           \
+            int64_t c = (i0 / inner) % C, r = i0 % inner, i = 0;                                                \
+            if (inner == 1 && G % C == 0) /* channels-last, whole pixels: rows of C channels, vectorisable */    \
+                for (; i < G; i += C)                                                                           \
+                    for (int64_t t = 0; t < C; ++t) v[i + t] = (LOAD(x, i0 + i + t) - shift[t]) * scale[t];      \
+            while (i < G) { /* runs of one channel */                                                           \
+                const int64_t n = (G - i) < (inner - r) ? (G - i) : (inner - r);                                \
+                const float sh = shift[c], sc = scale[c];                                                       \
+                for (int64_t t = 0; t < n; ++t) v[i + t] = (LOAD(x, i0 + i + t) - sh) * sc;                      \
+                i += n;                                                                                         \
+                r = 0;                                                                                          \
+                if (++c == C) c = 0;                                                                            \
+            }                                                                                                   \
+            float lo, hi;                                                                                       \
+            group_minmax(v, G, &lo, &hi);                                                                       \
+            const float step = quantize_group(v, G, lo, hi, levels, seeds ? seeds + g : 0, q);                  \
+            pack_chunk(q, G, bits, packed + g * (G / k));                                                       \
+            lo_out[g] = lo;                                                                                     \
+            step_out[g] = step;                                                                                 \
+        }                                                                                                       \
+    }                                                                                                           \
+}                                                                                                               \
+void group_decode_affine_##SUF(const uint8_t *packed, const float *lo, const float *step, int64_t ngroups,     \
+                               int64_t G, int bits, const float *scale, const float *shift, int64_t C,          \
+                               int64_t inner, const float *addend, const uint8_t *mask, T_ *out, int nt) {      \
+    const int k = 8 / bits;                                                                                     \
+    _Pragma("omp parallel num_threads(nt)")                                                                     \
+    {                                                                                                           \
+        uint8_t q[4096];                                                                                        \
+        float o[4096];                                                                                          \
+        _Pragma("omp for schedule(static)")                                                                     \
+        for (int64_t g = 0; g < ngroups; ++g) {                                                                 \
+            const int64_t i0 = g * G;                                                                           \
+            unpack_chunk(packed + g * (G / k), G, bits, q);                                                     \
+            const float l = lo[g], s = step[g];                                                                 \
+            int64_t c = (i0 / inner) % C, r = i0 % inner, i = 0;                                                \
+            if (inner == 1 && G % C == 0 && C <= 4096) { /* channels-last, whole pixels: rows of C channels */  \
+                float a[4096], b[4096];                                                                         \
+                for (int64_t t = 0; t < C; ++t) {                                                               \
+                    const float sc = scale ? scale[t] : 1.0f, sh = shift ? shift[t] : 0.0f;                     \
+                    a[t] = l * sc + sh;                                                                         \
+                    b[t] = s * sc;                                                                              \
+                }                                                                                               \
+                for (; i < G; i += C)                                                                           \
+                    for (int64_t t = 0; t < C; ++t) o[i + t] = a[t] + (float)q[i + t] * b[t];                    \
+            }                                                                                                   \
+            while (i < G) { /* runs of one channel: y = a + q * b, vectorisable */                              \
+                const int64_t n = (G - i) < (inner - r) ? (G - i) : (inner - r);                                \
+                const float sc = scale ? scale[c] : 1.0f, sh = shift ? shift[c] : 0.0f;                         \
+                const float a0 = l * sc + sh, b0 = s * sc;                                                      \
+                for (int64_t t = 0; t < n; ++t) o[i + t] = a0 + (float)q[i + t] * b0;                           \
+                i += n;                                                                                         \
+                r = 0;                                                                                          \
+                if (++c == C) c = 0;                                                                            \
+            }                                                                                                   \
+            if (addend) for (int64_t t = 0; t < G; ++t) o[t] += addend[i0 + t];                                 \
+            if (mask) { /* G and i0 are multiples of 8: whole mask bytes */                                     \
+                const uint8_t *mb = mask + (i0 >> 3);                                                           \
+                for (int64_t t = 0; t < G; t += 8) {                                                            \
+                    const float *f = MASK_LUT[mb[t >> 3]];                                                      \
+                    for (int bit = 0; bit < 8; ++bit) o[t + bit] *= f[bit];                                     \
+                }                                                                                               \
+            }                                                                                                   \
+            for (int64_t t = 0; t < G; ++t) STORE(out, i0 + t, o[t]);                                           \
+        }                                                                                                       \
+    }                                                                                                           \
 }
-void group_decode_affine_f32(const uint8_t *packed, const float *lo, const float *step, int64_t ngroups, int64_t G,
-                             int bits, const float *scale, const float *shift, int64_t C, int64_t inner,
-                             const float *addend, const uint8_t *mask, float *out, int nt) {
-    const int k = 8 / bits;
-    #pragma omp parallel num_threads(nt)
-    {
-        uint8_t q[4096];
-        #pragma omp for schedule(static)
-        for (int64_t g = 0; g < ngroups; ++g) {
-            const int64_t i0 = g * G;
-            unpack_chunk(packed + g * (G / k), G, bits, q);
-            const float l = lo[g], s = step[g];
-            float *o = out + i0;
-            int64_t c = (i0 / inner) % C, r = i0 % inner, i = 0;
-            while (i < G) { /* runs of one channel: y = a + q * b, vectorisable */
-                const int64_t n = (G - i) < (inner - r) ? (G - i) : (inner - r);
-                const float sc = scale ? scale[c] : 1.0f, sh = shift ? shift[c] : 0.0f;
-                const float a0 = l * sc + sh, b0 = s * sc;
-                for (int64_t t = 0; t < n; ++t) o[i + t] = a0 + (float)q[i + t] * b0;
-                i += n;
-                r = 0;
-                if (++c == C) c = 0;
-            }
-            if (addend) for (int64_t t = 0; t < G; ++t) o[t] += addend[i0 + t];
-            if (mask) { /* G and i0 are multiples of 8: whole mask bytes */
-                const uint8_t *mb = mask + (i0 >> 3);
-                for (int64_t t = 0; t < G; t += 8) {
-                    const uint8_t m = mb[t >> 3];
-                    for (int bit = 0; bit < 8; ++bit) o[t + bit] = ((m >> (7 - bit)) & 1) ? o[t + bit] : 0.0f;
-                }
-            }
-        }
-    }
-}
+DEFINE_AFFINE(float, f32, f32_load, f32_store)
+DEFINE_AFFINE(uint16_t, bf16, bf16_load, bf16_store)
