@@ -48,12 +48,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                    help="swat: dense vs SWAT variants; blpa: exact vs BLPA-8/4/2; swat_blpa: SWAT + BLPA against "
                         "each alone")
     p.add_argument("--out-dir", default="runs/accuracy")
-    p.add_argument("--model", help="default: the suite's (resnet8 / preact_resnet8)")
+    p.add_argument("--model", help="default: the suite's (swat: resnet8; blpa, swat_blpa: resnet20)")
     p.add_argument("--epochs", type=int, help="default: the suite's (30)")
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants of the suite")
     p.add_argument("--data-dir")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--report", help="default: docs/results/<suite>.md")
+    p.add_argument("--report", help="default: docs/results/<suite>.md (another model than the suite's: <suite>_<model>.md)")
     p.add_argument("--threads", type=int, help="torch threads of each training run (default: cores / jobs)")
     p.add_argument("--archive", help="where finished runs' result files are copied (committed; the report falls "
                                      f"back to it; default: {ARCHIVE})")
@@ -125,6 +125,11 @@ class Matrix:
                 tmp.replace(dest / f)
         return dest
 
+    def report_path(self, model: str) -> Path:
+        """The default report of ``model``: ``default_report`` for the default model, else ``<stem>_<model>.md``."""
+        r = self.default_report
+        return r if model == self.default_model else r.with_name(f"{r.stem}_{model}{r.suffix}")
+
     def command(self, name: str, model: str, epochs: int) -> list[str]:
         config, own = self.variants[name]
         sets = [*self.common(model, epochs), *own, f"run_name={self.run_name(model, name)}"]
@@ -164,7 +169,7 @@ class Matrix:
         """Train what is unfinished (``a``: the ``leanprop bench accuracy`` arguments), then write the report."""
         model = a.model or self.default_model
         epochs = a.epochs if a.epochs is not None else self.default_epochs
-        report = Path(a.report) if a.report else self.default_report
+        report = Path(a.report) if a.report else self.report_path(model)
         unknown = [n for n in a.only or () if n not in self.variants]
         if unknown:
             raise ValueError(f"--only {' '.join(unknown)}: not a variant of this suite; choose from "

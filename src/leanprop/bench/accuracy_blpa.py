@@ -1,17 +1,15 @@
-"""The ``blpa`` suite of ``leanprop bench accuracy``: BLPA accuracy on CIFAR-10, exact vs BLPA with 8-, 4- and 2-bit
-stored activations on a pre-activation ResNet (parameter-free "pad" shortcuts, as in the BLPA reference code),
-same model, seed, data and epochs; each run resumable (``--resume auto``), so the matrix can be trained in pieces
-across sessions. Writes ``docs/results/blpa.md`` from whatever the runs have finished so far.
+"""The ``blpa`` suite of ``leanprop bench accuracy``: BLPA accuracy on CIFAR-10, dense vs BLPA-8, BLPA-4, BLPA-2 and
+SWAT-U90 + BLPA-4, on the recipe of the ``swat`` suite (so the two tables share one dense run), same model, seed,
+data and epochs; each run resumable (``--resume auto``), so the matrix can be trained in pieces across sessions.
+Writes ``docs/results/blpa.md`` (another model: ``docs/results/blpa_<model>.md``) from whatever the runs have
+finished so far.
 
-    leanprop bench accuracy --suite blpa --out-dir runs/accuracy      # train what is missing, then report
+    leanprop bench accuracy --suite blpa --out-dir runs/accuracy      # resnet20: train what is missing, then report
+    leanprop bench accuracy --suite blpa --model mobilenet_v2 --only dense blpa4
     leanprop bench accuracy --suite blpa --out-dir runs/accuracy --report-only
-    leanprop bench accuracy --suite blpa --only exact blpa4 --epochs 30
 
-The recipe is the small-budget preset ``configs/blpa/preact_resnet20_cifar10_{exact,8bit,4bit,2bit}.yaml``
-run with bf16 autocast, channels_last and seed 0, as the ``swat`` suite runs its matrix. The default model is
-``preact_resnet8`` (one block per stage), which fits the 2-core CPU budget: a 30-epoch run takes about 15 minutes
-on one core (``--threads 1 --jobs 2`` trains two at once); ``--model preact_resnet20`` runs the preset's own model
-(about twice the time per epoch here).
+The default model is the post-activation ``resnet20`` (BN -> add -> ReLU blocks, ReLU through one module used
+twice), whose BN -> ReLU -> conv runs BLPA finds from the computation (docs/methods/blpa.md).
 Every row of the report shows the exact ``leanprop train`` command that produced it.
 """
 
@@ -20,24 +18,23 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from leanprop.bench import accuracy_swat
 from leanprop.bench.accuracy import Matrix, read_rows
 
-PRESET = "configs/blpa/preact_resnet20_cifar10_{}.yaml"
+BASE = accuracy_swat.BASE
+SWAT_U90 = accuracy_swat.VARIANTS["swat-u90"][1:]  # its sparsity, distribution and Top-K period
 VARIANTS = {
-    "exact": PRESET.format("exact"),
-    "blpa8": PRESET.format("8bit"),
-    "blpa4": PRESET.format("4bit"),
-    "blpa2": PRESET.format("2bit"),
+    "dense": [],
+    "blpa8": ["method.name=blpa", "blpa.bits=8"],
+    "blpa4": ["method.name=blpa", "blpa.bits=4"],
+    "blpa2": ["method.name=blpa", "blpa.bits=2"],
+    "swat-u90+blpa4": ["method.name=swat+blpa", *SWAT_U90, "blpa.bits=4"],
 }
-
-
-def common(model: str, epochs: int) -> list[str]:
-    """The same settings for every variant on top of its preset (the presets differ only in method/bits)."""
-    return [f"model.name={model}", f"train.epochs={epochs}", "train.amp=bf16", "train.channels_last=true", "seed=0"]
+common = accuracy_swat.common
 
 
 def resolved(name: str, model: str, epochs: int):
-    """The RunConfig a variant's command trains (its preset, relative to the working directory, plus the
+    """The RunConfig a variant's command trains (its config, relative to the working directory, plus the
     overrides)."""
     from leanprop import config as C
 
@@ -48,23 +45,16 @@ def resolved(name: str, model: str, epochs: int):
 def intro(model: str, epochs: int) -> str:
     from leanprop.blpa.config import BLPAConfig
 
-    c = resolved("exact", model, epochs)
     b = resolved("blpa4", model, epochs).blpa or BLPAConfig()
-    kw = ", ".join(f"{k}={v}" for k, v in c.model.kwargs.items())
-    warm = f"{c.schedule.warmup_epochs:g}-epoch linear warm-up, then " if c.schedule.warmup_epochs else ""
-    wd = f"wd {c.optim.weight_decay:g}" + (" on conv/linear weights only" if c.optim.wd_exclude_bn_bias else "")
-    codec = "as the 'outside units' column says (the storage policy of docs/methods/blpa.md, or the 8-bit codec of " \
-            "runs from before it)"
-    return (f"{model} ({kw}), {epochs} epochs, batch {c.data.batch_size}, SGD {c.optim.momentum:g}, lr {c.optim.lr:g} "
-            f"({warm}{c.schedule.name} decay), {wd}, bf16 autocast, channels_last, seed {c.seed}, pad-4 crop + flip "
-            f"(`{PRESET.format('*')}`); CIFAR-10 from the shared JPEG copy (about 1-3 points below published "
-            "CIFAR-10 accuracies, the same for every row). Test accuracy of the final-epoch model (no model "
-            "selection on the test set). `exact` is plain PyTorch training of the same model; `blpaK` keeps K-bit "
-            f"codes of the BatchNorm output of every BN->ReLU->conv unit for the backward pass ({b.mode} mode, "
-            f"+-{b.window:g} std window; forward exact), other saved float tensors {codec}. Time per epoch: the "
-            "median wall-clock seconds of the run's epochs on the machine that trained it, indicative only (a run "
-            "may share the machine with other jobs; controlled timings are in docs/benchmarks.md). Generated by "
-            "`leanprop bench accuracy --suite blpa`; each row's command is below the table.")
+    return (accuracy_swat.recipe(model, epochs) + " `dense` is plain PyTorch training of the same model (the `dense` "
+            "run of the SWAT table); `blpaK` keeps K-bit codes of every BatchNorm input (BLPA's quantizer, "
+            f"{b.mode} mode, +-{b.window:g} std window; forward exact), rebuilds the BN outputs, the ReLU outputs "
+            "after them and the residual sums from those codes and 1-bit masks, and keeps every other saved float "
+            "tensor as the 'outside units' column says (the storage policy of docs/methods/blpa.md; stochastic "
+            "rounding at 2 bits); `swat-u90+blpa4`: SWAT-U90 (Top-K period 10) and BLPA-4 on one model. Time per "
+            "epoch: the median wall-clock seconds of the run's epochs on the machine that trained it, indicative only "
+            "(a run may share the machine with other jobs; controlled timings are in docs/benchmarks.md). Generated "
+            "by `leanprop bench accuracy --suite blpa`; each row's command is below the table.")
 
 
 def _blpa_section(d: Path) -> dict | None:
@@ -79,7 +69,8 @@ def _blpa_section(d: Path) -> dict | None:
 
 
 def stored(d: Path, name: str, last: dict) -> str:
-    """What the run kept of each BN->ReLU->conv activation, from its resolved config.yaml."""
+    """What the run kept of each BatchNorm input (a fused unit's activation before the storage policy), from its
+    resolved config.yaml."""
     b = _blpa_section(d)
     if not b:
         return "" if b is None else "as PyTorch (exact)"
@@ -110,12 +101,12 @@ def epoch_seconds(d: Path, name: str, last: dict) -> str:
 
 MATRIX = Matrix(
     title="BLPA accuracy on CIFAR-10",
-    variants={name: (config, []) for name, config in VARIANTS.items()},
+    variants={name: (BASE, sets) for name, sets in VARIANTS.items()},
     common=common,
     intro=intro,
-    columns=[("stored BN->ReLU->conv activations", stored), ("outside units", outside),
-             ("time/epoch (median)", epoch_seconds)],
-    default_model="preact_resnet8",
+    columns=[("BN inputs kept as", stored), ("outside units", outside),
+             ("measured W / X sparsity", accuracy_swat.measured_sparsity), ("time/epoch (median)", epoch_seconds)],
+    default_model="resnet20",
     default_epochs=30,
     default_report=Path("docs") / "results" / "blpa.md",
 )

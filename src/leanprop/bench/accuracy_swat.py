@@ -37,11 +37,16 @@ def common(model: str, epochs: int) -> list[str]:
             "train.channels_last=true", "seed=0"]
 
 
-def intro(model: str, epochs: int) -> str:
+def recipe(model: str, epochs: int) -> str:
+    """The first sentences of the table's text: the training recipe every variant shares."""
     return (f"{model}, {epochs} epochs, batch 128, SGD 0.9, lr 0.1 with a cosine schedule, wd 5e-4, bf16 autocast, "
-            "seed 0, pad-4 crop + flip; CIFAR-10 from the shared JPEG copy (about 1-3 points below published "
-            "CIFAR-10 accuracies, the same for every row). Test accuracy of the final-epoch model (no model "
-            "selection on the test set). Measured sparsity: weights by count, activations the mean over the sparse "
+            "channels_last, seed 0, pad-4 crop + flip; CIFAR-10 from the shared JPEG copy (about 1-3 points below "
+            "published CIFAR-10 accuracies, the same for every row). Test accuracy of the final-epoch model (no model "
+            "selection on the test set).")
+
+
+def intro(model: str, epochs: int) -> str:
+    return (recipe(model, epochs) + " Measured sparsity: weights by count, activations the mean over the sparse "
             "layers (per-layer tables: `benchmarks/results/accuracy/<run>/swat_layers.txt`). The runs below were "
             "measured before a fix: a layer whose Top-K threshold was 0 (its input held more natural ReLU zeros "
             "than its target asked for) counted every entry as kept, so the activation column understates the zeros "
