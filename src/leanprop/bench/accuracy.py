@@ -53,7 +53,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants of the suite")
     p.add_argument("--data-dir")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--report", help="default: docs/results/<suite>.md (another model than the suite's: <suite>_<model>.md)")
+    p.add_argument("--report", help="default: docs/results/<suite>.md (another model than the suite's: "
+                                    "<suite>_<model>.md)")
     p.add_argument("--threads", type=int, help="torch threads of each training run (default: cores / jobs)")
     p.add_argument("--archive", help="where finished runs' result files are copied (committed; the report falls "
                                      f"back to it; default: {ARCHIVE})")
