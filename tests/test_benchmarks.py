@@ -123,27 +123,34 @@ def test_swat_accuracy_commands_and_run_names_are_unchanged(tmp_path, monkeypatc
     assert "| dense | 30/30 | 90.00 % | +0.00 | 0 % |  |" in md.read_text()
 
 
-def test_blpa_accuracy_commands_train_the_presets():
+def test_blpa_accuracy_commands_share_the_swat_recipe():
     from leanprop import config as C
     from leanprop.bench import accuracy_blpa as blpa_accuracy
+    from leanprop.bench import accuracy_swat as swat_accuracy
+    from leanprop.bench import accuracy_swat_blpa as swat_blpa_accuracy
 
-    assert list(blpa_accuracy.VARIANTS) == ["exact", "blpa8", "blpa4", "blpa2"]
+    assert list(blpa_accuracy.VARIANTS) == ["dense", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4"]
     root = BENCH.parent
-    for name, bits in (("exact", None), ("blpa8", 8), ("blpa4", 4), ("blpa2", 2)):
-        cmd = blpa_accuracy.command(name, "preact_resnet20", 30)
+    for name, bits in (("dense", None), ("blpa8", 8), ("blpa4", 4), ("blpa2", 2), ("swat-u90+blpa4", 4)):
+        cmd = blpa_accuracy.command(name, "resnet20", 30)
         assert cmd[:4] == ["leanprop", "train", "--config", cmd[3]] and (root / cmd[3]).is_file()
         sets = cmd[5::2]
         assert all(flag == "--set" for flag in cmd[4::2])
         cfg = C.load(root / cmd[3], sets)  # what `leanprop train` would run
-        assert cfg.model.name == "preact_resnet20" and cfg.model.kwargs == {"shortcut": "pad"}
-        assert cfg.data.name == "cifar10" and cfg.train.epochs == 30 and cfg.seed == 0
-        assert cfg.train.amp == "bf16" and cfg.schedule.name == "cosine"  # as swat_accuracy runs its matrix
-        assert cfg.run_name == f"acc-preact_resnet20-{name}"
+        assert cfg.model.name == "resnet20" and cfg.data.name == "cifar10" and cfg.train.epochs == 30
+        assert cfg.seed == 0 and cfg.train.amp == "bf16" and cfg.schedule.name == "cosine"
+        assert cfg.run_name == f"acc-resnet20-{name}"
         if bits is None:
             assert cfg.method.name == "dense" and cfg.blpa is None
         else:
-            assert cfg.method.name == f"blpa{bits}" and cfg.blpa.bits == bits
-    assert "--set train.epochs=45" in " ".join(blpa_accuracy.command("blpa4", "preact_resnet20", 45))
+            assert cfg.blpa.bits == bits
+        assert (cfg.swat is not None) == name.startswith("swat")
+    # one dense run for the SWAT, BLPA and SWAT+BLPA tables; the combined table's rows are the others' runs
+    assert blpa_accuracy.command("dense", "resnet20", 30) == swat_accuracy.command("dense", "resnet20", 30)
+    for name in swat_blpa_accuracy.VARIANTS:
+        suite = swat_accuracy if name == "swat-u90" else blpa_accuracy
+        assert swat_blpa_accuracy.MATRIX.command(name, "resnet20", 30) == suite.command(name, "resnet20", 30)
+    assert "--set train.epochs=45" in " ".join(blpa_accuracy.command("blpa4", "resnet20", 45))
 
 
 def test_blpa_accuracy_report_and_runner(tmp_path, monkeypatch):
@@ -151,36 +158,38 @@ def test_blpa_accuracy_report_and_runner(tmp_path, monkeypatch):
     from leanprop.bench import accuracy_blpa as blpa_accuracy
 
     out = tmp_path / "runs"
-    for name, acc, epochs, cfg in (("exact", 91.0, 30, "method: {name: dense}\n"),
+    for name, acc, epochs, cfg in (("dense", 91.0, 30, "method: {name: dense}\n"),
                                    ("blpa8", 90.5, 30, "method: {name: blpa}\nblpa: {bits: 8}\n"),
-                                   ("blpa4", 60.0, 7, "method: {name: blpa4}\nblpa: {bits: 4, codec: true}\n")):
-        d = blpa_accuracy.run_dir(out, "preact_resnet20", name)
+                                   ("blpa4", 60.0, 7, "method: {name: blpa}\nblpa: {bits: 4, codec: true}\n")):
+        d = blpa_accuracy.run_dir(out, "resnet20", name)
         d.mkdir(parents=True)
         (d / "config.yaml").write_text(cfg)
         rows = "".join(f"{e},{e * 391},{acc},{60 + e}\n" for e in range(1, epochs + 1))
         (d / "metrics.csv").write_text("epoch,step,test_top1,epoch_seconds\n" + rows)
     md = tmp_path / "blpa.md"
-    text = blpa_accuracy.report(out, "preact_resnet20", 30, md)
+    text = blpa_accuracy.report(out, "resnet20", 30, md)
     assert md.read_text() == text
-    assert "| method | epochs done | test top-1 | gap to exact |" in text
-    assert "| exact | 30/30 | 91.00 % | +0.00 | as PyTorch (exact) | as PyTorch | 76 s |" in text
-    assert "| blpa8 | 30/30 | 90.50 % | -0.50 | 8-bit codes | 8-bit codec | 76 s |" in text  # before the policy
-    assert "| blpa4 | 7/30 (in progress) | 60.00 % |  | 4-bit codes | storage policy, 4-bit codes | 64 s |" in text
-    assert "| blpa2 | 0/30 | not run yet | | | | |" in text
-    assert "preact_resnet20 (shortcut=pad), 30 epochs" in text and "bf16 autocast" in text
-    assert ("- blpa2: `leanprop train --config configs/blpa/preact_resnet20_cifar10_2bit.yaml "
-            "--set model.name=preact_resnet20 --set train.epochs=30") in text
+    assert "| method | epochs done | test top-1 | gap to dense |" in text
+    assert "| dense | 30/30 | 91.00 % | +0.00 | as PyTorch (exact) | as PyTorch |  | 76 s |" in text
+    assert "| blpa8 | 30/30 | 90.50 % | -0.50 | 8-bit codes | 8-bit codec |  | 76 s |" in text  # before the policy
+    assert "| blpa4 | 7/30 (in progress) | 60.00 % |  | 4-bit codes | storage policy, 4-bit codes |  | 64 s |" in text
+    assert "| blpa2 | 0/30 | not run yet | | | | | |" in text
+    assert "resnet20, 30 epochs" in text and "bf16 autocast" in text
+    assert ("- blpa2: `leanprop train --config configs/dense/cifar10_resnet18.yaml "
+            "--set model.name=resnet20 --set train.epochs=30") in text
     # the runner trains what is unfinished (resuming by run name), then rewrites the report
     ran = _Ran()
     monkeypatch.setattr(_accuracy_matrix.subprocess, "run", ran)
-    assert blpa_accuracy.main(["--out-dir", str(out), "--model", "preact_resnet20", "--report", str(md)]) == 0
-    assert [c[3] for c in ran.commands] == ["configs/blpa/preact_resnet20_cifar10_4bit.yaml",
-                                            "configs/blpa/preact_resnet20_cifar10_2bit.yaml"]
+    assert blpa_accuracy.main(["--out-dir", str(out), "--report", str(md)]) == 0
+    names = [next(a for a in c if a.startswith("run_name="))[9:] for c in ran.commands]
+    assert names == ["acc-resnet20-blpa4", "acc-resnet20-blpa2", "acc-resnet20-swat-u90+blpa4"]
     assert all(c[-6:] == ["--out-dir", str(out), "--resume", "auto", "--progress", "off"] for c in ran.commands)
     ran.commands.clear()
-    assert blpa_accuracy.main(["--out-dir", str(out), "--model", "preact_resnet20", "--report", str(md),
-                               "--report-only"]) == 0
+    assert blpa_accuracy.main(["--out-dir", str(out), "--report", str(md), "--report-only"]) == 0
     assert ran.commands == []
+    # another model's default report sits next to the suite's own
+    assert blpa_accuracy.MATRIX.report_path("mobilenet_v2").name == "blpa_mobilenet_v2.md"
+    assert blpa_accuracy.MATRIX.report_path("resnet20").name == "blpa.md"
 
 
 def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
