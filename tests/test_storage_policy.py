@@ -329,3 +329,18 @@ def test_affine_group_kernels_follow_the_memory_order(dtype):
     xhat = kernels.group_decode(packed, lo, step, 8, 256).view(4, 8, 8, 16).permute(0, 3, 1, 2)
     expect = (xhat * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)) * keep
     assert torch.allclose(out.float(), expect, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_positive_bits_kernel_is_numpy_packbits_of_the_comparison(dtype):
+    import numpy as np
+
+    from leanprop.ops.kernels import load_kernels
+
+    kernels = load_kernels(required=False)
+    if kernels is None:
+        pytest.skip("no C compiler")
+    x = torch.randn(1003).to(dtype)  # a partial last byte
+    x[::7] = 0.0
+    x[5] = float("nan")  # NaN > 0 is false, as in torch
+    assert torch.equal(kernels.positive_bits(x), torch.from_numpy(np.packbits((x > 0).numpy())))

@@ -199,6 +199,21 @@ class _Mask:
         self.shape, self.stride, self.dtype = like.shape, like.stride(), like.dtype
         self.inside, self.outside = inside, outside
 
+    @classmethod
+    def positive(cls, t: torch.Tensor, inside: float, outside: float, kernels: Any = None) -> _Mask:
+        """The mask ``t > 0``, straight from ``t`` by the compiled kernels where they take it (CPU fp32/bf16, NCHW-
+        or channels-last-contiguous): no bool tensor."""
+        cl = _is_channels_last(t)
+        if kernels is None or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) \
+                or not (cl or t.is_contiguous()):
+            return cls(t > 0, t, inside, outside)
+        m = cls.__new__(cls)
+        m.channels_last = cl
+        m.bits = kernels.positive_bits((t.permute(0, 2, 3, 1) if cl else t).reshape(-1))
+        m.shape, m.stride, m.dtype = t.shape, t.stride(), t.dtype
+        m.inside, m.outside = inside, outside
+        return m
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.bits]
 
@@ -590,10 +605,10 @@ class SavedTensorCodec:
                 return _Mask(keep, t, float(scale), 0.0)
             return None
         if kind == "relu":  # ReLU keeps its result: backward reads result > 0
-            self._last_mask = _Mask(t > 0, t, 1.0, 0.0)
+            self._last_mask = _Mask.positive(t, 1.0, 0.0, self.kernels)
             return self._last_mask
         if kind == "leaky_relu":  # backward reads x > 0 (result > 0 for the in-place form)
-            return _Mask(t > 0, t, 1.0, -1.0)
+            return _Mask.positive(t, 1.0, -1.0, self.kernels)
         if kind == "hardtanh":  # backward reads min < x < max
             lo, hi = _hardtanh_range(args, kwargs, name)
             self._last_mask = _Mask((t > lo) & (t < hi), t, (lo + hi) / 2, hi + 1.0)

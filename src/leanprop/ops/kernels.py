@@ -78,6 +78,7 @@ class CKernels:
             getattr(lib, f"blpa_bn_sums_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, p, i32]
             getattr(lib, f"blpa_bn_grad_input_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, i32, i32, p, i32]
             getattr(lib, f"swat_mask_count_{suf}").argtypes = [p, i64, ctypes.c_float, i64, i64, p, p, i32]
+            getattr(lib, f"positive_bits_{suf}").argtypes = [p, i64, p, i32]
             getattr(lib, f"swat_compact_{suf}").argtypes = [p, i64, p, i64, i64, p, p, i32]
             getattr(lib, f"swat_expand_{suf}").argtypes = [p, i64, p, i64, i64, p, p, i32]
             getattr(lib, f"relu_mask_{suf}").argtypes = [p, i64, p, p, i32]
@@ -228,6 +229,15 @@ class CKernels:
         getattr(self.lib, f"relu_mask_{_SUFFIX[flat.dtype]}")(flat.data_ptr(), n, out.data_ptr(), bits.data_ptr(),
                                                               torch.get_num_threads())
         return out, bits
+
+    def positive_bits(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[x > 0]`` as 1-bit packed (NumPy packbits order) of a contiguous 1-D fp32/bf16 tensor, in one pass."""
+        _require_cpu(flat)
+        n = flat.numel()
+        bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+        getattr(self.lib, f"positive_bits_{_SUFFIX[flat.dtype]}")(flat.data_ptr(), n, bits.data_ptr(),
+                                                                  torch.get_num_threads())
+        return bits
 
     def relu_mask_backward(self, g_flat: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """``g`` where the packed mask is set, else 0 (contiguous 1-D fp32/bf16 ``g``)."""

@@ -295,9 +295,23 @@ static inline __m256 load8_bf16(const uint16_t *p) {
 /* |x| >= thr for 8 elements (ordered compare: NaN is dropped, as in magnitude_mask) */
 #define MASK8(SUF, x, b, thrv) REV8[_mm256_movemask_ps(_mm256_cmp_ps( \
     _mm256_andnot_ps(_mm256_set1_ps(-0.0f), load8_##SUF((x) + (b))), thrv, _CMP_GE_OQ))]
+/* x > 0 for 8 elements (ordered: NaN is not positive, as in torch) */
+#define POS8(SUF, x, b) REV8[_mm256_movemask_ps(_mm256_cmp_ps(load8_##SUF((x) + (b)), _mm256_setzero_ps(), \
+    _CMP_GT_OQ))]
 #else
 #define MASK8(SUF, x, b, thrv) mask8_scalar_##SUF((x), (b), thr)
+#define POS8(SUF, x, b) pos8_scalar_##SUF((x), (b))
 #endif
+static inline unsigned pos8_scalar_f32(const float *x, int64_t b) {
+    unsigned v = 0;
+    for (int t = 0; t < 8; ++t) v |= (unsigned)(x[b + t] > 0.0f) << (7 - t);
+    return v;
+}
+static inline unsigned pos8_scalar_bf16(const uint16_t *x, int64_t b) {
+    unsigned v = 0;
+    for (int t = 0; t < 8; ++t) v |= (unsigned)(bf16_load(x, b + t) > 0.0f) << (7 - t);
+    return v;
+}
 static inline unsigned mask8_scalar_f32(const float *x, int64_t b, float thr) {
     unsigned v = 0;
     for (int t = 0; t < 8; ++t) v |= (unsigned)(fabsf(x[b + t]) >= thr) << (7 - t);
@@ -390,6 +404,18 @@ void relu_mask_##SUF(const T_ *x, int64_t n, T_ *out, uint8_t *bits, int nt) {  
             v |= (unsigned)k << (7 - (i - b));                                                                \
         }                                                                                                     \
         bits[j] = (uint8_t)v;                                                                                 \
+    }                                                                                                         \
+}                                                                                                             \
+void positive_bits_##SUF(const T_ *x, int64_t n, uint8_t *bits, int nt) { /* bits = [x > 0] only */          \
+    const int64_t nb = (n + 7) / 8, full = n / 8;                                                             \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t j = 0; j < full; ++j) {                                                                    \
+        bits[j] = (uint8_t)POS8(SUF, x, j * 8);                                                               \
+    }                                                                                                         \
+    if (nb > full) {                                                                                          \
+        unsigned v = 0;                                                                                       \
+        for (int64_t i = full * 8; i < n; ++i) v |= (unsigned)(LOAD(x, i) > 0.0f) << (7 - (i - full * 8));   \
+        bits[full] = (uint8_t)v;                                                                              \
     }                                                                                                         \
 }                                                                                                             \
 void relu_mask_backward_##SUF(const T_ *g, const uint8_t *bits, int64_t n, T_ *gx, int nt) {                 \
