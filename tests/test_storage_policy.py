@@ -344,3 +344,23 @@ def test_positive_bits_kernel_is_numpy_packbits_of_the_comparison(dtype):
     x[::7] = 0.0
     x[5] = float("nan")  # NaN > 0 is false, as in torch
     assert torch.equal(kernels.positive_bits(x), torch.from_numpy(np.packbits((x > 0).numpy())))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_mask_expansion_equals_the_bool_path(dtype, channels_last):
+    """A kept 1-bit mask rebuilt by the compiled expansion gives what the bool-tensor path gives (values,
+    dtype and strides)."""
+    from leanprop.ops.codec import _Mask
+    from leanprop.ops.kernels import load_kernels
+
+    kernels = load_kernels(required=False)
+    if kernels is None:
+        pytest.skip("no C compiler")
+    t = torch.randn(3, 5, 7, 9).to(dtype)  # 945 elements: a partial last byte
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    fast, slow = _Mask(t > 0.2, t, 0.75, -2.0, kernels), _Mask(t > 0.2, t, 0.75, -2.0)
+    a, b = fast.unpack(), slow.unpack()
+    assert a.dtype == b.dtype == dtype and a.stride() == b.stride() == t.stride() and torch.equal(a, b)
+    assert torch.equal(_Mask.positive(t, 1.0, 0.0, kernels).unpack(), (t > 0).to(dtype))

@@ -191,9 +191,10 @@ class _Mask:
     op's backward takes the same branch as with the original); a bool tensor is rebuilt as itself. The bits follow
     the memory order of a channels-last mask (``channels_last``), else its logical (NCHW) order."""
 
-    __slots__ = ("bits", "shape", "stride", "dtype", "inside", "outside", "channels_last")
+    __slots__ = ("bits", "shape", "stride", "dtype", "inside", "outside", "channels_last", "kernels")
 
-    def __init__(self, mask: torch.Tensor, like: torch.Tensor, inside: float, outside: float):
+    def __init__(self, mask: torch.Tensor, like: torch.Tensor, inside: float, outside: float, kernels: Any = None):
+        self.kernels = kernels if mask.device.type == "cpu" else None  # the compiled expansion, or None
         self.channels_last = _is_channels_last(mask)
         self.bits = _pack_bool(mask.permute(0, 2, 3, 1).reshape(-1) if self.channels_last else mask.reshape(-1))
         self.shape, self.stride, self.dtype = like.shape, like.stride(), like.dtype
@@ -206,9 +207,9 @@ class _Mask:
         cl = _is_channels_last(t)
         if kernels is None or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) \
                 or not (cl or t.is_contiguous()):
-            return cls(t > 0, t, inside, outside)
+            return cls(t > 0, t, inside, outside, kernels)
         m = cls.__new__(cls)
-        m.channels_last = cl
+        m.kernels, m.channels_last = kernels, cl
         m.bits = kernels.positive_bits((t.permute(0, 2, 3, 1) if cl else t).reshape(-1))
         m.shape, m.stride, m.dtype = t.shape, t.stride(), t.dtype
         m.inside, m.outside = inside, outside
@@ -225,6 +226,10 @@ class _Mask:
         return m.view(self.shape)
 
     def unpack(self) -> torch.Tensor:
+        if self.kernels is not None and self.dtype in (torch.float32, torch.bfloat16):  # one compiled pass
+            t = self.kernels.mask_values(self.bits, tuple(self.shape), self.dtype, self.inside, self.outside,
+                                         self.channels_last)
+            return restride(t, self.stride)
         m = self.bool_mask()
         if self.dtype == torch.bool:
             return restride(m, self.stride)
@@ -602,7 +607,7 @@ class SavedTensorCodec:
             scale = t.detach().amax()
             keep = t != 0
             if bool(((t == scale) | ~keep).all()):
-                return _Mask(keep, t, float(scale), 0.0)
+                return _Mask(keep, t, float(scale), 0.0, self.kernels)
             return None
         if kind == "relu":  # ReLU keeps its result: backward reads result > 0
             self._last_mask = _Mask.positive(t, 1.0, 0.0, self.kernels)
@@ -611,7 +616,7 @@ class SavedTensorCodec:
             return _Mask.positive(t, 1.0, -1.0, self.kernels)
         if kind == "hardtanh":  # backward reads min < x < max
             lo, hi = _hardtanh_range(args, kwargs, name)
-            self._last_mask = _Mask((t > lo) & (t < hi), t, (lo + hi) / 2, hi + 1.0)
+            self._last_mask = _Mask((t > lo) & (t < hi), t, (lo + hi) / 2, hi + 1.0, self.kernels)
             if self._bn_out and args and args[0] is t:  # of a BN output: the top edge too, to rebuild the output
                 self._last_above = _Mask(t >= hi, t, 1.0, 0.0)
                 self._record(self._last_above.bits, "mask")

@@ -79,6 +79,7 @@ class CKernels:
             getattr(lib, f"blpa_bn_grad_input_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, i32, i32, p, i32]
             getattr(lib, f"swat_mask_count_{suf}").argtypes = [p, i64, ctypes.c_float, i64, i64, p, p, i32]
             getattr(lib, f"positive_bits_{suf}").argtypes = [p, i64, p, i32]
+            getattr(lib, f"mask_values_{suf}").argtypes = [p, i64, ctypes.c_float, ctypes.c_float, p, i32]
             getattr(lib, f"swat_compact_{suf}").argtypes = [p, i64, p, i64, i64, p, p, i32]
             getattr(lib, f"swat_expand_{suf}").argtypes = [p, i64, p, i64, i64, p, p, i32]
             getattr(lib, f"relu_mask_{suf}").argtypes = [p, i64, p, p, i32]
@@ -238,6 +239,17 @@ class CKernels:
         getattr(self.lib, f"positive_bits_{_SUFFIX[flat.dtype]}")(flat.data_ptr(), n, bits.data_ptr(),
                                                                   torch.get_num_threads())
         return bits
+
+    def mask_values(self, bits: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, inside: float,
+                    outside: float, channels_last: bool = False) -> torch.Tensor:
+        """A ``dtype`` (fp32/bf16) tensor of ``shape`` holding ``inside`` where the packed mask (NumPy packbits
+        order over the memory order: NCHW, or NHWC for ``channels_last``) is set and ``outside`` elsewhere."""
+        _require_cpu(bits)
+        out = torch.empty(shape, dtype=dtype,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        getattr(self.lib, f"mask_values_{_SUFFIX[dtype]}")(bits.data_ptr(), out.numel(), inside, outside,
+                                                           out.data_ptr(), torch.get_num_threads())
+        return out
 
     def relu_mask_backward(self, g_flat: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """``g`` where the packed mask is set, else 0 (contiguous 1-D fp32/bf16 ``g``)."""

@@ -605,3 +605,19 @@ void group_decode_affine_##SUF(const uint8_t *packed, const float *lo, const flo
 }
 DEFINE_AFFINE(float, f32, f32_load, f32_store)
 DEFINE_AFFINE(uint16_t, bf16, bf16_load, bf16_store)
+
+/* A 1-bit mask (NumPy packbits order) as values: out[i] = bit ? inside : outside, in one pass. */
+#define DEFINE_MASK_VALUES(T_, SUF, STORE)                                                                    \
+void mask_values_##SUF(const uint8_t *bits, int64_t n, float inside, float outside, T_ *out, int nt) {      \
+    const int64_t full = n / 8;                                                                               \
+    const float d = inside - outside;                                                                         \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t j = 0; j < full; ++j) {                                                                    \
+        const float *f = MASK_LUT[bits[j]];                                                                   \
+        for (int t = 0; t < 8; ++t) STORE(out, j * 8 + t, outside + f[t] * d);                              \
+    }                                                                                                         \
+    for (int64_t i = full * 8; i < n; ++i)                                                                    \
+        STORE(out, i, ((bits[full] >> (7 - (i - full * 8))) & 1) ? inside : outside);                        \
+}
+DEFINE_MASK_VALUES(float, f32, f32_store)
+DEFINE_MASK_VALUES(uint16_t, bf16, bf16_store)
