@@ -463,9 +463,17 @@ class SavedTensorCodec:
         return self._tracker.stack[-1]
 
     # -- virtual BN->ReLU units (leanprop.ops.bn_units) ----------------------------------------------------
-    def _bn_bits(self) -> int | None:
+    def _bn_bits(self, per_channel: int | None = None) -> int | None:
+        """Code width of a BN input; ``per_channel``: the elements each channel's statistics reduce over. Unless the
+        policy names ``batch_norm``, a BN reducing over fewer than one group (``GROUP``) per channel -- the last
+        stages of a small input or batch -- keeps at least 8 bits: its backward averages the coding error of
+        ``xhat`` over that few elements (a tensor under ``GROUP * C`` elements, so the extra bytes are few)."""
         bits = self.policy.get("batch_norm", self.bits)
-        return None if bits is None or bits >= 32 else bits
+        if bits is None or bits >= 32:
+            return None
+        if per_channel is not None and per_channel < GROUP and "batch_norm" not in self.policy:
+            return max(bits, 8)
+        return bits
 
     def _norm_bits(self) -> int | None:
         bits = self.policy.get("norm", self.bits)
@@ -549,7 +557,9 @@ class SavedTensorCodec:
         kind = entry[0]
         if kind in ("batch_norm", "norm") and isinstance(record, BNRecord):
             self._bn_pending.remove(record)
-            bits = self._bn_bits() if kind == "batch_norm" else self._norm_bits()
+            per_channel = out.numel() // max(1, out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() > 1 \
+                else None
+            bits = self._bn_bits(per_channel) if kind == "batch_norm" else self._norm_bits()
             if isinstance(out, torch.Tensor) and record.finalize(
                     lambda xhat: _Packed(xhat, bits, self._generator(xhat.device), self.kernels),
                     self._affine_packer(bits) if kind == "batch_norm" else None):
