@@ -364,3 +364,31 @@ def test_compiled_mask_expansion_equals_the_bool_path(dtype, channels_last):
     a, b = fast.unpack(), slow.unpack()
     assert a.dtype == b.dtype == dtype and a.stride() == b.stride() == t.stride() and torch.equal(a, b)
     assert torch.equal(_Mask.positive(t, 1.0, 0.0, kernels).unpack(), (t > 0).to(dtype))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_compiled_relu6_of_bn_output_matches_the_torch_path(channels_last):
+    """ReLU6 of a BN output: both masks made in one compiled pass, and the clamp rebuilt from the BN codes in the
+    decode pass, with the gradients of the torch-op path."""
+    import numpy as np
+
+    from leanprop.ops.kernels import load_kernels
+
+    kernels = load_kernels(required=False)
+    if kernels is None:
+        pytest.skip("no C compiler")
+    x = torch.randn(1003) * 4
+    inside, above = kernels.range_bits(x, 0.0, 6.0, True)
+    assert torch.equal(inside, torch.from_numpy(np.packbits(((x > 0) & (x < 6)).numpy())))
+    assert torch.equal(above, torch.from_numpy(np.packbits((x >= 6).numpy())))
+    torch.manual_seed(0)
+    model = USER_MODELS["MobileNetStyle"]()
+    x, y = example_batch(8)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    counting = _CountingKernels(kernels)
+    m_c, c = _with_codec(model, 8, kernels=counting)
+    m_t, _ = _with_codec(model, 8)
+    g_c, g_t = _grads(m_c, x, y), _grads(m_t, x, y)
+    assert counting.calls.get("range_bits", 0) >= 2 and c.stats["derived"] >= 2
+    assert F.cosine_similarity(g_c, g_t, 0) > 0.9999

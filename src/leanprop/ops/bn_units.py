@@ -73,11 +73,13 @@ class AffineCodes:
         return [self.packed, self.lo, self.step]
 
     def decode(self, scale: torch.Tensor | None, shift: torch.Tensor | None, mask: Any = None,
-               addend: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               addend: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+               clamp: tuple | None = None) -> torch.Tensor:
         """``(xhat * scale + shift (+ addend))``, zero where ``mask`` (packed bits in the same memory order) is
-        clear, as a ``dtype`` tensor in the encoded layout."""
+        clear -- or, with ``clamp = (lo, hi, above bits)``, ``hi`` where ``above`` is set and ``lo`` elsewhere --
+        as a ``dtype`` tensor in the encoded layout."""
         return self.kernels.group_decode_affine(self.packed, self.lo, self.step, self.bits, self.group, self.shape,
-                                                scale, shift, mask, addend, dtype, self.channels_last)
+                                                scale, shift, mask, addend, dtype, self.channels_last, clamp)
 
     def unpack(self) -> torch.Tensor:
         return self.decode(None, None)
@@ -275,13 +277,14 @@ class ReluOfBN:
 
     def unpack(self) -> torch.Tensor:
         r = self.record
-        fused = (self.clamp is None and self.mask.bits.device.type == "cpu"
-                 and self.dtype in (torch.float32, torch.bfloat16))
+        fused = self.mask.bits.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
         if fused and type(r) is BNRecord and isinstance(r.codes, AffineCodes) \
-                and r.codes.channels_last == self.mask.channels_last:
-            # ReLU(gamma * xhat + beta) in one compiled pass
-            return restride(r.codes.decode(*r.affine(), self.mask.bits, dtype=self.dtype), self.stride)
-        if fused and isinstance(r, SumRecipe):  # ReLU(BN + identity): the same, plus the identity
+                and r.codes.channels_last == self.mask.channels_last and (
+                    self.clamp is None or self.clamp[2].channels_last == self.mask.channels_last):
+            # ReLU(gamma * xhat + beta), or its clamp (ReLU6), in one compiled pass
+            clamp = None if self.clamp is None else (float(self.clamp[0]), float(self.clamp[1]), self.clamp[2].bits)
+            return restride(r.codes.decode(*r.affine(), self.mask.bits, dtype=self.dtype, clamp=clamp), self.stride)
+        if fused and self.clamp is None and isinstance(r, SumRecipe):  # ReLU(BN + identity): plus the identity
             for bn, other in ((r.a, r.b), (r.b, r.a)):
                 if type(bn) is BNRecord and isinstance(bn.codes, AffineCodes) \
                         and bn.codes.channels_last == self.mask.channels_last:

@@ -208,10 +208,31 @@ class _Mask:
         if kernels is None or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) \
                 or not (cl or t.is_contiguous()):
             return cls(t > 0, t, inside, outside, kernels)
+        bits = kernels.positive_bits((t.permute(0, 2, 3, 1) if cl else t).reshape(-1))
+        return cls._from_bits(bits, t, inside, outside, kernels, cl)
+
+    @classmethod
+    def ranges(cls, t: torch.Tensor, lo: float, hi: float, above: bool, kernels: Any = None
+               ) -> tuple[_Mask, _Mask | None]:
+        """What a clamp to ``[lo, hi]`` (Hardtanh, ReLU6) keeps of its input ``t``: the mask ``lo < t < hi``
+        (rebuilt as the mid-point inside, above ``hi`` outside, so the backward takes the same branch) and, if
+        ``above``, the mask ``t >= hi`` (to rebuild the clamp's output); one compiled pass where the kernels take
+        ``t``."""
+        cl = _is_channels_last(t)
+        if kernels is None or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) \
+                or not (cl or t.is_contiguous()):
+            return (cls((t > lo) & (t < hi), t, (lo + hi) / 2, hi + 1.0, kernels),
+                    cls(t >= hi, t, 1.0, 0.0) if above else None)
+        inside, top = kernels.range_bits((t.permute(0, 2, 3, 1) if cl else t).reshape(-1), lo, hi, above)
+        return (cls._from_bits(inside, t, (lo + hi) / 2, hi + 1.0, kernels, cl),
+                None if top is None else cls._from_bits(top, t, 1.0, 0.0, kernels, cl))
+
+    @classmethod
+    def _from_bits(cls, bits: torch.Tensor, like: torch.Tensor, inside: float, outside: float, kernels: Any,
+                   channels_last: bool) -> _Mask:
         m = cls.__new__(cls)
-        m.kernels, m.channels_last = kernels, cl
-        m.bits = kernels.positive_bits((t.permute(0, 2, 3, 1) if cl else t).reshape(-1))
-        m.shape, m.stride, m.dtype = t.shape, t.stride(), t.dtype
+        m.kernels, m.channels_last, m.bits = kernels, channels_last, bits
+        m.shape, m.stride, m.dtype = like.shape, like.stride(), like.dtype
         m.inside, m.outside = inside, outside
         return m
 
@@ -626,10 +647,11 @@ class SavedTensorCodec:
             return _Mask.positive(t, 1.0, -1.0, self.kernels)
         if kind == "hardtanh":  # backward reads min < x < max
             lo, hi = _hardtanh_range(args, kwargs, name)
-            self._last_mask = _Mask((t > lo) & (t < hi), t, (lo + hi) / 2, hi + 1.0, self.kernels)
-            if self._bn_out and args and args[0] is t:  # of a BN output: the top edge too, to rebuild the output
-                self._last_above = _Mask(t >= hi, t, 1.0, 0.0)
-                self._record(self._last_above.bits, "mask")
+            edge = bool(self._bn_out and args and args[0] is t)  # of a BN output: the top edge too, to rebuild it
+            self._last_mask, above = _Mask.ranges(t, lo, hi, edge, self.kernels)
+            if edge:
+                self._last_above = above
+                self._record(above.bits, "mask")
             return self._last_mask
         return None
 

@@ -72,7 +72,8 @@ class CKernels:
         for suf in _SUFFIX.values():
             getattr(lib, f"group_encode_affine_{suf}").argtypes = [p, p, p, i64, i64, p, i64, i64, i32, p, p, p, i32]
             getattr(lib, f"group_decode_affine_{suf}").argtypes = [p, p, p, i64, i64, i32, p, p, i64, i64, p, p, p,
-                                                                   i32]
+                                                                   ctypes.c_float, ctypes.c_float, p, i32]
+            getattr(lib, f"range_bits_{suf}").argtypes = [p, i64, ctypes.c_float, ctypes.c_float, p, p, i32]
             getattr(lib, f"blpa_encode_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, i32, p, i32]
             getattr(lib, f"blpa_decode_z_{suf}").argtypes = [p, p, i64, i64, i64, i32, i32, p, i32]
             getattr(lib, f"blpa_bn_sums_{suf}").argtypes = [p, p, p, i64, i64, i64, i32, i32, p, i32]
@@ -149,10 +150,12 @@ class CKernels:
     def group_decode_affine(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, group: int,
                             shape: tuple[int, ...], scale: torch.Tensor | None, shift: torch.Tensor | None,
                             mask: torch.Tensor | None = None, addend: torch.Tensor | None = None,
-                            dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+                            dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                            clamp: tuple[float, float, torch.Tensor] | None = None) -> torch.Tensor:
         """``(lo + q * step) * scale[c] + shift[c] (+ addend)`` as a ``dtype`` (fp32/bf16) tensor of ``shape``, laid
         out as the encoded tensor was (``channels_last`` or NCHW), zero where the packed ``mask`` (NumPy packbits
-        order, same memory order) is clear; ``addend``: a tensor of ``shape``."""
+        order, same memory order) is clear; ``addend``: a tensor of ``shape``. ``clamp = (lo, hi, above)``: where
+        ``mask`` is clear, ``hi`` if the packed ``above`` is set, else ``lo`` (a clamp of the value, e.g. ReLU6)."""
         _require_cpu(packed, lo, step)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         if addend is not None:
@@ -162,8 +165,9 @@ class CKernels:
         getattr(self.lib, f"group_decode_affine_{_SUFFIX[dtype]}")(
             packed.data_ptr(), lo.data_ptr(), step.data_ptr(), lo.numel(), group, bits,
             None if scale is None else scale.data_ptr(), None if shift is None else shift.data_ptr(), c, inner,
-            None if addend is None else addend.data_ptr(), None if mask is None else mask.data_ptr(), out.data_ptr(),
-            torch.get_num_threads())
+            None if addend is None else addend.data_ptr(), None if mask is None else mask.data_ptr(),
+            None if clamp is None else clamp[2].data_ptr(), 0.0 if clamp is None else clamp[0],
+            0.0 if clamp is None else clamp[1], out.data_ptr(), torch.get_num_threads())
         return out
 
     def unpack(self, packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -239,6 +243,19 @@ class CKernels:
         getattr(self.lib, f"positive_bits_{_SUFFIX[flat.dtype]}")(flat.data_ptr(), n, bits.data_ptr(),
                                                                   torch.get_num_threads())
         return bits
+
+    def range_bits(self, flat: torch.Tensor, lo: float, hi: float, above: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[lo < x < hi]`` and, if ``above``, ``[x >= hi]`` as 1-bit packed (NumPy packbits order) of a contiguous
+        1-D fp32/bf16 tensor, in one pass."""
+        _require_cpu(flat)
+        n = flat.numel()
+        inside = torch.empty((n + 7) // 8, dtype=torch.uint8)
+        top = torch.empty((n + 7) // 8, dtype=torch.uint8) if above else None
+        getattr(self.lib, f"range_bits_{_SUFFIX[flat.dtype]}")(flat.data_ptr(), n, lo, hi, inside.data_ptr(),
+                                                               None if top is None else top.data_ptr(),
+                                                               torch.get_num_threads())
+        return inside, top
 
     def mask_values(self, bits: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, inside: float,
                     outside: float, channels_last: bool = False) -> torch.Tensor:

@@ -418,6 +418,22 @@ void positive_bits_##SUF(const T_ *x, int64_t n, uint8_t *bits, int nt) { /* bit
         bits[full] = (uint8_t)v;                                                                              \
     }                                                                                                         \
 }                                                                                                             \
+void range_bits_##SUF(const T_ *x, int64_t n, float lo, float hi, uint8_t *inside, uint8_t *above, int nt) { \
+    /* inside = [lo < x < hi], above = [x >= hi] (if asked) */                                                \
+    const int64_t nb = (n + 7) / 8;                                                                           \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
+    for (int64_t j = 0; j < nb; ++j) {                                                                      \
+        const int64_t b = j * 8, e = b + 8 < n ? b + 8 : n;                                                  \
+        unsigned vi = 0, va = 0;                                                                              \
+        for (int64_t i = b; i < e; ++i) {                                                                    \
+            const float f = LOAD(x, i);                                                                       \
+            vi |= (unsigned)(f > lo && f < hi) << (7 - (i - b));                                              \
+            va |= (unsigned)(f >= hi) << (7 - (i - b));                                                       \
+        }                                                                                                     \
+        inside[j] = (uint8_t)vi;                                                                              \
+        if (above) above[j] = (uint8_t)va;                                                                    \
+    }                                                                                                         \
+}                                                                                                             \
 void relu_mask_backward_##SUF(const T_ *g, const uint8_t *bits, int64_t n, T_ *gx, int nt) {                 \
     const int64_t nb = (n + 7) / 8;                                                                           \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                                            \
@@ -560,7 +576,8 @@ void group_encode_affine_##SUF(const T_ *x, const float *shift, const float *sca
 }                                                                                                               \
 void group_decode_affine_##SUF(const uint8_t *packed, const float *lo, const float *step, int64_t ngroups,     \
                                int64_t G, int bits, const float *scale, const float *shift, int64_t C,          \
-                               int64_t inner, const float *addend, const uint8_t *mask, T_ *out, int nt) {      \
+                               int64_t inner, const float *addend, const uint8_t *mask, const uint8_t *above,   \
+                               float clo, float chi, T_ *out, int nt) {                                        \
     const int k = 8 / bits;                                                                                     \
     _Pragma("omp parallel num_threads(nt)")                                                                     \
     {                                                                                                           \
@@ -592,7 +609,14 @@ void group_decode_affine_##SUF(const uint8_t *packed, const float *lo, const flo
                 if (++c == C) c = 0;                                                                            \
             }                                                                                                   \
             if (addend) for (int64_t t = 0; t < G; ++t) o[t] += addend[i0 + t];                                 \
-            if (mask) { /* G and i0 are multiples of 8: whole mask bytes */                                     \
+            if (mask && above) { /* a clamp: o inside (clo, chi), else chi where `above` is set, else clo */    \
+                const uint8_t *mb = mask + (i0 >> 3), *ab = above + (i0 >> 3);                                  \
+                for (int64_t t = 0; t < G; t += 8) {                                                            \
+                    const float *f = MASK_LUT[mb[t >> 3]], *h = MASK_LUT[ab[t >> 3]];                           \
+                    for (int bit = 0; bit < 8; ++bit)                                                           \
+                        o[t + bit] = o[t + bit] * f[bit] + (1.0f - f[bit]) * (clo + h[bit] * (chi - clo));      \
+                }                                                                                               \
+            } else if (mask) { /* G and i0 are multiples of 8: whole mask bytes */                              \
                 const uint8_t *mb = mask + (i0 >> 3);                                                           \
                 for (int64_t t = 0; t < G; t += 8) {                                                            \
                     const float *f = MASK_LUT[mb[t >> 3]];                                                      \
