@@ -302,8 +302,9 @@ def test_compiled_bn_codes_take_channels_last_and_bf16_autocast(amp):
     assert F.cosine_similarity(g_c, exact, 0) > (0.99 if amp else 0.999)
 
 
+@pytest.mark.parametrize("channels", [16, 24])  # a group of 256 holds whole pixels / pixels split across groups
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_affine_group_kernels_follow_the_memory_order(dtype):
+def test_affine_group_kernels_follow_the_memory_order(dtype, channels):
     """Codes of a channels-last tensor are the codes of its NHWC memory order with the channel innermost; the
     decode (with a mask in that order) gives back the same layout and dtype."""
     import numpy as np
@@ -314,19 +315,19 @@ def test_affine_group_kernels_follow_the_memory_order(dtype):
     if kernels is None:
         pytest.skip("no C compiler")
     torch.manual_seed(0)
-    x = torch.randn(4, 16, 8, 8).to(dtype)
+    x = torch.randn(4, channels, 8, 8).to(dtype)
     cl = x.contiguous(memory_format=torch.channels_last)
-    shift, scale = torch.randn(16), torch.rand(16) + 0.5
+    shift, scale = torch.randn(channels), torch.rand(channels) + 0.5
     packed, lo, step = kernels.group_encode_affine(cl, shift, scale, 8, 256)
     v = (cl.float() - shift.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
     ref = kernels.group_encode(v.permute(0, 2, 3, 1).reshape(-1, 256).contiguous(), 8)
     assert torch.equal(packed, ref[0]) and torch.allclose(lo, ref[1]) and torch.allclose(step, ref[2])
     keep = torch.rand(x.shape) > 0.5
     mask = torch.from_numpy(np.packbits(keep.permute(0, 2, 3, 1).reshape(-1).numpy()))
-    w, b = torch.rand(16), torch.randn(16)
+    w, b = torch.rand(channels), torch.randn(channels)
     out = kernels.group_decode_affine(packed, lo, step, 8, 256, tuple(x.shape), w, b, mask, None, dtype, True)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-    xhat = kernels.group_decode(packed, lo, step, 8, 256).view(4, 8, 8, 16).permute(0, 3, 1, 2)
+    xhat = kernels.group_decode(packed, lo, step, 8, 256).view(4, 8, 8, channels).permute(0, 3, 1, 2)
     expect = (xhat * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)) * keep
     assert torch.allclose(out.float(), expect, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
 

@@ -554,9 +554,13 @@ void group_encode_affine_##SUF(const T_ *x, const float *shift, const float *sca
         for (int64_t g = 0; g < ngroups; ++g) {                                                                 \
             const int64_t i0 = g * G;                                                                           \
             int64_t c = (i0 / inner) % C, r = i0 % inner, i = 0;                                                \
-            if (inner == 1 && G % C == 0) /* channels-last, whole pixels: rows of C channels, vectorisable */    \
-                for (; i < G; i += C)                                                                           \
-                    for (int64_t t = 0; t < C; ++t) v[i + t] = (LOAD(x, i0 + i + t) - shift[t]) * scale[t];      \
+            if (inner == 1) /* channels-last: runs of consecutive channels, vectorisable */                      \
+                for (; i < G; c = 0) {                                                                          \
+                    const int64_t n = (G - i) < (C - c) ? (G - i) : (C - c);                                    \
+                    for (int64_t t = 0; t < n; ++t)                                                             \
+                        v[i + t] = (LOAD(x, i0 + i + t) - shift[c + t]) * scale[c + t];                         \
+                    i += n;                                                                                     \
+                }                                                                                               \
             while (i < G) { /* runs of one channel */                                                           \
                 const int64_t n = (G - i) < (inner - r) ? (G - i) : (inner - r);                                \
                 const float sh = shift[c], sc = scale[c];                                                       \
@@ -589,15 +593,13 @@ void group_decode_affine_##SUF(const uint8_t *packed, const float *lo, const flo
             unpack_chunk(packed + g * (G / k), G, bits, q);                                                     \
             const float l = lo[g], s = step[g];                                                                 \
             int64_t c = (i0 / inner) % C, r = i0 % inner, i = 0;                                                \
-            if (inner == 1 && G % C == 0 && C <= 4096) { /* channels-last, whole pixels: rows of C channels */  \
-                float a[4096], b[4096];                                                                         \
-                for (int64_t t = 0; t < C; ++t) {                                                               \
-                    const float sc = scale ? scale[t] : 1.0f, sh = shift ? shift[t] : 0.0f;                     \
-                    a[t] = l * sc + sh;                                                                         \
-                    b[t] = s * sc;                                                                              \
+            if (inner == 1 && scale && shift) { /* channels-last: runs of consecutive channels, vectorisable */ \
+                for (; i < G; c = 0) {                                                                          \
+                    const int64_t n = (G - i) < (C - c) ? (G - i) : (C - c);                                    \
+                    for (int64_t t = 0; t < n; ++t)                                                             \
+                        o[i + t] = (l + (float)q[i + t] * s) * scale[c + t] + shift[c + t];                     \
+                    i += n;                                                                                     \
                 }                                                                                               \
-                for (; i < G; i += C)                                                                           \
-                    for (int64_t t = 0; t < C; ++t) o[i + t] = a[t] + (float)q[i + t] * b[t];                    \
             }                                                                                                   \
             while (i < G) { /* runs of one channel: y = a + q * b, vectorisable */                              \
                 const int64_t n = (G - i) < (inner - r) ? (G - i) : (inner - r);                                \
