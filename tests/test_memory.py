@@ -27,12 +27,7 @@ from leanprop.cli import main
 F32 = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- ledger ----------------------------------------------------------------------------------------------

@@ -92,14 +92,7 @@ PREACT_RESNET_BLOCKS = (PreActBasicBlock, PreActBottleneck)
 PREACT_BLOCKS = (*PREACT_RESNET_BLOCKS, WideBasicBlock, DenseLayer, Transition)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny batches gain little from intra-op threads, and on a busy 2-core machine OpenMP threads
-    # fighting for a core make the forward/backward tests several times slower; restore after.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def meta_model(name: str, **kwargs) -> nn.Module:

@@ -169,14 +169,6 @@ def test_hard_prune_summary_and_state_dict_roundtrip():
     assert result["layer2.0.conv1"] == pytest.approx(0.9, abs=1e-3)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small-batch steps of big models are faster on one thread here
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", [*models.list_models("cifar"), "resnet18"])
 def test_every_zoo_model_trains_a_step_with_swat_erk(name, one_thread):
     torch.manual_seed(0)

@@ -29,13 +29,7 @@ ZOO = [*USER_MODELS, *REGISTRY_MODELS]
 MIN_BLPA_UNITS = {"InplaceReLUNet": 4, "DenseNetStyle": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny batches gain nothing from intra-op threads on a busy 2-core machine; restore after.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def build(name: str) -> nn.Module:
@@ -54,6 +48,13 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 
 def module_types(model: nn.Module) -> list[tuple[str, type]]:
     return [(n, type(m)) for n, m in model.named_modules()]
+
+
+def snapshot(name: str) -> tuple[nn.Module, nn.Module, list[str], list[tuple[str, type]], dict[str, nn.Parameter]]:
+    """A zoo model, a plain copy of it, and what a revert must give back: state_dict keys, module classes and the
+    Parameter objects."""
+    model = build(name)
+    return model, copy.deepcopy(model), list(model.state_dict()), module_types(model), dict(model.named_parameters())
 
 
 def check_reverted(model: nn.Module, ref: nn.Module, keys: list[str], types, params: dict[str, nn.Parameter],
@@ -125,9 +126,7 @@ def test_forward_backward_train_mode(name):
 
 @pytest.mark.parametrize("name", ZOO)
 def test_swat_convert_revert_round_trip(name):
-    model = build(name)
-    ref = copy.deepcopy(model)
-    keys, types, params = list(model.state_dict()), module_types(model), dict(model.named_parameters())
+    model, ref, keys, types, params = snapshot(name)
     x, y = example_batch()
 
     ctl = leanprop.convert_(model, leanprop.SWATConfig(sparsity=0.5))
@@ -148,9 +147,7 @@ def test_swat_convert_revert_round_trip(name):
 @pytest.mark.filterwarnings("ignore:BLPA. the model has no BatchNorm2d")  # most of the zoo: no unit found yet
 @pytest.mark.parametrize("name", ZOO)
 def test_blpa_32_bits_equals_plain_pytorch_and_reverts(name):
-    model = build(name)
-    ref = copy.deepcopy(model)
-    keys, types, params = list(model.state_dict()), module_types(model), dict(model.named_parameters())
+    model, ref, keys, types, params = snapshot(name)
     x, y = example_batch()
 
     ctl = leanprop.convert_(model, leanprop.BLPAConfig(bits=32, codec_bits=None))
