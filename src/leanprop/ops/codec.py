@@ -195,8 +195,8 @@ class _Mask:
 
     def __init__(self, mask: torch.Tensor, like: torch.Tensor, inside: float, outside: float, kernels: Any = None):
         self.kernels = kernels if mask.device.type == "cpu" else None  # the compiled expansion, or None
-        self.channels_last = _is_channels_last(mask)
-        self.bits = _pack_bool(mask.permute(0, 2, 3, 1).reshape(-1) if self.channels_last else mask.reshape(-1))
+        flat, self.channels_last = _in_memory_order(mask)
+        self.bits = _pack_bool(flat)
         self.shape, self.stride, self.dtype = like.shape, like.stride(), like.dtype
         self.inside, self.outside = inside, outside
 
@@ -204,12 +204,10 @@ class _Mask:
     def positive(cls, t: torch.Tensor, inside: float, outside: float, kernels: Any = None) -> _Mask:
         """The mask ``t > 0``, straight from ``t`` by the compiled kernels where they take it (CPU fp32/bf16, NCHW-
         or channels-last-contiguous): no bool tensor."""
-        cl = _is_channels_last(t)
-        if kernels is None or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) \
-                or not (cl or t.is_contiguous()):
+        if not _compiled_takes(t, kernels):
             return cls(t > 0, t, inside, outside, kernels)
-        bits = kernels.positive_bits((t.permute(0, 2, 3, 1) if cl else t).reshape(-1))
-        return cls._from_bits(bits, t, inside, outside, kernels, cl)
+        flat, cl = _in_memory_order(t)
+        return cls._from_bits(kernels.positive_bits(flat), t, inside, outside, kernels, cl)
 
     @classmethod
     def ranges(cls, t: torch.Tensor, lo: float, hi: float, above: bool, kernels: Any = None
@@ -218,12 +216,11 @@ class _Mask:
         (rebuilt as the mid-point inside, above ``hi`` outside, so the backward takes the same branch) and, if
         ``above``, the mask ``t >= hi`` (to rebuild the clamp's output); one compiled pass where the kernels take
         ``t``."""
-        cl = _is_channels_last(t)
-        if kernels is None or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) \
-                or not (cl or t.is_contiguous()):
+        if not _compiled_takes(t, kernels):
             return (cls((t > lo) & (t < hi), t, (lo + hi) / 2, hi + 1.0, kernels),
                     cls(t >= hi, t, 1.0, 0.0) if above else None)
-        inside, top = kernels.range_bits((t.permute(0, 2, 3, 1) if cl else t).reshape(-1), lo, hi, above)
+        flat, cl = _in_memory_order(t)
+        inside, top = kernels.range_bits(flat, lo, hi, above)
         return (cls._from_bits(inside, t, (lo + hi) / 2, hi + 1.0, kernels, cl),
                 None if top is None else cls._from_bits(top, t, 1.0, 0.0, kernels, cl))
 
@@ -263,6 +260,19 @@ class _Mask:
 def _is_channels_last(t: torch.Tensor) -> bool:
     """A 4-D tensor laid out channels-last (and not also NCHW-contiguous)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _in_memory_order(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``t`` flattened in its memory order if channels-last (NHWC, a view), else in its logical (NCHW) order, and
+    whether it was channels-last."""
+    cl = _is_channels_last(t)
+    return (t.permute(0, 2, 3, 1) if cl else t).reshape(-1), cl
+
+
+def _compiled_takes(t: torch.Tensor, kernels: Any) -> bool:
+    """The compiled mask and code passes take ``t``: CPU fp32/bf16, NCHW- or channels-last-contiguous."""
+    return (kernels is not None and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+            and (t.is_contiguous() or _is_channels_last(t)))
 
 
 class _ShapeOnly:
@@ -508,8 +518,7 @@ class SavedTensorCodec:
             return None
 
         def pack(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> Any:
-            if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() < 3 \
-                    or not (x.is_contiguous() or _is_channels_last(x)) or x.numel() % GROUP:
+            if x.dim() < 3 or x.numel() % GROUP or not _compiled_takes(x, kernels):
                 return None
             g = self._generator(x.device)
             seeds = None if g is None else torch.randint(-(2**63), 2**63 - 1, (x.numel() // GROUP,), generator=g,
