@@ -62,9 +62,10 @@ def test_swat_filter_floor_records_the_decomposition(tmp_path):
     assert "## Filter-structured SWAT: how fast it could be" in md.read_text()
 
 
-def test_swat_accuracy_report_from_run_dirs(tmp_path):
+def test_swat_accuracy_report_from_run_dirs(tmp_path, monkeypatch):
     from leanprop.bench import accuracy_swat as swat_accuracy
 
+    monkeypatch.setattr(swat_accuracy.MATRIX, "archive", tmp_path / "archive")  # not the committed rows
     out = tmp_path / "runs"
     fields = "epoch,step,test_top1,weight_sparsity,act_sparsity"
     for name, acc, epochs in (("dense", 90.0, 30), ("swat-u90", 88.5, 30), ("swat-erk90", 70.0, 12)):
@@ -105,6 +106,7 @@ def test_swat_accuracy_commands_and_run_names_are_unchanged(tmp_path, monkeypatc
     from leanprop.bench import accuracy as _accuracy_matrix
     from leanprop.bench import accuracy_swat as swat_accuracy
 
+    monkeypatch.setattr(swat_accuracy.MATRIX, "archive", tmp_path / "archive")  # not the committed rows
     assert swat_accuracy.command("swat-u90", "resnet20", 30) == SWAT_U90_COMMAND
     assert swat_accuracy.run_dir(tmp_path, "resnet20", "swat-m90") == tmp_path / "acc-resnet20-swat-m90"
     assert list(swat_accuracy.VARIANTS) == ["dense", "swat-u90", "swat-erk90", "swat-m90", "swat-channel70",
@@ -157,6 +159,7 @@ def test_blpa_accuracy_report_and_runner(tmp_path, monkeypatch):
     from leanprop.bench import accuracy as _accuracy_matrix
     from leanprop.bench import accuracy_blpa as blpa_accuracy
 
+    monkeypatch.setattr(blpa_accuracy.MATRIX, "archive", tmp_path / "archive")  # not the committed rows
     out = tmp_path / "runs"
     for name, acc, epochs, cfg in (("dense", 91.0, 30, "method: {name: dense}\n"),
                                    ("blpa8", 90.5, 30, "method: {name: blpa}\nblpa: {bits: 8}\n"),
