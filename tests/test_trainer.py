@@ -70,6 +70,10 @@ class Crash(RuntimeError):
 def test_resume_is_bit_identical(tmp_path, method):
     _need_blpa(method)
     over = ["train.epochs=3", "data.augment=true", *method]
+    if any(o.startswith("method.name=swat") for o in method):
+        # two independent runs may time the kernels differently and pick another summation order; the resumed
+        # run restores its crashed run's choice (tests/test_swat_sparse_kernels.py, resume test)
+        over.append("swat.sparse_kernels=never")
     ref = Trainer(C.load(None, synth_overrides(tmp_path / "a", *over)), progress=False)
     ref.fit()
 
@@ -154,7 +158,7 @@ def test_swat_run_reports_flops_and_sparsity(tmp_path, capsys):
     out = captured.out
     assert "training FLOPs -" in out and "measured sparsity" in out
     assert (res.run_dir / "swat_layers.txt").exists()
-    assert "SWAT sparse (CSR/COO) kernels:" in captured.err  # sparse_kernels="auto": timed before the first step
+    assert "SWAT sparse kernels:" in captured.err  # sparse_kernels="auto": timed before the first step
     assert "layer-ops use a sparse kernel" in (res.run_dir / "swat_kernels.txt").read_text()
     row = _rows(res.run_dir)[-1]
     assert 0.5 < float(row["weight_sparsity"]) < 0.9  # first layer dense, the rest at 80 %

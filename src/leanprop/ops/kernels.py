@@ -25,7 +25,7 @@ import torch
 
 from leanprop.utils import cache_dir, file_lock
 
-__all__ = ["CKernels", "affine_layout", "load_kernels", "kernel_layout"]
+__all__ = ["CKernels", "affine_layout", "build_library", "load_kernels", "kernel_layout"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 # -fno-trapping-math lets floorf vectorise; none of these flags changes a result (no fast-math)
@@ -46,14 +46,31 @@ def _cpu_id() -> str:
     return platform.processor()
 
 
-def _compile(cc: str, src: Path, out: Path) -> None:
+def _compile(cc: str, src: Path, out: Path, flags: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
-        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp_so)], capture_output=True, text=True)
+        proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_so)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {src.name} with {cc} failed:\n{proc.stderr.strip()[-2000:]}")
         os.replace(tmp_so, out)
+
+
+def build_library(src: Path, flags: list[str], stem: str) -> Path:
+    """The shared library compiled from ``src`` with ``flags`` for this machine, built once into the leanprop cache
+    (keyed by the source, compiler, flags and CPU) under a file lock, so concurrent processes build it once."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    digest = hashlib.sha256(src.read_bytes() + " ".join([cc, *flags, _cpu_id(), platform.machine()]).encode()
+                            ).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"{stem}_{digest}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(out.with_suffix(".lock")):
+            if not out.exists():
+                _compile(cc, src, out, flags)
+    return out
 
 
 class CKernels:
@@ -376,15 +393,5 @@ def load_kernels(required: bool = False) -> CKernels | None:
 
 
 def _build() -> CKernels:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise RuntimeError("no C compiler found (install gcc, or set CC)")
-    src = _SOURCE.read_bytes()
-    digest = hashlib.sha256(src + " ".join([cc, *_FLAGS, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"blpa_{digest}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(out.with_suffix(".lock")):
-            if not out.exists():
-                _compile(cc, _SOURCE, out)
+    out = build_library(_SOURCE, _FLAGS, "blpa")
     return CKernels(ctypes.CDLL(str(out)), out)

@@ -67,14 +67,15 @@ class SWATController(Controller):
             return False
         return any(sk.eligible(layer) is None for layer in self.layers.values())
 
-    def calibrate_kernels(self, example_input: torch.Tensor, *, reps: int = 3, margin: float = 0.05,
+    def calibrate_kernels(self, example_input: torch.Tensor, *, reps: int = 1, margin: float = 0.05,
                           progress: Callable[[str], None] | None = None,
                           timer: Callable | None = None) -> list[sk.KernelTiming]:
         """Choose each unstructured layer's kernels by measurement (``SWATConfig.sparse_kernels="auto"``).
 
         One no-grad forward of ``example_input`` (in eval mode, so BN running statistics are untouched) records
         every eligible layer's input; :func:`leanprop.swat.sparse_kernels.calibrate` then times the dense and
-        each sparse kernel (CSR, COO) of its forward, grad-input and grad-weight and sets ``layer.sparse_ops``.
+        each sparse kernel (direct, CSR, COO) of its forward, grad-input and grad-weight and sets ``layer.sparse_ops``,
+        spending at most 3 × the dense time of the layers' ops (:class:`leanprop.swat.sparse_kernels.Budget`).
         Call it inside the autocast context of training (the kernels are timed in its dtype). Returns the
         timings (also kept as ``self.kernel_timings``; :func:`leanprop.swat.sparse_kernels.format_table` prints
         them)."""
@@ -146,7 +147,9 @@ class SWATController(Controller):
         used = [f"{name} {op} {fmt}" for name, layer in self.layers.items()
                 for op, fmt in zip(sk.OPS, layer.sparse_ops, strict=True) if fmt]
         named = f": {', '.join(used)}" if 0 < len(used) <= 4 else ""
-        return f"SWAT sparse (CSR/COO) kernels: {sum(ops)} of {len(ops)} layer-ops ({how}){named}; the rest dense"
+        cost = "" if not self.kernel_timings else \
+            f"; timing took {sum(t.cost_ms for t in self.kernel_timings) / 1e3:.1f} s"
+        return f"SWAT sparse kernels: {sum(ops)} of {len(ops)} layer-ops ({how}){named}; the rest dense{cost}"
 
     # ---------------------------------------------------------------- execution modes
     def unsupported_reason(self, mode: Any) -> str | None:

@@ -2,20 +2,26 @@
 
 A SWAT layer's training step has three products (docs/methods/swat.md, 'Technical details'):
 
-* forward ``Y = conv(X, W_s)``  -- sparse path: ``S(W_s) @ im2col(X)``;
-* grad-input ``dX = conv_T(G, W_s)``  -- sparse path: ``col2im(S(W_sᵀ) @ G)``;
+* forward ``Y = conv(X, W_s)``  -- sparse paths: ``S(W_s) @ im2col(X)``, or "direct";
+* grad-input ``dX = conv_T(G, W_s)``  -- sparse paths: ``col2im(S(W_sᵀ) @ G)``, or "direct";
 * grad-weight ``dW = conv_w(X_s, G)``  -- sparse path: ``(S(im2col(X_s)) @ Gᵀ)ᵀ``;
 
-with ``S`` the CSR or the COO form (``torch.sparse.mm``). Linear layers: the same without im2col. The sparse
-paths give the dense kernels' results up to summation order, and pay what a real sparse path pays every step:
-the dense -> sparse conversion (weights change every step, activations every batch) and im2col/col2im.
+with ``S`` the CSR or the COO form (``torch.sparse.mm``), and "direct" the compiled direct convolution of
+:mod:`leanprop.ops.sparse_conv` (fp32 CPU convs: the weight in CSR, the batch innermost, no im2col). Linear layers:
+CSR/COO without im2col. The sparse paths give the dense kernels' results up to summation order, and pay what a real
+sparse path pays every step: the dense -> sparse conversion (weights change every step, activations every batch),
+im2col/col2im or the layout change.
 
 Whether they are faster depends on the machine, the shapes and the sparsity, so leanprop does not guess:
 :func:`calibrate` times both paths for every eligible layer at its real input shape, sparsity, dtype and
 device, and a layer uses the sparse kernel for an op only where it measured faster by a margin
 (``SWATConfig.sparse_kernels="auto"``, run by :meth:`SWATController.calibrate_kernels`). The per-op choice
 is the layer's ``sparse_ops`` attribute: a ``(forward, grad_input, grad_weight)`` tuple whose entries are None
-(dense) or a format, "csr" or "coo" (True means "csr").
+(dense) or a format, "csr", "coo" or "direct" (True means "csr").
+
+The calibration is bounded: in total it spends at most ``budget_steps`` (3) times the dense time of every SWAT
+layer's three ops, i.e. less than that many dense training steps; a trial whose workspace would exceed twice the
+dense op's operands is not run (im2col of a k×k conv); identical shapes are timed once.
 ``benchmarks/sparse_kernels.py`` reports the break-even sparsity of each op.
 """
 
@@ -31,22 +37,26 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
+from leanprop.ops import sparse_conv
 from leanprop.ops.packing import memory_format_of
 from leanprop.timing import time_calls
 
 __all__ = ["OPS", "FORMATS", "NO_SPARSE", "format_of", "KernelTiming", "conv_forward", "conv_grad_input",
            "conv_grad_weight", "linear_forward", "linear_grad_input", "linear_grad_weight", "conv_op_pairs",
-           "linear_op_pairs", "eligible", "calibrate", "format_table"]
+           "linear_op_pairs", "eligible", "calibrate", "format_table", "Budget", "workspace_bytes", "DIRECT_OPS"]
 
 OPS = ("forward", "grad_input", "grad_weight")
-FORMATS = ("csr", "coo")
+FORMATS = ("direct", "csr", "coo")  # the order trials run in: the likeliest winner first
+DIRECT_OPS = ("forward", "grad_input")  # the ops the direct kernel has (convs only)
 NO_SPARSE = (None, None, None)
 SparseOps = tuple  # (forward, grad_input, grad_weight): each None, "csr", "coo" (or a bool: True is "csr")
 
 
 def format_of(flag) -> str | None:
-    """The sparse format an entry of ``sparse_ops`` asks for (None: the dense kernel)."""
+    """The sparse format an entry of ``sparse_ops`` asks for (None: the dense kernel; "direct": the compiled
+    direct convolution)."""
     if not flag:
         return None
     fmt = "csr" if flag is True else flag
@@ -69,7 +79,11 @@ def _out_hw(x_hw, k, stride, padding, dilation) -> tuple[int, int]:
 
 def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, dilation, fmt: str = "csr"
                  ) -> Tensor:
-    """``conv2d(x, w_s, bias)`` (groups 1) as ``S(W_s) @ im2col(x)``, in ``x``'s memory format."""
+    """``conv2d(x, w_s, bias)`` (groups 1) as ``S(W_s) @ im2col(x)`` or by the direct kernel (``fmt="direct"``), in
+    ``x``'s memory format."""
+    if fmt == "direct":
+        _check_direct(x, w_s, stride, dilation)
+        return sparse_conv.conv_forward(x, w_s, bias, stride, padding)
     n, cout, k = x.shape[0], w_s.shape[0], tuple(w_s.shape[2:])
     cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # (N, C·kh·kw, L)
     ho, wo = _out_hw(x.shape[2:], k, stride, padding, dilation)
@@ -81,7 +95,10 @@ def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, d
 
 
 def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation, fmt: str = "csr") -> Tensor:
-    """``dX = conv_transpose(G, W_s)`` as ``col2im(S(W_sᵀ) @ G)``."""
+    """``dX = conv_transpose(G, W_s)`` as ``col2im(S(W_sᵀ) @ G)`` or by the direct kernel (``fmt="direct"``)."""
+    if fmt == "direct":
+        _check_direct(g, w_s, stride, dilation)
+        return sparse_conv.conv_grad_input(g, w_s, x_shape, stride, padding)
     n, cout, k = g.shape[0], w_s.shape[0], tuple(w_s.shape[2:])
     gm = g.transpose(0, 1).reshape(cout, -1)  # (Cout, N·L)
     cols = torch.sparse.mm(_sparse(w_s.reshape(cout, -1).t(), fmt), gm)  # (C·kh·kw, N·L)
@@ -91,6 +108,7 @@ def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation, 
 
 def conv_grad_weight(x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation, fmt: str = "csr") -> Tensor:
     """``dW = conv2d_weight(X_s, G)`` as ``(S(im2col(X_s)) @ Gᵀ)ᵀ``."""
+    _no_direct(fmt, "a conv's weight gradient")
     cout, k = g.shape[1], tuple(w_shape[2:])
     cols = F.unfold(x_s, k, dilation=dilation, padding=padding, stride=stride)
     cm = _sparse(cols.transpose(0, 1).reshape(cols.shape[1], -1), fmt)  # (C·kh·kw, N·L)
@@ -100,6 +118,7 @@ def conv_grad_weight(x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation,
 
 def linear_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, fmt: str = "csr") -> Tensor:
     """``x @ W_sᵀ + b`` as ``(S(W_s) @ xᵀ)ᵀ``; x has shape (..., in)."""
+    _no_direct(fmt, "a linear layer")
     y = torch.sparse.mm(_sparse(w_s, fmt), x.reshape(-1, w_s.shape[1]).t()).t()
     if bias is not None:
         y = y + bias
@@ -108,12 +127,25 @@ def linear_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, fmt: str = "csr"
 
 def linear_grad_input(g: Tensor, w_s: Tensor, x_shape, fmt: str = "csr") -> Tensor:
     """``dX = G @ W_s`` as ``(S(W_sᵀ) @ Gᵀ)ᵀ``."""
+    _no_direct(fmt, "a linear layer")
     return torch.sparse.mm(_sparse(w_s.t(), fmt), g.reshape(-1, w_s.shape[0]).t()).t().reshape(x_shape)
 
 
 def linear_grad_weight(x_s: Tensor, g: Tensor, w_shape, fmt: str = "csr") -> Tensor:
     """``dW = Gᵀ @ X_s`` as ``(S(X_sᵀ) @ G)ᵀ``."""
+    _no_direct(fmt, "a linear layer")
     return torch.sparse.mm(_sparse(x_s.reshape(-1, w_shape[1]).t(), fmt), g.reshape(-1, w_shape[0])).t()
+
+
+def _check_direct(x: Tensor, w: Tensor, stride, dilation) -> None:
+    why = sparse_conv.unsupported(x, w, stride, (0, 0), dilation)
+    if why is not None:
+        raise ValueError(f"the direct sparse kernel does not take this convolution ({why}); use 'csr' or dense")
+
+
+def _no_direct(fmt: str, what: str) -> None:
+    if fmt == "direct":
+        raise ValueError(f"the direct sparse kernel has no path for {what} yet; use 'csr', 'coo' or dense (None)")
 
 
 def eligible(layer) -> str | None:
@@ -144,6 +176,7 @@ class KernelTiming:
     sparse: bool
     format: str | None = None
     note: str = ""
+    cost_ms: float = 0.0  # what timing this op took (0 when its shapes were timed at another layer)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -171,9 +204,15 @@ OpPairs = dict  # {op: (dense fn, {format: sparse fn})}
 def conv_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, stride, padding, dilation,
                   formats=FORMATS) -> OpPairs:
     """``{op: (dense fn, {format: sparse fn})}`` of a groups-1 conv on these tensors (x, x_s already padded by
-    the layer's padding mode); the dense fns are the kernels SWAT's backward calls (oneDNN/cuDNN via ATen)."""
-    conf = (tuple(stride), tuple(padding), tuple(dilation))
+    the layer's padding mode); the dense fns are the kernels SWAT's backward calls (oneDNN/cuDNN via ATen). The
+    direct kernel is offered for the forward and grad-input where it takes the conv and its library builds."""
+    conf = (_pair(stride), _pair(padding), _pair(dilation))
     cb = torch.ops.aten.convolution_backward
+    direct = "direct" in formats and sparse_conv.unsupported(x, w_s, stride, padding, dilation) is None \
+        and sparse_conv.load_sparse_conv() is not None
+
+    def offered(op):
+        return [f for f in formats if f != "direct" or (direct and op in DIRECT_OPS)]
 
     def dense_dx():
         return cb(g, x, w_s, None, *map(list, conf), False, [0, 0], 1, [True, False, False])[0]
@@ -182,16 +221,17 @@ def conv_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, stride, paddin
         return cb(g, x_s, w_s, None, *map(list, conf), False, [0, 0], 1, [False, True, False])[1]
 
     return {"forward": (lambda: F.conv2d(x, w_s, None, *conf),
-                        {f: functools.partial(conv_forward, x, w_s, None, *conf, f) for f in formats}),
+                        {f: functools.partial(conv_forward, x, w_s, None, *conf, f) for f in offered("forward")}),
             "grad_input": (dense_dx, {f: functools.partial(conv_grad_input, g, w_s, x.shape, *conf, f)
-                                      for f in formats}),
+                                      for f in offered("grad_input")}),
             "grad_weight": (dense_dw, {f: functools.partial(conv_grad_weight, x_s, g, w_s.shape, *conf, f)
-                                       for f in formats})}
+                                       for f in offered("grad_weight")})}
 
 
 def linear_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, formats=FORMATS) -> OpPairs:
-    """As :func:`conv_op_pairs` for a linear layer."""
+    """As :func:`conv_op_pairs` for a linear layer (CSR/COO only)."""
     g2, xs2 = g.reshape(-1, w_s.shape[0]), x_s.reshape(-1, w_s.shape[1])
+    formats = [f for f in formats if f != "direct"]
     return {"forward": (lambda: F.linear(x, w_s), {f: functools.partial(linear_forward, x, w_s, None, f)
                                                    for f in formats}),
             "grad_input": (lambda: g2.mm(w_s), {f: functools.partial(linear_grad_input, g, w_s, x.shape, f)
@@ -208,6 +248,22 @@ def _op_pairs(layer, x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, formats=FOR
     return linear_op_pairs(x, w_s, x_s, g, formats)
 
 
+def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str) -> tuple[int, int]:
+    """``(sparse path's workspace, dense op's operands)`` in bytes, estimated from the shapes: the dense op reads
+    and writes X, W and Y; CSR/COO on a conv build im2col (C·k² rows per output pixel); the direct kernel holds X and
+    Y once more in its layout (batch padded to 16 lanes); on a linear layer the sparse copy is at most the operand."""
+    el = x.element_size()
+    dense = (x.numel() + w_s.numel() + y.numel()) * el
+    if not isinstance(layer, torch.nn.Conv2d):
+        return dense, dense
+    n = x.shape[0]
+    if fmt == "direct":
+        pad = layer.padding if isinstance(layer.padding, tuple) else (0, 0)
+        hp, wp = x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]
+        return (x.shape[1] * hp * wp + y[0].numel()) * sparse_conv.lanes(n) * 4, dense
+    return n * w_s[0].numel() * y[0, 0].numel() * el, dense
+
+
 def _signature(layer, x: Tensor, dtype: torch.dtype) -> tuple:
     conf = (tuple(layer.stride), layer.padding, tuple(layer.dilation), layer.padding_mode) \
         if isinstance(layer, torch.nn.Conv2d) else ()
@@ -215,36 +271,59 @@ def _signature(layer, x: Tensor, dtype: torch.dtype) -> tuple:
             memory_format_of(x), round(layer.sparsity, 2))
 
 
+@dataclass
+class Budget:
+    """Milliseconds the calibration may still spend: it grows by ``steps`` × (the dense time of an op × how many
+    layers share its shapes) as each dense op is timed, and shrinks by every millisecond any trial takes."""
+
+    steps: float = 3.0
+    left_ms: float = 0.0
+    spent_ms: float = 0.0
+
+    def earn(self, dense_ms: float, layers: int) -> None:
+        self.left_ms += self.steps * dense_ms * layers
+
+    def spend(self, ms: float) -> None:
+        self.left_ms -= ms
+        self.spent_ms += ms
+
+
 @torch.no_grad()
 def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, dtype: torch.dtype | None = None,
-              reps: int = 3, margin: float = 0.05, formats=FORMATS,
+              reps: int = 1, margin: float = 0.05, formats=FORMATS,
               timer: Callable[[str, str, Callable, int], float] | None = None,
-              progress: Callable[[str], None] | None = None) -> list[KernelTiming]:
+              progress: Callable[[str], None] | None = None, budget: Budget | None = None) -> list[KernelTiming]:
     """Time the dense kernel and each sparse format's kernel for each op of each eligible layer on its input
     ``inputs[name]`` (at the layer's current ``W_s`` and its sparsity's ``X_s``, in ``dtype`` or the input's), set
     ``layer.sparse_ops`` to the fastest format for the ops where it beat ``(1 - margin)·dense``, and return one
     :class:`KernelTiming` per op.
 
     Layers with the same shapes, configuration and sparsity are timed once. A sparse kernel that raises (e.g. a
-    dtype the sparse kernels lack) or whose result differs from the dense one is not used, with a note.
+    dtype the sparse kernels lack) or whose result differs from the dense one is not used, with a note; one whose
+    workspace would exceed twice the dense op's operands, or that the ``budget`` (default: 3 × the dense time of
+    every layer's three ops) no longer covers, is not run.
     ``timer(layer_name, path, fn, reps)`` -> ms (path: "dense" or a format) replaces the wall-clock median."""
     from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify
 
+    budget = budget if budget is not None else Budget()
     out: list[KernelTiming] = []
     done: dict[tuple, tuple[str, list[KernelTiming]]] = {}
+    keys = {name: _signature(layer, x, dtype or x.dtype) for name, layer in layers.items()
+            if (x := inputs.get(name)) is not None and eligible(layer) is None}
+    shared = {k: list(keys.values()).count(k) for k in set(keys.values())}
     for name, layer in layers.items():
         x = inputs.get(name)
-        if eligible(layer) is not None or x is None:
+        if name not in keys:
             layer.sparse_ops = NO_SPARSE
             continue
-        dt = dtype or x.dtype
-        key = _signature(layer, x, dt)
+        key = keys[name]
         if key in done:
             first, timings = done[key]
-            timings = [dataclasses.replace(t, layer=name, note=f"as {first}") for t in timings]
+            timings = [dataclasses.replace(t, layer=name, note=f"as {first}", cost_ms=0.0) for t in timings]
         else:
             if progress is not None:
                 progress(name)
+            dt = dtype or x.dtype
             xc = x.to(dt)
             w_s = layer._sparse_weight().to(dt)
             x_s = sparsify(xc, magnitude_threshold(xc, keep_count(xc.numel(), layer.sparsity)))
@@ -252,8 +331,12 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
             gen = torch.Generator(x.device).manual_seed(0)  # not the global RNG: training's stream is untouched
             g = torch.randn(y.shape, dtype=dt, device=x.device, generator=gen)
             g = g.contiguous(memory_format=memory_format_of(y))
-            timings = [_time_op(name, op, dense, sparse, reps, margin, timer)
-                       for op, (dense, sparse) in _op_pairs(layer, xc, w_s, x_s, g, formats).items()]
+            timings = []
+            for op, (dense, sparse) in _op_pairs(layer, xc, w_s, x_s, g, formats).items():
+                too_big = {f: "workspace over 2x the dense op's" for f in sparse
+                           if (lambda sb, db: sb > 2 * db)(*workspace_bytes(layer, xc, w_s, y, f))}
+                timings.append(_time_op(name, op, dense, {f: fn for f, fn in sparse.items() if f not in too_big},
+                                        reps, margin, timer, budget=budget, layers=shared[key], skipped=too_big))
             done[key] = (name, timings)
         layer.sparse_ops = tuple(t.choice for t in timings)
         out += timings
@@ -262,6 +345,9 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
 
 def _warm_up(fmt: str, like: Tensor) -> None:
     """One tiny sparse product in ``fmt``, so that a kernel's first timed run carries no one-time library set-up."""
+    if fmt == "direct":
+        sparse_conv.load_sparse_conv()
+        return
     try:
         a = torch.eye(4, dtype=like.dtype, device=like.device)
         torch.sparse.mm(_sparse(a, fmt), a)
@@ -270,32 +356,49 @@ def _warm_up(fmt: str, like: Tensor) -> None:
 
 
 def _time_op(name: str, op: str, dense: Callable, sparse: dict[str, Callable], reps: int, margin: float,
-             timer: Callable | None) -> KernelTiming:
-    ref = dense()  # warm-up, and the reference result
+             timer: Callable | None, *, budget: Budget | None = None, layers: int = 1,
+             skipped: dict[str, str] | None = None) -> KernelTiming:
+    """Time one op: the dense kernel (a first run, also the reference result, then ``reps`` timed runs), then each
+    sparse format while the budget lasts: a first run (checked against the reference), and ``reps`` more only when
+    it beat dense and the budget covers them (an injected ``timer`` always measures)."""
+    ref, first_ms = _first_run_ms(dense, torch.cuda.is_available() and torch.cuda.is_initialized())
     sync = ref.device.type == "cuda"
     measure = timer or (lambda _n, _p, fn, r: _median_ms(fn, r, sync))
     dense_ms = measure(name, "dense", dense, reps)
+    budget = budget if budget is not None else Budget(steps=float("inf"))
+    budget.earn(dense_ms, layers)
+    real = timer is None  # an injected timer's milliseconds are not wall time: first runs are then not counted
+    cost = first_ms * real + reps * dense_ms
+    budget.spend(cost)
     scale = float(ref.abs().max()) or 1.0
     tol = 1e-2 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
     best: tuple[float, str] | None = None
-    notes = []
+    notes = [f"{f}: {why}" for f, why in (skipped or {}).items()]
     for fmt, fn in sparse.items():
+        if budget.left_ms < dense_ms:  # a trial costs about a dense run
+            notes.append(f"{fmt}: calibration budget spent")
+            continue
         _warm_up(fmt, ref)
         try:
             got, ms = _first_run_ms(fn, sync)  # the first run, and the check
-        except (RuntimeError, NotImplementedError) as e:
+        except (RuntimeError, NotImplementedError, ValueError) as e:
             notes.append(f"{fmt} failed: {str(e).splitlines()[0][:60]}")
             continue
+        budget.spend(ms * real)
+        cost += ms * real
         if got.shape != ref.shape or float((got - ref).abs().max()) > tol * scale:
             notes.append(f"{fmt} result differs from dense")
             continue
-        if timer is not None or ms <= 3.0 * dense_ms:  # a first run over 3x the dense median cannot win: no repeats
+        if timer is not None or (ms < dense_ms and budget.left_ms >= reps * ms):
             ms = measure(name, fmt, fn, reps)
+            budget.spend(reps * ms)
+            cost += reps * ms
         if best is None or ms < best[0]:
             best = (ms, fmt)
+    note = "; ".join(notes)
     if best is None:
-        return KernelTiming(name, op, dense_ms, None, False, None, "; ".join(notes))
-    return KernelTiming(name, op, dense_ms, best[0], best[0] < (1.0 - margin) * dense_ms, best[1], "; ".join(notes))
+        return KernelTiming(name, op, dense_ms, None, False, None, note, cost)
+    return KernelTiming(name, op, dense_ms, best[0], best[0] < (1.0 - margin) * dense_ms, best[1], note, cost)
 
 
 def format_table(timings: list[KernelTiming]) -> str:
@@ -308,5 +411,6 @@ def format_table(timings: list[KernelTiming]) -> str:
         lines.append(f"{t.layer[:32]:<32} {t.op:<12} {t.dense_ms:9.2f} {sp:>9} {t.format or '-':>6} {ratio:>6}  "
                      f"{t.format if t.sparse else 'dense'}{note}")
     n_sparse = sum(t.sparse for t in timings)
-    lines.append(f"{n_sparse} of {len(timings)} layer-ops use a sparse kernel")
+    lines.append(f"{n_sparse} of {len(timings)} layer-ops use a sparse kernel; timing them took "
+                 f"{sum(t.cost_ms for t in timings) / 1e3:.1f} s")
     return "\n".join(lines)

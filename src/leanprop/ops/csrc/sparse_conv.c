@@ -1,0 +1,271 @@
+/* Sparse-weight direct convolution for SWAT's unstructured layers (CPU, OpenMP, AVX-512/AVX2 through GCC vector
+ * types).
+ *
+ * Layout "NB" (batch innermost): a 4-D activation is held as (C, H, W, L), L = the batch rounded up to a multiple
+ * of 16 lanes, zero beyond the batch.  One weight value then multiplies one contiguous L-vector per output pixel,
+ * so a convolution with a sparse weight is a loop over the weight's non-zeros, each a broadcast and a few
+ * vector FMAs into register-held output tiles (the scheme of Nikdan et al., "SparseProp", ICML 2023, Sec. 3;
+ * written here from the formula, not from their code).
+ *
+ * One kernel, `sparse_corr_nb`, serves the forward and the input gradient.  For output channel (row) rho and
+ * pixel (t, u):
+ *     out[rho, t*so + r0, u*so + c0, :] = sum_e val[e] * in[off[e] + (t*si*Wp + u*si) * L + lane]
+ * where e runs over row rho of a CSR matrix whose offsets already hold the (channel, kh, kw) part.
+ *   forward  Y = conv(X, W_s):       rows = output channels, in = X padded by the conv padding, si = stride, so = 1.
+ *   input gradient dX = conv_T(G, W_s): one call per stride phase (r, rw) of the output pixels
+ *       (ih + p = s*t + r), rows = input channels, entries the (co, kh, kw) with kh = s*j + r, kw = s*jw + rw,
+ *       in = G padded by (Jt, Jl) = ((KH-1)/s, (KW-1)/s) on the top/left, si = 1, so = s.
+ * Results equal the dense convolution up to summation order (this file is compiled with FMA contraction).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 ld(const float *p) { return *(const v16u *)p; }
+static inline void st(float *p, v16 v) { *(v16u *)p = v; }
+
+/* ---- layout changes: NCHW / NHWC <-> NB ------------------------------------------------------------------ */
+
+/* dst[j*ds + i] = src[i*ss + j] (+ rb[i] when rb is not NULL) for i < rows, j < cols (both <= 16). */
+static inline void transpose16(const float *src, int64_t ss, float *dst, int64_t ds, int rows, int cols,
+                               const float *rb) {
+#ifdef __AVX512F__
+    const __mmask16 cm = (__mmask16)((1u << cols) - 1u), rm = (__mmask16)((1u << rows) - 1u);
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) {
+        r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, src + i * ss) : _mm512_setzero_ps();
+        if (rb && i < rows) r[i] = _mm512_add_ps(r[i], _mm512_set1_ps(rb[i]));
+    }
+    for (int k = 0; k < 8; ++k) {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; ++k) {
+        r[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+        r[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+        r[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+        r[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) { /* r[4k + j], lane l: column 4l + j of rows 4k..4k+3 */
+        __m512 v0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), v1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+        __m512 w0 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+        __m512 w1 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+        __m512 col[4] = {_mm512_shuffle_f32x4(v0, w0, 0x88), _mm512_shuffle_f32x4(v1, w1, 0x88),
+                         _mm512_shuffle_f32x4(v0, w0, 0xDD), _mm512_shuffle_f32x4(v1, w1, 0xDD)};
+        for (int l = 0; l < 4; ++l)
+            if (4 * l + j < cols) _mm512_mask_storeu_ps(dst + (4 * l + j) * ds, rm, col[l]);
+    }
+#else
+    for (int j = 0; j < cols; ++j)
+        for (int i = 0; i < rows; ++i) dst[j * ds + i] = src[i * ss + j] + (rb ? rb[i] : 0.0f);
+#endif
+}
+
+/* out (C, Hp, Wp, L) = x (N, C, H, W) [cl = 0] or (N, H, W, C) [cl = 1] at (pt + h, pl + w), zero elsewhere
+ * (padding, and the lanes beyond the batch).  16x16 blocks are transposed in registers. */
+void nb_pack_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int cl, int64_t pt, int64_t pl,
+                 int64_t Hp, int64_t Wp, int64_t L, float *out, int nt) {
+    const int64_t plane = Hp * Wp * L;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t ch = 0; ch < C * Hp; ++ch) {
+            int64_t hp = ch % Hp, h = hp - pt;
+            float *o = out + ch * Wp * L;
+            if (h < 0 || h >= H) { memset(o, 0, (size_t)(Wp * L) * sizeof(float)); continue; }
+            for (int64_t wp = 0; wp < Wp; ++wp) {
+                int64_t w = wp - pl;
+                if (w < 0 || w >= W) memset(o + wp * L, 0, (size_t)L * sizeof(float));
+                else if (N < L) memset(o + wp * L + N, 0, (size_t)(L - N) * sizeof(float));
+            }
+        }
+        if (cl) {
+#pragma omp for schedule(static)
+            for (int64_t hw = 0; hw < H * W; ++hw) {
+                float *o = out + ((pt + hw / W) * Wp + pl + hw % W) * L;
+                for (int64_t n0 = 0; n0 < N; n0 += 16)
+                    for (int64_t c0 = 0; c0 < C; c0 += 16)
+                        transpose16(x + (n0 * H * W + hw) * C + c0, H * W * C, o + c0 * plane + n0, plane,
+                                    (int)(N - n0 < 16 ? N - n0 : 16), (int)(C - c0 < 16 ? C - c0 : 16), NULL);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t ch = 0; ch < C * H; ++ch) {
+                int64_t c = ch / H, h = ch % H;
+                float *o = out + c * plane + ((pt + h) * Wp + pl) * L;
+                for (int64_t n0 = 0; n0 < N; n0 += 16)
+                    for (int64_t w0 = 0; w0 < W; w0 += 16)
+                        transpose16(x + ((n0 * C + c) * H + h) * W + w0, C * H * W, o + w0 * L + n0, L,
+                                    (int)(N - n0 < 16 ? N - n0 : 16), (int)(W - w0 < 16 ? W - w0 : 16), NULL);
+            }
+        }
+    }
+}
+
+/* out (N, C, H, W) [cl = 0] or (N, H, W, C) [cl = 1] = y (C, H, W, L) (+ bias[c] when bias is not NULL). */
+void nb_unpack_f32(const float *y, int64_t N, int64_t C, int64_t H, int64_t W, int64_t L, int cl,
+                   const float *bias, float *out, int nt) {
+    const int64_t plane = H * W * L;
+    if (cl) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t hw = 0; hw < H * W; ++hw)
+            for (int64_t c0 = 0; c0 < C; c0 += 16)
+                for (int64_t n0 = 0; n0 < N; n0 += 16)
+                    transpose16(y + c0 * plane + hw * L + n0, plane, out + (n0 * H * W + hw) * C + c0, H * W * C,
+                                (int)(C - c0 < 16 ? C - c0 : 16), (int)(N - n0 < 16 ? N - n0 : 16),
+                                bias ? bias + c0 : NULL);
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t ch = 0; ch < C * H; ++ch) {
+        int64_t c = ch / H;
+        float b[16];
+        for (int i = 0; i < 16; ++i) b[i] = bias ? bias[c] : 0.0f;
+        for (int64_t w0 = 0; w0 < W; w0 += 16)
+            for (int64_t n0 = 0; n0 < N; n0 += 16)
+                transpose16(y + ch * W * L + w0 * L + n0, L, out + (n0 * C * H + ch) * W + w0, C * H * W,
+                            (int)(W - w0 < 16 ? W - w0 : 16), (int)(N - n0 < 16 ? N - n0 : 16), bias ? b : NULL);
+    }
+}
+
+/* ---- CSR forms of a sparse weight w (Co, Ci, KH, KW) ------------------------------------------------------- */
+
+/* Forward: rows co, entries (ci, kh, kw) with w != 0, offset ((ci*Hp + kh*dh)*Wp + kw*dw)*L.
+ * count = 1: only rowptr[co + 1] = entries of row co; count = 0: rowptr is the prefix sum, fill off/val. */
+void csr_forward_f32(const float *w, int64_t Co, int64_t Ci, int64_t KH, int64_t KW, int64_t dh, int64_t dw,
+                     int64_t Hp, int64_t Wp, int64_t L, int count, int64_t *rowptr, int64_t *off, float *val,
+                     int nt) {
+    int64_t K = Ci * KH * KW;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t co = 0; co < Co; ++co) {
+        const float *r = w + co * K;
+        if (count) {
+            int64_t c = 0;
+            for (int64_t k = 0; k < K; ++k) c += r[k] != 0.0f;
+            rowptr[co + 1] = c;
+            continue;
+        }
+        int64_t e = rowptr[co];
+        for (int64_t ci = 0; ci < Ci; ++ci)
+            for (int64_t kh = 0; kh < KH; ++kh)
+                for (int64_t kw = 0; kw < KW; ++kw) {
+                    float v = r[(ci * KH + kh) * KW + kw];
+                    if (v == 0.0f) continue;
+                    off[e] = ((ci * Hp + kh * dh) * Wp + kw * dw) * L;
+                    val[e++] = v;
+                }
+    }
+}
+
+/* Input gradient, stride phase (r, rw) of stride s: rows ci, entries (co, kh = s*j + r, kw = s*jw + rw) with
+ * w != 0, offset ((co*Gh + Jt - j)*Gw + Jl - jw)*L.  count as in csr_forward_f32. */
+void csr_grad_input_f32(const float *w, int64_t Co, int64_t Ci, int64_t KH, int64_t KW, int64_t s, int64_t r,
+                        int64_t rw, int64_t Jt, int64_t Jl, int64_t Gh, int64_t Gw, int64_t L, int count,
+                        int64_t *rowptr, int64_t *off, float *val, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t ci = 0; ci < Ci; ++ci) {
+        int64_t e = count ? 0 : rowptr[ci];
+        for (int64_t co = 0; co < Co; ++co)
+            for (int64_t kh = r; kh < KH; kh += s)
+                for (int64_t kw = rw; kw < KW; kw += s) {
+                    float v = w[((co * Ci + ci) * KH + kh) * KW + kw];
+                    if (v == 0.0f) continue;
+                    if (!count) {
+                        off[e] = ((co * Gh + Jt - kh / s) * Gw + Jl - kw / s) * L;
+                        val[e] = v;
+                    }
+                    ++e;
+                }
+        if (count) rowptr[ci + 1] = e;
+    }
+}
+
+/* ---- the sparse correlation ------------------------------------------------------------------------------- */
+
+#define P4 6  /* pixels per tile when 64 lanes (4 vectors) are computed at once: 24 accumulators */
+#define P1 12 /* pixels per tile for a 16-lane remainder */
+
+static inline void tile4_acc(const float *const *ip, float *const *op, int np, const int64_t *off,
+                             const float *val, int64_t e0, int64_t e1, int first) {
+    v16 a[P4][4];
+    for (int p = 0; p < P4; ++p)
+        for (int z = 0; z < 4; ++z) a[p][z] = first || p >= np ? (v16){0} : ld(op[p] + 16 * z);
+    for (int64_t e = e0; e < e1; ++e) {
+        const v16 v = (v16){0} + val[e];
+        const int64_t o = off[e];
+        for (int p = 0; p < P4; ++p)
+            for (int z = 0; z < 4; ++z) a[p][z] += v * ld(ip[p] + o + 16 * z);
+    }
+    for (int p = 0; p < np; ++p)
+        for (int z = 0; z < 4; ++z) st(op[p] + 16 * z, a[p][z]);
+}
+
+static inline void tile1_acc(const float *const *ip, float *const *op, int np, const int64_t *off,
+                             const float *val, int64_t e0, int64_t e1, int first) {
+    v16 a[P1];
+    for (int p = 0; p < P1; ++p) a[p] = first || p >= np ? (v16){0} : ld(op[p]);
+    for (int64_t e = e0; e < e1; ++e) {
+        const v16 v = (v16){0} + val[e];
+        const int64_t o = off[e];
+        for (int p = 0; p < P1; ++p) a[p] += v * ld(ip[p] + o);
+    }
+    for (int p = 0; p < np; ++p) st(op[p], a[p]);
+}
+
+/* See the header.  in: (., ., Wp, L); out: (nrows, ., out_w, L) with out_plane floats per row; pixels (t, u) in
+ * [T0, T1) x [U0, U1).  The entries of a row must be sorted by offset; they are taken in blocks of offsets
+ * [b*blk_span, (b+1)*blk_span) (blk_span <= 0: one block), all tiles and rows of one block before the next, so that
+ * the input a block reads stays in cache (the first block writes the outputs, the others add to them). */
+void sparse_corr_nb_f32(const float *in, int64_t Wp, int64_t L, int64_t si, const int64_t *rowptr,
+                        const int64_t *off, const float *val, int64_t nrows, int64_t T0, int64_t T1, int64_t U0,
+                        int64_t U1, float *out, int64_t out_plane, int64_t out_w, int64_t so, int64_t r0, int64_t c0,
+                        int64_t blk_span, int64_t nblk, int64_t *blkptr, int nt) {
+    int64_t U = U1 - U0, npix = (T1 - T0) * U;
+    if (npix <= 0 || nrows <= 0) return;
+    if (blk_span <= 0) nblk = 1;
+    /* blkptr (nrows, nblk + 1): the entry range of each block of each row */
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t rho = 0; rho < nrows; ++rho) {
+        int64_t e = rowptr[rho], end = rowptr[rho + 1];
+        int64_t *bp = blkptr + rho * (nblk + 1);
+        bp[0] = e;
+        for (int64_t b = 1; b < nblk; ++b) {
+            while (e < end && off[e] < b * blk_span) ++e;
+            bp[b] = e;
+        }
+        bp[nblk] = end;
+    }
+    int64_t ntile4 = (npix + P4 - 1) / P4, ntile1 = (npix + P1 - 1) / P1;
+    int64_t n64 = L / 64, rem = (L % 64) / 16;
+    int64_t per_row = ntile4 * n64 + ntile1 * rem; /* work items of one row */
+    for (int64_t b = 0; b < nblk; ++b) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t item = 0; item < nrows * per_row; ++item) {
+            int64_t k = item / nrows, rho = item % nrows; /* rows innermost: one tile's input stays in cache */
+            int wide = k < ntile4 * n64;
+            int64_t P = wide ? P4 : P1, tile, lane;
+            if (wide) { tile = k / n64; lane = 64 * (k % n64); }
+            else { k -= ntile4 * n64; tile = k / rem; lane = 64 * n64 + 16 * (k % rem); }
+            const float *ip[P1];
+            float *op[P1];
+            int np = 0;
+            for (int p = 0; p < P; ++p) {
+                int64_t q = tile * P + p;
+                if (q < npix) np = p + 1;
+                else q = npix - 1; /* a tail tile recomputes the last pixel and does not store it */
+                int64_t t = T0 + q / U, u = U0 + q % U;
+                ip[p] = in + (t * si * Wp + u * si) * L + lane;
+                op[p] = out + rho * out_plane + ((t * so + r0) * out_w + u * so + c0) * L + lane;
+            }
+            const int64_t *bp = blkptr + rho * (nblk + 1);
+            if (wide) tile4_acc(ip, op, np, off, val, bp[b], bp[b + 1], b == 0);
+            else tile1_acc(ip, op, np, off, val, bp[b], bp[b + 1], b == 0);
+        }
+    }
+}

@@ -1,0 +1,209 @@
+"""Direct convolution with an unstructured sparse weight on the CPU (``csrc/sparse_conv.c``).
+
+The activation is laid out batch-innermost, ``(C, H, W, L)`` with ``L`` the batch rounded up to 16 lanes, so every
+non-zero weight multiplies contiguous vectors (Nikdan et al., "SparseProp", ICML 2023, Sec. 3; docs/methods/swat.md,
+'Sparse kernels'). The weight is put in CSR form on every call (its values change every step, its mask every
+``topk_period``), and the activation is transposed in and out: all three are part of what a call costs.
+
+* forward ``Y = conv(X, W_s) + b``: rows = output channels, one pass over each row's non-zeros per tile of output
+  pixels held in registers;
+* input gradient ``dX = conv_T(G, W_s)``: the same kernel on G with the transposed, flipped weight, once per
+  stride phase of the output pixels (a stride-s convolution has s² phases, each a stride-1 correlation).
+
+Inputs are blocked by channels so that the part of X one block reads stays in the L2 cache. Results equal the
+dense convolution up to summation order. fp32 only; groups 1, dilation 1, equal strides (:func:`unsupported`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from leanprop.ops.kernels import build_library
+from leanprop.ops.packing import memory_format_of
+
+__all__ = ["SparseConvKernels", "load_sparse_conv", "unsupported", "conv_forward", "conv_grad_input", "lanes"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+LANE = 16  # lanes of one vector: the batch is padded to a multiple
+TILE_PIXELS = 6  # output pixels per register tile at 64 lanes (csrc: P4)
+BLOCK_BYTES = 512 * 1024  # input bytes one channel block may touch per tile: about the L2 cache
+_lock = threading.Lock()
+_loaded: dict[str, SparseConvKernels | Exception] = {}
+
+
+def lanes(n: int) -> int:
+    """The lane count of a batch of ``n``: n rounded up to a multiple of 16."""
+    return (n + LANE - 1) // LANE * LANE
+
+
+class SparseConvKernels:
+    """ctypes bindings of ``csrc/sparse_conv.c``."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.lib, self.path = lib, path
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.nb_pack_f32.argtypes = [p, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64, p, i32]
+        lib.nb_unpack_f32.argtypes = [p, i64, i64, i64, i64, i64, i32, p, p, i32]
+        lib.csr_forward_f32.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i32, p, p, p, i32]
+        lib.csr_grad_input_f32.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i32,
+                                           p, p, p, i32]
+        lib.sparse_corr_nb_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, i64, i64, i64, p, i64, i64, i64,
+                                           i64, i64, i64, i64, p, i32]
+
+    def __deepcopy__(self, memo: dict) -> SparseConvKernels:
+        return self
+
+    def pack(self, x: Tensor, pad_top: int, pad_left: int, hp: int, wp: int) -> Tensor:
+        """``(C, hp, wp, L)``: x (N, C, H, W; NCHW or channels-last) at offset (pad_top, pad_left), zeros around."""
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        n, c, h, w = x.shape
+        cl = int(memory_format_of(x) is torch.channels_last)
+        out = torch.empty((c, hp, wp, lanes(n)), dtype=torch.float32)
+        self.lib.nb_pack_f32(x.data_ptr(), n, c, h, w, cl, pad_top, pad_left, hp, wp, out.shape[3], out.data_ptr(),
+                             torch.get_num_threads())
+        return out
+
+    def unpack(self, y: Tensor, n: int, bias: Tensor | None, channels_last: bool) -> Tensor:
+        """The (n, C, H, W) tensor (channels-last when asked) of a ``(C, H, W, L)`` one, plus ``bias[c]``."""
+        c, h, w, lane = y.shape
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty((n, c, h, w), dtype=torch.float32, memory_format=fmt)
+        b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.lib.nb_unpack_f32(y.data_ptr(), n, c, h, w, lane, int(channels_last), None if b is None else b.data_ptr(),
+                               out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def _csr(self, fill, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        rowptr = torch.zeros(rows + 1, dtype=torch.int64)
+        fill(1, rowptr.data_ptr(), None, None)
+        torch.cumsum(rowptr, 0, out=rowptr)
+        nnz = int(rowptr[-1])
+        off, val = torch.empty(nnz, dtype=torch.int64), torch.empty(nnz, dtype=torch.float32)
+        fill(0, rowptr.data_ptr(), off.data_ptr(), val.data_ptr())
+        return rowptr, off, val
+
+    def csr_forward(self, w: Tensor, hp: int, wp: int, lane: int) -> tuple[Tensor, Tensor, Tensor]:
+        co, ci, kh, kw = w.shape
+        nt = torch.get_num_threads()
+        return self._csr(lambda count, rp, off, val: self.lib.csr_forward_f32(
+            w.data_ptr(), co, ci, kh, kw, 1, 1, hp, wp, lane, count, rp, off, val, nt), co)
+
+    def csr_grad_input(self, w: Tensor, s: int, r: int, rw: int, jt: int, jl: int, gh: int, gw: int, lane: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        co, ci, kh, kw = w.shape
+        nt = torch.get_num_threads()
+        return self._csr(lambda count, rp, off, val: self.lib.csr_grad_input_f32(
+            w.data_ptr(), co, ci, kh, kw, s, r, rw, jt, jl, gh, gw, lane, count, rp, off, val, nt), ci)
+
+    def corr(self, inp: Tensor, si: int, csr: tuple[Tensor, Tensor, Tensor], t: tuple[int, int],
+             u: tuple[int, int], out: Tensor, so: int, r0: int, c0: int, channel_bytes: int) -> None:
+        """``out[rho, t*so + r0, u*so + c0, :] = Σ_e val[e]·inp[off[e] + (t·si·Wp + u·si)·L + lane]`` (csrc)."""
+        rowptr, off, val = csr
+        nrows, nch = rowptr.numel() - 1, inp.shape[0]
+        _, hp, wp, lane = inp.shape
+        per_block = max(1, min(nch, BLOCK_BYTES // max(channel_bytes, 1)))
+        nblk = (nch + per_block - 1) // per_block
+        blkptr = torch.empty(nrows * (nblk + 1), dtype=torch.int64)
+        self.lib.sparse_corr_nb_f32(inp.data_ptr(), wp, lane, si, rowptr.data_ptr(), off.data_ptr(), val.data_ptr(),
+                                    nrows, t[0], t[1], u[0], u[1], out.data_ptr(), out[0].numel(), out.shape[2], so,
+                                    r0, c0, per_block * hp * wp * lane, nblk, blkptr.data_ptr(),
+                                    torch.get_num_threads())
+
+
+def load_sparse_conv(required: bool = False) -> SparseConvKernels | None:
+    """The compiled direct sparse convolution, built on first use; ``None`` (with a warning) where no C compiler
+    works, or an error when ``required``."""
+    with _lock:
+        cached = _loaded.get("sparse_conv")
+        if cached is None:
+            try:
+                path = build_library(_SOURCE, _FLAGS, "sparse_conv")
+                cached = SparseConvKernels(ctypes.CDLL(str(path)), path)
+            except Exception as e:  # noqa: BLE001 - any failure means "no compiled kernel"
+                cached = e
+            _loaded["sparse_conv"] = cached
+    if isinstance(cached, Exception):
+        if required:
+            raise RuntimeError(f"the direct sparse convolution is unavailable ({cached}); use the dense kernels "
+                               "(SWATConfig(sparse_kernels='never'))") from cached
+        warnings.warn(f"direct sparse convolution unavailable ({str(cached).splitlines()[0]})", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    return cached
+
+
+def unsupported(x: Tensor, w: Tensor, stride, padding, dilation, groups: int = 1) -> str | None:
+    """None when the direct kernels take this convolution, else why not."""
+    if x.device.type != "cpu":
+        return "not on the CPU"
+    if x.dtype != torch.float32 or w.dtype != torch.float32:
+        return f"dtype {x.dtype} (fp32 only)"
+    if x.dim() != 4 or w.dim() != 4:
+        return "not a 2-D convolution of a batch"
+    if groups != 1:
+        return "grouped conv"
+    if tuple(dilation) != (1, 1):
+        return "dilated conv"
+    if isinstance(padding, str):
+        return "string padding"
+    if stride[0] != stride[1]:
+        return "unequal strides"
+    return None
+
+
+def _out_hw(h: int, w: int, k: tuple[int, int], stride: int, padding) -> tuple[int, int]:
+    return (h + 2 * padding[0] - k[0]) // stride + 1, (w + 2 * padding[1] - k[1]) // stride + 1
+
+
+def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding,
+                 kernels: SparseConvKernels | None = None) -> Tensor:
+    """``conv2d(x, w_s, bias, stride, padding)`` (fp32, groups 1, dilation 1) by the direct sparse kernel, in x's
+    memory format."""
+    kern = kernels or load_sparse_conv(required=True)
+    n, _, h, w = x.shape
+    k, s = tuple(w_s.shape[2:]), int(stride[0])
+    ho, wo = _out_hw(h, w, k, s, padding)
+    hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+    xn = kern.pack(x, padding[0], padding[1], hp, wp)
+    lane = xn.shape[3]
+    csr = kern.csr_forward(w_s.detach().contiguous(), hp, wp, lane)
+    y = torch.empty((w_s.shape[0], ho, wo, lane), dtype=torch.float32)
+    kern.corr(xn, s, csr, (0, ho), (0, wo), y, 1, 0, 0, k[0] * (TILE_PIXELS * s + k[1]) * min(lane, 64) * 4)
+    return kern.unpack(y, n, bias, memory_format_of(x) is torch.channels_last)
+
+
+def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding,
+                    kernels: SparseConvKernels | None = None) -> Tensor:
+    """``dX = conv_transpose(g, w_s)`` for an input of ``x_shape`` (the gradient of :func:`conv_forward`), by the
+    direct sparse kernel, one stride phase at a time, in g's memory format."""
+    kern = kernels or load_sparse_conv(required=True)
+    n, _, ho, wo = g.shape
+    h, w = int(x_shape[2]), int(x_shape[3])
+    kh, kw = w_s.shape[2:]
+    s = int(stride[0])
+    jt, jl = (kh - 1) // s, (kw - 1) // s
+    phases = []
+    for r in range(s):  # output rows ih with (ih + padding) % s == r take the kernel rows kh % s == r
+        t0, t1 = -((r - padding[0]) // s), (h - 1 + padding[0] - r) // s + 1
+        for rw in range(s):
+            u0, u1 = -((rw - padding[1]) // s), (w - 1 + padding[1] - rw) // s + 1
+            phases.append((r, rw, (t0, t1), (u0, u1)))
+    gh = jt + max([ho] + [p[2][1] for p in phases])
+    gw = jl + max([wo] + [p[3][1] for p in phases])
+    gn = kern.pack(g, jt, jl, gh, gw)
+    lane = gn.shape[3]
+    out = torch.empty((w_s.shape[1], h, w, lane), dtype=torch.float32)
+    ws = w_s.detach().contiguous()
+    for r, rw, t, u in phases:
+        csr = kern.csr_grad_input(ws, s, r, rw, jt, jl, gh, gw, lane)
+        kern.corr(gn, 1, csr, t, u, out, s, r - padding[0], rw - padding[1],
+                  (jt + 1) * (TILE_PIXELS + jl + 1) * min(lane, 64) * 4)
+    return kern.unpack(out, n, None, memory_format_of(g) is torch.channels_last)

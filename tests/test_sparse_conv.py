@@ -1,0 +1,166 @@
+"""The direct sparse convolution (leanprop.ops.sparse_conv): forward and input gradient equal the dense kernels up to
+summation order (fp32: max error <= 1e-5 of the output's scale) for every stride, padding, kernel size, layout and
+batch (lane tails included); SWAT layers on it train like dense; the calibration's budget and workspace rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanprop import models
+from leanprop.nn.convert import convert_
+from leanprop.ops import sparse_conv as sc
+from leanprop.swat import sparse_kernels as sk
+from leanprop.swat.config import SWATConfig
+from leanprop.swat.functions import swat_conv2d
+from tests.conftest import torch_threads
+
+pytestmark = pytest.mark.skipif(sc.load_sparse_conv() is None, reason="no C compiler for the direct kernel")
+
+CASES = [  # (batch, C, Co, H, W, kernel, stride, padding)
+    (5, 3, 4, 7, 7, (3, 3), 1, (1, 1)),
+    (16, 8, 16, 9, 8, (3, 3), 2, (1, 1)),
+    (20, 16, 8, 8, 8, (1, 1), 2, (0, 0)),
+    (17, 8, 8, 6, 9, (3, 3), 1, (0, 2)),
+    (3, 4, 6, 11, 10, (5, 5), 2, (2, 1)),
+    (33, 16, 32, 8, 8, (3, 1), 1, (1, 0)),
+    (64, 32, 16, 4, 4, (3, 3), 1, (1, 1)),
+    (70, 8, 24, 5, 6, (3, 3), 3, (2, 2)),
+]
+
+
+def _sparse_weight(co, ci, k, density, gen):
+    w = torch.randn(co, ci, *k, generator=gen)
+    return w * (torch.rand(w.shape, generator=gen) < density)
+
+
+def _close(got, ref):
+    assert got.shape == ref.shape
+    scale = float(ref.abs().max()) or 1.0
+    assert float((got - ref).abs().max()) <= 1e-5 * scale * max(1, ref[0].numel() ** 0.5 / 16)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("density", [0.1, 0.0, 1.0])
+def test_forward_and_grad_input_equal_dense(case, channels_last, density, one_thread_module):
+    n, c, co, h, w, k, s, p = case
+    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    x = torch.randn(n, c, h, w, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ws = _sparse_weight(co, c, k, density, gen)
+    b = torch.randn(co, generator=gen)
+    y = sc.conv_forward(x, ws, b, (s, s), p)
+    ref = F.conv2d(x, ws, b, s, p)
+    _close(y, ref)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.randn(ref.shape, generator=gen).contiguous(memory_format=torch.channels_last if channels_last
+                                                          else torch.contiguous_format)
+    dx = sc.conv_grad_input(g, ws, x.shape, (s, s), p)
+    dref = torch.ops.aten.convolution_backward(g, x, ws, None, [s, s], list(p), [1, 1], False, [0, 0], 1,
+                                               [True, False, False])[0]
+    _close(dx, dref)
+
+
+def test_two_threads_give_the_one_thread_result_up_to_order():
+    gen = torch.Generator().manual_seed(1)
+    x, ws = torch.randn(32, 16, 8, 8, generator=gen), _sparse_weight(32, 16, (3, 3), 0.1, gen)
+    with torch_threads(1):
+        y1 = sc.conv_forward(x, ws, None, (1, 1), (1, 1))
+    with torch_threads(2):
+        y2 = sc.conv_forward(x, ws, None, (1, 1), (1, 1))
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)  # each output is one thread's sum in one order
+
+
+def test_unsupported_convolutions_say_why():
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    assert sc.unsupported(x, w, (1, 1), (1, 1), (1, 1)) is None
+    assert "fp32" in sc.unsupported(x.double(), w.double(), (1, 1), (1, 1), (1, 1))
+    assert "grouped" in sc.unsupported(x, w[:, :2], (1, 1), (1, 1), (1, 1), groups=2)
+    assert "dilated" in sc.unsupported(x, w, (1, 1), (1, 1), (2, 2))
+    assert "strides" in sc.unsupported(x, w, (1, 2), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="direct sparse kernel does not take"):
+        sk.conv_forward(x.double(), w.double(), None, (1, 1), (1, 1), (1, 1), "direct")
+    with pytest.raises(ValueError, match="no path for a conv's weight gradient"):
+        sk.conv_grad_weight(x, torch.randn(2, 4, 5, 5), w.shape, (1, 1), (1, 1), (1, 1), "direct")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_swat_conv_on_the_direct_kernel_equals_the_dense_kernels(stride, one_thread_module):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(18, 8, 10, 10, generator=gen, requires_grad=True)
+    w = torch.randn(12, 8, 3, 3, generator=gen, requires_grad=True)
+    b = torch.randn(12, generator=gen, requires_grad=True)
+    ws = (w * (w.abs() > 1.0)).detach()
+    outs = []
+    for ops in (sk.NO_SPARSE, ("direct", "direct", None)):
+        y = swat_conv2d(x, w, ws, b, 0.5, stride, 1, sparse_ops=ops)
+        grads = torch.autograd.grad((y * y).sum(), (x, w, b))
+        outs.append((y.detach(), *grads))
+    for a, r in zip(outs[1], outs[0], strict=True):
+        _close(a, r)
+
+
+def test_training_step_on_the_direct_kernel_equals_dense_kernels(one_thread_module):
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    grads = []
+    for direct in (False, True):
+        torch.manual_seed(0)
+        model = models.create("resnet8", num_classes=10)
+        ctl = convert_(model, SWATConfig(sparsity=0.9, topk_period=1, sparse_kernels="never"))
+        if direct:
+            for layer in ctl.layers.values():
+                if isinstance(layer, torch.nn.Conv2d) and sk.eligible(layer) is None:
+                    layer.sparse_ops = ("direct", "direct", None)
+        F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_budget_stops_the_trials_and_is_counted(one_thread_module):
+    torch.manual_seed(0)
+    model = models.create("resnet8", num_classes=10)
+    ctl = convert_(model, SWATConfig(sparsity=0.9, topk_period=1))
+    x = torch.randn(16, 3, 16, 16)
+    calls = []
+
+    def timer(name, path, fn, reps):  # injected: the budget counts these milliseconds, not wall time
+        calls.append(path)
+        return 1.0 if path == "direct" else 2.0
+
+    budget = sk.Budget(steps=0.0)  # nothing to spend: only the dense kernels are timed
+    handles = {}
+    captured = {}
+    for name, layer in ctl.layers.items():
+        handles[name] = layer.register_forward_pre_hook(lambda m, a, name=name: captured.__setitem__(name, a[0]))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles.values():
+        h.remove()
+    timings = sk.calibrate(ctl.layers, captured, timer=timer, budget=budget)
+    assert set(calls) == {"dense"} and not any(t.sparse for t in timings)
+    own = [t for t in timings if not t.note.startswith("as ")]
+    assert any("budget spent" in t.note for t in own)
+    assert all("budget spent" in t.note or "workspace" in t.note for t in own)
+    assert budget.spent_ms == pytest.approx(sum(t.cost_ms for t in timings)) and budget.spent_ms > 0
+    calls.clear()
+    budget = sk.Budget()  # the default 3x: every direct trial fits (it costs half a dense run here)
+    timings = sk.calibrate(ctl.layers, captured, timer=timer, budget=budget)
+    assert "direct" in calls
+    assert budget.spent_ms <= 3.0 * sum(t.dense_ms for t in timings)
+    assert any(t.choice == "direct" for t in timings)
+
+
+def test_workspace_rule_skips_im2col_of_3x3_convs_and_padded_lanes():
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(16, 16, 8, 8)
+    y = F.conv2d(x, conv.weight, None, 1, 1)
+    sparse, dense = sk.workspace_bytes(conv, x, conv.weight, y, "csr")
+    assert sparse > 2 * dense  # im2col: 9 copies of X
+    sparse, dense = sk.workspace_bytes(conv, x, conv.weight, y, "direct")
+    assert sparse <= 2 * dense
+    sparse, dense = sk.workspace_bytes(conv, x[:2], conv.weight, y[:2], "direct")
+    assert sparse > 2 * dense  # a batch of 2 fills 2 of 16 lanes
