@@ -331,6 +331,26 @@ def test_sparse_kernel_report_lists_each_format_and_its_break_even():
     assert "| 64->64@32x32 | forward | coo | 32 | 1 | 1.20 | 1.10 | none up to 99% |" in text
 
 
+def test_direct_kernel_report_sets_direct_beside_sparseprop():
+    from leanprop.bench import report
+
+    base = {"bench": "sparse_kernels", "batch": 64, "threads": 2, "processor": "p", "timestamp": "t"}
+    recs = []
+    for layer, direct, sp in (("64->64@32x32", 10.0, 12.0), ("512->512@4x4", 9.0, 6.0)):
+        for s in (0.9,):
+            recs += [{**base, "layer": layer, "sparsity": s, "op": "forward+grad_input", "format": "direct",
+                      "dense_ms": 20.0, "sparse_ms": direct, "ratio": direct / 20.0},
+                     {**base, "layer": layer, "sparsity": s, "op": "forward", "format": "direct",
+                      "dense_ms": 10.0, "sparse_ms": direct / 2, "ratio": direct / 20.0},
+                     {**base, "layer": layer, "sparsity": s, "op": "forward+backward", "format": "sparseprop",
+                      "dense_ms": 20.0, "sparse_ms": sp, "ratio": sp / 20.0}]
+    text = "\n".join(report._direct_kernels_section(recs))
+    assert "| 64->64@32x32 | 90% | 64 | 2 | 20.00 | 10.00 (0.50x) | 0.50x |  | 12.00 (0.60x) | 0.83 |" in text
+    assert "| 512->512@4x4 | 90% | 64 | 2 | 20.00 | 9.00 (0.45x) | 0.45x |  | 6.00 (0.30x) | 1.50 |" in text
+    assert "at least as fast as SparseProp's forward + backward on 1 of 2 layer x sparsity cells" in text
+    assert "direct" not in "\n".join(report._sparse_kernels_section(recs))  # the CSR table keeps CSR/COO only
+
+
 def test_swat_packing_measures_bits_per_element(tmp_path):
     """The packed X_s costs what the mask form's formula says (plus small offsets), and indices where sparser."""
     from leanprop.bench import swat_packing

@@ -1,49 +1,52 @@
-"""``leanprop bench kernels``: unstructured sparse kernels against dense ones, per GEMM of a SWAT conv layer.
+"""``leanprop bench kernels``: the sparse kernels of a SWAT conv layer against oneDNN and SparseProp, per layer.
 
-For each conv shape of CIFAR ResNet-18 (the 3x3 stride-1 convs of the four stages and the 1x1 stride-2 shortcut
-convs) and each sparsity, the three GEMMs of a SWAT training step are
-timed dense and in each sparse format S (CSR, COO) on the same tensors:
+For each conv of CIFAR ResNet-18 (3x3 stride 1 and 2, 1x1 stride-2 shortcuts) and each sparsity, on the same
+tensors (interleaved, medians):
 
-* forward ``Y = conv(X, W_s)``: oneDNN on the zero-filled weight vs S(W_s) @ im2col(X);
-* grad-input ``dX = conv_T(G, W_s)``: oneDNN vs col2im(S(W_s^T) @ G);
-* grad-weight ``dW = conv_w(X_s, G)``: oneDNN vs G @ S(im2col(X_s))^T.
+* dense: oneDNN's forward, grad-input and grad-weight on the zero-filled weight (what SWAT runs without kernels);
+* the library's sparse paths (``leanprop.swat.sparse_kernels.conv_op_pairs``, what the calibration chooses
+  between): "direct" (forward and grad-input, :mod:`leanprop.ops.sparse_conv`) and CSR/COO on im2col, each paying
+  what it pays every step (the weight's CSR form, layout changes or im2col);
+* SparseProp (Nikdan et al., ICML 2023; PyPI ``sparseprop``, when installed): its forward and its backward, which
+  computes the input gradient and the gradient of the kept weights only, with the weight converted once (its
+  masks are fixed) and the faster of its two vectorisations.
 
-The sparse times include what a real sparse path pays every step: im2col/col2im and the dense -> sparse
-conversion (weights change every step, activations every batch). Both paths are the library's own
-(``leanprop.swat.sparse_kernels.conv_op_pairs``): the ones a SWAT layer's ``sparse_kernels="auto"``
-calibration chooses between at the layer's real shapes. One JSONL record per (layer, op, format,
-sparsity) with ``ratio = sparse / dense`` (below 1: the sparse kernel wins); the report lists the break-even sparsity
-per op, which is what an automatic choice would use.
+One JSONL record per (layer, sparsity, op, path) with ``ratio = path / dense``; the report puts forward + grad-input
+of direct, dense and SparseProp (forward + backward) side by side.
 
-    leanprop bench kernels                      # batch 32, 1 thread, 80/90/95/98/99 %
+    leanprop bench kernels                     # batch 64, 2 threads, 90 / 95 %, direct (+ sparseprop)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 from pathlib import Path
 
-__all__ = ["add_parser", "run", "main", "measure", "layer_label", "LAYERS"]
+__all__ = ["add_parser", "run", "main", "measure", "layer_label", "LAYERS", "sparseprop_times"]
 
 KIND = "kernels"
-#: the sparse formats timed (``leanprop.swat.sparse_kernels.FORMATS``, written here to keep torch out of --help)
-FORMATS = ("csr", "coo")
+#: the library's sparse formats (``leanprop.swat.sparse_kernels.FORMATS``, written here to keep torch out of --help)
+FORMATS = ("direct", "csr", "coo")
 
-# (Cin, Cout, input H, kernel, stride) of CIFAR ResNet-18: the 3x3 stride-1 convs, one per stage, and the
-# 1x1 stride-2 downsample (shortcut) convs
+# (Cin, Cout, input H, kernel, stride) of CIFAR ResNet-18: the 3x3 stride-1 convs of the four stages, the 3x3
+# stride-2 first convs of stages 2-4 and their 1x1 stride-2 shortcut convs
 LAYERS = [(64, 64, 32, 3, 1), (128, 128, 16, 3, 1), (256, 256, 8, 3, 1), (512, 512, 4, 3, 1),
+          (64, 128, 32, 3, 2), (128, 256, 16, 3, 2), (256, 512, 8, 3, 2),
           (64, 128, 32, 1, 2), (128, 256, 16, 1, 2), (256, 512, 8, 1, 2)]
 
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser(KIND, help="sparse (CSR/COO) against dense kernels per GEMM of a SWAT conv layer",
+    p = kinds.add_parser(KIND, help="sparse kernels of a SWAT conv layer against oneDNN and SparseProp",
                          description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--sparsities", default="0.8,0.9,0.95,0.98,0.99")
+    p.add_argument("--batch", type=int, default=64, help="(SparseProp crashes at 128)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sparsities", default="0.9,0.95")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--formats", default=",".join(FORMATS), help="sparse formats (default: %(default)s)")
+    p.add_argument("--formats", default="direct", help=f"library formats, a subset of {','.join(FORMATS)} "
+                   "(default: %(default)s)")
+    p.add_argument("--no-sparseprop", action="store_true", help="skip SparseProp even when it is installed")
     p.add_argument("--out", default="benchmarks/results/sparse_kernels.jsonl")
     p.add_argument("--report", default="docs/benchmarks.md", help="'' to skip the report")
     p.set_defaults(bench_run=run)
@@ -67,11 +70,13 @@ def _sparse_of(t, s: float):
 
 
 def measure(cin: int, cout: int, h: int, k: int, stride: int, batch: int, s: float, reps: int,
-            formats: tuple[str, ...]) -> dict[str, tuple[float, dict[str, float]]]:
-    """``{op: (dense seconds, {format: sparse seconds})}`` for the three GEMMs at sparsity ``s``."""
+            formats: tuple[str, ...], sparseprop: bool = False) -> dict[str, tuple[float, dict[str, float]]]:
+    """``{op: (dense seconds, {path: seconds})}`` at sparsity ``s``: the three ops of the library's paths, and
+    "forward+grad_input" (dense and direct) with SparseProp's forward and forward+backward when asked."""
     import torch
 
     from leanprop.swat.sparse_kernels import conv_op_pairs
+    from leanprop.timing import interleaved
 
     g = torch.Generator().manual_seed(0)
     x = torch.relu(torch.randn(batch, cin, h, h, generator=g))
@@ -79,37 +84,92 @@ def measure(cin: int, cout: int, h: int, k: int, stride: int, batch: int, s: flo
     x_s = _sparse_of(x, s)
     ho = (h + 2 * (k // 2) - k) // stride + 1
     grad = torch.randn(batch, cout, ho, ho, generator=g)
-    # the kernels SWAT's layers choose from
     pairs = conv_op_pairs(x, w_s, x_s, grad, (stride,) * 2, (k // 2,) * 2, (1, 1), formats)
-    return {op: (_time(dense, reps), {f: _time(fn, reps) for f, fn in sparse.items()})
-            for op, (dense, sparse) in pairs.items()}
+    calls = {}
+    for op, (dense, sparse) in pairs.items():
+        calls[(op, "dense")] = dense
+        calls.update({(op, f): fn for f, fn in sparse.items()})
+    if "direct" in pairs["forward"][1]:
+        fwd, dx = pairs["forward"][1]["direct"], pairs["grad_input"][1]["direct"]
+        calls[("forward+grad_input", "direct")] = lambda: (fwd(), dx())
+    dfwd, ddx = pairs["forward"][0], pairs["grad_input"][0]
+    calls[("forward+grad_input", "dense")] = lambda: (dfwd(), ddx())
+    if sparseprop:
+        sp_fwd, sp_step = sparseprop_times(x, w_s, grad, stride, k // 2, reps)
+        calls[("forward", "sparseprop")] = sp_fwd
+        calls[("forward+backward", "sparseprop")] = sp_step
+    keys = list(calls)
+    times = interleaved({str(i): calls[key] for i, key in enumerate(keys)}, rounds=reps, warmup=1)
+    med = {key: statistics.median(times[str(i)]) for i, key in enumerate(keys)}
+    out: dict[str, tuple[float, dict[str, float]]] = {}
+    for (op, path), sec in med.items():
+        if path == "dense":
+            continue
+        base = "forward+grad_input" if op == "forward+backward" else op
+        out.setdefault(op, (med[(base, "dense")], {}))[1][path] = sec
+    return out
+
+
+def sparseprop_times(x, w_s, grad, stride: int, padding: int, reps: int):
+    """``(forward fn, forward+backward fn)`` of SparseProp's conv on these tensors, with the faster of its two
+    vectorisations (batch- or width-innermost, stride 1 only), chosen by timing as SparseProp itself does."""
+    import torch
+    from sparseprop.modules.conv2d import SparseConv2d
+
+    from leanprop.timing import interleaved
+
+    def module(voo: bool):
+        return SparseConv2d(w_s.clone(), padding=padding, stride=stride, vectorizing_over_on=voo)
+
+    xg = x.detach().clone().requires_grad_(True)
+    mods = [module(False)] + ([module(True)] if stride == 1 else [])
+
+    def step(m):
+        def run():
+            m(xg).backward(grad)
+        return run
+
+    t = interleaved({str(i): step(m) for i, m in enumerate(mods)}, rounds=max(2, reps // 2), warmup=1)
+    best = mods[min(range(len(mods)), key=lambda i: statistics.median(t[str(i)]))]
+
+    def fwd():
+        with torch.no_grad():
+            return best(x)
+
+    return fwd, step(best)
 
 
 def run(a: argparse.Namespace) -> int:
     import torch
 
     from leanprop.bench.report import write_report
-    from leanprop.swat.sparse_kernels import FORMATS as KNOWN
     from leanprop.utils import append_jsonl, run_context
 
     formats = tuple(f for f in a.formats.split(",") if f)
-    bad = [f for f in formats if f not in KNOWN]
+    bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
-        raise ValueError(f"--formats {a.formats!r}: use a comma-separated subset of {','.join(KNOWN)}")
+        raise ValueError(f"--formats {a.formats!r}: use a comma-separated subset of {','.join(FORMATS)}")
+    sparseprop = not a.no_sparseprop and importlib.util.find_spec("sparseprop") is not None
+    if not a.no_sparseprop and not sparseprop:
+        print("SparseProp is not installed (pip install pybind11; pip install --no-build-isolation sparseprop): "
+              "timing the library only", flush=True)
+    if sparseprop and a.batch > 64:
+        raise ValueError("SparseProp's kernel crashes at batches over 64: use --batch 64 or --no-sparseprop")
     torch.set_num_threads(a.threads)
     env, stamp = run_context()
     recs = []
     for cin, cout, h, k, stride in LAYERS:
         for s in (float(v) for v in a.sparsities.split(",")):
             label = layer_label(cin, cout, h, k, stride)
-            for op, (dense, by_format) in measure(cin, cout, h, k, stride, a.batch, s, a.reps, formats).items():
-                for fmt, sparse in by_format.items():
+            for op, (dense, by_path) in measure(cin, cout, h, k, stride, a.batch, s, a.reps, formats,
+                                                sparseprop).items():
+                for fmt, sparse in by_path.items():
                     r = {**env, "bench": "sparse_kernels", "timestamp": stamp, "layer": label,
                          "batch": a.batch, "threads": a.threads, "op": op, "format": fmt, "sparsity": s,
                          "dense_ms": dense * 1e3, "sparse_ms": sparse * 1e3, "ratio": sparse / dense}
                     recs.append(r)
-                    print(f"{r['layer']:>18} {op:<12} {fmt} s={s:.2f} dense {dense * 1e3:7.2f} ms  sparse "
-                          f"{sparse * 1e3:7.2f} ms  ratio {sparse / dense:6.2f}", flush=True)
+                    print(f"{r['layer']:>18} {op:<18} {fmt:<10} s={s:.2f} dense {dense * 1e3:7.2f} ms  "
+                          f"sparse {sparse * 1e3:7.2f} ms  ratio {sparse / dense:6.2f}", flush=True)
     append_jsonl(Path(a.out), recs)
     if a.report:
         write_report(Path(a.out).parent, Path(a.report))

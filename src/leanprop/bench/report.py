@@ -100,7 +100,8 @@ def _memory_section(recs: list[dict]) -> list[str]:
 
 def _sparse_kernels_section(recs: list[dict]) -> list[str]:
     """Sparse (CSR) against dense kernels per GEMM (``benchmarks/sparse_kernels.py``) and the break-even."""
-    sk = _latest([{"format": "csr", **r} for r in recs if r.get("bench") == "sparse_kernels"],
+    sk = _latest([{"format": "csr", **r} for r in recs if r.get("bench") == "sparse_kernels"
+                  and r.get("format", "csr") in ("csr", "coo")],
                  ("layer", "op", "format", "sparsity", "batch", "threads", "processor"))
     if not sk:
         return []
@@ -127,6 +128,45 @@ def _sparse_kernels_section(recs: list[dict]) -> list[str]:
                      f"{min(wins):.0%}" if wins else f"none up to {max(cell):.0%}"])
     parts += [_table(["layer", "op", "format", "batch", "threads", *[f"{s:.0%}" for s in sps], "break-even"],
                      rows), ""]
+    return parts
+
+
+def _direct_kernels_section(recs: list[dict]) -> list[str]:
+    """The direct sparse kernel against oneDNN and SparseProp per layer (``leanprop bench kernels``)."""
+    sk = _latest([r for r in recs if r.get("bench") == "sparse_kernels"
+                  and r.get("format") in ("direct", "sparseprop")],
+                 ("layer", "op", "format", "sparsity", "batch", "threads", "processor"))
+    if not sk:
+        return []
+    cell = {(r["layer"], r["sparsity"], r["batch"], r["threads"], r["op"], r["format"]): r for r in sk}
+    keys = list(dict.fromkeys((r["layer"], r["sparsity"], r["batch"], r["threads"]) for r in sk))
+    rows, wins, compared = [], 0, 0
+    for key in keys:
+        both = cell.get((*key, "forward+grad_input", "direct"))
+        sp = cell.get((*key, "forward+backward", "sparseprop"))
+        fwd, dx = cell.get((*key, "forward", "direct")), cell.get((*key, "grad_input", "direct"))
+        if both is None:
+            continue
+        ratio = "" if sp is None else f"{both['sparse_ms'] / sp['sparse_ms']:.2f}"
+        if sp is not None:
+            compared += 1
+            wins += both["sparse_ms"] <= sp["sparse_ms"]
+        rows.append([key[0], f"{key[1]:.0%}", str(key[2]), str(key[3]), f"{both['dense_ms']:.2f}",
+                     f"{both['sparse_ms']:.2f} ({both['ratio']:.2f}x)",
+                     "" if fwd is None else f"{fwd['ratio']:.2f}x", "" if dx is None else f"{dx['ratio']:.2f}x",
+                     "" if sp is None else f"{sp['sparse_ms']:.2f} ({sp['ratio']:.2f}x)", ratio])
+    parts = ["## Direct sparse convolution against oneDNN and SparseProp (per layer)", "",
+             "Forward + input gradient of one SWAT conv on CIFAR ResNet-18's shapes, the weight at the given "
+             "sparsity. dense: oneDNN on the zero-filled weight. direct: `leanprop.ops.sparse_conv` (weight in CSR "
+             "rebuilt every call, batch-innermost layout in and out, all counted). SparseProp: its forward + "
+             "backward (the backward also computes the gradient of the kept weights; its weight is converted once, "
+             "its output stays in its own layout). SWAT's dense weight gradient is not in these columns (see the "
+             "CSR table for its sparse paths). Command: `leanprop bench kernels`.", "",
+             _table(["layer", "sparsity", "batch", "threads", "dense fwd+dX ms", "direct fwd+dX ms",
+                     "direct fwd", "direct dX", "SparseProp fwd+bwd ms", "direct / SparseProp"], rows), ""]
+    if compared:
+        parts += [f"The direct kernel's forward + input gradient is at least as fast as SparseProp's forward + "
+                  f"backward on {wins} of {compared} layer x sparsity cells.", ""]
     return parts
 
 
@@ -386,6 +426,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
     parts += filter_floor_section(recs)
     parts += _memory_section(recs)
     parts += kept_by_module_section(recs)
+    parts += _direct_kernels_section(recs)
     parts += _sparse_kernels_section(recs)
     machines = sorted({f"{_env(r, 'processor')} ({_env(r, 'cpu_count')} CPUs)" for r in recs})
     if machines:

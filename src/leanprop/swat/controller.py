@@ -21,6 +21,7 @@ from leanprop.methods import Controller
 from leanprop.ops.autocast import autocast_dtype
 from leanprop.swat import sparse_kernels as sk
 from leanprop.swat.config import SWATConfig
+from leanprop.timing import time_calls
 from leanprop.utils import atomic_write_text
 
 
@@ -49,6 +50,7 @@ class SWATController(Controller):
             self.momentum = MomentumRedistributor(specs, cfg)
         self.kernel_timings: list[sk.KernelTiming] | None = None
         self.kernel_sparsity: dict[str, float] = {}  # each layer's sparsity when its kernels were timed
+        self.kernel_cost_ms = 0.0  # what the last calibration took, its capturing forward included
         if cfg.sparse_kernels == "always":
             for layer in layers.values():
                 layer.sparse_ops = ("csr",) * 3 if sk.eligible(layer) is None else sk.NO_SPARSE
@@ -75,7 +77,8 @@ class SWATController(Controller):
         One no-grad forward of ``example_input`` (in eval mode, so BN running statistics are untouched) records
         every eligible layer's input; :func:`leanprop.swat.sparse_kernels.calibrate` then times the dense and
         each sparse kernel (direct, CSR, COO) of its forward, grad-input and grad-weight and sets ``layer.sparse_ops``,
-        spending at most 3 × the dense time of the layers' ops (:class:`leanprop.swat.sparse_kernels.Budget`).
+        spending at most 2 × the dense time of the layers' ops (:class:`leanprop.swat.sparse_kernels.Budget`) besides
+        the capturing forward.
         Call it inside the autocast context of training (the kernels are timed in its dtype). Returns the
         timings (also kept as ``self.kernel_timings``; :func:`leanprop.swat.sparse_kernels.format_table` prints
         them)."""
@@ -90,7 +93,7 @@ class SWATController(Controller):
         try:
             self.model.eval()
             with torch.no_grad():
-                self.model(example_input)
+                capture_ms = 1e3 * time_calls(lambda: self.model(example_input), reps=1)[0]
         finally:
             for h in handles:
                 h.remove()
@@ -98,8 +101,12 @@ class SWATController(Controller):
         dev = example_input.device.type
         dtype = autocast_dtype(dev)
         with torch.autocast(dev, enabled=False) if dtype is not None else contextlib.nullcontext():
+            budget = sk.Budget()
+            if timer is None:  # the capturing forward is part of the cost
+                budget.spend(capture_ms)
             self.kernel_timings = sk.calibrate(self.layers, captured, dtype=dtype, reps=reps, margin=margin,
-                                               timer=timer, progress=progress)
+                                               timer=timer, progress=progress, budget=budget)
+            self.kernel_cost_ms = budget.spent_ms
         self._adopt_rank0_kernels()
         self.kernel_sparsity = {name: layer.sparsity for name, layer in self.layers.items()}
         return self.kernel_timings
@@ -148,7 +155,7 @@ class SWATController(Controller):
                 for op, fmt in zip(sk.OPS, layer.sparse_ops, strict=True) if fmt]
         named = f": {', '.join(used)}" if 0 < len(used) <= 4 else ""
         cost = "" if not self.kernel_timings else \
-            f"; timing took {sum(t.cost_ms for t in self.kernel_timings) / 1e3:.1f} s"
+            f"; timing took {self.kernel_cost_ms / 1e3:.1f} s"
         return f"SWAT sparse kernels: {sum(ops)} of {len(ops)} layer-ops ({how}){named}; the rest dense{cost}"
 
     # ---------------------------------------------------------------- execution modes

@@ -19,9 +19,10 @@ device, and a layer uses the sparse kernel for an op only where it measured fast
 is the layer's ``sparse_ops`` attribute: a ``(forward, grad_input, grad_weight)`` tuple whose entries are None
 (dense) or a format, "csr", "coo" or "direct" (True means "csr").
 
-The calibration is bounded: in total it spends at most ``budget_steps`` (3) times the dense time of every SWAT
-layer's three ops, i.e. less than that many dense training steps; a trial whose workspace would exceed twice the
-dense op's operands is not run (im2col of a k×k conv); identical shapes are timed once.
+The calibration is bounded: its trials spend at most 2 times the dense time of every SWAT layer's three ops
+(:class:`Budget`), so that with the capturing forward it stays under 3 dense training steps; a trial whose
+workspace would exceed twice the dense op's operands is not run (im2col of a k×k conv); identical shapes are
+timed once.
 ``benchmarks/sparse_kernels.py`` reports the break-even sparsity of each op.
 """
 
@@ -273,10 +274,11 @@ def _signature(layer, x: Tensor, dtype: torch.dtype) -> tuple:
 
 @dataclass
 class Budget:
-    """Milliseconds the calibration may still spend: it grows by ``steps`` × (the dense time of an op × how many
-    layers share its shapes) as each dense op is timed, and shrinks by every millisecond any trial takes."""
+    """Milliseconds a calibration may still spend: it grows by ``steps`` × (the dense time of an op × how many
+    layers share its shapes) as the dense op is timed, and shrinks by every millisecond any trial takes. Each op of
+    each shape gets its own (what one leaves is not carried over); the caller's one sums what they spent."""
 
-    steps: float = 3.0
+    steps: float = 2.0  # with the capturing forward and the tensors' set-up, under 3 dense steps (docs/benchmarks.md)
     left_ms: float = 0.0
     spent_ms: float = 0.0
 
@@ -300,11 +302,9 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
 
     Layers with the same shapes, configuration and sparsity are timed once. A sparse kernel that raises (e.g. a
     dtype the sparse kernels lack) or whose result differs from the dense one is not used, with a note; one whose
-    workspace would exceed twice the dense op's operands, or that the ``budget`` (default: 3 × the dense time of
-    every layer's three ops) no longer covers, is not run.
+    workspace would exceed twice the dense op's operands, or that the ``budget`` (default: 2 × the dense time of
+    every layer's three ops, what was spent before included) no longer covers, is not run.
     ``timer(layer_name, path, fn, reps)`` -> ms (path: "dense" or a format) replaces the wall-clock median."""
-    from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify
-
     budget = budget if budget is not None else Budget()
     out: list[KernelTiming] = []
     done: dict[tuple, tuple[str, list[KernelTiming]]] = {}
@@ -323,24 +323,39 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
         else:
             if progress is not None:
                 progress(name)
-            dt = dtype or x.dtype
-            xc = x.to(dt)
-            w_s = layer._sparse_weight().to(dt)
-            x_s = sparsify(xc, magnitude_threshold(xc, keep_count(xc.numel(), layer.sparsity)))
-            y = _op_pairs(layer, xc, w_s, x_s, xc.new_zeros(0), ())["forward"][0]()  # the dense Y: G's shape
-            gen = torch.Generator(x.device).manual_seed(0)  # not the global RNG: training's stream is untouched
-            g = torch.randn(y.shape, dtype=dt, device=x.device, generator=gen)
-            g = g.contiguous(memory_format=memory_format_of(y))
+            (xc, w_s, x_s, y, g), setup_ms = _first_run_ms(
+                functools.partial(_trial_tensors, layer, x, dtype or x.dtype), False)
+            # each op of this shape has its own budget (2x its dense time per layer sharing the shape), so that no
+            # op or layer starves another; building the tensors is counted against the first
+            setup_ms = setup_ms if timer is None else 0.0
             timings = []
             for op, (dense, sparse) in _op_pairs(layer, xc, w_s, x_s, g, formats).items():
+                mine = Budget(steps=budget.steps)
+                mine.spend(setup_ms)
+                setup_ms = 0.0
                 too_big = {f: "workspace over 2x the dense op's" for f in sparse
                            if (lambda sb, db: sb > 2 * db)(*workspace_bytes(layer, xc, w_s, y, f))}
                 timings.append(_time_op(name, op, dense, {f: fn for f, fn in sparse.items() if f not in too_big},
-                                        reps, margin, timer, budget=budget, layers=shared[key], skipped=too_big))
+                                        reps, margin, timer, budget=mine, layers=shared[key], skipped=too_big))
+                budget.spent_ms += mine.spent_ms  # (what one op leaves unspent is not carried over)
             done[key] = (name, timings)
         layer.sparse_ops = tuple(t.choice for t in timings)
         out += timings
     return out
+
+
+def _trial_tensors(layer, x: Tensor, dt: torch.dtype) -> tuple[Tensor, ...]:
+    """``(X, W_s, X_s, Y, G)`` of a layer's trials: its input in ``dt``, its current sparse weight, X's Top-K at the
+    layer's sparsity, the dense output and a fixed random output gradient in Y's layout."""
+    from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify
+
+    xc = x.to(dt)
+    w_s = layer._sparse_weight().to(dt)
+    x_s = sparsify(xc, magnitude_threshold(xc, keep_count(xc.numel(), layer.sparsity)))
+    y = _op_pairs(layer, xc, w_s, x_s, xc.new_zeros(0), ())["forward"][0]()  # the dense Y: G's shape
+    gen = torch.Generator(x.device).manual_seed(0)  # not the global RNG: training's stream is untouched
+    g = torch.randn(y.shape, dtype=dt, device=x.device, generator=gen)
+    return xc, w_s, x_s, y, g.contiguous(memory_format=memory_format_of(y))
 
 
 def _warm_up(fmt: str, like: Tensor) -> None:
@@ -355,27 +370,44 @@ def _warm_up(fmt: str, like: Tensor) -> None:
         pass  # the real run reports it
 
 
+def _dense_first(name: str, op: str, dense: Callable, reps: int, timer: Callable | None
+                 ) -> tuple[Tensor, float, float]:
+    """``(reference result, dense ms, ms spent)``: the dense kernel's first run is its wall-clock measurement;
+    an injected ``timer`` measures instead (and only its milliseconds count)."""
+    ref, ms = _first_run_ms(dense, torch.cuda.is_available() and torch.cuda.is_initialized())
+    if timer is None:
+        return ref, ms, ms
+    ms = timer(name, "dense", dense, reps)
+    return ref, ms, ms * reps
+
+
 def _time_op(name: str, op: str, dense: Callable, sparse: dict[str, Callable], reps: int, margin: float,
              timer: Callable | None, *, budget: Budget | None = None, layers: int = 1,
-             skipped: dict[str, str] | None = None) -> KernelTiming:
-    """Time one op: the dense kernel (a first run, also the reference result, then ``reps`` timed runs), then each
-    sparse format while the budget lasts: a first run (checked against the reference), and ``reps`` more only when
-    it beat dense and the budget covers them (an injected ``timer`` always measures)."""
-    ref, first_ms = _first_run_ms(dense, torch.cuda.is_available() and torch.cuda.is_initialized())
-    sync = ref.device.type == "cuda"
-    measure = timer or (lambda _n, _p, fn, r: _median_ms(fn, r, sync))
-    dense_ms = measure(name, "dense", dense, reps)
+             skipped: dict[str, str] | None = None,
+             dense_run: tuple[Tensor, float, float] | None = None) -> KernelTiming:
+    """Time one op on the wall clock: the dense kernel's first run (also the reference result), then each sparse
+    format while the budget lasts -- a first run, checked against the reference -- and stop at the first format that
+    wins clearly (below 0.8x dense). Where one run each cannot tell (within 0.2 of the margin), dense and that format
+    are timed ``reps`` more times if the budget covers it. An injected ``timer`` measures every path it is given,
+    and then only its milliseconds count against the budget."""
     budget = budget if budget is not None else Budget(steps=float("inf"))
-    budget.earn(dense_ms, layers)
-    real = timer is None  # an injected timer's milliseconds are not wall time: first runs are then not counted
-    cost = first_ms * real + reps * dense_ms
-    budget.spend(cost)
+    if dense_run is None:  # (else the caller timed the dense run and counted it)
+        dense_run = _dense_first(name, op, dense, reps, timer)
+        budget.earn(dense_run[1], layers)
+        budget.spend(dense_run[2])
+    ref, dense_ms, cost = dense_run
+    sync = ref.device.type == "cuda"
+    real = timer is None
     scale = float(ref.abs().max()) or 1.0
     tol = 1e-2 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
     best: tuple[float, str] | None = None
     notes = [f"{f}: {why}" for f, why in (skipped or {}).items()]
     for fmt, fn in sparse.items():
-        if budget.left_ms < dense_ms:  # a trial costs about a dense run
+        if real and best is not None and best[0] < 0.8 * dense_ms:
+            break  # a clear winner already
+        # a direct trial costs about a dense run; CSR/COO often several (im2col, conversion): those run only
+        # where the budget holds two dense runs more, i.e. on shapes several layers share
+        if budget.left_ms < (1.0 if fmt == "direct" else 2.0) * dense_ms:
             notes.append(f"{fmt}: calibration budget spent")
             continue
         _warm_up(fmt, ref)
@@ -384,15 +416,23 @@ def _time_op(name: str, op: str, dense: Callable, sparse: dict[str, Callable], r
         except (RuntimeError, NotImplementedError, ValueError) as e:
             notes.append(f"{fmt} failed: {str(e).splitlines()[0][:60]}")
             continue
-        budget.spend(ms * real)
-        cost += ms * real
         if got.shape != ref.shape or float((got - ref).abs().max()) > tol * scale:
+            budget.spend(ms * real)
+            cost += ms * real
             notes.append(f"{fmt} result differs from dense")
             continue
-        if timer is not None or (ms < dense_ms and budget.left_ms >= reps * ms):
-            ms = measure(name, fmt, fn, reps)
+        if not real:
+            ms = timer(name, fmt, fn, reps)
             budget.spend(reps * ms)
             cost += reps * ms
+        else:
+            budget.spend(ms)
+            cost += ms
+            if abs(ms / max(dense_ms, 1e-9) - (1.0 - margin)) < 0.2 and budget.left_ms >= reps * (ms + dense_ms):
+                dense_ms = _median_ms(dense, reps, sync)
+                ms = _median_ms(fn, reps, sync)
+                budget.spend(reps * (ms + dense_ms))
+                cost += reps * (ms + dense_ms)
         if best is None or ms < best[0]:
             best = (ms, fmt)
     note = "; ".join(notes)
