@@ -114,7 +114,7 @@ def step_times(base: dict[str, Any], methods: list[str], batch: int, rounds: int
             with autocast_context(spec["device"], spec["dtype"]):
                 seconds = time_calls(lambda h=handle, m=m: h.prepare(x, progress=lambda s: note(f"prepare {m}: {s}")),
                                      reps=1)[0]
-            info["kernel_calibration_s"] = round(seconds, 1)
+            info["kernel_calibration_s"] = round(seconds, 3)
         facts = {**handle.notes(), **info}
         if kernels is not None and facts:
             kernels[m] = facts

@@ -264,7 +264,7 @@ def _matrix_section(recs: list[dict], plots: dict[str, str], device: str = "cpu"
         parts += [_table(["method", "step ms", "x dense", *compiled, "kept MiB", "kept x dense", "peak growth MiB",
                           "growth x dense", "train FLOPs x dense", "max batch (cap)", "error"], table), ""]
         kern = [f"{r['method']}: {r['sparse_kernels'].split(': ', 1)[-1]}"
-                + (f" (timed in {r['kernel_calibration_s']:.0f} s)" if r.get("kernel_calibration_s") else "")
+                + (f" (timed in {r['kernel_calibration_s']:.1f} s)" if r.get("kernel_calibration_s") else "")
                 for r in rows if r.get("sparse_kernels")]
         if kern:
             parts += ["Kernels chosen by the SWAT layers' calibration (`sparse_kernels=\"auto\"`, timed on this "
