@@ -83,6 +83,8 @@ def test_unsupported_convolutions_say_why():
     assert "strides" in sc.unsupported(x, w, (1, 2), (1, 1), (1, 1))
     with pytest.raises(ValueError, match="direct sparse kernel does not take"):
         sk.conv_forward(x.double(), w.double(), None, (1, 1), (1, 1), (1, 1), "direct")
+    with pytest.raises(ValueError, match="bfloat16"):  # called directly: a clear error, never bf16 read as fp32
+        sc.conv_grad_input(x.bfloat16(), w.bfloat16(), x.shape, (1, 1), (1, 1))
     with pytest.raises(ValueError, match="no path for a conv's weight gradient"):
         sk.conv_grad_weight(x, torch.randn(2, 4, 5, 5), w.shape, (1, 1), (1, 1), (1, 1), "direct")
 

@@ -56,13 +56,6 @@ def layer_label(cin: int, cout: int, h: int, k: int, stride: int) -> str:
     return f"{cin}->{cout}@{h}x{h}" + ("" if (k, stride) == (3, 1) else f" {k}x{k}/s{stride}")
 
 
-def _time(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one untimed call."""
-    from leanprop.timing import time_calls
-
-    return statistics.median(time_calls(fn, reps=reps, warmup=1))
-
-
 def _sparse_of(t, s: float):
     from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify
 

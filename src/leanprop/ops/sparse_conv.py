@@ -159,14 +159,21 @@ def unsupported(x: Tensor, w: Tensor, stride, padding, dilation, groups: int = 1
     return None
 
 
+def _require(t: Tensor, w: Tensor, stride, padding, dilation) -> None:
+    why = unsupported(t, w, stride, padding, dilation)
+    if why is not None:
+        raise ValueError(f"the direct sparse kernel does not take this convolution ({why}); use 'csr' or dense")
+
+
 def _out_hw(h: int, w: int, k: tuple[int, int], stride: int, padding) -> tuple[int, int]:
     return (h + 2 * padding[0] - k[0]) // stride + 1, (w + 2 * padding[1] - k[1]) // stride + 1
 
 
-def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding,
+def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, dilation=(1, 1),
                  kernels: SparseConvKernels | None = None) -> Tensor:
     """``conv2d(x, w_s, bias, stride, padding)`` (fp32, groups 1, dilation 1) by the direct sparse kernel, in x's
-    memory format."""
+    memory format; a convolution it does not take raises ValueError (:func:`unsupported`)."""
+    _require(x, w_s, stride, padding, dilation)
     kern = kernels or load_sparse_conv(required=True)
     n, _, h, w = x.shape
     k, s = tuple(w_s.shape[2:]), int(stride[0])
@@ -180,10 +187,11 @@ def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding,
     return kern.unpack(y, n, bias, memory_format_of(x) is torch.channels_last)
 
 
-def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding,
+def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation=(1, 1),
                     kernels: SparseConvKernels | None = None) -> Tensor:
     """``dX = conv_transpose(g, w_s)`` for an input of ``x_shape`` (the gradient of :func:`conv_forward`), by the
     direct sparse kernel, one stride phase at a time, in g's memory format."""
+    _require(g, w_s, stride, padding, dilation)
     kern = kernels or load_sparse_conv(required=True)
     n, _, ho, wo = g.shape
     h, w = int(x_shape[2]), int(x_shape[3])

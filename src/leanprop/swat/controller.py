@@ -154,8 +154,7 @@ class SWATController(Controller):
         used = [f"{name} {op} {fmt}" for name, layer in self.layers.items()
                 for op, fmt in zip(sk.OPS, layer.sparse_ops, strict=True) if fmt]
         named = f": {', '.join(used)}" if 0 < len(used) <= 4 else ""
-        cost = "" if not self.kernel_timings else \
-            f"; timing took {self.kernel_cost_ms / 1e3:.1f} s"
+        cost = f"; timing took {self.kernel_cost_ms / 1e3:.1f} s" if self.kernel_cost_ms else ""  # 0: restored
         return f"SWAT sparse kernels: {sum(ops)} of {len(ops)} layer-ops ({how}){named}; the rest dense{cost}"
 
     # ---------------------------------------------------------------- execution modes

@@ -83,8 +83,7 @@ def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, d
     """``conv2d(x, w_s, bias)`` (groups 1) as ``S(W_s) @ im2col(x)`` or by the direct kernel (``fmt="direct"``), in
     ``x``'s memory format."""
     if fmt == "direct":
-        _check_direct(x, w_s, stride, dilation)
-        return sparse_conv.conv_forward(x, w_s, bias, stride, padding)
+        return sparse_conv.conv_forward(x, w_s, bias, stride, padding, dilation)
     n, cout, k = x.shape[0], w_s.shape[0], tuple(w_s.shape[2:])
     cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # (N, C·kh·kw, L)
     ho, wo = _out_hw(x.shape[2:], k, stride, padding, dilation)
@@ -98,8 +97,7 @@ def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, d
 def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation, fmt: str = "csr") -> Tensor:
     """``dX = conv_transpose(G, W_s)`` as ``col2im(S(W_sᵀ) @ G)`` or by the direct kernel (``fmt="direct"``)."""
     if fmt == "direct":
-        _check_direct(g, w_s, stride, dilation)
-        return sparse_conv.conv_grad_input(g, w_s, x_shape, stride, padding)
+        return sparse_conv.conv_grad_input(g, w_s, x_shape, stride, padding, dilation)
     n, cout, k = g.shape[0], w_s.shape[0], tuple(w_s.shape[2:])
     gm = g.transpose(0, 1).reshape(cout, -1)  # (Cout, N·L)
     cols = torch.sparse.mm(_sparse(w_s.reshape(cout, -1).t(), fmt), gm)  # (C·kh·kw, N·L)
@@ -136,12 +134,6 @@ def linear_grad_weight(x_s: Tensor, g: Tensor, w_shape, fmt: str = "csr") -> Ten
     """``dW = Gᵀ @ X_s`` as ``(S(X_sᵀ) @ G)ᵀ``."""
     _no_direct(fmt, "a linear layer")
     return torch.sparse.mm(_sparse(x_s.reshape(-1, w_shape[1]).t(), fmt), g.reshape(-1, w_shape[0])).t()
-
-
-def _check_direct(x: Tensor, w: Tensor, stride, dilation) -> None:
-    why = sparse_conv.unsupported(x, w, stride, (0, 0), dilation)
-    if why is not None:
-        raise ValueError(f"the direct sparse kernel does not take this convolution ({why}); use 'csr' or dense")
 
 
 def _no_direct(fmt: str, what: str) -> None:
@@ -265,6 +257,12 @@ def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str) -> tuple
     return n * w_s[0].numel() * y[0, 0].numel() * el, dense
 
 
+def _over_workspace(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str) -> bool:
+    """Whether ``fmt``'s workspace exceeds twice the dense op's operands (:func:`workspace_bytes`)."""
+    sparse, dense = workspace_bytes(layer, x, w_s, y, fmt)
+    return sparse > 2 * dense
+
+
 def _signature(layer, x: Tensor, dtype: torch.dtype) -> tuple:
     conf = (tuple(layer.stride), layer.padding, tuple(layer.dilation), layer.padding_mode) \
         if isinstance(layer, torch.nn.Conv2d) else ()
@@ -302,8 +300,8 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
 
     Layers with the same shapes, configuration and sparsity are timed once. A sparse kernel that raises (e.g. a
     dtype the sparse kernels lack) or whose result differs from the dense one is not used, with a note; one whose
-    workspace would exceed twice the dense op's operands, or that the ``budget`` (default: 2 × the dense time of
-    every layer's three ops, what was spent before included) no longer covers, is not run.
+    workspace would exceed twice the dense op's operands, or that its op's budget (``budget.steps`` × its dense
+    time per layer sharing the shape) no longer covers, is not run; ``budget`` sums what they all spent.
     ``timer(layer_name, path, fn, reps)`` -> ms (path: "dense" or a format) replaces the wall-clock median."""
     budget = budget if budget is not None else Budget()
     out: list[KernelTiming] = []
@@ -334,7 +332,7 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
                 mine.spend(setup_ms)
                 setup_ms = 0.0
                 too_big = {f: "workspace over 2x the dense op's" for f in sparse
-                           if (lambda sb, db: sb > 2 * db)(*workspace_bytes(layer, xc, w_s, y, f))}
+                           if _over_workspace(layer, xc, w_s, y, f)}
                 timings.append(_time_op(name, op, dense, {f: fn for f, fn in sparse.items() if f not in too_big},
                                         reps, margin, timer, budget=mine, layers=shared[key], skipped=too_big))
                 budget.spent_ms += mine.spent_ms  # (what one op leaves unspent is not carried over)
@@ -370,34 +368,23 @@ def _warm_up(fmt: str, like: Tensor) -> None:
         pass  # the real run reports it
 
 
-def _dense_first(name: str, op: str, dense: Callable, reps: int, timer: Callable | None
-                 ) -> tuple[Tensor, float, float]:
-    """``(reference result, dense ms, ms spent)``: the dense kernel's first run is its wall-clock measurement;
-    an injected ``timer`` measures instead (and only its milliseconds count)."""
-    ref, ms = _first_run_ms(dense, torch.cuda.is_available() and torch.cuda.is_initialized())
-    if timer is None:
-        return ref, ms, ms
-    ms = timer(name, "dense", dense, reps)
-    return ref, ms, ms * reps
-
-
 def _time_op(name: str, op: str, dense: Callable, sparse: dict[str, Callable], reps: int, margin: float,
              timer: Callable | None, *, budget: Budget | None = None, layers: int = 1,
-             skipped: dict[str, str] | None = None,
-             dense_run: tuple[Tensor, float, float] | None = None) -> KernelTiming:
+             skipped: dict[str, str] | None = None) -> KernelTiming:
     """Time one op on the wall clock: the dense kernel's first run (also the reference result), then each sparse
     format while the budget lasts -- a first run, checked against the reference -- and stop at the first format that
     wins clearly (below 0.8x dense). Where one run each cannot tell (within 0.2 of the margin), dense and that format
     are timed ``reps`` more times if the budget covers it. An injected ``timer`` measures every path it is given,
     and then only its milliseconds count against the budget."""
     budget = budget if budget is not None else Budget(steps=float("inf"))
-    if dense_run is None:  # (else the caller timed the dense run and counted it)
-        dense_run = _dense_first(name, op, dense, reps, timer)
-        budget.earn(dense_run[1], layers)
-        budget.spend(dense_run[2])
-    ref, dense_ms, cost = dense_run
+    ref, dense_ms = _first_run_ms(dense, torch.cuda.is_available() and torch.cuda.is_initialized())
     sync = ref.device.type == "cuda"
     real = timer is None
+    if not real:
+        dense_ms = timer(name, "dense", dense, reps)
+    cost = dense_ms if real else dense_ms * reps
+    budget.earn(dense_ms, layers)
+    budget.spend(cost)
     scale = float(ref.abs().max()) or 1.0
     tol = 1e-2 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
     best: tuple[float, str] | None = None
