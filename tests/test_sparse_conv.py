@@ -1,5 +1,5 @@
-"""The direct sparse convolution (leanprop.ops.sparse_conv): forward and input gradient equal the dense kernels up to
-summation order (fp32: max error <= 1e-5 of the output's scale) for every stride, padding, kernel size, layout and
+"""The direct sparse convolution (leanprop.ops.sparse_conv): forward, input gradient and weight gradient (from the
+kept entries of X) equal the dense kernels up to summation order (fp32: max error <= 1e-5 of the output's scale) for every stride, padding, kernel size, layout and
 batch (lane tails included); SWAT layers on it train like dense; the calibration's budget and workspace rules."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _close(got, ref):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("density", [0.1, 0.0, 1.0])
-def test_forward_and_grad_input_equal_dense(case, channels_last, density, one_thread_module):
+def test_forward_and_gradients_equal_dense(case, channels_last, density, one_thread_module):
     n, c, co, h, w, k, s, p = case
     gen = torch.Generator().manual_seed(hash(case) % 1000)
     x = torch.randn(n, c, h, w, generator=gen)
@@ -62,6 +62,12 @@ def test_forward_and_grad_input_equal_dense(case, channels_last, density, one_th
     dref = torch.ops.aten.convolution_backward(g, x, ws, None, [s, s], list(p), [1, 1], False, [0, 0], 1,
                                                [True, False, False])[0]
     _close(dx, dref)
+    thr = 0.8  # dW from X_s = X where |X| >= thr, read from the dense X; and from X_s itself (threshold 0)
+    x_s = torch.where(x.abs() >= thr, x, torch.zeros(()))
+    dwref = torch.ops.aten.convolution_backward(g, x_s, ws, None, [s, s], list(p), [1, 1], False, [0, 0], 1,
+                                                [False, True, False])[1]
+    _close(sc.conv_grad_weight(x, g, ws.shape, (s, s), p, threshold=thr), dwref)
+    _close(sc.conv_grad_weight(x_s, g, ws.shape, (s, s), p), dwref)
 
 
 def test_two_threads_give_the_one_thread_result_up_to_order():
@@ -85,20 +91,23 @@ def test_unsupported_convolutions_say_why():
         sk.conv_forward(x.double(), w.double(), None, (1, 1), (1, 1), (1, 1), "direct")
     with pytest.raises(ValueError, match="bfloat16"):  # called directly: a clear error, never bf16 read as fp32
         sc.conv_grad_input(x.bfloat16(), w.bfloat16(), x.shape, (1, 1), (1, 1))
-    with pytest.raises(ValueError, match="no path for a conv's weight gradient"):
-        sk.conv_grad_weight(x, torch.randn(2, 4, 5, 5), w.shape, (1, 1), (1, 1), (1, 1), "direct")
+    with pytest.raises(ValueError, match="no path for a linear layer"):
+        sk.linear_grad_weight(x.view(2, -1), torch.randn(2, 4), (4, 100), "direct")
+    with pytest.raises(ValueError, match="bfloat16"):
+        sc.conv_grad_weight(x.bfloat16(), torch.randn(2, 4, 5, 5).bfloat16(), w.shape, (1, 1), (1, 1))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_swat_conv_on_the_direct_kernel_equals_the_dense_kernels(stride, one_thread_module):
+@pytest.mark.parametrize("compress", [False, True])
+def test_swat_conv_on_the_direct_kernel_equals_the_dense_kernels(stride, compress, one_thread_module):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(18, 8, 10, 10, generator=gen, requires_grad=True)
     w = torch.randn(12, 8, 3, 3, generator=gen, requires_grad=True)
     b = torch.randn(12, generator=gen, requires_grad=True)
     ws = (w * (w.abs() > 1.0)).detach()
     outs = []
-    for ops in (sk.NO_SPARSE, ("direct", "direct", None)):
-        y = swat_conv2d(x, w, ws, b, 0.5, stride, 1, sparse_ops=ops)
+    for ops in (sk.NO_SPARSE, ("direct", "direct", "direct")):  # dW: X and its threshold, or packed X_s
+        y = swat_conv2d(x, w, ws, b, 0.5, stride, 1, compress=compress, sparse_ops=ops)
         grads = torch.autograd.grad((y * y).sum(), (x, w, b))
         outs.append((y.detach(), *grads))
     for a, r in zip(outs[1], outs[0], strict=True):
@@ -115,7 +124,7 @@ def test_training_step_on_the_direct_kernel_equals_dense_kernels(one_thread_modu
         if direct:
             for layer in ctl.layers.values():
                 if isinstance(layer, torch.nn.Conv2d) and sk.eligible(layer) is None:
-                    layer.sparse_ops = ("direct", "direct", None)
+                    layer.sparse_ops = ("direct", "direct", "direct")
         F.cross_entropy(model(x), y).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
@@ -166,3 +175,5 @@ def test_workspace_rule_skips_im2col_of_3x3_convs_and_padded_lanes():
     assert sparse <= 2 * dense
     sparse, dense = sk.workspace_bytes(conv, x[:2], conv.weight, y[:2], "direct")
     assert sparse > 2 * dense  # a batch of 2 fills 2 of 16 lanes
+    sparse, dense = sk.workspace_bytes(conv, x[:2], conv.weight, y[:2], "direct", "grad_weight")
+    assert sparse <= 2 * dense  # the dW kernel has no lanes: G channels-last, W

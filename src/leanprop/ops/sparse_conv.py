@@ -8,7 +8,10 @@ non-zero weight multiplies contiguous vectors (Nikdan et al., "SparseProp", ICML
 * forward ``Y = conv(X, W_s) + b``: rows = output channels, one pass over each row's non-zeros per tile of output
   pixels held in registers;
 * input gradient ``dX = conv_T(G, W_s)``: the same kernel on G with the transposed, flipped weight, once per
-  stride phase of the output pixels (a stride-s convolution has s² phases, each a stride-1 correlation).
+  stride phase of the output pixels (a stride-s convolution has s² phases, each a stride-1 correlation);
+* weight gradient ``dW = conv_w(X_s, G)`` (dense, every weight learns): driven by the kept entries of X
+  (``|x| >= threshold``), each adding ``x · G[n, oh, ow, :]`` to ``dW[:, ci, kh, kw]`` for its taps, with G
+  channels-last and zero-padded so that no tap branches; the 90 % of X that SWAT drops cost nothing but the scan.
 
 Inputs are blocked by channels so that the part of X one block reads stays in the L2 cache. Results equal the
 dense convolution up to summation order. fp32 only; groups 1, dilation 1, equal strides (:func:`unsupported`).
@@ -27,7 +30,8 @@ from torch import Tensor
 from leanprop.ops.kernels import build_library
 from leanprop.ops.packing import memory_format_of
 
-__all__ = ["SparseConvKernels", "load_sparse_conv", "unsupported", "conv_forward", "conv_grad_input", "lanes"]
+__all__ = ["SparseConvKernels", "load_sparse_conv", "unsupported", "conv_forward", "conv_grad_input",
+           "conv_grad_weight", "lanes"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -56,6 +60,10 @@ class SparseConvKernels:
                                            p, p, p, i32]
         lib.sparse_corr_nb_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, i64, i64, i64, p, i64, i64, i64,
                                            i64, i64, i64, i64, p, i32]
+        lib.sparse_grad_weight_f32.argtypes = [p, ctypes.c_float, i64, i64, i64, i64, p, i64, i64, i64, i64, i64,
+                                               i64, i64, i64, i64, i64, i64, p, i32]
+        lib.nhwc_pad_f32.argtypes = [p, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64, p, i32]
+        lib.transpose_rows_f32.argtypes = [p, i64, i64, i64, p, i32]
 
     def __deepcopy__(self, memo: dict) -> SparseConvKernels:
         return self
@@ -215,3 +223,34 @@ def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation=(
         kern.corr(gn, 1, csr, t, u, out, s, r - padding[0], rw - padding[1],
                   (jt + 1) * (TILE_PIXELS + jl + 1) * min(lane, 64) * 4)
     return kern.unpack(out, n, None, memory_format_of(g) is torch.channels_last)
+
+
+def conv_grad_weight(x: Tensor, g: Tensor, w_shape, stride, padding, dilation=(1, 1), threshold: float = 0.0,
+                     kernels: SparseConvKernels | None = None) -> Tensor:
+    """``dW = conv2d_weight(X_s, G)`` with ``X_s = x`` where ``|x| >= threshold`` (else 0; threshold 0: the
+    non-zeros of x), the dense weight gradient of :func:`conv_forward`, by the kept entries of x."""
+    _require(g, g.new_empty((1, 1, 1, 1)), stride, padding, dilation)
+    _require(x, x.new_empty((1, 1, 1, 1)), stride, padding, dilation)
+    kern = kernels or load_sparse_conv(required=True)
+    n, ci, h, w = x.shape
+    co, kh, kw = int(w_shape[0]), int(w_shape[2]), int(w_shape[3])
+    s = int(stride[0])
+    _, _, ho, wo = g.shape
+    # row q = (ih + p) // s of an entry reads G rows q - j, j <= (k - 1) // s: pad G so that all of them exist
+    top, left = max(0, -((padding[0] - kh + 1) // s)), max(0, -((padding[1] - kw + 1) // s))
+    gh = top + max(ho, (h - 1 + padding[0]) // s + 1)
+    gw = left + max(wo, (w - 1 + padding[1]) // s + 1)
+    cp, nt = lanes(co), torch.get_num_threads()
+    if not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
+        g = g.contiguous()
+    gp = torch.empty((n, gh, gw, cp), dtype=torch.float32)
+    kern.lib.nhwc_pad_f32(g.data_ptr(), n, co, ho, wo, int(memory_format_of(g) is torch.channels_last), top, left,
+                          gh, gw, cp, gp.data_ptr(), nt)
+    nb = max(1, min(n, BLOCK_BYTES // (gh * gw * cp * 4)))  # images whose G stays in the L2 cache together
+    dwt = torch.empty((ci, kh, kw, cp), dtype=torch.float32)
+    xc = x.detach().contiguous()
+    kern.lib.sparse_grad_weight_f32(xc.data_ptr(), float(threshold), n, ci, h, w, gp.data_ptr(), gh, gw, cp, top,
+                                    left, s, padding[0], padding[1], kh, kw, nb, dwt.data_ptr(), nt)
+    dw = torch.empty((co, ci, kh, kw), dtype=torch.float32)
+    kern.lib.transpose_rows_f32(dwt.data_ptr(), ci * kh * kw, cp, co, dw.data_ptr(), nt)
+    return dw

@@ -100,12 +100,13 @@ def _drops_nothing(thr: Threshold) -> bool:
     return not thr > 0.0
 
 
-def _saved(ctx) -> tuple[Tensor | None, Tensor]:
-    """``(X_s or None, W_s)`` as the forward computed them, restored from what it kept."""
+def _saved(ctx, restore_x: bool = True) -> tuple[Tensor | None, Tensor]:
+    """``(X_s or None, W_s)`` as the forward computed them, restored from what it kept (X_s: None unless
+    ``restore_x``)."""
     xa, xb, weight, w_bits = ctx.saved_tensors
     ws = weight.detach().to(ctx.w_dtype) if w_bits is None else restore_sparse_weight(weight, w_bits, ctx.w_meta,
                                                                                        ctx.w_dtype)
-    return _x_s(ctx, xa, xb), ws
+    return (_x_s(ctx, xa, xb) if restore_x else None), ws
 
 
 class _SWATConv2d(torch.autograd.Function):
@@ -124,15 +125,17 @@ class _SWATConv2d(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x_s, ws = _saved(ctx)
         stride, padding, dilation, groups = ctx.conf
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b_dtype is not None and ctx.needs_input_grad[3]]
         if not any(mask):
             return (None,) * 11
+        sparse_dx, sparse_dw = mask[0] and bool(ctx.sparse_ops[1]), mask[1] and bool(ctx.sparse_ops[2])
+        # the direct dW kernel reads the kept X with its threshold as it goes: X_s is never written out
+        x_thr = _direct_x_and_threshold(ctx) if sparse_dw and ctx.sparse_ops[2] == "direct" else None
+        x_s, ws = _saved(ctx, restore_x=x_thr is None)
         g = _to(grad_out, ws.dtype)
         inp = x_s if x_s is not None else ws.new_empty(()).expand(ctx.x_shape)  # only its shape is read for dX
-        sparse_dx, sparse_dw = mask[0] and bool(ctx.sparse_ops[1]), mask[1] and bool(ctx.sparse_ops[2])
         dense_mask = [mask[0] and not sparse_dx, mask[1] and not sparse_dw, mask[2]]
         dx = dw = db = None
         with _no_autocast(g.device.type, ctx.amp):
@@ -143,9 +146,19 @@ class _SWATConv2d(torch.autograd.Function):
             if sparse_dx:
                 dx = sk.conv_grad_input(g, ws, ctx.x_shape, stride, padding, dilation, ctx.sparse_ops[1])
             if sparse_dw:
-                dw = sk.conv_grad_weight(x_s, g, ws.shape, stride, padding, dilation, ctx.sparse_ops[2])
+                x_in, thr = x_thr if x_thr is not None else (x_s, 0.0)
+                dw = sk.conv_grad_weight(x_in, g, ws.shape, stride, padding, dilation, ctx.sparse_ops[2], thr)
         return (_to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype) if mask[2] else None,
                 None, None, None, None, None, None, None)
+
+
+def _direct_x_and_threshold(ctx) -> tuple[Tensor, float] | None:
+    """``(X, threshold)`` where the forward kept the dense X and its threshold (read as X_s = X where
+    ``|X| >= threshold`` by the direct dW kernel), else None (packed X_s is restored first)."""
+    if ctx.x_meta is not None:
+        return None
+    xa, xb = ctx.saved_tensors[:2]
+    return xa, 0.0 if xb is None else float(xb)
 
 
 class _SWATLinear(torch.autograd.Function):

@@ -4,7 +4,8 @@ A SWAT layer's training step has three products (docs/methods/swat.md, 'Technica
 
 * forward ``Y = conv(X, W_s)``  -- sparse paths: ``S(W_s) @ im2col(X)``, or "direct";
 * grad-input ``dX = conv_T(G, W_s)``  -- sparse paths: ``col2im(S(W_sᵀ) @ G)``, or "direct";
-* grad-weight ``dW = conv_w(X_s, G)``  -- sparse path: ``(S(im2col(X_s)) @ Gᵀ)ᵀ``;
+* grad-weight ``dW = conv_w(X_s, G)``  -- sparse paths: ``(S(im2col(X_s)) @ Gᵀ)ᵀ``, or "direct" (driven by the
+  kept entries of X_s, dense output);
 
 with ``S`` the CSR or the COO form (``torch.sparse.mm``), and "direct" the compiled direct convolution of
 :mod:`leanprop.ops.sparse_conv` (fp32 CPU convs: the weight in CSR, the batch innermost, no im2col). Linear layers:
@@ -50,7 +51,7 @@ __all__ = ["OPS", "FORMATS", "NO_SPARSE", "format_of", "KernelTiming", "conv_for
 
 OPS = ("forward", "grad_input", "grad_weight")
 FORMATS = ("direct", "csr", "coo")  # the order trials run in: the likeliest winner first
-DIRECT_OPS = ("forward", "grad_input")  # the ops the direct kernel has (convs only)
+DIRECT_OPS = OPS  # the ops the direct kernel has (convs only)
 NO_SPARSE = (None, None, None)
 SparseOps = tuple  # (forward, grad_input, grad_weight): each None, "csr", "coo" (or a bool: True is "csr")
 
@@ -105,9 +106,13 @@ def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation, 
     return F.fold(cols, tuple(x_shape[2:]), k, dilation=dilation, padding=padding, stride=stride)
 
 
-def conv_grad_weight(x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation, fmt: str = "csr") -> Tensor:
-    """``dW = conv2d_weight(X_s, G)`` as ``(S(im2col(X_s)) @ Gᵀ)ᵀ``."""
-    _no_direct(fmt, "a conv's weight gradient")
+def conv_grad_weight(x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation, fmt: str = "csr",
+                     threshold: float = 0.0) -> Tensor:
+    """``dW = conv2d_weight(X_s, G)`` as ``(S(im2col(X_s)) @ Gᵀ)ᵀ``, or by the direct kernel from the entries of
+    ``x_s`` with ``|x| >= threshold`` (``fmt="direct"``: ``x_s`` may then be the dense X, sparsified as it is read;
+    the other formats take X_s itself)."""
+    if fmt == "direct":
+        return sparse_conv.conv_grad_weight(x_s, g, w_shape, stride, padding, dilation, threshold)
     cout, k = g.shape[1], tuple(w_shape[2:])
     cols = F.unfold(x_s, k, dilation=dilation, padding=padding, stride=stride)
     cm = _sparse(cols.transpose(0, 1).reshape(cols.shape[1], -1), fmt)  # (C·kh·kw, N·L)
@@ -198,7 +203,7 @@ def conv_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, stride, paddin
                   formats=FORMATS) -> OpPairs:
     """``{op: (dense fn, {format: sparse fn})}`` of a groups-1 conv on these tensors (x, x_s already padded by
     the layer's padding mode); the dense fns are the kernels SWAT's backward calls (oneDNN/cuDNN via ATen). The
-    direct kernel is offered for the forward and grad-input where it takes the conv and its library builds."""
+    direct kernel is offered for all three ops where it takes the conv and its library builds."""
     conf = (_pair(stride), _pair(padding), _pair(dilation))
     cb = torch.ops.aten.convolution_backward
     direct = "direct" in formats and sparse_conv.unsupported(x, w_s, stride, padding, dilation) is None \
@@ -241,15 +246,20 @@ def _op_pairs(layer, x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, formats=FOR
     return linear_op_pairs(x, w_s, x_s, g, formats)
 
 
-def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str) -> tuple[int, int]:
+def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str, op: str = "forward") -> tuple[int, int]:
     """``(sparse path's workspace, dense op's operands)`` in bytes, estimated from the shapes: the dense op reads
-    and writes X, W and Y; CSR/COO on a conv build im2col (C·k² rows per output pixel); the direct kernel holds X and
-    Y once more in its layout (batch padded to 16 lanes); on a linear layer the sparse copy is at most the operand."""
+    and writes X, W and Y; CSR/COO on a conv build im2col (C·k² rows per output pixel); the direct kernel's forward
+    and input gradient hold X and Y once more in its layout (batch padded to 16 lanes), its weight gradient G
+    channels-last (padded by the kernel's reach) and W; on a linear layer the sparse copy is at most the operand."""
     el = x.element_size()
     dense = (x.numel() + w_s.numel() + y.numel()) * el
     if not isinstance(layer, torch.nn.Conv2d):
         return dense, dense
     n = x.shape[0]
+    if fmt == "direct" and op == "grad_weight":
+        k, s = w_s.shape[2:], layer.stride[0]
+        return (n * (y.shape[2] + k[0] // s + 1) * (y.shape[3] + k[1] // s + 1) * sparse_conv.lanes(y.shape[1])
+                + 2 * w_s.numel()) * 4, dense
     if fmt == "direct":
         pad = layer.padding if isinstance(layer.padding, tuple) else (0, 0)
         hp, wp = x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]
@@ -257,9 +267,9 @@ def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str) -> tuple
     return n * w_s[0].numel() * y[0, 0].numel() * el, dense
 
 
-def _over_workspace(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str) -> bool:
-    """Whether ``fmt``'s workspace exceeds twice the dense op's operands (:func:`workspace_bytes`)."""
-    sparse, dense = workspace_bytes(layer, x, w_s, y, fmt)
+def _over_workspace(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str, op: str) -> bool:
+    """Whether ``fmt``'s workspace for ``op`` exceeds twice the dense op's operands (:func:`workspace_bytes`)."""
+    sparse, dense = workspace_bytes(layer, x, w_s, y, fmt, op)
     return sparse > 2 * dense
 
 
@@ -332,7 +342,7 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
                 mine.spend(setup_ms)
                 setup_ms = 0.0
                 too_big = {f: "workspace over 2x the dense op's" for f in sparse
-                           if _over_workspace(layer, xc, w_s, y, f)}
+                           if _over_workspace(layer, xc, w_s, y, f, op)}
                 timings.append(_time_op(name, op, dense, {f: fn for f, fn in sparse.items() if f not in too_big},
                                         reps, margin, timer, budget=mine, layers=shared[key], skipped=too_big))
                 budget.spent_ms += mine.spent_ms  # (what one op leaves unspent is not carried over)

@@ -18,6 +18,7 @@
  * Results equal the dense convolution up to summation order (this file is compiled with FMA contraction).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 #ifdef __AVX512F__
@@ -268,4 +269,140 @@ void sparse_corr_nb_f32(const float *in, int64_t Wp, int64_t L, int64_t si, cons
             else tile1_acc(ip, op, np, off, val, bp[b], bp[b + 1], b == 0);
         }
     }
+}
+
+/* ---- the weight gradient from the non-zeros of X_s ----------------------------------------------------------
+ *
+ *     dW[co, ci, kh, kw] = sum_n sum_(oh, ow) G[n, co, oh, ow] * X_s[n, ci, oh*s - ph + kh, ow*s - pw + kw]
+ *
+ * driven by the kept entries of X (|x| >= thr, x != 0): an entry at (ih, iw) adds x * G[n, oh, ow, :] to
+ * dW[ci, kh, kw, :] for every tap with oh = (ih + ph - kh) / s, ow = (iw + pw - kw) / s integral.  With
+ * q = (ih + ph) / s, r = (ih + ph) % s (the entry's stride phase) those taps are kh = r + j*s, oh = q - j.
+ * G is channels-last and zero-padded, (N, GH, GW, Cp) with Cp a multiple of 16 and row q of X at row q + A
+ * (A, B top/left), so that every tap reads memory and a tap outside G adds zeros (no branches).
+ *
+ * Images are taken in blocks of nb, so that the block of G they read stays in the L2 cache; threads split the
+ * input channels (each owns its rows of dW).  Per (image block, ci) the kept entries are listed by phase, then
+ * every tap of the phase runs over the list with 16*Z output channels held in registers.  out is
+ * (Ci, KH, KW, Cp), overwritten. */
+
+static inline void dw_tap(float *acc_p, const float *g, const int64_t *off, const float *val, int64_t e0,
+                          int64_t e1, int64_t d, int Z) {
+    v16 a[8], b[8];
+    for (int z = 0; z < Z; ++z) { a[z] = ld(acc_p + 16 * z); b[z] = (v16){0}; }
+    int64_t e = e0;
+    for (; e + 1 < e1; e += 2) { /* two chains: an FMA's latency is hidden behind the other's */
+        const v16 v0 = (v16){0} + val[e], v1 = (v16){0} + val[e + 1];
+        const float *p0 = g + off[e] - d, *p1 = g + off[e + 1] - d;
+        for (int z = 0; z < Z; ++z) { a[z] += v0 * ld(p0 + 16 * z); b[z] += v1 * ld(p1 + 16 * z); }
+    }
+    if (e < e1) {
+        const v16 v0 = (v16){0} + val[e];
+        const float *p0 = g + off[e] - d;
+        for (int z = 0; z < Z; ++z) a[z] += v0 * ld(p0 + 16 * z);
+    }
+    for (int z = 0; z < Z; ++z) st(acc_p + 16 * z, a[z] + b[z]);
+}
+
+#define DW_TAP(Zc) \
+    static void dw_tap##Zc(float *acc_p, const float *g, const int64_t *off, const float *val, int64_t e0, \
+                           int64_t e1, int64_t d) { dw_tap(acc_p, g, off, val, e0, e1, d, Zc); }
+DW_TAP(8)
+DW_TAP(4)
+DW_TAP(2)
+DW_TAP(1)
+
+void sparse_grad_weight_f32(const float *x, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
+                            const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
+                            int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
+    const int64_t HW = H * W, S2 = s * s;
+    const float t = thr > 0.0f ? thr : 1.4e-45f; /* |x| >= t; t = the least denormal keeps all non-zeros */
+    memset(out, 0, (size_t)(Ci * KH * KW * Cp) * sizeof(float));
+    if (nb < 1) nb = 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t *off = (int64_t *)malloc((size_t)(nb * HW + 1) * sizeof(int64_t));
+        float *val = (float *)malloc((size_t)(nb * HW + 1) * sizeof(float));
+        int64_t start[65]; /* the list of phase k is [start[k], start[k + 1]); s <= 8 */
+        for (int64_t n0 = 0; n0 < N; n0 += nb) {
+            int64_t n1 = n0 + nb < N ? n0 + nb : N;
+#pragma omp for schedule(static)
+            for (int64_t ci = 0; ci < Ci; ++ci) {
+                int64_t e = 0;
+                for (int64_t rh = 0; rh < s; ++rh)
+                    for (int64_t rw = 0; rw < s; ++rw) {
+                        start[rh * s + rw] = e;
+                        if (rh >= KH || rw >= KW) continue; /* no tap reads this phase (a 1x1 conv, stride 2) */
+                        int64_t ih0 = ((rh - ph) % s + s) % s, iw0 = ((rw - pw) % s + s) % s;
+                        for (int64_t n = n0; n < n1; ++n) {
+                            const float *pl = x + (n * Ci + ci) * HW;
+                            for (int64_t ih = ih0; ih < H; ih += s) {
+                                const float *row = pl + ih * W;
+                                int64_t o = ((n * GH + (ih + ph) / s + A) * GW + B + (iw0 + pw) / s) * Cp;
+                                for (int64_t iw = iw0; iw < W; iw += s, o += Cp) { /* branch-free: write, keep */
+                                    float v = row[iw];
+                                    off[e] = o;
+                                    val[e] = v;
+                                    e += __builtin_fabsf(v) >= t;
+                                }
+                            }
+                        }
+                    }
+                start[S2] = e;
+                for (int64_t rh = 0; rh < s; ++rh)
+                    for (int64_t rw = 0; rw < s; ++rw) {
+                        int64_t e0 = start[rh * s + rw], e1 = start[rh * s + rw + 1];
+                        if (e0 == e1) continue;
+                        for (int64_t kh = rh; kh < KH; kh += s)
+                            for (int64_t kw = rw; kw < KW; kw += s) {
+                                int64_t d = ((kh / s) * GW + kw / s) * Cp;
+                                float *acc = out + ((ci * KH + kh) * KW + kw) * Cp;
+                                int64_t c = 0;
+                                for (; c + 128 <= Cp; c += 128) dw_tap8(acc + c, g + c, off, val, e0, e1, d);
+                                if (c + 64 <= Cp) { dw_tap4(acc + c, g + c, off, val, e0, e1, d); c += 64; }
+                                if (c + 32 <= Cp) { dw_tap2(acc + c, g + c, off, val, e0, e1, d); c += 32; }
+                                if (c + 16 <= Cp) { dw_tap1(acc + c, g + c, off, val, e0, e1, d); c += 16; }
+                            }
+                    }
+            }
+        }
+        free(off);
+        free(val);
+    }
+}
+
+/* out (N, GH, GW, Cp) = g (N, C, H, W) [cl = 0] or (N, H, W, C) [cl = 1] at (top + h, left + w), zero elsewhere
+ * (the border and the channels from C to Cp): the channels-last, padded G of sparse_grad_weight_f32. */
+void nhwc_pad_f32(const float *g, int64_t N, int64_t C, int64_t H, int64_t W, int cl, int64_t top, int64_t left,
+                  int64_t GH, int64_t GW, int64_t Cp, float *out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t nr = 0; nr < N * GH; ++nr) {
+        int64_t n = nr / GH, h = nr % GH - top;
+        float *o = out + nr * GW * Cp;
+        if (h < 0 || h >= H) { memset(o, 0, (size_t)(GW * Cp) * sizeof(float)); continue; }
+        if (left > 0) memset(o, 0, (size_t)(left * Cp) * sizeof(float));
+        if (left + W < GW) memset(o + (left + W) * Cp, 0, (size_t)((GW - left - W) * Cp) * sizeof(float));
+        float *row = o + left * Cp;
+        if (C < Cp)
+            for (int64_t w = 0; w < W; ++w) memset(row + w * Cp + C, 0, (size_t)(Cp - C) * sizeof(float));
+        if (cl) {
+            for (int64_t w = 0; w < W; ++w) memcpy(row + w * Cp, g + ((n * H + h) * W + w) * C, (size_t)C * 4);
+            continue;
+        }
+        for (int64_t c0 = 0; c0 < C; c0 += 16)
+            for (int64_t w0 = 0; w0 < W; w0 += 16)
+                transpose16(g + ((n * C + c0) * H + h) * W + w0, H * W, row + w0 * Cp + c0, Cp,
+                            (int)(C - c0 < 16 ? C - c0 : 16), (int)(W - w0 < 16 ? W - w0 : 16), NULL);
+    }
+}
+
+/* dst (C, R) = src (R, Cp)[:, :C] transposed: the (Co, Ci, KH, KW) weight gradient of sparse_grad_weight_f32's
+ * (Ci, KH, KW, Cp) result (R = Ci*KH*KW). */
+void transpose_rows_f32(const float *src, int64_t R, int64_t Cp, int64_t C, float *dst, int nt) {
+    int64_t nrb = (R + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t rb = 0; rb < nrb; ++rb)
+        for (int64_t c0 = 0; c0 < C; c0 += 16)
+            transpose16(src + rb * 16 * Cp + c0, Cp, dst + c0 * R + rb * 16, R,
+                        (int)(R - rb * 16 < 16 ? R - rb * 16 : 16), (int)(C - c0 < 16 ? C - c0 : 16), NULL);
 }
