@@ -1,6 +1,6 @@
 """Direct convolution with an unstructured sparse weight on the CPU (``csrc/sparse_conv.c``).
 
-The activation is laid out batch-innermost, ``(C, H, W, L)`` with ``L`` the batch rounded up to 16 lanes, so every
+The activation is laid out batch-innermost, ``(C, H, W, L)`` with ``L`` the batch rounded up to 8 lanes, so every
 non-zero weight multiplies contiguous vectors (Nikdan et al., "SparseProp", ICML 2023, Sec. 3; docs/methods/swat.md,
 'Sparse kernels'). The weight is put in CSR form on every call (its values change every step, its mask every
 ``topk_period``), and the activation is transposed in and out: all three are part of what a call costs.
@@ -35,7 +35,7 @@ __all__ = ["SparseConvKernels", "load_sparse_conv", "unsupported", "conv_forward
 
 _SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
-LANE = 16  # lanes of one vector: the batch is padded to a multiple
+LANE = 8  # the batch is padded to a multiple (tiles of 64, 16 and 8 lanes; csrc)
 TILE_PIXELS = 6  # output pixels per register tile at 64 lanes (csrc: P4)
 BLOCK_BYTES = 512 * 1024  # input bytes one channel block may touch per tile: about the L2 cache
 _lock = threading.Lock()
@@ -43,7 +43,7 @@ _loaded: dict[str, SparseConvKernels | Exception] = {}
 
 
 def lanes(n: int) -> int:
-    """The lane count of a batch of ``n``: n rounded up to a multiple of 16."""
+    """The lane count of a batch of ``n``: n rounded up to a multiple of 8."""
     return (n + LANE - 1) // LANE * LANE
 
 
@@ -240,7 +240,7 @@ def conv_grad_weight(x: Tensor, g: Tensor, w_shape, stride, padding, dilation=(1
     top, left = max(0, -((padding[0] - kh + 1) // s)), max(0, -((padding[1] - kw + 1) // s))
     gh = top + max(ho, (h - 1 + padding[0]) // s + 1)
     gw = left + max(wo, (w - 1 + padding[1]) // s + 1)
-    cp, nt = lanes(co), torch.get_num_threads()
+    cp, nt = (co + 15) // 16 * 16, torch.get_num_threads()  # G's channels: whole 16-float vectors
     if not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
         g = g.contiguous()
     gp = torch.empty((n, gh, gw, cp), dtype=torch.float32)

@@ -249,7 +249,7 @@ def _op_pairs(layer, x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, formats=FOR
 def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str, op: str = "forward") -> tuple[int, int]:
     """``(sparse path's workspace, dense op's operands)`` in bytes, estimated from the shapes: the dense op reads
     and writes X, W and Y; CSR/COO on a conv build im2col (C·k² rows per output pixel); the direct kernel's forward
-    and input gradient hold X and Y once more in its layout (batch padded to 16 lanes), its weight gradient G
+    and input gradient hold X and Y once more in its layout (batch padded to 8 lanes), its weight gradient G
     channels-last (padded by the kernel's reach) and W; on a linear layer the sparse copy is at most the operand."""
     el = x.element_size()
     dense = (x.numel() + w_s.numel() + y.numel()) * el

@@ -2,7 +2,7 @@
  * types).
  *
  * Layout "NB" (batch innermost): a 4-D activation is held as (C, H, W, L), L = the batch rounded up to a multiple
- * of 16 lanes, zero beyond the batch.  One weight value then multiplies one contiguous L-vector per output pixel,
+ * of 8 lanes, zero beyond the batch (tiles of 64, 16 and 8 lanes).  One weight value then multiplies one contiguous L-vector per output pixel,
  * so a convolution with a sparse weight is a loop over the weight's non-zeros, each a broadcast and a few
  * vector FMAs into register-held output tiles (the scheme of Nikdan et al., "SparseProp", ICML 2023, Sec. 3;
  * written here from the formula, not from their code).
@@ -27,9 +27,13 @@
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
 static inline v16 ld(const float *p) { return *(const v16u *)p; }
 static inline void st(float *p, v16 v) { *(v16u *)p = v; }
+static inline v8 ld8(const float *p) { return *(const v8u *)p; }
+static inline void st8(float *p, v8 v) { *(v8u *)p = v; }
 
 /* ---- layout changes: NCHW / NHWC <-> NB ------------------------------------------------------------------ */
 
@@ -191,6 +195,7 @@ void csr_grad_input_f32(const float *w, int64_t Co, int64_t Ci, int64_t KH, int6
 
 #define P4 6  /* pixels per tile when 64 lanes (4 vectors) are computed at once: 24 accumulators */
 #define P1 12 /* pixels per tile for a 16-lane remainder */
+#define P8 24 /* pixels per tile for an 8-lane remainder (a batch of 8 or less, or 8 more than 16s) */
 
 static inline void tile4_acc(const float *const *ip, float *const *op, int np, const int64_t *off,
                              const float *val, int64_t e0, int64_t e1, int first) {
@@ -219,6 +224,18 @@ static inline void tile1_acc(const float *const *ip, float *const *op, int np, c
     for (int p = 0; p < np; ++p) st(op[p], a[p]);
 }
 
+static inline void tile8_acc(const float *const *ip, float *const *op, int np, const int64_t *off,
+                             const float *val, int64_t e0, int64_t e1, int first) {
+    v8 a[P8];
+    for (int p = 0; p < P8; ++p) a[p] = first || p >= np ? (v8){0} : ld8(op[p]);
+    for (int64_t e = e0; e < e1; ++e) {
+        const v8 v = (v8){0} + val[e];
+        const int64_t o = off[e];
+        for (int p = 0; p < P8; ++p) a[p] += v * ld8(ip[p] + o);
+    }
+    for (int p = 0; p < np; ++p) st8(op[p], a[p]);
+}
+
 /* See the header.  in: (., ., Wp, L); out: (nrows, ., out_w, L) with out_plane floats per row; pixels (t, u) in
  * [T0, T1) x [U0, U1).  The entries of a row must be sorted by offset; they are taken in blocks of offsets
  * [b*blk_span, (b+1)*blk_span) (blk_span <= 0: one block), all tiles and rows of one block before the next, so that
@@ -242,19 +259,20 @@ void sparse_corr_nb_f32(const float *in, int64_t Wp, int64_t L, int64_t si, cons
         }
         bp[nblk] = end;
     }
-    int64_t ntile4 = (npix + P4 - 1) / P4, ntile1 = (npix + P1 - 1) / P1;
-    int64_t n64 = L / 64, rem = (L % 64) / 16;
-    int64_t per_row = ntile4 * n64 + ntile1 * rem; /* work items of one row */
+    int64_t ntile4 = (npix + P4 - 1) / P4, ntile1 = (npix + P1 - 1) / P1, ntile8 = (npix + P8 - 1) / P8;
+    int64_t n64 = L / 64, rem = (L % 64) / 16, r8 = (L % 16) / 8; /* L: a multiple of 8 */
+    int64_t per_row = ntile4 * n64 + ntile1 * rem + ntile8 * r8; /* work items of one row */
     for (int64_t b = 0; b < nblk; ++b) {
 #pragma omp parallel for schedule(static) num_threads(nt)
         for (int64_t item = 0; item < nrows * per_row; ++item) {
             int64_t k = item / nrows, rho = item % nrows; /* rows innermost: one tile's input stays in cache */
-            int wide = k < ntile4 * n64;
-            int64_t P = wide ? P4 : P1, tile, lane;
-            if (wide) { tile = k / n64; lane = 64 * (k % n64); }
-            else { k -= ntile4 * n64; tile = k / rem; lane = 64 * n64 + 16 * (k % rem); }
-            const float *ip[P1];
-            float *op[P1];
+            int kind = k < ntile4 * n64 ? 4 : k < ntile4 * n64 + ntile1 * rem ? 1 : 8; /* lanes / 16 per tile */
+            int64_t P = kind == 4 ? P4 : kind == 1 ? P1 : P8, tile, lane;
+            if (kind == 4) { tile = k / n64; lane = 64 * (k % n64); }
+            else if (kind == 1) { k -= ntile4 * n64; tile = k / rem; lane = 64 * n64 + 16 * (k % rem); }
+            else { tile = k - ntile4 * n64 - ntile1 * rem; lane = L - 8; }
+            const float *ip[P8];
+            float *op[P8];
             int np = 0;
             for (int p = 0; p < P; ++p) {
                 int64_t q = tile * P + p;
@@ -265,8 +283,9 @@ void sparse_corr_nb_f32(const float *in, int64_t Wp, int64_t L, int64_t si, cons
                 op[p] = out + rho * out_plane + ((t * so + r0) * out_w + u * so + c0) * L + lane;
             }
             const int64_t *bp = blkptr + rho * (nblk + 1);
-            if (wide) tile4_acc(ip, op, np, off, val, bp[b], bp[b + 1], b == 0);
-            else tile1_acc(ip, op, np, off, val, bp[b], bp[b + 1], b == 0);
+            if (kind == 4) tile4_acc(ip, op, np, off, val, bp[b], bp[b + 1], b == 0);
+            else if (kind == 1) tile1_acc(ip, op, np, off, val, bp[b], bp[b + 1], b == 0);
+            else tile8_acc(ip, op, np, off, val, bp[b], bp[b + 1], b == 0);
         }
     }
 }
