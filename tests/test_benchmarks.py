@@ -344,9 +344,12 @@ def test_direct_kernel_report_sets_direct_beside_sparseprop():
                       "dense_ms": 10.0, "sparse_ms": direct / 2, "ratio": direct / 20.0},
                      {**base, "layer": layer, "sparsity": s, "op": "forward+backward", "format": "sparseprop",
                       "dense_ms": 20.0, "sparse_ms": sp, "ratio": sp / 20.0}]
+    recs += [{**base, "layer": "64->64@32x32", "sparsity": 0.9, "op": op, "format": "direct", "dense_ms": 10.0,
+              "sparse_ms": ms, "ratio": ms / 10.0} for op, ms in (("grad_weight", 4.0), ("layer", 7.0))]
     text = "\n".join(report._direct_kernels_section(recs))
-    assert "| 64->64@32x32 | 90% | 64 | 2 | 20.00 | 10.00 (0.50x) | 0.50x |  | 12.00 (0.60x) | 0.83 |" in text
-    assert "| 512->512@4x4 | 90% | 64 | 2 | 20.00 | 9.00 (0.45x) | 0.45x |  | 6.00 (0.30x) | 1.50 |" in text
+    assert "| 64->64@32x32 | 90% | 64 | 2 | 20.00 | 10.00 (0.50x) | 0.50x |  | 12.00 (0.60x) | 0.83 | 0.40x | 0.70x |" \
+        in text
+    assert "| 512->512@4x4 | 90% | 64 | 2 | 20.00 | 9.00 (0.45x) | 0.45x |  | 6.00 (0.30x) | 1.50 |  |  |" in text
     assert "at least as fast as SparseProp's forward + backward on 1 of 2 layer x sparsity cells" in text
     assert "direct" not in "\n".join(report._sparse_kernels_section(recs))  # the CSR table keeps CSR/COO only
 

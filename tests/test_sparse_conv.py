@@ -1,6 +1,7 @@
 """The direct sparse convolution (leanprop.ops.sparse_conv): forward, input gradient and weight gradient (from the
-kept entries of X) equal the dense kernels up to summation order (fp32: max error <= 1e-5 of the output's scale) for every stride, padding, kernel size, layout and
-batch (lane tails included); SWAT layers on it train like dense; the calibration's budget and workspace rules."""
+kept entries of X) equal the dense kernels up to summation order (fp32: max error <= 1e-5 of the output's scale) for
+every stride, padding, kernel size, layout and batch (lane tails included); SWAT layers on it train like dense; the
+calibration's budget and workspace rules."""
 
 from __future__ import annotations
 

@@ -5,14 +5,15 @@ tensors (interleaved, medians):
 
 * dense: oneDNN's forward, grad-input and grad-weight on the zero-filled weight (what SWAT runs without kernels);
 * the library's sparse paths (``leanprop.swat.sparse_kernels.conv_op_pairs``, what the calibration chooses
-  between): "direct" (forward and grad-input, :mod:`leanprop.ops.sparse_conv`) and CSR/COO on im2col, each paying
+  between): "direct" (all three ops, :mod:`leanprop.ops.sparse_conv`) and CSR/COO on im2col, each paying
   what it pays every step (the weight's CSR form, layout changes or im2col);
 * SparseProp (Nikdan et al., ICML 2023; PyPI ``sparseprop``, when installed): its forward and its backward, which
   computes the input gradient and the gradient of the kept weights only, with the weight converted once (its
   masks are fixed) and the faster of its two vectorisations.
 
-One JSONL record per (layer, sparsity, op, path) with ``ratio = path / dense``; the report puts forward + grad-input
-of direct, dense and SparseProp (forward + backward) side by side.
+One JSONL record per (layer, sparsity, op, path) with ``ratio = path / dense``, plus "forward+grad_input" (direct
+and dense, against SparseProp's forward + backward) and "layer" (all three ops of one SWAT layer's step); the report
+puts them side by side.
 
     leanprop bench kernels                     # batch 64, 2 threads, 90 / 95 %, direct (+ sparseprop)
 """
@@ -64,11 +65,12 @@ def _sparse_of(t, s: float):
 
 def measure(cin: int, cout: int, h: int, k: int, stride: int, batch: int, s: float, reps: int,
             formats: tuple[str, ...], sparseprop: bool = False) -> dict[str, tuple[float, dict[str, float]]]:
-    """``{op: (dense seconds, {path: seconds})}`` at sparsity ``s``: the three ops of the library's paths, and
-    "forward+grad_input" (dense and direct) with SparseProp's forward and forward+backward when asked."""
+    """``{op: (dense seconds, {path: seconds})}`` at sparsity ``s``: the three ops of the library's paths,
+    "forward+grad_input" and "layer" (the three ops, dense and direct), and SparseProp's forward and
+    forward+backward when asked. dW reads X with its threshold, as SWAT's backward does."""
     import torch
 
-    from leanprop.swat.sparse_kernels import conv_op_pairs
+    from leanprop.swat.sparse_kernels import conv_grad_weight, conv_op_pairs
     from leanprop.timing import interleaved
 
     g = torch.Generator().manual_seed(0)
@@ -82,11 +84,17 @@ def measure(cin: int, cout: int, h: int, k: int, stride: int, batch: int, s: flo
     for op, (dense, sparse) in pairs.items():
         calls[(op, "dense")] = dense
         calls.update({(op, f): fn for f, fn in sparse.items()})
+    if "direct" in pairs["grad_weight"][1]:  # as SWAT's backward runs it: the dense X read with its threshold
+        thr = float(x_s[x_s != 0].abs().min())
+        calls[("grad_weight", "direct")] = lambda: conv_grad_weight(x, grad, w_s.shape, (stride,) * 2,
+                                                                    (k // 2,) * 2, (1, 1), "direct", thr)
     if "direct" in pairs["forward"][1]:
-        fwd, dx = pairs["forward"][1]["direct"], pairs["grad_input"][1]["direct"]
+        fwd, dx, dw = pairs["forward"][1]["direct"], pairs["grad_input"][1]["direct"], calls[("grad_weight", "direct")]
         calls[("forward+grad_input", "direct")] = lambda: (fwd(), dx())
-    dfwd, ddx = pairs["forward"][0], pairs["grad_input"][0]
+        calls[("layer", "direct")] = lambda: (fwd(), dx(), dw())
+    dfwd, ddx, ddw = pairs["forward"][0], pairs["grad_input"][0], pairs["grad_weight"][0]
     calls[("forward+grad_input", "dense")] = lambda: (dfwd(), ddx())
+    calls[("layer", "dense")] = lambda: (dfwd(), ddx(), ddw())
     if sparseprop:
         sp_fwd, sp_step = sparseprop_times(x, w_s, grad, stride, k // 2, reps)
         calls[("forward", "sparseprop")] = sp_fwd

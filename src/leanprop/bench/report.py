@@ -145,6 +145,7 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
         both = cell.get((*key, "forward+grad_input", "direct"))
         sp = cell.get((*key, "forward+backward", "sparseprop"))
         fwd, dx = cell.get((*key, "forward", "direct")), cell.get((*key, "grad_input", "direct"))
+        dw, layer = cell.get((*key, "grad_weight", "direct")), cell.get((*key, "layer", "direct"))
         if both is None:
             continue
         ratio = "" if sp is None else f"{both['sparse_ms'] / sp['sparse_ms']:.2f}"
@@ -154,16 +155,19 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
         rows.append([key[0], f"{key[1]:.0%}", str(key[2]), str(key[3]), f"{both['dense_ms']:.2f}",
                      f"{both['sparse_ms']:.2f} ({both['ratio']:.2f}x)",
                      "" if fwd is None else f"{fwd['ratio']:.2f}x", "" if dx is None else f"{dx['ratio']:.2f}x",
-                     "" if sp is None else f"{sp['sparse_ms']:.2f} ({sp['ratio']:.2f}x)", ratio])
+                     "" if sp is None else f"{sp['sparse_ms']:.2f} ({sp['ratio']:.2f}x)", ratio,
+                     "" if dw is None else f"{dw['ratio']:.2f}x", "" if layer is None else f"{layer['ratio']:.2f}x"])
     parts = ["## Direct sparse convolution against oneDNN and SparseProp (per layer)", "",
              "Forward + input gradient of one SWAT conv on CIFAR ResNet-18's shapes, the weight at the given "
              "sparsity. dense: oneDNN on the zero-filled weight. direct: `leanprop.ops.sparse_conv` (weight in CSR "
              "rebuilt every call, batch-innermost layout in and out, all counted). SparseProp: its forward + "
              "backward (the backward also computes the gradient of the kept weights; its weight is converted once, "
-             "its output stays in its own layout). SWAT's dense weight gradient is not in these columns (see the "
-             "CSR table for its sparse paths). Command: `leanprop bench kernels`.", "",
+             "its output stays in its own layout). direct dW: SWAT's dense weight gradient from the kept 10 or 5 % "
+             "of X (read from the dense X with its threshold), against oneDNN's on the zero-filled X_s; layer: "
+             "forward, input and weight gradient together, direct against oneDNN. Command: `leanprop bench kernels`.", "",
              _table(["layer", "sparsity", "batch", "threads", "dense fwd+dX ms", "direct fwd+dX ms",
-                     "direct fwd", "direct dX", "SparseProp fwd+bwd ms", "direct / SparseProp"], rows), ""]
+                     "direct fwd", "direct dX", "SparseProp fwd+bwd ms", "direct / SparseProp", "direct dW",
+                     "direct layer"], rows), ""]
     if compared:
         parts += [f"The direct kernel's forward + input gradient is at least as fast as SparseProp's forward + "
                   f"backward on {wins} of {compared} layer x sparsity cells.", ""]
