@@ -164,7 +164,8 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
              "backward (the backward also computes the gradient of the kept weights; its weight is converted once, "
              "its output stays in its own layout). direct dW: SWAT's dense weight gradient from the kept 10 or 5 % "
              "of X (read from the dense X with its threshold), against oneDNN's on the zero-filled X_s; layer: "
-             "forward, input and weight gradient together, direct against oneDNN. Command: `leanprop bench kernels`.", "",
+             "forward, input and weight gradient together, direct against oneDNN. "
+             "Command: `leanprop bench kernels`.", "",
              _table(["layer", "sparsity", "batch", "threads", "dense fwd+dX ms", "direct fwd+dX ms",
                      "direct fwd", "direct dX", "SparseProp fwd+bwd ms", "direct / SparseProp", "direct dW",
                      "direct layer"], rows), ""]
