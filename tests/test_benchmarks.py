@@ -352,6 +352,14 @@ def test_direct_kernel_report_sets_direct_beside_sparseprop():
     assert "| 512->512@4x4 | 90% | 64 | 2 | 20.00 | 9.00 (0.45x) | 0.45x |  | 6.00 (0.30x) | 1.50 |  |  |" in text
     assert "at least as fast as SparseProp's forward + backward on 1 of 2 layer x sparsity cells" in text
     assert "direct" not in "\n".join(report._sparse_kernels_section(recs))  # the CSR table keeps CSR/COO only
+    # a sparsity sweep of the whole layer gives the break-even: the lowest sparsity winning at every higher one
+    recs += [{**base, "layer": "64->64@32x32", "sparsity": sp, "threads": 1, "op": "layer", "format": "direct",
+              "dense_ms": 10.0, "sparse_ms": ms, "ratio": ms / 10.0}
+             for sp, ms in ((0.5, 9.0), (0.7, 11.0), (0.8, 8.0), (0.9, 6.0))]
+    text = "\n".join(report._direct_kernels_section(recs))
+    assert "| 64->64@32x32 | 64 | 1 | 0.90 | 1.10 | 0.80 | 0.60 | 80% |" in text
+    assert "| 64->64@32x32 | 64 | 2 |  |  |  | 0.70 | 90% |" in text
+    assert "| 64->64@32x32 | 90% | 64 | 1 |" not in text  # the side-by-side table keeps SparseProp's cells
 
 
 def test_swat_packing_measures_bits_per_element(tmp_path):

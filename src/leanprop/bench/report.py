@@ -140,6 +140,8 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
         return []
     cell = {(r["layer"], r["sparsity"], r["batch"], r["threads"], r["op"], r["format"]): r for r in sk}
     keys = list(dict.fromkeys((r["layer"], r["sparsity"], r["batch"], r["threads"]) for r in sk))
+    if any(r["format"] == "sparseprop" for r in sk):  # the side-by-side cells; a sparsity sweep is the break-even's
+        keys = [k for k in keys if (*k, "forward+backward", "sparseprop") in cell]
     rows, wins, compared = [], 0, 0
     for key in keys:
         both = cell.get((*key, "forward+grad_input", "direct"))
@@ -172,7 +174,28 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
     if compared:
         parts += [f"The direct kernel's forward + input gradient is at least as fast as SparseProp's forward + "
                   f"backward on {wins} of {compared} layer x sparsity cells.", ""]
-    return parts
+    return parts + _direct_break_even(sk)
+
+
+def _direct_break_even(sk: list[dict]) -> list[str]:
+    """Where the direct kernel pays: one SWAT layer's three ops, direct / dense, per layer, threads and sparsity."""
+    lay = [r for r in sk if r["op"] == "layer" and r["format"] == "direct"]
+    if not lay:
+        return []
+    sps = sorted({r["sparsity"] for r in lay})
+    cell = {(r["layer"], r["batch"], r["threads"], r["sparsity"]): r for r in lay}
+    rows = []
+    for key in dict.fromkeys((r["layer"], r["batch"], r["threads"]) for r in lay):
+        got = {s: cell[(*key, s)]["ratio"] for s in sps if (*key, s) in cell}
+        wins = [s for s in got if all(got[t] < 1 for t in got if t >= s)]  # wins here and at every higher one
+        rows.append([key[0], str(key[1]), str(key[2]), *[f"{got[s]:.2f}" if s in got else "" for s in sps],
+                     f"{min(wins):.0%}" if wins else f"none up to {max(got):.0%}"])
+    return ["### Break-even of the direct kernel (one SWAT layer)", "",
+            "Forward + input gradient + weight gradient of one SWAT conv (weight and X_s at the given sparsity) by "
+            "the direct kernel, over the same three ops on oneDNN; below 1 the sparse layer is faster. Break-even: "
+            "the lowest measured sparsity from which it wins at every higher one. Command: `leanprop bench kernels "
+            "--sparsities ... --threads ...`.", "",
+            _table(["layer", "batch", "threads", *[f"{s:.0%}" for s in sps], "break-even"], rows), ""]
 
 
 def _packing_section(recs: list[dict]) -> list[str]:
@@ -440,7 +463,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
 
 
 HEADLINE_BEGIN, HEADLINE_END = "<!-- report:headline -->", "<!-- /report:headline -->"
-HEADLINE_METHODS = ("swat-u90-packed", "swat-filter70", "blpa4", "swat-u90+blpa4")
+HEADLINE_METHODS = ("swat-u90", "swat-u90-packed", "swat-filter70", "blpa4", "swat-u90+blpa4")
 
 
 def headline(recs: list[dict]) -> str:
