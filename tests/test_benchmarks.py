@@ -414,8 +414,12 @@ def test_report_shows_compiled_over_eager_and_a_gpu_section(tmp_path):
     assert "#### resnet20 on cuda (batch 16" in gpu_part and "| blpa4 | 20.0 |" in gpu_part
     assert "### Execution modes" in gpu_part and "| dense | 5.0e-02 / 5.0e-02 (1.0e-01) |" in gpu_part
     assert "### Memory on the GPU" in gpu_part and "| resnet20 | 64 | blpa4 | 3.0 | 0.270 | 50.0 | H100 |" in gpu_part
-    head = headline([{**r, "method": "swat-u90-packed"} for r in recs if r["bench"] == "matrix"])
+    packed = [{**r, "method": "swat-u90-packed"} for r in recs if r["bench"] == "matrix"]
+    head = headline(packed)
     assert head.count("swat-u90-packed") == 1 and "| resnet20 | 16 | swat-u90-packed |" in head
+    # fp32 at the largest batch measured only: a bf16 or a smaller-batch record adds no row
+    more = [{**packed[0], "dtype": "bf16", "batch": 32}, {**packed[0], "batch": 8, "timestamp": "z"}]
+    assert headline(packed + more) == head
 
 
 @pytest.mark.slow

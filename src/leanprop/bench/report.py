@@ -467,8 +467,14 @@ HEADLINE_METHODS = ("swat-u90", "swat-u90-packed", "swat-filter70", "blpa4", "sw
 
 
 def headline(recs: list[dict]) -> str:
-    """The README's headline table: a few methods per model, from the newest matrix records."""
-    mx = [r for r in _matrix_records(recs) if device_of(r) == "cpu" and not r["compile"]]
+    """The README's headline table: a few methods per model (fp32, eager, its largest batch measured), from the
+    newest matrix records."""
+    mx = [r for r in _matrix_records(recs) if device_of(r) == "cpu" and not r["compile"]
+          and r.get("dtype", "fp32") == "fp32"]
+    largest = {}
+    for r in mx:
+        largest[(_label(r), r["method"])] = max(largest.get((_label(r), r["method"]), 0), r["batch"])
+    mx = [r for r in mx if r["batch"] == largest[(_label(r), r["method"])]]
     rows = []
     for r in mx:
         if r["method"] in HEADLINE_METHODS:
