@@ -342,7 +342,7 @@ void sparse_grad_weight_f32(const float *x, float thr, int64_t N, int64_t Ci, in
     {
         int64_t *off = (int64_t *)malloc((size_t)(nb * HW + 1) * sizeof(int64_t));
         float *val = (float *)malloc((size_t)(nb * HW + 1) * sizeof(float));
-        int64_t start[65]; /* the list of phase k is [start[k], start[k + 1]); s <= 8 */
+        int64_t *start = (int64_t *)malloc((size_t)(S2 + 1) * sizeof(int64_t)); /* phase k: [start[k], start[k+1]) */
         for (int64_t n0 = 0; n0 < N; n0 += nb) {
             int64_t n1 = n0 + nb < N ? n0 + nb : N;
 #pragma omp for schedule(static)
@@ -387,6 +387,7 @@ void sparse_grad_weight_f32(const float *x, float thr, int64_t N, int64_t Ci, in
         }
         free(off);
         free(val);
+        free(start);
     }
 }
 
