@@ -58,9 +58,11 @@ def layer_label(cin: int, cout: int, h: int, k: int, stride: int) -> str:
 
 
 def _sparse_of(t, s: float):
+    """``(t's Top-K at sparsity s, its threshold)``."""
     from leanprop.swat.topk import keep_count, magnitude_threshold, sparsify
 
-    return sparsify(t, magnitude_threshold(t, keep_count(t.numel(), s)))
+    thr = magnitude_threshold(t, keep_count(t.numel(), s))
+    return sparsify(t, thr), float(thr)
 
 
 def measure(cin: int, cout: int, h: int, k: int, stride: int, batch: int, s: float, reps: int,
@@ -75,8 +77,8 @@ def measure(cin: int, cout: int, h: int, k: int, stride: int, batch: int, s: flo
 
     g = torch.Generator().manual_seed(0)
     x = torch.relu(torch.randn(batch, cin, h, h, generator=g))
-    w_s = _sparse_of(torch.randn(cout, cin, k, k, generator=g), s)
-    x_s = _sparse_of(x, s)
+    w_s, _ = _sparse_of(torch.randn(cout, cin, k, k, generator=g), s)
+    x_s, thr = _sparse_of(x, s)
     ho = (h + 2 * (k // 2) - k) // stride + 1
     grad = torch.randn(batch, cout, ho, ho, generator=g)
     pairs = conv_op_pairs(x, w_s, x_s, grad, (stride,) * 2, (k // 2,) * 2, (1, 1), formats)
@@ -85,7 +87,6 @@ def measure(cin: int, cout: int, h: int, k: int, stride: int, batch: int, s: flo
         calls[(op, "dense")] = dense
         calls.update({(op, f): fn for f, fn in sparse.items()})
     if "direct" in pairs["grad_weight"][1]:  # as SWAT's backward runs it: the dense X read with its threshold
-        thr = float(x_s[x_s != 0].abs().min())
         calls[("grad_weight", "direct")] = lambda: conv_grad_weight(x, grad, w_s.shape, (stride,) * 2,
                                                                     (k // 2,) * 2, (1, 1), "direct", thr)
     if "direct" in pairs["forward"][1]:

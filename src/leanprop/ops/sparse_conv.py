@@ -70,8 +70,7 @@ class SparseConvKernels:
 
     def pack(self, x: Tensor, pad_top: int, pad_left: int, hp: int, wp: int) -> Tensor:
         """``(C, hp, wp, L)``: x (N, C, H, W; NCHW or channels-last) at offset (pad_top, pad_left), zeros around."""
-        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-            x = x.contiguous()
+        x = _dense_layout(x)
         n, c, h, w = x.shape
         cl = int(memory_format_of(x) is torch.channels_last)
         out = torch.empty((c, hp, wp, lanes(n)), dtype=torch.float32)
@@ -124,6 +123,13 @@ class SparseConvKernels:
                                     nrows, t[0], t[1], u[0], u[1], out.data_ptr(), out[0].numel(), out.shape[2], so,
                                     r0, c0, per_block * hp * wp * lane, nblk, blkptr.data_ptr(),
                                     torch.get_num_threads())
+
+
+def _dense_layout(t: Tensor) -> Tensor:
+    """``t`` if it is NCHW- or channels-last-contiguous (the layouts the kernels read), else an NCHW copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
 
 
 def load_sparse_conv(required: bool = False) -> SparseConvKernels | None:
@@ -229,8 +235,7 @@ def conv_grad_weight(x: Tensor, g: Tensor, w_shape, stride, padding, dilation=(1
                      kernels: SparseConvKernels | None = None) -> Tensor:
     """``dW = conv2d_weight(X_s, G)`` with ``X_s = x`` where ``|x| >= threshold`` (else 0; threshold 0: the
     non-zeros of x), the dense weight gradient of :func:`conv_forward`, by the kept entries of x."""
-    _require(g, g.new_empty((1, 1, 1, 1)), stride, padding, dilation)
-    _require(x, x.new_empty((1, 1, 1, 1)), stride, padding, dilation)
+    _require(x, g, stride, padding, dilation)
     kern = kernels or load_sparse_conv(required=True)
     n, ci, h, w = x.shape
     co, kh, kw = int(w_shape[0]), int(w_shape[2]), int(w_shape[3])
@@ -241,8 +246,7 @@ def conv_grad_weight(x: Tensor, g: Tensor, w_shape, stride, padding, dilation=(1
     gh = top + max(ho, (h - 1 + padding[0]) // s + 1)
     gw = left + max(wo, (w - 1 + padding[1]) // s + 1)
     cp, nt = (co + 15) // 16 * 16, torch.get_num_threads()  # G's channels: whole 16-float vectors
-    if not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
-        g = g.contiguous()
+    g = _dense_layout(g)
     gp = torch.empty((n, gh, gw, cp), dtype=torch.float32)
     kern.lib.nhwc_pad_f32(g.data_ptr(), n, co, ho, wo, int(memory_format_of(g) is torch.channels_last), top, left,
                           gh, gw, cp, gp.data_ptr(), nt)

@@ -100,13 +100,17 @@ def _drops_nothing(thr: Threshold) -> bool:
     return not thr > 0.0
 
 
-def _saved(ctx, restore_x: bool = True) -> tuple[Tensor | None, Tensor]:
-    """``(X_s or None, W_s)`` as the forward computed them, restored from what it kept (X_s: None unless
-    ``restore_x``)."""
+def _saved(ctx, direct_dw: bool = False) -> tuple[Tensor | None, Tensor, tuple[Tensor, float] | None]:
+    """``(X_s or None, W_s, None)`` as the forward computed them, restored from what it kept (``ctx.saved_tensors``
+    is read once: a saved-tensor hook decodes each access). ``direct_dw``: where the forward kept the dense X and
+    its threshold, ``(None, W_s, (X, threshold))`` instead -- the direct dW kernel reads X_s = X where
+    ``|X| >= threshold`` as it goes, so X_s is never written out (packed X_s is restored as usual)."""
     xa, xb, weight, w_bits = ctx.saved_tensors
     ws = weight.detach().to(ctx.w_dtype) if w_bits is None else restore_sparse_weight(weight, w_bits, ctx.w_meta,
                                                                                        ctx.w_dtype)
-    return (_x_s(ctx, xa, xb) if restore_x else None), ws
+    if direct_dw and ctx.x_meta is None and xa is not None:
+        return None, ws, (xa, 0.0 if xb is None else float(xb))
+    return _x_s(ctx, xa, xb), ws, None
 
 
 class _SWATConv2d(torch.autograd.Function):
@@ -131,9 +135,7 @@ class _SWATConv2d(torch.autograd.Function):
         if not any(mask):
             return (None,) * 11
         sparse_dx, sparse_dw = mask[0] and bool(ctx.sparse_ops[1]), mask[1] and bool(ctx.sparse_ops[2])
-        # the direct dW kernel reads the kept X with its threshold as it goes: X_s is never written out
-        x_thr = _direct_x_and_threshold(ctx) if sparse_dw and ctx.sparse_ops[2] == "direct" else None
-        x_s, ws = _saved(ctx, restore_x=x_thr is None)
+        x_s, ws, x_thr = _saved(ctx, direct_dw=sparse_dw and ctx.sparse_ops[2] == "direct")
         g = _to(grad_out, ws.dtype)
         inp = x_s if x_s is not None else ws.new_empty(()).expand(ctx.x_shape)  # only its shape is read for dX
         dense_mask = [mask[0] and not sparse_dx, mask[1] and not sparse_dw, mask[2]]
@@ -152,15 +154,6 @@ class _SWATConv2d(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def _direct_x_and_threshold(ctx) -> tuple[Tensor, float] | None:
-    """``(X, threshold)`` where the forward kept the dense X and its threshold (read as X_s = X where
-    ``|X| >= threshold`` by the direct dW kernel), else None (packed X_s is restored first)."""
-    if ctx.x_meta is not None:
-        return None
-    xa, xb = ctx.saved_tensors[:2]
-    return xa, 0.0 if xb is None else float(xb)
-
-
 class _SWATLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_sparse, bias, x_threshold, compress, sparse_ops):
@@ -172,7 +165,7 @@ class _SWATLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x_s, ws = _saved(ctx)
+        x_s, ws, _ = _saved(ctx)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = b_dtype is not None and ctx.needs_input_grad[3]

@@ -337,7 +337,6 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
             # op or layer starves another; building the tensors (about one dense forward) is counted in the total
             # and in the first op's cost, not against one op's trials
             setup_ms = setup_ms if timer is None else 0.0
-            budget.spent_ms += setup_ms
             timings = []
             for op, (dense, sparse) in _op_pairs(layer, xc, w_s, x_s, g, formats).items():
                 mine = Budget(steps=budget.steps)
@@ -345,9 +344,9 @@ def calibrate(layers: dict[str, torch.nn.Module], inputs: dict[str, Tensor], *, 
                            if _over_workspace(layer, xc, w_s, y, f, op)}
                 timings.append(_time_op(name, op, dense, {f: fn for f, fn in sparse.items() if f not in too_big},
                                         reps, margin, timer, budget=mine, layers=shared[key], skipped=too_big))
-                timings[-1].cost_ms += setup_ms
-                setup_ms = 0.0
                 budget.spent_ms += mine.spent_ms  # (what one op leaves unspent is not carried over)
+            timings[0].cost_ms += setup_ms
+            budget.spent_ms += setup_ms
             done[key] = (name, timings)
         layer.sparse_ops = tuple(t.choice for t in timings)
         out += timings
