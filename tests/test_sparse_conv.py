@@ -179,3 +179,26 @@ def test_workspace_rule_skips_im2col_of_3x3_convs_and_padded_lanes():
     assert sparse > 2 * dense  # a batch of 2 fills 2 of 8 lanes
     sparse, dense = sk.workspace_bytes(conv, x[:2], conv.weight, y[:2], "direct", "grad_weight")
     assert sparse <= 2 * dense  # the dW kernel has no lanes: G channels-last, W
+
+
+def test_swat_blpa_direct_kernels_read_x_in_the_form_the_storage_policy_keeps(one_thread_module):
+    """Under SWAT + BLPA the policy keeps a SWAT conv's X as codes; the direct dW reads what they decode to, with the
+    forward's threshold, as the dense kernels do (equal up to summation order)."""
+    from leanprop.blpa.config import BLPAConfig
+
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    grads, used = [], 0
+    for direct in (False, True):
+        torch.manual_seed(0)
+        model = models.create("resnet8", num_classes=10)
+        ctl = convert_(model, [SWATConfig(sparsity=0.9, topk_period=1, sparse_kernels="never"), BLPAConfig(bits=4)])
+        if direct:
+            for layer in ctl.swat.layers.values():
+                if isinstance(layer, torch.nn.Conv2d) and sk.eligible(layer) is None:
+                    layer.sparse_ops = ("direct", "direct", "direct")
+                    used += 1
+        F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert used
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
