@@ -289,6 +289,44 @@ def test_accuracy_runner_archives_finished_runs_and_trains_in_parallel(tmp_path,
         swat_accuracy.main([*args, "--jobs", "0"])
 
 
+def test_accuracy_runner_trains_further_seeds_and_reports_their_gaps(tmp_path, monkeypatch):
+    """--seeds 0 1 trains each variant again as acc-<model>-<variant>-seed1 with seed=1 in its command; the table
+    stays the seed-0 table and a column gives seed 1's accuracy, its gap to the seed-1 baseline and the mean gap."""
+    from leanprop.bench import accuracy as _accuracy_matrix
+    from leanprop.bench import accuracy_blpa
+
+    out, archive, md = tmp_path / "runs", tmp_path / "archive", tmp_path / "blpa.md"
+    acc = {("dense", "0"): 87.0, ("blpa4", "0"): 86.5, ("dense", "1"): 86.8, ("blpa4", "1"): 86.9}
+    started = []
+
+    def fake_run(cmd, check):
+        started.append(cmd)
+        sets = dict(cmd[i + 1].split("=", 1) for i, c in enumerate(cmd) if c == "--set")
+        run = out / sets["run_name"]
+        run.mkdir(parents=True)
+        variant = "dense" if sets.get("method.name", "dense") == "dense" else "blpa4"
+        (run / "metrics.csv").write_text(f"epoch,step,test_top1\n2,20,{acc[(variant, sets['seed'])]}\n")
+
+    monkeypatch.setattr(_accuracy_matrix.subprocess, "run", fake_run)
+    args = ["--out-dir", str(out), "--epochs", "2", "--report", str(md), "--archive", str(archive),
+            "--only", "dense", "blpa4"]
+    assert accuracy_blpa.main([*args, "--seeds", "0", "1"]) == 0
+    names = [next(c for c in cmd if c.startswith("run_name=")) for cmd in started]
+    assert names == ["run_name=acc-resnet20-dense", "run_name=acc-resnet20-blpa4",
+                     "run_name=acc-resnet20-dense-seed1", "run_name=acc-resnet20-blpa4-seed1"]
+    assert "seed=1" in started[2] and "seed=0" not in started[2] and "seed=0" in started[0]
+    text = md.read_text()
+    assert "other seeds (gap to dense of the same seed)" in text
+    assert "| blpa4 | 2/2 | 86.50 % | -0.50 |" in text
+    assert "seed 1: 86.90 % (+0.10); mean gap -0.20 over 2 seeds |" in text
+    assert "- blpa4, seed 1: `leanprop train" in text
+    assert (archive / "acc-resnet20-blpa4-seed1" / "metrics.csv").exists()
+    started.clear()  # everything finished: nothing trains again
+    assert accuracy_blpa.main([*args, "--seeds", "0", "1"]) == 0 and started == []
+    with pytest.raises(SystemExit):
+        accuracy_blpa.main([*args, "--seeds", "-1"])
+
+
 def test_archived_run_files_carry_no_machine_paths(tmp_path):
     """The archive is committed: the runs folder, the repository and the home folder are written as OUT_DIR, .
     and ~ (and the CSV's line ends are kept)."""

@@ -9,6 +9,9 @@ of every row below it. A finished run's small result files (metrics, resolved co
 summaries; never checkpoints) are copied to ``benchmarks/results/accuracy/<run>/``, which is committed: the
 report falls back to that archive for runs absent from ``OUT_DIR``, so a committed table can be regenerated
 (``--report-only``) on any machine, and a matrix trained over several sessions keeps its finished rows.
+``--seeds 0 1`` trains the variants again with other seeds (``acc-<model>-<variant>-seed<N>``, seed 0 keeps the
+plain name): the table stays the seed-0 table, and a column gives each further seed's accuracy and its gap to the
+baseline of the same seed, so a gap that exceeds its bound can be checked against seed noise.
 The suites (:mod:`.accuracy_swat`, :mod:`.accuracy_blpa`, :mod:`.accuracy_swat_blpa`) describe their variants,
 the recipe text and their method-specific columns. Paths are relative to the working directory (run from the
 repository root: the commands name ``configs/...``).
@@ -51,6 +54,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="default: the suite's (swat: resnet8; blpa, swat_blpa: resnet20)")
     p.add_argument("--epochs", type=int, help="default: the suite's (30)")
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants of the suite")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                   help="train every chosen variant with each of these seeds (default: 0; seed N > 0 runs are "
+                        "named acc-<model>-<variant>-seed<N>)")
     p.add_argument("--data-dir")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--report", help="default: docs/results/<suite>.md (another model than the suite's: "
@@ -97,27 +103,38 @@ class Matrix:
     def baseline(self) -> str:
         return next(iter(self.variants))
 
-    def run_name(self, model: str, name: str) -> str:
-        return f"acc-{model}-{name}"
+    def run_name(self, model: str, name: str, seed: int = 0) -> str:
+        return f"acc-{model}-{name}" + (f"-seed{seed}" if seed else "")
 
-    def run_dir(self, out_dir: Path, model: str, name: str) -> Path:
-        return out_dir / self.run_name(model, name)
+    def run_dir(self, out_dir: Path, model: str, name: str, seed: int = 0) -> Path:
+        return out_dir / self.run_name(model, name, seed)
 
-    def result_dir(self, out_dir: Path, model: str, name: str) -> Path:
+    def result_dir(self, out_dir: Path, model: str, name: str, seed: int = 0) -> Path:
         """Where the report reads a run from: ``OUT_DIR`` when it holds the run, else the committed archive."""
-        d = self.run_dir(out_dir, model, name)
+        d = self.run_dir(out_dir, model, name, seed)
         if (d / "metrics.csv").exists():
             return d
-        kept = self.archive / self.run_name(model, name)
+        kept = self.archive / self.run_name(model, name, seed)
         return kept if (kept / "metrics.csv").exists() else d
 
-    def archive_run(self, out_dir: Path, model: str, name: str, epochs: int) -> Path | None:
+    def seeds_run(self, out_dir: Path, model: str) -> list[int]:
+        """The seeds > 0 of which some variant has a run in ``OUT_DIR`` or the archive (ascending)."""
+        found = set()
+        for where in (out_dir, self.archive):
+            for name in self.variants:
+                for d in where.glob(f"{self.run_name(model, name)}-seed*"):
+                    tail = d.name[len(self.run_name(model, name)) + len("-seed"):]
+                    if tail.isdigit() and (d / "metrics.csv").exists():
+                        found.add(int(tail))
+        return sorted(found)
+
+    def archive_run(self, out_dir: Path, model: str, name: str, epochs: int, seed: int = 0) -> Path | None:
         """Copy a finished run's small result files into the archive (atomically per file)."""
-        d = self.run_dir(out_dir, model, name)
+        d = self.run_dir(out_dir, model, name, seed)
         rows = read_rows(d)
         if not rows or int(rows[-1]["epoch"]) < epochs:
             return None
-        dest = self.archive / self.run_name(model, name)
+        dest = self.archive / self.run_name(model, name, seed)
         dest.mkdir(parents=True, exist_ok=True)
         for f in ARCHIVED_FILES:
             if (d / f).exists():
@@ -131,15 +148,52 @@ class Matrix:
         r = self.default_report
         return r if model == self.default_model else r.with_name(f"{r.stem}_{model}{r.suffix}")
 
-    def command(self, name: str, model: str, epochs: int) -> list[str]:
+    def command(self, name: str, model: str, epochs: int, seed: int = 0) -> list[str]:
+        """The row's ``leanprop train`` command; another seed replaces the recipe's ``seed=`` override."""
         config, own = self.variants[name]
-        sets = [*self.common(model, epochs), *own, f"run_name={self.run_name(model, name)}"]
+        common = [f"seed={seed}" if s.startswith("seed=") else s for s in self.common(model, epochs)]
+        if seed and f"seed={seed}" not in common:
+            common.append(f"seed={seed}")
+        sets = [*common, *own, f"run_name={self.run_name(model, name, seed)}"]
         return ["leanprop", "train", "--config", config, *[a for s in sets for a in ("--set", s)]]
+
+    def _final(self, out_dir: Path, model: str, name: str, epochs: int, seed: int) -> float | None:
+        """The finished run's final test top-1, None while it is unfinished or absent."""
+        rows = read_rows(self.result_dir(out_dir, model, name, seed))
+        return float(rows[-1]["test_top1"]) if rows and int(rows[-1]["epoch"]) >= epochs else None
+
+    def _other_seeds(self, out_dir: Path, model: str, name: str, epochs: int, seeds: list[int]) -> str:
+        """``seed N: acc (gap to the baseline of seed N)`` for each further seed of the row, and the mean gap over
+        every seed whose pair is finished."""
+        cells, gaps = [], []
+        base0, acc0 = (self._final(out_dir, model, n, epochs, 0) for n in (self.baseline, name))
+        if base0 is not None and acc0 is not None:
+            gaps.append(acc0 - base0)
+        for seed in seeds:
+            rows = read_rows(self.result_dir(out_dir, model, name, seed))
+            if not rows:
+                continue
+            acc, done = float(rows[-1]["test_top1"]), int(rows[-1]["epoch"])
+            if done < epochs:
+                cells.append(f"seed {seed}: {done}/{epochs} epochs")
+                continue
+            base = self._final(out_dir, model, self.baseline, epochs, seed)
+            if base is None:
+                cells.append(f"seed {seed}: {acc:.2f} %")
+            else:
+                gaps.append(acc - base)
+                cells.append(f"seed {seed}: {acc:.2f} % ({acc - base:+.2f})")
+        if len(gaps) > 1:
+            cells.append(f"mean gap {sum(gaps) / len(gaps):+.2f} over {len(gaps)} seeds")
+        return "; ".join(cells)
 
     def report(self, out_dir: Path, model: str, epochs: int, path: Path) -> str:
         from leanprop.utils import atomic_write_text
 
+        seeds = self.seeds_run(out_dir, model)
         headers = ["method", "epochs done", "test top-1", f"gap to {self.baseline}", *(h for h, _ in self.columns)]
+        if seeds:
+            headers.append(f"other seeds (gap to {self.baseline} of the same seed)")
         lines = [f"# {self.title}", "", self.intro(model, epochs), "",
                  "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         base = read_rows(self.result_dir(out_dir, model, self.baseline))
@@ -150,15 +204,21 @@ class Matrix:
             rows = read_rows(d)
             cmd = " ".join(shlex.quote(c) for c in self.command(name, model, epochs))
             cmds.append(f"- {name}: `{cmd}`")
+            for seed in seeds:
+                if read_rows(self.result_dir(out_dir, model, name, seed)):
+                    cmd = " ".join(shlex.quote(c) for c in self.command(name, model, epochs, seed))
+                    cmds.append(f"- {name}, seed {seed}: `{cmd}`")
+            other = [self._other_seeds(out_dir, model, name, epochs, seeds)] if seeds else []
             if not rows:
-                lines.append(f"| {name} | 0/{epochs} | not run yet |" + " |" * (1 + len(self.columns)))
+                lines.append(f"| {name} | 0/{epochs} | not run yet |" + " |" * (1 + len(self.columns))
+                             + "".join(f" {o} |" for o in other))
                 continue
             last = rows[-1]
             acc = float(last["test_top1"])
             done = int(last["epoch"])
             status = f"{done}/{epochs}" + ("" if done >= epochs else " (in progress)")
             gap = f"{acc - base_acc:+.2f}" if (base_acc is not None and done >= epochs) else ""
-            cells = [name, status, f"{acc:.2f} %", gap, *(cell(d, name, last) for _, cell in self.columns)]
+            cells = [name, status, f"{acc:.2f} %", gap, *(cell(d, name, last) for _, cell in self.columns), *other]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Commands (run from the repository root, data via `--data-dir` or `LEANPROP_DATA`):", "",
                   *cmds, ""]
@@ -181,58 +241,61 @@ class Matrix:
         if a.archive:
             self.archive = Path(a.archive)
         if not a.report_only:
+            if any(s < 0 for s in a.seeds):
+                raise SystemExit("--seeds takes non-negative integers")
             todo = []
-            for name in a.only or self.variants:
-                rows = read_rows(self.result_dir(out, model, name))
-                if rows and int(rows[-1]["epoch"]) >= epochs:
-                    continue  # finished here or in the archive
-                todo.append(name)
+            for seed in dict.fromkeys(a.seeds):
+                for name in a.only or self.variants:
+                    if self._final(out, model, name, epochs, seed) is None:  # unfinished here and in the archive
+                        todo.append((name, seed))
             threads = a.threads or (max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None)
-            cmds = {n: self.train_command(n, model, epochs, out, a.data_dir, threads) for n in todo}
+            cmds = {t: self.train_command(*t, model=model, epochs=epochs, out=out, data_dir=a.data_dir,
+                                          threads=threads) for t in todo}
             if a.jobs == 1:
-                for name, cmd in cmds.items():
+                for (name, seed), cmd in cmds.items():
                     print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
                     subprocess.run(cmd, check=True)
-                    self.archive_run(out, model, name, epochs)
+                    self.archive_run(out, model, name, epochs, seed)
                     self.report(out, model, epochs, report)
             else:
                 self._run_parallel(cmds, a.jobs, model, epochs, out, report)
         print(self.report(out, model, epochs, report))
         return 0
 
-    def _run_parallel(self, cmds: dict[str, list[str]], jobs: int, model: str, epochs: int, out: Path,
+    def _run_parallel(self, cmds: dict[tuple[str, int], list[str]], jobs: int, model: str, epochs: int, out: Path,
                       report: Path) -> None:
         """Train up to ``jobs`` variants at once; a failed run stops the matrix after the others end."""
         out.mkdir(parents=True, exist_ok=True)
         pending, running, failed = list(cmds), {}, []
         while pending or running:
             while pending and len(running) < jobs and not failed:
-                name = pending.pop(0)
-                log = open(out / f"{self.run_name(model, name)}.log", "a")
-                print("+", " ".join(shlex.quote(c) for c in cmds[name]), f"> {log.name}", flush=True)
-                running[name] = (subprocess.Popen(cmds[name], stdout=log, stderr=subprocess.STDOUT), log)
+                key = pending.pop(0)
+                log = open(out / f"{self.run_name(model, *key)}.log", "a")
+                print("+", " ".join(shlex.quote(c) for c in cmds[key]), f"> {log.name}", flush=True)
+                running[key] = (subprocess.Popen(cmds[key], stdout=log, stderr=subprocess.STDOUT), log)
             if failed and not running:
                 break
             time.sleep(2)
-            for name, (proc, log) in list(running.items()):
+            for key, (proc, log) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
-                del running[name]
+                del running[key]
+                run = self.run_name(model, *key)
                 if proc.returncode != 0:
-                    failed.append(name)
-                    print(f"! {name} failed (exit {proc.returncode}); see {log.name}", flush=True)
+                    failed.append(run)
+                    print(f"! {run} failed (exit {proc.returncode}); see {log.name}", flush=True)
                     continue
-                self.archive_run(out, model, name, epochs)
+                self.archive_run(out, model, key[0], epochs, key[1])
                 self.report(out, model, epochs, report)
-                print(f"= {name} finished", flush=True)
+                print(f"= {run} finished", flush=True)
         if failed:
             raise SystemExit(f"training failed for {', '.join(failed)}")
 
-    def train_command(self, name: str, model: str, epochs: int, out: Path, data_dir: str | None,
+    def train_command(self, name: str, seed: int = 0, *, model: str, epochs: int, out: Path, data_dir: str | None,
                       threads: int | None = None) -> list[str]:
         """The command the runner executes: the row's command plus where runs and data live (and threads)."""
-        cmd = [*self.command(name, model, epochs), "--out-dir", str(out), "--resume", "auto", "--progress", "off"]
+        cmd = [*self.command(name, model, epochs, seed), "--out-dir", str(out), "--resume", "auto", "--progress", "off"]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         if threads:

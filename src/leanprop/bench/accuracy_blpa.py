@@ -7,6 +7,7 @@ finished so far.
     leanprop bench accuracy --suite blpa --out-dir runs/accuracy      # resnet20: train what is missing, then report
     leanprop bench accuracy --suite blpa --model mobilenet_v2 --only dense blpa4
     leanprop bench accuracy --suite blpa --out-dir runs/accuracy --report-only
+    leanprop bench accuracy --suite blpa --only dense blpa4 blpa2 --seeds 1   # a second seed of these rows
 
 The default model is the post-activation ``resnet20`` (BN -> add -> ReLU blocks, ReLU through one module used
 twice), whose BN -> ReLU -> conv runs BLPA finds from the computation (docs/methods/blpa.md).
