@@ -78,8 +78,16 @@ def test_swat_accuracy_report_from_run_dirs(tmp_path, monkeypatch):
     assert md.read_text() == text
     assert "| swat-u90 | 30/30 | 88.50 % | -1.50 |" in text
     assert "| swat-erk90 | 12/30 (in progress) | 70.00 % |  |" in text
-    assert "| swat-m90 | 0/30 | not run yet |" in text
-    assert "--set swat.distribution=momentum" in text and "--set train.epochs=30" in text
+    assert "| swat-u95 | 0/30 | not run yet |" in text and "--set swat.sparsity=0.95" in text
+    assert "swat-m90" not in text  # not planned on resnet20 (the sparsity sweep) and never run there
+    assert "| swat-m90 | 0/30 | not run yet |" in swat_accuracy.report(out, "resnet8", 30, md)  # planned there
+    d = swat_accuracy.run_dir(out, "resnet20", "swat-m90")  # an unplanned variant shows once it has a run
+    d.mkdir(parents=True)
+    (d / "metrics.csv").write_text(f"{fields}\n3,1173,40.0,0.9,0.6\n")
+    text = swat_accuracy.report(out, "resnet20", 30, md)
+    assert "| swat-m90 | 3/30 (in progress) | 40.00 % |" in text and "--set swat.distribution=momentum" in text
+    assert text.index("| swat-u95 |") < text.index("| swat-erk90 |") < text.index("| swat-m90 |")
+    assert "--set train.epochs=30" in text
 
 
 SWAT_U90_COMMAND = [
@@ -109,8 +117,9 @@ def test_swat_accuracy_commands_and_run_names_are_unchanged(tmp_path, monkeypatc
     monkeypatch.setattr(swat_accuracy.MATRIX, "archive", tmp_path / "archive")  # not the committed rows
     assert swat_accuracy.command("swat-u90", "resnet20", 30) == SWAT_U90_COMMAND
     assert swat_accuracy.run_dir(tmp_path, "resnet20", "swat-m90") == tmp_path / "acc-resnet20-swat-m90"
-    assert list(swat_accuracy.VARIANTS) == ["dense", "swat-u90", "swat-erk90", "swat-m90", "swat-channel70",
-                                            "swat-filter70", "swat-filter70-p10"]  # new variants only appended
+    assert next(iter(swat_accuracy.VARIANTS)) == "dense"  # the baseline; no variant of a finished run removed
+    assert {"swat-u90", "swat-erk90", "swat-m90", "swat-channel70", "swat-filter70",
+            "swat-filter70-p10"} <= set(swat_accuracy.VARIANTS)
     # the runner skips finished runs and resumes the others by name
     done = swat_accuracy.run_dir(tmp_path, "resnet20", "dense")
     done.mkdir(parents=True)

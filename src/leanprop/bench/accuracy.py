@@ -87,6 +87,8 @@ class Matrix:
     common: (model, epochs) -> the overrides every variant shares (placed before the variant's own).
     intro: (model, epochs) -> the paragraph under the title describing the recipe.
     columns: extra columns after "gap to <baseline>", as (header, cell function) pairs.
+    planned: model -> the variants its table lists and a plain run trains (default: every variant); a variant
+        outside it still gets a row once it has a run.
     """
 
     title: str
@@ -94,6 +96,7 @@ class Matrix:
     common: Callable[[str, int], list[str]]
     intro: Callable[[str, int], str]
     columns: list[tuple[str, Column]] = field(default_factory=list)
+    planned: dict[str, list[str]] = field(default_factory=dict)
     default_model: str = "resnet20"
     default_epochs: int = 30
     default_report: Path = Path("docs") / "results" / "accuracy.md"
@@ -102,6 +105,12 @@ class Matrix:
     @property
     def baseline(self) -> str:
         return next(iter(self.variants))
+
+    def listed(self, out_dir: Path, model: str) -> list[str]:
+        """The variants of ``model``'s table, in suite order: the planned ones and any other that has a run."""
+        plan = self.planned.get(model, list(self.variants))
+        return [n for n in self.variants
+                if n in plan or read_rows(self.result_dir(out_dir, model, n))]
 
     def run_name(self, model: str, name: str, seed: int = 0) -> str:
         return f"acc-{model}-{name}" + (f"-seed{seed}" if seed else "")
@@ -199,7 +208,7 @@ class Matrix:
         base = read_rows(self.result_dir(out_dir, model, self.baseline))
         base_acc = float(base[-1]["test_top1"]) if base and int(base[-1]["epoch"]) >= epochs else None
         cmds = []
-        for name in self.variants:
+        for name in self.listed(out_dir, model):
             d = self.result_dir(out_dir, model, name)
             rows = read_rows(d)
             cmd = " ".join(shlex.quote(c) for c in self.command(name, model, epochs))
@@ -245,7 +254,7 @@ class Matrix:
                 raise SystemExit("--seeds takes non-negative integers")
             todo = []
             for seed in dict.fromkeys(a.seeds):
-                for name in a.only or self.variants:
+                for name in a.only or self.planned.get(model, list(self.variants)):
                     if self._final(out, model, name, epochs, seed) is None:  # unfinished here and in the archive
                         todo.append((name, seed))
             threads = a.threads or (max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None)
