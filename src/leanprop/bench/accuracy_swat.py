@@ -65,10 +65,11 @@ PLANNED = {
 
 
 def intro(model: str, epochs: int) -> str:
-    before_fix = (" The runs below were measured before a fix: a layer whose Top-K threshold was 0 (its input held "
-                  "more natural ReLU zeros than its target asked for) counted every entry as kept, so the activation "
-                  "column understates the zeros its X_s held (SWAT-M90's first blocks, channel-70's layer1.0.conv2 "
-                  "and layer3.0.conv2); the FLOP column is from the budgets and unaffected.") if model == "resnet8" else ""
+    before_fix = "" if model != "resnet8" else (
+        " The runs below were measured before a fix: a layer whose Top-K threshold was 0 (its input held more "
+        "natural ReLU zeros than its target asked for) counted every entry as kept, so the activation column "
+        "understates the zeros its X_s held (SWAT-M90's first blocks, channel-70's layer1.0.conv2 and "
+        "layer3.0.conv2); the FLOP column is from the budgets and unaffected.")
     return (recipe(model, epochs) + " Measured sparsity: weights by count, activations the mean over the sparse "
             "layers (per-layer tables: `benchmarks/results/accuracy/<run>/swat_layers.txt`)." + before_fix +
             " Speed at each sparsity: the break-even table of docs/methods/swat.md and the matrix of "
