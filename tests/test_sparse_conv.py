@@ -72,6 +72,74 @@ def test_forward_and_gradients_equal_dense(case, channels_last, density, one_thr
     _close(sc.conv_grad_weight(x_s, g, ws.shape, (s, s), p), dwref)
 
 
+POINTWISE_CASES = [  # (batch, C, Co, H, W, stride): pixel counts with full, partial and several 128-pixel chunks
+    (3, 17, 33, 7, 7, 1),
+    (2, 16, 40, 9, 11, 2),
+    (5, 8, 24, 16, 16, 1),
+    (1, 5, 3, 1, 1, 1),
+    (4, 12, 20, 13, 12, 3),
+    (8, 64, 96, 12, 12, 2),
+]
+
+
+@pytest.mark.parametrize("case", POINTWISE_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("density", [0.1, 0.0, 1.0])
+def test_pointwise_kernel_equals_dense(case, channels_last, density, one_thread_module):
+    """The 1x1 kernel in the NCHW layout: forward (bias included) and input gradient, every stride; a channels-last
+    tensor is copied in and out and keeps its layout."""
+    n, c, co, h, w, s = case
+    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=fmt)
+    ws, b = _sparse_weight(co, c, (1, 1), density, gen), torch.randn(co, generator=gen)
+    ref = F.conv2d(x, ws, b, s)
+    y = sc.pointwise_forward(x, ws, b, (s, s))
+    _close(y, ref)
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.randn(ref.shape, generator=gen).contiguous(memory_format=fmt)
+    dref = torch.ops.aten.convolution_backward(g, x, ws, None, [s, s], [0, 0], [1, 1], False, [0, 0], 1,
+                                               [True, False, False])[0]
+    dx = sc.pointwise_grad_input(g, ws, x.shape, (s, s))
+    _close(dx, dref)
+    assert dx.is_contiguous(memory_format=fmt) and float(dref.abs().max()) > 0 or density == 0.0
+    # through the dispatch SWAT's layers call
+    _close(sk.conv_forward(x, ws, b, (s, s), (0, 0), (1, 1), "pointwise"), ref)
+    _close(sk.conv_grad_input(g, ws, x.shape, (s, s), (0, 0), (1, 1), "pointwise"), dref)
+
+
+def test_pointwise_kernel_is_offered_where_it_applies():
+    """Forward and grad-input of an unpadded 1x1 conv on an NCHW input; never dW, 3x3, padded or channels-last."""
+    x, g = torch.randn(2, 8, 6, 6), torch.randn(2, 4, 6, 6)
+    w = torch.randn(4, 8, 1, 1)
+    pairs = sk.conv_op_pairs(x, w, x, g, (1, 1), (0, 0), (1, 1))
+    assert "pointwise" in pairs["forward"][1] and "pointwise" in pairs["grad_input"][1]
+    assert "pointwise" not in pairs["grad_weight"][1] and "direct" in pairs["grad_weight"][1]
+    assert sc.pointwise_unsupported(x, torch.randn(4, 8, 3, 3), (1, 1), (1, 1), (1, 1)) == "not a 1x1 conv"
+    assert sc.pointwise_unsupported(x, w, (1, 1), (1, 1), (1, 1)) == "a padded 1x1 conv"
+    assert "NCHW" in sc.pointwise_unsupported(x.contiguous(memory_format=torch.channels_last), w, (1, 1), (0, 0),
+                                              (1, 1))
+    pairs = sk.conv_op_pairs(x.contiguous(memory_format=torch.channels_last), w, x, g, (1, 1), (0, 0), (1, 1))
+    assert "pointwise" not in pairs["forward"][1]
+    with pytest.raises(ValueError, match="no weight gradient"):
+        sk.conv_grad_weight(x, g, w.shape, (1, 1), (0, 0), (1, 1), "pointwise")
+    with pytest.raises(ValueError, match="pointwise sparse kernel does not take"):
+        sc.pointwise_forward(x, torch.randn(4, 8, 3, 3), None, (1, 1), (1, 1))
+
+
+def test_swat_conv_on_the_pointwise_kernel_equals_the_dense_kernels(one_thread_module):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 16, 9, 9, generator=gen, requires_grad=True)
+    w = torch.randn(24, 16, 1, 1, generator=gen, requires_grad=True)
+    ws = (w * (w.abs() > 1.2)).detach()
+    outs = []
+    for ops in (sk.NO_SPARSE, ("pointwise", "pointwise", "direct")):
+        y = swat_conv2d(x, w, ws, None, 0.5, 2, 0, sparse_ops=ops)
+        outs.append((y.detach(), *torch.autograd.grad((y * y).sum(), (x, w))))
+    for a, r in zip(outs[1], outs[0], strict=True):
+        _close(a, r)
+
+
 def test_two_threads_give_the_one_thread_result_up_to_order():
     gen = torch.Generator().manual_seed(1)
     x, ws = torch.randn(32, 16, 8, 8, generator=gen), _sparse_weight(32, 16, (3, 3), 0.1, gen)

@@ -20,7 +20,7 @@ def _topk(t: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
     return sparsify(t, thr), thr
 
 
-CSR_FORMATS = [f for f in sk.FORMATS if f != "direct"]  # the direct kernel (fp32 convs): tests/test_sparse_conv.py
+CSR_FORMATS = [f for f in sk.FORMATS if f not in sk.COMPILED]  # compiled kernels: tests/test_sparse_conv.py
 CONV = [dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1)), dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1)),
         dict(stride=(1, 2), padding=(2, 0), dilation=(2, 1)), dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1))]
 

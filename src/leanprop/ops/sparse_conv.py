@@ -15,6 +15,11 @@ non-zero weight multiplies contiguous vectors (Nikdan et al., "SparseProp", ICML
 
 Inputs are blocked by channels so that the part of X one block reads stays in the L2 cache. Results equal the
 dense convolution up to summation order. fp32 only; groups 1, dilation 1, equal strides (:func:`unsupported`).
+
+The pointwise kernel (:func:`pointwise_forward`, :func:`pointwise_grad_input`) is the other layout: a 1×1
+convolution of an NCHW tensor is, per image, ``Y = W_s · X`` with X a (C, H·W) matrix, so every non-zero weight
+multiplies a contiguous row of pixels in the tensor's own layout, with no transposition in or out. It pays where
+the batch-innermost layout does not: small batches (ResNet-50's 1×1 convs at batch 8).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from leanprop.ops.kernels import build_library
 from leanprop.ops.packing import memory_format_of
 
 __all__ = ["SparseConvKernels", "load_sparse_conv", "unsupported", "conv_forward", "conv_grad_input",
-           "conv_grad_weight", "lanes"]
+           "conv_grad_weight", "lanes", "pointwise_unsupported", "pointwise_forward", "pointwise_grad_input"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -64,6 +69,7 @@ class SparseConvKernels:
                                                i64, i64, i64, i64, i64, i64, p, i32]
         lib.nhwc_pad_f32.argtypes = [p, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64, p, i32]
         lib.transpose_rows_f32.argtypes = [p, i64, i64, i64, p, i32]
+        lib.pointwise_nchw_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p, i64, i32]
 
     def __deepcopy__(self, memo: dict) -> SparseConvKernels:
         return self
@@ -109,6 +115,19 @@ class SparseConvKernels:
         nt = torch.get_num_threads()
         return self._csr(lambda count, rp, off, val: self.lib.csr_grad_input_f32(
             w.data_ptr(), co, ci, kh, kw, s, r, rw, jt, jl, gh, gw, lane, count, rp, off, val, nt), ci)
+
+    def pointwise(self, inp: Tensor, csr: tuple[Tensor, Tensor, Tensor], bias: Tensor | None) -> Tensor:
+        """``out[n, m] = bias[m] + Σ_e val[e]·inp[n, off[e] / P]`` for an NCHW-contiguous ``inp`` (N, K, H, W) and a
+        CSR whose offsets are channel·P (P = H·W): (N, rows, H, W), NCHW."""
+        rowptr, off, val = csr
+        n, k, h, w = inp.shape
+        rows, plane = rowptr.numel() - 1, h * w
+        out = torch.empty((n, rows, h, w), dtype=torch.float32)
+        b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.lib.pointwise_nchw_f32(inp.data_ptr(), n, k * plane, plane, rowptr.data_ptr(), off.data_ptr(),
+                                    val.data_ptr(), rows, None if b is None else b.data_ptr(), out.data_ptr(),
+                                    rows * plane, torch.get_num_threads())
+        return out
 
     def corr(self, inp: Tensor, si: int, csr: tuple[Tensor, Tensor, Tensor], t: tuple[int, int],
              u: tuple[int, int], out: Tensor, so: int, r0: int, c0: int, channel_bytes: int) -> None:
@@ -258,3 +277,54 @@ def conv_grad_weight(x: Tensor, g: Tensor, w_shape, stride, padding, dilation=(1
     dw = torch.empty((co, ci, kh, kw), dtype=torch.float32)
     kern.lib.transpose_rows_f32(dwt.data_ptr(), ci * kh * kw, cp, co, dw.data_ptr(), nt)
     return dw
+
+
+def pointwise_unsupported(x: Tensor, w: Tensor, stride, padding, dilation, groups: int = 1,
+                          layout: bool = True) -> str | None:
+    """None when the pointwise kernel takes this convolution (one the direct kernels take, 1×1, unpadded; with
+    ``layout``, an NCHW input: the kernels take any layout, but another one pays a copy in and out), else why not."""
+    why = unsupported(x, w, stride, padding, dilation, groups)
+    if why is None and tuple(w.shape[2:]) != (1, 1):
+        why = "not a 1x1 conv"
+    if why is None and tuple(padding) != (0, 0):
+        why = "a padded 1x1 conv"
+    if why is None and layout and not x.is_contiguous():
+        why = "not NCHW (a channels-last input takes the batch-innermost kernel)"
+    return why
+
+
+def _require_pointwise(t: Tensor, w: Tensor, stride, padding, dilation) -> None:
+    why = pointwise_unsupported(t, w, stride, padding, dilation, layout=False)
+    if why is not None:
+        raise ValueError(f"the pointwise sparse kernel does not take this convolution ({why}); use 'direct' or "
+                         "dense")
+
+
+def pointwise_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding=(0, 0), dilation=(1, 1),
+                      kernels: SparseConvKernels | None = None) -> Tensor:
+    """``conv2d(x, w_s, bias, stride)`` of a 1×1 ``w_s`` by the pointwise kernel (a stride s reads every s-th pixel,
+    copied out first), in x's memory format (another one than NCHW is copied in and out)."""
+    _require_pointwise(x, w_s, stride, padding, dilation)
+    kern = kernels or load_sparse_conv(required=True)
+    s, fmt = int(stride[0]), memory_format_of(x)
+    xs = (x[:, :, ::s, ::s] if s > 1 else x).contiguous()
+    csr = kern.csr_forward(w_s.detach().contiguous(), xs.shape[2] * xs.shape[3], 1, 1)  # offsets ci·P
+    return kern.pointwise(xs, csr, bias).contiguous(memory_format=fmt)
+
+
+def pointwise_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding=(0, 0), dilation=(1, 1),
+                         kernels: SparseConvKernels | None = None) -> Tensor:
+    """``dX = conv_transpose(g, w_s)`` of :func:`pointwise_forward`: ``W_sᵀ · G`` per image (the CSR of the
+    transposed weight), scattered to every s-th pixel of a zero ``dX`` when the stride s > 1."""
+    _require_pointwise(g, w_s, stride, padding, dilation)
+    kern = kernels or load_sparse_conv(required=True)
+    co, ci = int(w_s.shape[0]), int(w_s.shape[1])
+    fmt, g = memory_format_of(g), g.contiguous()
+    wt = w_s.detach().reshape(co, ci).t().contiguous().view(ci, co, 1, 1)
+    dxs = kern.pointwise(g, kern.csr_forward(wt, g.shape[2] * g.shape[3], 1, 1), None)  # offsets co·P
+    s = int(stride[0])
+    if tuple(dxs.shape) == tuple(x_shape):
+        return dxs.contiguous(memory_format=fmt)
+    dx = torch.empty(tuple(x_shape), dtype=torch.float32, memory_format=fmt).zero_()
+    dx[:, :, ::s, ::s] = dxs
+    return dx

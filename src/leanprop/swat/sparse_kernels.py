@@ -7,8 +7,10 @@ A SWAT layer's training step has three products (docs/methods/swat.md, 'Technica
 * grad-weight ``dW = conv_w(X_s, G)``  -- sparse paths: ``(S(im2col(X_s)) @ Gᵀ)ᵀ``, or "direct" (driven by the
   kept entries of X_s, dense output);
 
-with ``S`` the CSR or the COO form (``torch.sparse.mm``), and "direct" the compiled direct convolution of
-:mod:`leanprop.ops.sparse_conv` (fp32 CPU convs: the weight in CSR, the batch innermost, no im2col). Linear layers:
+with ``S`` the CSR or the COO form (``torch.sparse.mm``), "direct" the compiled direct convolution of
+:mod:`leanprop.ops.sparse_conv` (fp32 CPU convs: the weight in CSR, the batch innermost, no im2col) and "pointwise"
+its other layout for 1×1 convs of NCHW tensors (the pixels innermost, no layout change; forward and grad-input).
+Linear layers:
 CSR/COO without im2col. The sparse paths give the dense kernels' results up to summation order, and pay what a real
 sparse path pays every step: the dense -> sparse conversion (weights change every step, activations every batch),
 im2col/col2im or the layout change.
@@ -18,7 +20,7 @@ Whether they are faster depends on the machine, the shapes and the sparsity, so 
 device, and a layer uses the sparse kernel for an op only where it measured faster by a margin
 (``SWATConfig.sparse_kernels="auto"``, run by :meth:`SWATController.calibrate_kernels`). The per-op choice
 is the layer's ``sparse_ops`` attribute: a ``(forward, grad_input, grad_weight)`` tuple whose entries are None
-(dense) or a format, "csr", "coo" or "direct" (True means "csr").
+(dense) or a format, "csr", "coo", "direct" or "pointwise" (True means "csr").
 
 The calibration is bounded: its trials spend at most 2 times the dense time of every SWAT layer's three ops
 (:class:`Budget`), so that with the capturing forward it stays under 3 dense training steps; a trial whose
@@ -47,11 +49,14 @@ from leanprop.timing import time_calls
 
 __all__ = ["OPS", "FORMATS", "NO_SPARSE", "format_of", "KernelTiming", "conv_forward", "conv_grad_input",
            "conv_grad_weight", "linear_forward", "linear_grad_input", "linear_grad_weight", "conv_op_pairs",
-           "linear_op_pairs", "eligible", "calibrate", "format_table", "Budget", "workspace_bytes", "DIRECT_OPS"]
+           "linear_op_pairs", "eligible", "calibrate", "format_table", "Budget", "workspace_bytes", "DIRECT_OPS",
+           "POINTWISE_OPS", "COMPILED"]
 
 OPS = ("forward", "grad_input", "grad_weight")
-FORMATS = ("direct", "csr", "coo")  # the order trials run in: the likeliest winner first
+FORMATS = ("pointwise", "direct", "csr", "coo")  # the order trials run in: the likeliest winner first
 DIRECT_OPS = OPS  # the ops the direct kernel has (convs only)
+POINTWISE_OPS = ("forward", "grad_input")  # the pointwise kernel's (1×1 convs; dW: the direct kernel)
+COMPILED = ("pointwise", "direct")  # the compiled kernels (sparse_conv), as against torch.sparse's CSR/COO
 NO_SPARSE = (None, None, None)
 SparseOps = tuple  # (forward, grad_input, grad_weight): each None, "csr", "coo" (or a bool: True is "csr")
 
@@ -85,6 +90,8 @@ def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, d
     ``x``'s memory format."""
     if fmt == "direct":
         return sparse_conv.conv_forward(x, w_s, bias, stride, padding, dilation)
+    if fmt == "pointwise":
+        return sparse_conv.pointwise_forward(x, w_s, bias, stride, padding, dilation)
     n, cout, k = x.shape[0], w_s.shape[0], tuple(w_s.shape[2:])
     cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # (N, C·kh·kw, L)
     ho, wo = _out_hw(x.shape[2:], k, stride, padding, dilation)
@@ -99,6 +106,8 @@ def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation, 
     """``dX = conv_transpose(G, W_s)`` as ``col2im(S(W_sᵀ) @ G)`` or by the direct kernel (``fmt="direct"``)."""
     if fmt == "direct":
         return sparse_conv.conv_grad_input(g, w_s, x_shape, stride, padding, dilation)
+    if fmt == "pointwise":
+        return sparse_conv.pointwise_grad_input(g, w_s, x_shape, stride, padding, dilation)
     n, cout, k = g.shape[0], w_s.shape[0], tuple(w_s.shape[2:])
     gm = g.transpose(0, 1).reshape(cout, -1)  # (Cout, N·L)
     cols = torch.sparse.mm(_sparse(w_s.reshape(cout, -1).t(), fmt), gm)  # (C·kh·kw, N·L)
@@ -113,6 +122,9 @@ def conv_grad_weight(x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation,
     the other formats take X_s itself)."""
     if fmt == "direct":
         return sparse_conv.conv_grad_weight(x_s, g, w_shape, stride, padding, dilation, threshold)
+    if fmt == "pointwise":
+        raise ValueError("the pointwise kernel has no weight gradient; use 'direct' (it takes 1x1 convs), 'csr', "
+                         "'coo' or dense (None)")
     cout, k = g.shape[1], tuple(w_shape[2:])
     cols = F.unfold(x_s, k, dilation=dilation, padding=padding, stride=stride)
     cm = _sparse(cols.transpose(0, 1).reshape(cols.shape[1], -1), fmt)  # (C·kh·kw, N·L)
@@ -142,7 +154,7 @@ def linear_grad_weight(x_s: Tensor, g: Tensor, w_shape, fmt: str = "csr") -> Ten
 
 
 def _no_direct(fmt: str, what: str) -> None:
-    if fmt == "direct":
+    if fmt in COMPILED:
         raise ValueError(f"the direct sparse kernel has no path for {what} yet; use 'csr', 'coo' or dense (None)")
 
 
@@ -203,14 +215,18 @@ def conv_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, stride, paddin
                   formats=FORMATS) -> OpPairs:
     """``{op: (dense fn, {format: sparse fn})}`` of a groups-1 conv on these tensors (x, x_s already padded by
     the layer's padding mode); the dense fns are the kernels SWAT's backward calls (oneDNN/cuDNN via ATen). The
-    direct kernel is offered for all three ops where it takes the conv and its library builds."""
+    direct kernel is offered for all three ops where it takes the conv and its library builds, the pointwise one for
+    the forward and the grad-input of a 1×1 conv on an NCHW input."""
     conf = (_pair(stride), _pair(padding), _pair(dilation))
     cb = torch.ops.aten.convolution_backward
-    direct = "direct" in formats and sparse_conv.unsupported(x, w_s, stride, padding, dilation) is None \
-        and sparse_conv.load_sparse_conv() is not None
+    built = any(f in COMPILED for f in formats) and sparse_conv.load_sparse_conv() is not None
+    direct = built and "direct" in formats and sparse_conv.unsupported(x, w_s, stride, padding, dilation) is None
+    pointwise = built and "pointwise" in formats and \
+        sparse_conv.pointwise_unsupported(x, w_s, stride, padding, dilation) is None
 
     def offered(op):
-        return [f for f in formats if f != "direct" or (direct and op in DIRECT_OPS)]
+        return [f for f in formats if f not in COMPILED or (direct and f == "direct" and op in DIRECT_OPS)
+                or (pointwise and f == "pointwise" and op in POINTWISE_OPS)]
 
     def dense_dx():
         return cb(g, x, w_s, None, *map(list, conf), False, [0, 0], 1, [True, False, False])[0]
@@ -229,7 +245,7 @@ def conv_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, stride, paddin
 def linear_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, formats=FORMATS) -> OpPairs:
     """As :func:`conv_op_pairs` for a linear layer (CSR/COO only)."""
     g2, xs2 = g.reshape(-1, w_s.shape[0]), x_s.reshape(-1, w_s.shape[1])
-    formats = [f for f in formats if f != "direct"]
+    formats = [f for f in formats if f not in COMPILED]
     return {"forward": (lambda: F.linear(x, w_s), {f: functools.partial(linear_forward, x, w_s, None, f)
                                                    for f in formats}),
             "grad_input": (lambda: g2.mm(w_s), {f: functools.partial(linear_grad_input, g, w_s, x.shape, f)
@@ -250,12 +266,16 @@ def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str, op: str 
     """``(sparse path's workspace, dense op's operands)`` in bytes, estimated from the shapes: the dense op reads
     and writes X, W and Y; CSR/COO on a conv build im2col (C·k² rows per output pixel); the direct kernel's forward
     and input gradient hold X and Y once more in its layout (batch padded to 8 lanes), its weight gradient G
-    channels-last (padded by the kernel's reach) and W; on a linear layer the sparse copy is at most the operand."""
+    channels-last (padded by the kernel's reach) and W; the pointwise kernel its output, the strided pixels of its
+    input and the weight's CSR; on a linear layer the sparse copy is at most the operand."""
     el = x.element_size()
     dense = (x.numel() + w_s.numel() + y.numel()) * el
     if not isinstance(layer, torch.nn.Conv2d):
         return dense, dense
     n = x.shape[0]
+    if fmt == "pointwise":
+        s = layer.stride[0]
+        return (x.numel() // (s * s) * (s > 1) + y.numel() + 3 * w_s.numel()) * 4, dense
     if fmt == "direct" and op == "grad_weight":
         k, s = w_s.shape[2:], layer.stride[0]
         return (n * (y.shape[2] + k[0] // s + 1) * (y.shape[3] + k[1] // s + 1) * sparse_conv.lanes(y.shape[1])
@@ -369,7 +389,7 @@ def _trial_tensors(layer, x: Tensor, dt: torch.dtype) -> tuple[Tensor, ...]:
 
 def _warm_up(fmt: str, like: Tensor) -> None:
     """One tiny sparse product in ``fmt``, so that a kernel's first timed run carries no one-time library set-up."""
-    if fmt == "direct":
+    if fmt in COMPILED:
         sparse_conv.load_sparse_conv()
         return
     try:
@@ -403,9 +423,9 @@ def _time_op(name: str, op: str, dense: Callable, sparse: dict[str, Callable], r
     for fmt, fn in sparse.items():
         if real and best is not None and best[0] < 0.8 * dense_ms:
             break  # a clear winner already
-        # a direct trial costs about a dense run; CSR/COO often several (im2col, conversion): those run only
+        # a compiled kernel's trial costs about a dense run; CSR/COO often several (im2col, conversion): those run only
         # where the budget holds two dense runs more, i.e. on shapes several layers share
-        if budget.left_ms < (1.0 if fmt == "direct" else 2.0) * dense_ms:
+        if budget.left_ms < (1.0 if fmt in COMPILED else 2.0) * dense_ms:
             notes.append(f"{fmt}: calibration budget spent")
             continue
         _warm_up(fmt, ref)

@@ -290,6 +290,90 @@ void sparse_corr_nb_f32(const float *in, int64_t Wp, int64_t L, int64_t si, cons
     }
 }
 
+/* ---- pointwise (1x1, stride 1) convolution in NCHW: the pixels innermost --------------------------------------
+ *
+ *     y[n, m, p] = bias[m] + sum_e val[e] * x[n, off[e] + p]        (off[e] = the entry's channel times P)
+ *
+ * the forward (rows = output channels, x = X) and the input gradient (rows = input channels, the CSR of W^T,
+ * x = G) of a 1x1 convolution, read and written in the tensors' own NCHW layout: no layout change at all.  Each
+ * task is (image, a chunk of up to 128 pixels, a block of rows): one non-zero weight multiplies up to 8 vectors
+ * of its input row, accumulated in registers, and the chunk's slab of x (rows x 512 bytes) stays in the L2 cache
+ * for every row of the block.  A chunk's last vector may be partial (masked loads and stores). */
+
+static inline v16 ldm(const float *p, int cnt) {
+#ifdef __AVX512F__
+    return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << cnt) - 1u), p);
+#else
+    v16 v = {0};
+    memcpy(&v, p, (size_t)cnt * sizeof(float));
+    return v;
+#endif
+}
+
+static inline void stm(float *p, v16 v, int cnt) {
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << cnt) - 1u), (__m512)v);
+#else
+    memcpy(p, &v, (size_t)cnt * sizeof(float));
+#endif
+}
+
+static inline void pw_rows(const float *xb, float *yb, int64_t P, const int64_t *rowptr, const int64_t *off,
+                           const float *val, const float *bias, int64_t m0, int64_t m1, int nv, int tail) {
+    for (int64_t m = m0; m < m1; ++m) {
+        v16 a[8];
+        const v16 b0 = (v16){0} + (bias ? bias[m] : 0.0f);
+        for (int z = 0; z < nv; ++z) a[z] = b0;
+        for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) {
+            const v16 v = (v16){0} + val[e];
+            const float *xr = xb + off[e];
+            for (int z = 0; z < nv - 1; ++z) a[z] += v * ld(xr + 16 * z);
+            a[nv - 1] += v * (tail == 16 ? ld(xr + 16 * (nv - 1)) : ldm(xr + 16 * (nv - 1), tail));
+        }
+        float *yr = yb + m * P;
+        for (int z = 0; z < nv - 1; ++z) st(yr + 16 * z, a[z]);
+        if (tail == 16) st(yr + 16 * (nv - 1), a[nv - 1]);
+        else stm(yr + 16 * (nv - 1), a[nv - 1], tail);
+    }
+}
+
+#define PW_ROWS(NV) \
+    static void pw_rows##NV(const float *xb, float *yb, int64_t P, const int64_t *rp, const int64_t *off, \
+                            const float *val, const float *bias, int64_t m0, int64_t m1, int tail) { \
+        pw_rows(xb, yb, P, rp, off, val, bias, m0, m1, NV, tail); }
+PW_ROWS(1)
+PW_ROWS(2)
+PW_ROWS(3)
+PW_ROWS(4)
+PW_ROWS(5)
+PW_ROWS(6)
+PW_ROWS(7)
+PW_ROWS(8)
+typedef void (*pw_fn)(const float *, float *, int64_t, const int64_t *, const int64_t *, const float *,
+                      const float *, int64_t, int64_t, int);
+
+/* x: N images of xs floats, each (K, P); y: N images of ys floats, each (M, P); rows m of the CSR (rowptr, off,
+ * val) with off = k * P.  bias may be NULL. */
+void pointwise_nchw_f32(const float *x, int64_t N, int64_t xs, int64_t P, const int64_t *rowptr, const int64_t *off,
+                        const float *val, int64_t M, const float *bias, float *y, int64_t ys, int nt) {
+    static const pw_fn fns[9] = {NULL, pw_rows1, pw_rows2, pw_rows3, pw_rows4, pw_rows5, pw_rows6, pw_rows7,
+                                 pw_rows8};
+    if (N <= 0 || P <= 0 || M <= 0) return;
+    const int64_t chunk = 128, nchunk = (P + chunk - 1) / chunk;
+    int64_t mblk = (4 * (int64_t)nt + N * nchunk - 1) / (N * nchunk); /* enough tasks for every thread */
+    if (mblk < 1) mblk = 1;
+    if (mblk > (M + 7) / 8) mblk = (M + 7) / 8;
+    const int64_t per = (M + mblk - 1) / mblk, ntask = N * nchunk * mblk;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t t = 0; t < ntask; ++t) {
+        int64_t mb = t % mblk, c = (t / mblk) % nchunk, n = t / (mblk * nchunk);
+        int64_t p0 = c * chunk, len = P - p0 < chunk ? P - p0 : chunk;
+        int64_t m0 = mb * per, m1 = m0 + per < M ? m0 + per : M;
+        int nv = (int)((len + 15) / 16), tail = (int)(len - 16 * (nv - 1));
+        fns[nv](x + n * xs + p0, y + n * ys + p0, P, rowptr, off, val, bias, m0, m1, tail);
+    }
+}
+
 /* ---- the weight gradient from the non-zeros of X_s ----------------------------------------------------------
  *
  *     dW[co, ci, kh, kw] = sum_n sum_(oh, ow) G[n, co, oh, ow] * X_s[n, ci, oh*s - ph + kh, ow*s - pw + kw]
