@@ -53,6 +53,21 @@ def test_kernels_kind_times_the_library_formats():
     assert FORMATS == LIBRARY
 
 
+def test_kernels_kind_measures_both_compiled_kernels_of_a_1x1_conv():
+    """A 1x1 conv gets the direct and the pointwise forward + grad-input and layer (dW by the direct kernel); a 3x3
+    conv the direct one only."""
+    from leanprop.bench.kernels import measure
+    from leanprop.ops.sparse_conv import load_sparse_conv
+
+    if load_sparse_conv() is None:
+        pytest.skip("no C compiler for the compiled kernels")
+    got = measure(8, 16, 6, 1, 2, batch=2, s=0.9, reps=1, formats=("direct", "pointwise"))
+    assert set(got["forward+grad_input"][1]) == {"direct", "pointwise"} == set(got["layer"][1])
+    assert set(got["grad_weight"][1]) == {"direct"}
+    got = measure(8, 16, 6, 3, 1, batch=2, s=0.9, reps=1, formats=("direct", "pointwise"))
+    assert set(got["layer"][1]) == {"direct"} and set(got["forward"][1]) == {"direct"}
+
+
 def test_no_timing_loop_outside_leanprop_timing():
     """The benchmarks, the matrix and the instruments time through leanprop.timing only."""
     places = [*(ROOT / "src" / "leanprop" / "bench").glob("*.py"), *(ROOT / "src" / "leanprop" / "accounting").glob(

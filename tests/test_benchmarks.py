@@ -407,6 +407,20 @@ def test_direct_kernel_report_sets_direct_beside_sparseprop():
     assert "| 64->64@32x32 | 64 | 1 | 0.90 | 1.10 | 0.80 | 0.60 | 80% |" in text
     assert "| 64->64@32x32 | 64 | 2 |  |  |  | 0.70 | 90% |" in text
     assert "| 64->64@32x32 | 90% | 64 | 1 |" not in text  # the side-by-side table keeps SparseProp's cells
+    # a 1x1 layer: the pointwise kernel's cells where its forward + grad-input beats the direct one's
+    one = {**base, "layer": "64->128@32x32 1x1/s2", "sparsity": 0.9}
+    recs += [{**one, "op": "forward+backward", "format": "sparseprop", "dense_ms": 4.0, "sparse_ms": 3.0,
+              "ratio": 0.75}]
+    for fmt, ms in (("direct", 3.6), ("pointwise", 1.6)):
+        recs += [{**one, "op": "forward+grad_input", "format": fmt, "dense_ms": 4.0, "sparse_ms": ms,
+                  "ratio": ms / 4.0},
+                 {**one, "op": "layer", "format": fmt, "dense_ms": 6.0, "sparse_ms": ms + 1.0,
+                  "ratio": (ms + 1.0) / 6.0}]
+    recs += [{**one, "op": "grad_weight", "format": "direct", "dense_ms": 2.0, "sparse_ms": 1.0, "ratio": 0.5}]
+    text = "\n".join(report._direct_kernels_section(recs))
+    assert "| 64->128@32x32 1x1/s2 (pointwise) | 90% | 64 | 2 | 4.00 | 1.60 (0.40x) |  |  | 3.00 (0.75x) | 0.53 | " \
+        "0.50x | 0.43x |" in text
+    assert "| 64->128@32x32 1x1/s2 | 64 | 2 |  |  |  | 0.43 | 90% |" in text  # the break-even: the faster kernel
 
 
 def test_swat_packing_measures_bits_per_element(tmp_path):

@@ -134,7 +134,7 @@ def _sparse_kernels_section(recs: list[dict]) -> list[str]:
 def _direct_kernels_section(recs: list[dict]) -> list[str]:
     """The direct sparse kernel against oneDNN and SparseProp per layer (``leanprop bench kernels``)."""
     sk = _latest([r for r in recs if r.get("bench") == "sparse_kernels"
-                  and r.get("format") in ("direct", "sparseprop")],
+                  and r.get("format") in ("direct", "pointwise", "sparseprop")],
                  ("layer", "op", "format", "sparsity", "batch", "threads", "processor"))
     if not sk:
         return []
@@ -144,17 +144,21 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
         keys = [k for k in keys if (*k, "forward+backward", "sparseprop") in cell]
     rows, wins, compared = [], 0, 0
     for key in keys:
-        both = cell.get((*key, "forward+grad_input", "direct"))
-        sp = cell.get((*key, "forward+backward", "sparseprop"))
-        fwd, dx = cell.get((*key, "forward", "direct")), cell.get((*key, "grad_input", "direct"))
-        dw, layer = cell.get((*key, "grad_weight", "direct")), cell.get((*key, "layer", "direct"))
-        if both is None:
+        # the faster compiled kernel of this layer's forward + input gradient (pointwise: 1x1 convs only)
+        kern = min((f for f in ("direct", "pointwise") if (*key, "forward+grad_input", f) in cell), default=None,
+                   key=lambda f: cell[(*key, "forward+grad_input", f)]["sparse_ms"])
+        if kern is None:
             continue
+        both = cell[(*key, "forward+grad_input", kern)]
+        sp = cell.get((*key, "forward+backward", "sparseprop"))
+        fwd, dx = cell.get((*key, "forward", kern)), cell.get((*key, "grad_input", kern))
+        dw, layer = cell.get((*key, "grad_weight", "direct")), cell.get((*key, "layer", kern))
         ratio = "" if sp is None else f"{both['sparse_ms'] / sp['sparse_ms']:.2f}"
         if sp is not None:
             compared += 1
             wins += both["sparse_ms"] <= sp["sparse_ms"]
-        rows.append([key[0], f"{key[1]:.0%}", str(key[2]), str(key[3]), f"{both['dense_ms']:.2f}",
+        rows.append([key[0] + ("" if kern == "direct" else f" ({kern})"), f"{key[1]:.0%}", str(key[2]), str(key[3]),
+                     f"{both['dense_ms']:.2f}",
                      f"{both['sparse_ms']:.2f} ({both['ratio']:.2f}x)",
                      "" if fwd is None else f"{fwd['ratio']:.2f}x", "" if dx is None else f"{dx['ratio']:.2f}x",
                      "" if sp is None else f"{sp['sparse_ms']:.2f} ({sp['ratio']:.2f}x)", ratio,
@@ -164,7 +168,9 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
              "sparsity. dense: oneDNN on the zero-filled weight. direct: `leanprop.ops.sparse_conv` (weight in CSR "
              "rebuilt every call, batch-innermost layout in and out, all counted). SparseProp: its forward + "
              "backward (the backward also computes the gradient of the kept weights; its weight is converted once, "
-             "its output stays in its own layout). direct dW: SWAT's dense weight gradient from the kept 10 or 5 % "
+             "its output stays in its own layout). A layer marked (pointwise) shows the pointwise kernel, where it "
+             "beats the direct one: a 1x1 conv in its NCHW layout, no layout change. direct dW: SWAT's dense weight "
+             "gradient from the kept 10 or 5 % "
              "of X (read from the dense X with its threshold), against oneDNN's on the zero-filled X_s; layer: "
              "forward, input and weight gradient together, direct against oneDNN. "
              "Command: `leanprop bench kernels`.", "",
@@ -179,11 +185,15 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
 
 def _direct_break_even(sk: list[dict]) -> list[str]:
     """Where the direct kernel pays: one SWAT layer's three ops, direct / dense, per layer, threads and sparsity."""
-    lay = [r for r in sk if r["op"] == "layer" and r["format"] == "direct"]
+    lay = [r for r in sk if r["op"] == "layer" and r["format"] in ("direct", "pointwise")]
     if not lay:
         return []
     sps = sorted({r["sparsity"] for r in lay})
-    cell = {(r["layer"], r["batch"], r["threads"], r["sparsity"]): r for r in lay}
+    cell = {}
+    for r in lay:  # the faster compiled kernel of each cell
+        k = (r["layer"], r["batch"], r["threads"], r["sparsity"])
+        if k not in cell or r["ratio"] < cell[k]["ratio"]:
+            cell[k] = r
     rows = []
     for key in dict.fromkeys((r["layer"], r["batch"], r["threads"]) for r in lay):
         got = {s: cell[(*key, s)]["ratio"] for s in sps if (*key, s) in cell}
@@ -192,7 +202,8 @@ def _direct_break_even(sk: list[dict]) -> list[str]:
                      f"{min(wins):.0%}" if wins else f"none up to {max(got):.0%}"])
     return ["### Break-even of the direct kernel (one SWAT layer)", "",
             "Forward + input gradient + weight gradient of one SWAT conv (weight and X_s at the given sparsity) by "
-            "the direct kernel, over the same three ops on oneDNN; below 1 the sparse layer is faster. Break-even: "
+            "the direct kernel (forward and input gradient of a 1x1 conv by the pointwise kernel where that is "
+            "faster), over the same three ops on oneDNN; below 1 the sparse layer is faster. Break-even: "
             "the lowest measured sparsity from which it wins at every higher one. Command: `leanprop bench kernels "
             "--sparsities ... --threads ...`.", "",
             _table(["layer", "batch", "threads", *[f"{s:.0%}" for s in sps], "break-even"], rows), ""]
