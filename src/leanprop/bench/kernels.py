@@ -1,7 +1,7 @@
 """``leanprop bench kernels``: the sparse kernels of a SWAT conv layer against oneDNN and SparseProp, per layer.
 
-For each conv of CIFAR ResNet-18 (3x3 stride 1 and 2, 1x1 stride-2 shortcuts) and each sparsity, on the same
-tensors (interleaved, medians):
+For each conv of CIFAR ResNet-18 (3x3 stride 1 and 2, 1x1 stride-2 shortcuts; ``--layers resnet50``: each conv
+shape of ResNet-50 at 224 px, for ``--batch 8``) and each sparsity, on the same tensors (interleaved, medians):
 
 * dense: oneDNN's forward, grad-input and grad-weight on the zero-filled weight (what SWAT runs without kernels);
 * the library's sparse paths (``leanprop.swat.sparse_kernels.conv_op_pairs``, what the calibration chooses
@@ -26,7 +26,8 @@ import importlib.util
 import statistics
 from pathlib import Path
 
-__all__ = ["add_parser", "run", "main", "measure", "layer_label", "LAYERS", "sparseprop_times"]
+__all__ = ["add_parser", "run", "main", "measure", "layer_label", "LAYERS", "RESNET50_LAYERS", "LAYER_SETS",
+           "sparseprop_times"]
 
 KIND = "kernels"
 #: the library's sparse formats (``leanprop.swat.sparse_kernels.FORMATS``, written here to keep torch out of --help)
@@ -37,12 +38,23 @@ FORMATS = ("pointwise", "direct", "csr", "coo")
 LAYERS = [(64, 64, 32, 3, 1), (128, 128, 16, 3, 1), (256, 256, 8, 3, 1), (512, 512, 4, 3, 1),
           (64, 128, 32, 3, 2), (128, 256, 16, 3, 2), (256, 512, 8, 3, 2),
           (64, 128, 32, 1, 2), (128, 256, 16, 1, 2), (256, 512, 8, 1, 2)]
+# every distinct conv of ResNet-50 at 224 px after the stem (stride on the 3x3 conv, 1x1 stride-2 shortcuts)
+RESNET50_LAYERS = [(64, 64, 56, 1, 1), (64, 64, 56, 3, 1), (64, 256, 56, 1, 1), (256, 64, 56, 1, 1),
+                   (256, 128, 56, 1, 1), (128, 128, 56, 3, 2), (128, 512, 28, 1, 1), (256, 512, 56, 1, 2),
+                   (512, 128, 28, 1, 1), (128, 128, 28, 3, 1),
+                   (512, 256, 28, 1, 1), (256, 256, 28, 3, 2), (256, 1024, 14, 1, 1), (512, 1024, 28, 1, 2),
+                   (1024, 256, 14, 1, 1), (256, 256, 14, 3, 1),
+                   (1024, 512, 14, 1, 1), (512, 512, 14, 3, 2), (512, 2048, 7, 1, 1), (1024, 2048, 14, 1, 2),
+                   (2048, 512, 7, 1, 1), (512, 512, 7, 3, 1)]
+LAYER_SETS = {"resnet18": LAYERS, "resnet50": RESNET50_LAYERS}
 
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser(KIND, help="sparse kernels of a SWAT conv layer against oneDNN and SparseProp",
                          description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64, help="(SparseProp crashes at 128)")
+    p.add_argument("--layers", choices=list(LAYER_SETS), default="resnet18",
+                   help="the conv shapes: CIFAR ResNet-18's (default) or ResNet-50's at 224 px")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsities", default="0.9,0.95")
     p.add_argument("--reps", type=int, default=5)
@@ -163,7 +175,7 @@ def run(a: argparse.Namespace) -> int:
     torch.set_num_threads(a.threads)
     env, stamp = run_context()
     recs = []
-    for cin, cout, h, k, stride in LAYERS:
+    for cin, cout, h, k, stride in LAYER_SETS[a.layers]:
         for s in (float(v) for v in a.sparsities.split(",")):
             label = layer_label(cin, cout, h, k, stride)
             for op, (dense, by_path) in measure(cin, cout, h, k, stride, a.batch, s, a.reps, formats,
