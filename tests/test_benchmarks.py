@@ -397,7 +397,7 @@ def test_direct_kernel_report_sets_direct_beside_sparseprop():
     assert "| 64->64@32x32 | 90% | 64 | 2 | 20.00 | 10.00 (0.50x) | 0.50x |  | 12.00 (0.60x) | 0.83 | 0.40x | 0.70x |" \
         in text
     assert "| 512->512@4x4 | 90% | 64 | 2 | 20.00 | 9.00 (0.45x) | 0.45x |  | 6.00 (0.30x) | 1.50 |  |  |" in text
-    assert "at least as fast as SparseProp's forward + backward on 1 of 2 layer x sparsity cells" in text
+    assert "at least as fast as SparseProp's forward + backward on 1 of 2 layer x sparsity cells at batch 64" in text
     assert "direct" not in "\n".join(report._sparse_kernels_section(recs))  # the CSR table keeps CSR/COO only
     # a sparsity sweep of the whole layer gives the break-even: the lowest sparsity winning at every higher one
     recs += [{**base, "layer": "64->64@32x32", "sparsity": sp, "threads": 1, "op": "layer", "format": "direct",

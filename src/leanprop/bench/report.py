@@ -142,7 +142,7 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
     keys = list(dict.fromkeys((r["layer"], r["sparsity"], r["batch"], r["threads"]) for r in sk))
     if any(r["format"] == "sparseprop" for r in sk):  # the side-by-side cells; a sparsity sweep is the break-even's
         keys = [k for k in keys if (*k, "forward+backward", "sparseprop") in cell]
-    rows, wins, compared = [], 0, 0
+    rows, wins, compared = [], {}, {}  # per batch
     for key in keys:
         # the faster compiled kernel of this layer's forward + input gradient (pointwise: 1x1 convs only)
         kern = min((f for f in ("direct", "pointwise") if (*key, "forward+grad_input", f) in cell), default=None,
@@ -155,8 +155,8 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
         dw, layer = cell.get((*key, "grad_weight", "direct")), cell.get((*key, "layer", kern))
         ratio = "" if sp is None else f"{both['sparse_ms'] / sp['sparse_ms']:.2f}"
         if sp is not None:
-            compared += 1
-            wins += both["sparse_ms"] <= sp["sparse_ms"]
+            compared[key[2]] = compared.get(key[2], 0) + 1
+            wins[key[2]] = wins.get(key[2], 0) + (both["sparse_ms"] <= sp["sparse_ms"])
         rows.append([key[0] + ("" if kern == "direct" else f" ({kern})"), f"{key[1]:.0%}", str(key[2]), str(key[3]),
                      f"{both['dense_ms']:.2f}",
                      f"{both['sparse_ms']:.2f} ({both['ratio']:.2f}x)",
@@ -178,8 +178,9 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
                      "direct fwd", "direct dX", "SparseProp fwd+bwd ms", "direct / SparseProp", "direct dW",
                      "direct layer"], rows), ""]
     if compared:
-        parts += [f"The direct kernel's forward + input gradient is at least as fast as SparseProp's forward + "
-                  f"backward on {wins} of {compared} layer x sparsity cells.", ""]
+        per = "; ".join(f"{wins[b]} of {compared[b]} layer x sparsity cells at batch {b}" for b in compared)
+        parts += [f"The library's forward + input gradient is at least as fast as SparseProp's forward + "
+                  f"backward on {per}.", ""]
     return parts + _direct_break_even(sk)
 
 
