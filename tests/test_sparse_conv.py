@@ -140,6 +140,43 @@ def test_swat_conv_on_the_pointwise_kernel_equals_the_dense_kernels(one_thread_m
         _close(a, r)
 
 
+@pytest.mark.parametrize("shape", [(8, 40), (3, 5, 33), (1, 7)])
+@pytest.mark.parametrize("density", [0.1, 0.0, 1.0])
+def test_linear_on_the_compiled_kernels_equals_dense(shape, density, one_thread_module):
+    """A linear layer: forward (bias) and grad-input by the pointwise kernel on the transposed rows, grad-weight by
+    the direct kernel from the non-zeros of X_s; any leading dimensions."""
+    gen = torch.Generator().manual_seed(len(shape) * 10 + int(10 * density))
+    x = torch.randn(*shape, generator=gen)
+    x_s = torch.where(x.abs() >= 0.7, x, torch.zeros(()))
+    w = torch.randn(24, shape[-1], generator=gen)
+    w = w * (torch.rand(w.shape, generator=gen) < density)
+    b = torch.randn(24, generator=gen)
+    g = torch.randn(*shape[:-1], 24, generator=gen)
+    _close(sk.linear_forward(x, w, b, "pointwise"), F.linear(x, w, b))
+    _close(sk.linear_grad_input(g, w, x.shape, "pointwise"), g @ w)
+    _close(sk.linear_grad_weight(x_s, g, w.shape, "direct"), g.reshape(-1, 24).t() @ x_s.reshape(-1, shape[-1]))
+    _close(sc.linear_grad_weight(x, g, w.shape, threshold=0.7), g.reshape(-1, 24).t() @ x_s.reshape(-1, shape[-1]))
+    pairs = sk.linear_op_pairs(x, w, x_s, g)
+    assert [list(pairs[op][1])[0] for op in sk.OPS] == ["pointwise", "pointwise", "direct"]
+    assert "pointwise" not in sk.linear_op_pairs(x.double(), w.double(), x_s.double(), g.double())["forward"][1]
+
+
+def test_swat_linear_on_the_compiled_kernels_trains_like_dense(one_thread_module):
+    from leanprop.swat.functions import swat_linear
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 4, 32, generator=gen, requires_grad=True)
+    w = torch.randn(16, 32, generator=gen, requires_grad=True)
+    b = torch.randn(16, generator=gen, requires_grad=True)
+    ws = (w * (w.abs() > 1.0)).detach()
+    outs = []
+    for ops in (sk.NO_SPARSE, ("pointwise", "pointwise", "direct")):
+        y = swat_linear(x, w, ws, b, 0.5, sparse_ops=ops)
+        outs.append((y.detach(), *torch.autograd.grad((y * y).sum(), (x, w, b))))
+    for a, r in zip(outs[1], outs[0], strict=True):
+        _close(a, r)
+
+
 def test_two_threads_give_the_one_thread_result_up_to_order():
     gen = torch.Generator().manual_seed(1)
     x, ws = torch.randn(32, 16, 8, 8, generator=gen), _sparse_weight(32, 16, (3, 3), 0.1, gen)
@@ -161,8 +198,10 @@ def test_unsupported_convolutions_say_why():
         sk.conv_forward(x.double(), w.double(), None, (1, 1), (1, 1), (1, 1), "direct")
     with pytest.raises(ValueError, match="bfloat16"):  # called directly: a clear error, never bf16 read as fp32
         sc.conv_grad_input(x.bfloat16(), w.bfloat16(), x.shape, (1, 1), (1, 1))
-    with pytest.raises(ValueError, match="no path for a linear layer"):
-        sk.linear_grad_weight(x.view(2, -1), torch.randn(2, 4), (4, 100), "direct")
+    with pytest.raises(ValueError, match="no path for a linear layer's grad-weight"):
+        sk.linear_grad_weight(x.view(2, -1), torch.randn(2, 4), (4, 100), "pointwise")
+    with pytest.raises(ValueError, match="no path for a linear layer's forward"):
+        sk.linear_forward(x.view(2, -1), torch.randn(4, 100), None, "direct")
     with pytest.raises(ValueError, match="bfloat16"):
         sc.conv_grad_weight(x.bfloat16(), torch.randn(2, 4, 5, 5).bfloat16(), w.shape, (1, 1), (1, 1))
 

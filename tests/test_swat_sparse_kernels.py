@@ -142,9 +142,9 @@ def test_calibration_sets_the_measured_choice_and_leaves_training_state():
     assert all(layer.sparse_ops == sk.NO_SPARSE for layer in ctl.layers.values())
     calls = []
 
-    def timer(name, path, fn, reps):  # direct and CSR win, COO loses
+    def timer(name, path, fn, reps):  # pointwise wins where offered, then direct and CSR; COO loses
         calls.append((name, path))
-        return {"dense": 2.0, "direct": 1.0, "csr": 1.0, "coo": 3.0}[path]
+        return {"dense": 2.0, "pointwise": 0.5, "direct": 1.0, "csr": 1.0, "coo": 3.0}[path]
 
     timer.calls = calls
     bn = {k: v.clone() for k, v in model.state_dict().items()}
@@ -161,10 +161,11 @@ def test_calibration_sets_the_measured_choice_and_leaves_training_state():
     for n, layer in ctl.layers.items():
         if n not in eligible:
             assert layer.sparse_ops == sk.NO_SPARSE
-        elif isinstance(layer, nn.Linear):  # no direct kernel
-            assert "direct" not in layer.sparse_ops
-        else:  # the direct kernel wins all three ops (it is tried first; CSR only ties it)
+        elif isinstance(layer, nn.Linear) or layer.kernel_size == (1, 1):  # pointwise forward and dX, direct dW
+            assert layer.sparse_ops == ("pointwise", "pointwise", "direct")
+        else:  # the direct kernel wins all three ops (it is tried before CSR, which only ties it)
             assert layer.sparse_ops == ("direct", "direct", "direct")
+    assert any(isinstance(ctl.layers[n], nn.Linear) for n in eligible)
     notes = [t.note for t in timings if t.op == "grad_weight" and not t.note.startswith("as ")]
     assert any("workspace over 2x" in note for note in notes)
     # identical shapes are timed once

@@ -19,7 +19,9 @@ dense convolution up to summation order. fp32 only; groups 1, dilation 1, equal 
 The pointwise kernel (:func:`pointwise_forward`, :func:`pointwise_grad_input`) is the other layout: a 1×1
 convolution of an NCHW tensor is, per image, ``Y = W_s · X`` with X a (C, H·W) matrix, so every non-zero weight
 multiplies a contiguous row of pixels in the tensor's own layout, with no transposition in or out. It pays where
-the batch-innermost layout does not: small batches (ResNet-50's 1×1 convs at batch 8).
+the batch-innermost layout does not: small batches (ResNet-50's 1×1 convs at batch 8). A linear layer is the same
+product on the transposed rows (:func:`linear_forward`, :func:`linear_grad_input`; its weight gradient is the direct
+dW of a 1×1 conv over (rows, in, 1, 1), :func:`linear_grad_weight`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from leanprop.ops.kernels import build_library
 from leanprop.ops.packing import memory_format_of
 
 __all__ = ["SparseConvKernels", "load_sparse_conv", "unsupported", "conv_forward", "conv_grad_input",
-           "conv_grad_weight", "lanes", "pointwise_unsupported", "pointwise_forward", "pointwise_grad_input"]
+           "conv_grad_weight", "lanes", "pointwise_unsupported", "pointwise_forward", "pointwise_grad_input",
+           "linear_unsupported", "linear_forward", "linear_grad_input", "linear_grad_weight"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -328,3 +331,54 @@ def pointwise_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding=(0, 0)
     dx = torch.empty(tuple(x_shape), dtype=torch.float32, memory_format=fmt).zero_()
     dx[:, :, ::s, ::s] = dxs
     return dx
+
+
+def linear_unsupported(x: Tensor, w: Tensor) -> str | None:
+    """None when the compiled kernels take this linear layer (fp32, CPU), else why not."""
+    if x.device.type != "cpu":
+        return "not on the CPU"
+    if x.dtype != torch.float32 or w.dtype != torch.float32:
+        return f"dtype {x.dtype} (fp32 only)"
+    return None
+
+
+def _require_linear(x: Tensor, w: Tensor) -> None:
+    why = linear_unsupported(x, w)
+    if why is not None:
+        raise ValueError(f"the compiled sparse kernels do not take this linear layer ({why}); use 'csr' or dense")
+
+
+def _rows_times(kern: SparseConvKernels, a: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """``a @ wᵀ (+ bias)`` for a (M, K) ``a`` and a sparse (R, K) ``w``, as the pointwise kernel's ``w · aᵀ``
+    over one 'image' of M pixels: (M, R)."""
+    m, k = a.shape
+    at = a.t().contiguous().view(1, k, 1, m)
+    csr = kern.csr_forward(w.contiguous().view(w.shape[0], k, 1, 1), m, 1, 1)  # offsets k·M
+    return kern.pointwise(at, csr, bias).view(w.shape[0], m).t()
+
+
+def linear_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, kernels: SparseConvKernels | None = None) -> Tensor:
+    """``F.linear(x, w_s, bias)`` (x: (..., in)) by the pointwise kernel on the transposed rows."""
+    _require_linear(x, w_s)
+    kern = kernels or load_sparse_conv(required=True)
+    y = _rows_times(kern, x.reshape(-1, w_s.shape[1]), w_s.detach(), bias)
+    return y.contiguous().view(*x.shape[:-1], w_s.shape[0])
+
+
+def linear_grad_input(g: Tensor, w_s: Tensor, x_shape, kernels: SparseConvKernels | None = None) -> Tensor:
+    """``dX = G @ W_s`` of :func:`linear_forward`: ``G @ (W_sᵀ)ᵀ`` with the CSR of ``W_sᵀ``."""
+    _require_linear(g, w_s)
+    kern = kernels or load_sparse_conv(required=True)
+    dx = _rows_times(kern, g.reshape(-1, w_s.shape[0]), w_s.detach().t(), None)
+    return dx.contiguous().view(tuple(x_shape))
+
+
+def linear_grad_weight(x: Tensor, g: Tensor, w_shape, threshold: float = 0.0,
+                       kernels: SparseConvKernels | None = None) -> Tensor:
+    """``dW = Gᵀ @ X_s`` (dense) from the entries of ``x`` with ``|x| >= threshold``: the direct dW kernel of a 1×1
+    conv over (rows, in, 1, 1)."""
+    _require_linear(x, g)
+    out_f, in_f = int(w_shape[0]), int(w_shape[1])
+    x4, g4 = x.reshape(-1, in_f, 1, 1), g.reshape(-1, out_f, 1, 1)
+    return conv_grad_weight(x4, g4, (out_f, in_f, 1, 1), (1, 1), (0, 0), threshold=threshold,
+                            kernels=kernels).view(out_f, in_f)

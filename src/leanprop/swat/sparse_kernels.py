@@ -10,8 +10,8 @@ A SWAT layer's training step has three products (docs/methods/swat.md, 'Technica
 with ``S`` the CSR or the COO form (``torch.sparse.mm``), "direct" the compiled direct convolution of
 :mod:`leanprop.ops.sparse_conv` (fp32 CPU convs: the weight in CSR, the batch innermost, no im2col) and "pointwise"
 its other layout for 1×1 convs of NCHW tensors (the pixels innermost, no layout change; forward and grad-input).
-Linear layers:
-CSR/COO without im2col. The sparse paths give the dense kernels' results up to summation order, and pay what a real
+Linear layers: CSR/COO without im2col, and (fp32 CPU) the pointwise kernel on the transposed rows for the forward
+and grad-input, the direct dW of a 1×1 conv for the grad-weight. The sparse paths give the dense kernels' results up to summation order, and pay what a real
 sparse path pays every step: the dense -> sparse conversion (weights change every step, activations every batch),
 im2col/col2im or the layout change.
 
@@ -133,8 +133,11 @@ def conv_grad_weight(x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation,
 
 
 def linear_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, fmt: str = "csr") -> Tensor:
-    """``x @ W_sᵀ + b`` as ``(S(W_s) @ xᵀ)ᵀ``; x has shape (..., in)."""
-    _no_direct(fmt, "a linear layer")
+    """``x @ W_sᵀ + b`` as ``(S(W_s) @ xᵀ)ᵀ``, or by the pointwise kernel (``fmt="pointwise"``); x has shape
+    (..., in)."""
+    if fmt == "pointwise":
+        return sparse_conv.linear_forward(x, w_s, bias)
+    _no_direct(fmt, "a linear layer's forward")
     y = torch.sparse.mm(_sparse(w_s, fmt), x.reshape(-1, w_s.shape[1]).t()).t()
     if bias is not None:
         y = y + bias
@@ -142,20 +145,26 @@ def linear_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, fmt: str = "csr"
 
 
 def linear_grad_input(g: Tensor, w_s: Tensor, x_shape, fmt: str = "csr") -> Tensor:
-    """``dX = G @ W_s`` as ``(S(W_sᵀ) @ Gᵀ)ᵀ``."""
-    _no_direct(fmt, "a linear layer")
+    """``dX = G @ W_s`` as ``(S(W_sᵀ) @ Gᵀ)ᵀ``, or by the pointwise kernel."""
+    if fmt == "pointwise":
+        return sparse_conv.linear_grad_input(g, w_s, x_shape)
+    _no_direct(fmt, "a linear layer's grad-input")
     return torch.sparse.mm(_sparse(w_s.t(), fmt), g.reshape(-1, w_s.shape[0]).t()).t().reshape(x_shape)
 
 
 def linear_grad_weight(x_s: Tensor, g: Tensor, w_shape, fmt: str = "csr") -> Tensor:
-    """``dW = Gᵀ @ X_s`` as ``(S(X_sᵀ) @ G)ᵀ``."""
-    _no_direct(fmt, "a linear layer")
+    """``dW = Gᵀ @ X_s`` as ``(S(X_sᵀ) @ G)ᵀ``, or by the direct kernel from the non-zeros of ``x_s``."""
+    if fmt == "direct":
+        return sparse_conv.linear_grad_weight(x_s, g, w_shape)
+    _no_direct(fmt, "a linear layer's grad-weight")
     return torch.sparse.mm(_sparse(x_s.reshape(-1, w_shape[1]).t(), fmt), g.reshape(-1, w_shape[0])).t()
 
 
 def _no_direct(fmt: str, what: str) -> None:
     if fmt in COMPILED:
-        raise ValueError(f"the direct sparse kernel has no path for {what} yet; use 'csr', 'coo' or dense (None)")
+        raise ValueError(f"the {fmt} kernel has no path for {what}; use the other compiled kernel ('pointwise' for "
+                         "a linear layer's forward and grad-input, 'direct' for its grad-weight), 'csr', 'coo' or "
+                         "dense (None)")
 
 
 def eligible(layer) -> str | None:
@@ -243,15 +252,22 @@ def conv_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, stride, paddin
 
 
 def linear_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, formats=FORMATS) -> OpPairs:
-    """As :func:`conv_op_pairs` for a linear layer (CSR/COO only)."""
+    """As :func:`conv_op_pairs` for a linear layer: CSR/COO, and where the compiled kernels build and take it (fp32
+    CPU) the pointwise kernel for the forward and grad-input, the direct one for the grad-weight."""
     g2, xs2 = g.reshape(-1, w_s.shape[0]), x_s.reshape(-1, w_s.shape[1])
-    formats = [f for f in formats if f not in COMPILED]
+    compiled = any(f in COMPILED for f in formats) and sparse_conv.linear_unsupported(x, w_s) is None \
+        and sparse_conv.load_sparse_conv() is not None
+    mine = {"forward": "pointwise", "grad_input": "pointwise", "grad_weight": "direct"}
+
+    def offered(op):
+        return [f for f in formats if f not in COMPILED or (compiled and f == mine[op])]
+
     return {"forward": (lambda: F.linear(x, w_s), {f: functools.partial(linear_forward, x, w_s, None, f)
-                                                   for f in formats}),
+                                                   for f in offered("forward")}),
             "grad_input": (lambda: g2.mm(w_s), {f: functools.partial(linear_grad_input, g, w_s, x.shape, f)
-                                                for f in formats}),
+                                                for f in offered("grad_input")}),
             "grad_weight": (lambda: g2.t().mm(xs2), {f: functools.partial(linear_grad_weight, x_s, g, w_s.shape, f)
-                                                     for f in formats})}
+                                                     for f in offered("grad_weight")})}
 
 
 def _op_pairs(layer, x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, formats=FORMATS) -> OpPairs:
