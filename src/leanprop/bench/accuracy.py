@@ -187,7 +187,7 @@ class Matrix:
                 cells.append(f"seed {seed}: {done}/{epochs} epochs")
                 continue
             base = self._final(out_dir, model, self.baseline, epochs, seed)
-            if base is None:
+            if base is None or name == self.baseline:
                 cells.append(f"seed {seed}: {acc:.2f} %")
             else:
                 gaps.append(acc - base)
