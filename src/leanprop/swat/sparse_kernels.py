@@ -11,9 +11,9 @@ with ``S`` the CSR or the COO form (``torch.sparse.mm``), "direct" the compiled 
 :mod:`leanprop.ops.sparse_conv` (fp32 CPU convs: the weight in CSR, the batch innermost, no im2col) and "pointwise"
 its other layout for 1×1 convs of NCHW tensors (the pixels innermost, no layout change; forward and grad-input).
 Linear layers: CSR/COO without im2col, and (fp32 CPU) the pointwise kernel on the transposed rows for the forward
-and grad-input, the direct dW of a 1×1 conv for the grad-weight. The sparse paths give the dense kernels' results up to summation order, and pay what a real
-sparse path pays every step: the dense -> sparse conversion (weights change every step, activations every batch),
-im2col/col2im or the layout change.
+and grad-input, the direct dW of a 1×1 conv for the grad-weight. The sparse paths give the dense kernels' results up
+to summation order, and pay what a real sparse path pays every step: the dense -> sparse conversion (weights change
+every step, activations every batch), im2col/col2im or the layout change.
 
 Whether they are faster depends on the machine, the shapes and the sparsity, so leanprop does not guess:
 :func:`calibrate` times both paths for every eligible layer at its real input shape, sparsity, dtype and
