@@ -108,6 +108,55 @@ def test_pointwise_kernel_equals_dense(case, channels_last, density, one_thread_
     _close(sk.conv_grad_input(g, ws, x.shape, (s, s), (0, 0), (1, 1), "pointwise"), dref)
 
 
+def _within_one_bf16_rounding(got, ref32):
+    """``got`` (bf16) is the fp32 result ``ref32`` rounded once: at most half a bf16 step (2^-8 relative) away, plus
+    fp32 summation-order noise that may move a value across a rounding boundary."""
+    assert got.dtype == torch.bfloat16 and got.shape == ref32.shape
+    scale = float(ref32.abs().max()) or 1.0
+    err = (got.float() - ref32).abs()
+    assert bool((err <= 2.0 ** -8 * ref32.abs() + 1e-5 * scale * max(1, ref32[0].numel() ** 0.5 / 16)).all())
+
+
+@pytest.mark.parametrize("case", CASES[:4] + [c + (None,) for c in POINTWISE_CASES[:3]])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_tensors_give_the_fp32_result_rounded_once(case, channels_last, one_thread_module):
+    """bf16 in, bf16 out, fp32 inside: every op equals the fp32 dense op on the same (widened) values, rounded to
+    bf16 once; the pointwise kernel's cases (7 fields) on the pointwise path, the others on the direct one."""
+    pointwise = len(case) == 7
+    n, c, co, h, w, *rest = case[:6] if pointwise else case
+    k, s, p = ((1, 1), case[5], (0, 0)) if pointwise else tuple(rest)
+    gen = torch.Generator().manual_seed(hash(case) % 1000 + 7)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, h, w, generator=gen).bfloat16().contiguous(memory_format=fmt)
+    ws = _sparse_weight(co, c, k, 0.1, gen).bfloat16()
+    b = torch.randn(co, generator=gen)
+    fwd, dxf = (sc.pointwise_forward, sc.pointwise_grad_input) if pointwise else (sc.conv_forward, sc.conv_grad_input)
+    y = fwd(x, ws, b, (s, s), p)
+    ref = F.conv2d(x.float(), ws.float(), b, s, p)
+    _within_one_bf16_rounding(y, ref)
+    g = torch.randn(ref.shape, generator=gen).bfloat16().contiguous(memory_format=fmt)
+    dref = torch.ops.aten.convolution_backward(g.float(), x.float(), ws.float(), None, [s, s], list(p), [1, 1], False,
+                                               [0, 0], 1, [True, False, False])[0]
+    _within_one_bf16_rounding(dxf(g, ws, x.shape, (s, s), p), dref)
+    thr = 0.8
+    x_s = torch.where(x.float().abs() >= thr, x.float(), torch.zeros(()))
+    dwref = torch.ops.aten.convolution_backward(g.float(), x_s, ws.float(), None, [s, s], list(p), [1, 1], False,
+                                                [0, 0], 1, [False, True, False])[1]
+    _within_one_bf16_rounding(sc.conv_grad_weight(x, g, ws.shape, (s, s), p, threshold=thr), dwref)
+
+
+def test_bf16_linear_on_the_compiled_kernels(one_thread_module):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 9, 40, generator=gen).bfloat16()
+    ws = _sparse_weight(24, 40, (), 0.1, gen).bfloat16()
+    b = torch.randn(24, generator=gen)
+    _within_one_bf16_rounding(sc.linear_forward(x, ws, b), F.linear(x.float(), ws.float(), b))
+    g = torch.randn(6, 9, 24, generator=gen).bfloat16()
+    _within_one_bf16_rounding(sc.linear_grad_input(g, ws, x.shape), g.float() @ ws.float())
+    dw = sc.linear_grad_weight(x, g, ws.shape)
+    _within_one_bf16_rounding(dw, g.float().reshape(-1, 24).t() @ x.float().reshape(-1, 40))
+
+
 def test_pointwise_kernel_is_offered_where_it_applies():
     """Forward and grad-input of an unpadded 1x1 conv on an NCHW input; never dW, 3x3, padded or channels-last."""
     x, g = torch.randn(2, 8, 6, 6), torch.randn(2, 4, 6, 6)
@@ -190,20 +239,22 @@ def test_two_threads_give_the_one_thread_result_up_to_order():
 def test_unsupported_convolutions_say_why():
     x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 4, 3, 3)
     assert sc.unsupported(x, w, (1, 1), (1, 1), (1, 1)) is None
-    assert "fp32" in sc.unsupported(x.double(), w.double(), (1, 1), (1, 1), (1, 1))
+    assert "fp32 or bf16" in sc.unsupported(x.double(), w.double(), (1, 1), (1, 1), (1, 1))
     assert "grouped" in sc.unsupported(x, w[:, :2], (1, 1), (1, 1), (1, 1), groups=2)
     assert "dilated" in sc.unsupported(x, w, (1, 1), (1, 1), (2, 2))
     assert "strides" in sc.unsupported(x, w, (1, 2), (1, 1), (1, 1))
     with pytest.raises(ValueError, match="direct sparse kernel does not take"):
         sk.conv_forward(x.double(), w.double(), None, (1, 1), (1, 1), (1, 1), "direct")
-    with pytest.raises(ValueError, match="bfloat16"):  # called directly: a clear error, never bf16 read as fp32
-        sc.conv_grad_input(x.bfloat16(), w.bfloat16(), x.shape, (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="float16"):  # called directly: a clear error, never fp16 read as fp32
+        sc.conv_grad_input(x.half(), w.half(), x.shape, (1, 1), (1, 1))
     with pytest.raises(ValueError, match="no path for a linear layer's grad-weight"):
         sk.linear_grad_weight(x.view(2, -1), torch.randn(2, 4), (4, 100), "pointwise")
     with pytest.raises(ValueError, match="no path for a linear layer's forward"):
         sk.linear_forward(x.view(2, -1), torch.randn(4, 100), None, "direct")
-    with pytest.raises(ValueError, match="bfloat16"):
-        sc.conv_grad_weight(x.bfloat16(), torch.randn(2, 4, 5, 5).bfloat16(), w.shape, (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="float16"):
+        sc.conv_grad_weight(x.half(), torch.randn(2, 4, 5, 5).half(), w.shape, (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="float16"):
+        sc.pointwise_forward(x.half(), w[:, :, :1, :1].half(), None, (1, 1))
 
 
 @pytest.mark.parametrize("stride", [1, 2])

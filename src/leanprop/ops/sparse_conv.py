@@ -14,7 +14,11 @@ non-zero weight multiplies contiguous vectors (Nikdan et al., "SparseProp", ICML
   channels-last and zero-padded so that no tap branches; the 90 % of X that SWAT drops cost nothing but the scan.
 
 Inputs are blocked by channels so that the part of X one block reads stays in the L2 cache. Results equal the
-dense convolution up to summation order. fp32 only; groups 1, dilation 1, equal strides (:func:`unsupported`).
+dense convolution up to summation order. fp32 and bf16; bf16 is computed in fp32: the pointwise kernel widens each
+chunk of its input as it reads it and rounds its output once, the weight gradient reads a bf16 X as it lists the
+kept entries (G is widened first), and the direct forward and input gradient widen their input and round their
+result around the fp32 kernel (copies the calibration's timing and workspace rule count); groups 1, dilation 1,
+equal strides (:func:`unsupported`).
 
 The pointwise kernel (:func:`pointwise_forward`, :func:`pointwise_grad_input`) is the other layout: a 1×1
 convolution of an NCHW tensor is, per image, ``Y = W_s · X`` with X a (C, H·W) matrix, so every non-zero weight
@@ -27,6 +31,7 @@ dW of a 1×1 conv over (rows, in, 1, 1), :func:`linear_grad_weight`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 import warnings
 from pathlib import Path
@@ -45,7 +50,9 @@ _SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 LANE = 8  # the batch is padded to a multiple (tiles of 64, 16 and 8 lanes; csrc)
 TILE_PIXELS = 6  # output pixels per register tile at 64 lanes (csrc: P4)
+PW_CHUNK = 128  # pixels per task of the pointwise kernel (csrc)
 BLOCK_BYTES = 512 * 1024  # input bytes one channel block may touch per tile: about the L2 cache
+TAKEN_DTYPES = (torch.float32, torch.bfloat16)  # bf16: computed in fp32, converted at the boundary
 _lock = threading.Lock()
 _loaded: dict[str, SparseConvKernels | Exception] = {}
 
@@ -73,6 +80,8 @@ class SparseConvKernels:
         lib.nhwc_pad_f32.argtypes = [p, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64, p, i32]
         lib.transpose_rows_f32.argtypes = [p, i64, i64, i64, p, i32]
         lib.pointwise_nchw_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p, i64, i32]
+        lib.pointwise_nchw_bf16.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, i64, i32]
+        lib.sparse_grad_weight_bf16.argtypes = lib.sparse_grad_weight_f32.argtypes
 
     def __deepcopy__(self, memo: dict) -> SparseConvKernels:
         return self
@@ -119,17 +128,25 @@ class SparseConvKernels:
         return self._csr(lambda count, rp, off, val: self.lib.csr_grad_input_f32(
             w.data_ptr(), co, ci, kh, kw, s, r, rw, jt, jl, gh, gw, lane, count, rp, off, val, nt), ci)
 
-    def pointwise(self, inp: Tensor, csr: tuple[Tensor, Tensor, Tensor], bias: Tensor | None) -> Tensor:
-        """``out[n, m] = bias[m] + Σ_e val[e]·inp[n, off[e] / P]`` for an NCHW-contiguous ``inp`` (N, K, H, W) and a
-        CSR whose offsets are channel·P (P = H·W): (N, rows, H, W), NCHW."""
-        rowptr, off, val = csr
-        n, k, h, w = inp.shape
-        rows, plane = rowptr.numel() - 1, h * w
-        out = torch.empty((n, rows, h, w), dtype=torch.float32)
+    def pointwise(self, inp: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        """``out[n, m] = bias[m] + Σ_k w[m, k]·inp[n, k]`` over the pixels of an NCHW-contiguous ``inp`` (N, K, H, W),
+        fp32 or bf16, by the non-zeros of ``w`` (M, K, 1, 1): (N, M, H, W), NCHW, in inp's dtype (bf16 is computed
+        in fp32: each 128-pixel chunk of ``inp`` is widened once, the result rounded once)."""
+        n, k, h, w_ = inp.shape
+        plane = h * w_
+        bf16 = inp.dtype == torch.bfloat16
+        wf = w.detach().to(torch.float32).contiguous()
+        rowptr, off, val = self.csr_forward(wf, PW_CHUNK if bf16 else plane, 1, 1)  # offsets k·(chunk or P)
+        rows = rowptr.numel() - 1
+        out = torch.empty((n, rows, h, w_), dtype=inp.dtype)
         b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        self.lib.pointwise_nchw_f32(inp.data_ptr(), n, k * plane, plane, rowptr.data_ptr(), off.data_ptr(),
-                                    val.data_ptr(), rows, None if b is None else b.data_ptr(), out.data_ptr(),
-                                    rows * plane, torch.get_num_threads())
+        bp, nt = None if b is None else b.data_ptr(), torch.get_num_threads()
+        if bf16:
+            self.lib.pointwise_nchw_bf16(inp.data_ptr(), n, k, k * plane, plane, rowptr.data_ptr(), off.data_ptr(),
+                                         val.data_ptr(), rows, bp, out.data_ptr(), rows * plane, nt)
+        else:
+            self.lib.pointwise_nchw_f32(inp.data_ptr(), n, k * plane, plane, rowptr.data_ptr(), off.data_ptr(),
+                                        val.data_ptr(), rows, bp, out.data_ptr(), rows * plane, nt)
         return out
 
     def corr(self, inp: Tensor, si: int, csr: tuple[Tensor, Tensor, Tensor], t: tuple[int, int],
@@ -180,8 +197,8 @@ def unsupported(x: Tensor, w: Tensor, stride, padding, dilation, groups: int = 1
     """None when the direct kernels take this convolution, else why not."""
     if x.device.type != "cpu":
         return "not on the CPU"
-    if x.dtype != torch.float32 or w.dtype != torch.float32:
-        return f"dtype {x.dtype} (fp32 only)"
+    if x.dtype not in TAKEN_DTYPES or w.dtype not in TAKEN_DTYPES:
+        return f"dtype {x.dtype if x.dtype not in TAKEN_DTYPES else w.dtype} (fp32 or bf16 only)"
     if x.dim() != 4 or w.dim() != 4:
         return "not a 2-D convolution of a batch"
     if groups != 1:
@@ -205,6 +222,21 @@ def _out_hw(h: int, w: int, k: tuple[int, int], stride: int, padding) -> tuple[i
     return (h + 2 * padding[0] - k[0]) // stride + 1, (w + 2 * padding[1] - k[1]) // stride + 1
 
 
+def _in_fp32(fn):
+    """Run ``fn`` on fp32 copies of its bf16 tensor arguments and round the result back to the dtype of the first
+    one: the kernels compute in fp32 (bf16 values widen exactly), so a bf16 call equals the fp32 one on the same
+    values up to the final rounding."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, Tensor))
+        if first.dtype == torch.float32:
+            return fn(*args, **kwargs)
+        args = tuple(a.float() if isinstance(a, Tensor) and a.dtype == torch.bfloat16 else a for a in args)
+        return fn(*args, **kwargs).to(first.dtype)
+    return wrapped
+
+
+@_in_fp32
 def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, dilation=(1, 1),
                  kernels: SparseConvKernels | None = None) -> Tensor:
     """``conv2d(x, w_s, bias, stride, padding)`` (fp32, groups 1, dilation 1) by the direct sparse kernel, in x's
@@ -223,6 +255,7 @@ def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, d
     return kern.unpack(y, n, bias, memory_format_of(x) is torch.channels_last)
 
 
+@_in_fp32
 def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation=(1, 1),
                     kernels: SparseConvKernels | None = None) -> Tensor:
     """``dX = conv_transpose(g, w_s)`` for an input of ``x_shape`` (the gradient of :func:`conv_forward`), by the
@@ -268,18 +301,19 @@ def conv_grad_weight(x: Tensor, g: Tensor, w_shape, stride, padding, dilation=(1
     gh = top + max(ho, (h - 1 + padding[0]) // s + 1)
     gw = left + max(wo, (w - 1 + padding[1]) // s + 1)
     cp, nt = (co + 15) // 16 * 16, torch.get_num_threads()  # G's channels: whole 16-float vectors
-    g = _dense_layout(g)
+    g = _dense_layout(g.to(torch.float32))  # bf16: G widened (x is read as it is)
     gp = torch.empty((n, gh, gw, cp), dtype=torch.float32)
     kern.lib.nhwc_pad_f32(g.data_ptr(), n, co, ho, wo, int(memory_format_of(g) is torch.channels_last), top, left,
                           gh, gw, cp, gp.data_ptr(), nt)
     nb = max(1, min(n, BLOCK_BYTES // (gh * gw * cp * 4)))  # images whose G stays in the L2 cache together
     dwt = torch.empty((ci, kh, kw, cp), dtype=torch.float32)
     xc = x.detach().contiguous()
-    kern.lib.sparse_grad_weight_f32(xc.data_ptr(), float(threshold), n, ci, h, w, gp.data_ptr(), gh, gw, cp, top,
-                                    left, s, padding[0], padding[1], kh, kw, nb, dwt.data_ptr(), nt)
+    fn = kern.lib.sparse_grad_weight_bf16 if xc.dtype == torch.bfloat16 else kern.lib.sparse_grad_weight_f32
+    fn(xc.data_ptr(), float(threshold), n, ci, h, w, gp.data_ptr(), gh, gw, cp, top, left, s, padding[0], padding[1],
+       kh, kw, nb, dwt.data_ptr(), nt)
     dw = torch.empty((co, ci, kh, kw), dtype=torch.float32)
     kern.lib.transpose_rows_f32(dwt.data_ptr(), ci * kh * kw, cp, co, dw.data_ptr(), nt)
-    return dw
+    return dw.to(x.dtype)
 
 
 def pointwise_unsupported(x: Tensor, w: Tensor, stride, padding, dilation, groups: int = 1,
@@ -311,8 +345,7 @@ def pointwise_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, paddi
     kern = kernels or load_sparse_conv(required=True)
     s, fmt = int(stride[0]), memory_format_of(x)
     xs = (x[:, :, ::s, ::s] if s > 1 else x).contiguous()
-    csr = kern.csr_forward(w_s.detach().contiguous(), xs.shape[2] * xs.shape[3], 1, 1)  # offsets ci·P
-    return kern.pointwise(xs, csr, bias).contiguous(memory_format=fmt)
+    return kern.pointwise(xs, w_s, bias).contiguous(memory_format=fmt)
 
 
 def pointwise_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding=(0, 0), dilation=(1, 1),
@@ -324,21 +357,21 @@ def pointwise_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding=(0, 0)
     co, ci = int(w_s.shape[0]), int(w_s.shape[1])
     fmt, g = memory_format_of(g), g.contiguous()
     wt = w_s.detach().reshape(co, ci).t().contiguous().view(ci, co, 1, 1)
-    dxs = kern.pointwise(g, kern.csr_forward(wt, g.shape[2] * g.shape[3], 1, 1), None)  # offsets co·P
+    dxs = kern.pointwise(g, wt, None)
     s = int(stride[0])
     if tuple(dxs.shape) == tuple(x_shape):
         return dxs.contiguous(memory_format=fmt)
-    dx = torch.empty(tuple(x_shape), dtype=torch.float32, memory_format=fmt).zero_()
+    dx = torch.empty(tuple(x_shape), dtype=g.dtype, memory_format=fmt).zero_()
     dx[:, :, ::s, ::s] = dxs
     return dx
 
 
 def linear_unsupported(x: Tensor, w: Tensor) -> str | None:
-    """None when the compiled kernels take this linear layer (fp32, CPU), else why not."""
+    """None when the compiled kernels take this linear layer (fp32 or bf16, CPU), else why not."""
     if x.device.type != "cpu":
         return "not on the CPU"
-    if x.dtype != torch.float32 or w.dtype != torch.float32:
-        return f"dtype {x.dtype} (fp32 only)"
+    if x.dtype not in TAKEN_DTYPES or w.dtype not in TAKEN_DTYPES:
+        return f"dtype {x.dtype if x.dtype not in TAKEN_DTYPES else w.dtype} (fp32 or bf16 only)"
     return None
 
 
@@ -353,8 +386,7 @@ def _rows_times(kern: SparseConvKernels, a: Tensor, w: Tensor, bias: Tensor | No
     over one 'image' of M pixels: (M, R)."""
     m, k = a.shape
     at = a.t().contiguous().view(1, k, 1, m)
-    csr = kern.csr_forward(w.contiguous().view(w.shape[0], k, 1, 1), m, 1, 1)  # offsets k·M
-    return kern.pointwise(at, csr, bias).view(w.shape[0], m).t()
+    return kern.pointwise(at, w.reshape(w.shape[0], k, 1, 1), bias).view(w.shape[0], m).t()
 
 
 def linear_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, kernels: SparseConvKernels | None = None) -> Tensor:

@@ -8,12 +8,12 @@ A SWAT layer's training step has three products (docs/methods/swat.md, 'Technica
   kept entries of X_s, dense output);
 
 with ``S`` the CSR or the COO form (``torch.sparse.mm``), "direct" the compiled direct convolution of
-:mod:`leanprop.ops.sparse_conv` (fp32 CPU convs: the weight in CSR, the batch innermost, no im2col) and "pointwise"
-its other layout for 1×1 convs of NCHW tensors (the pixels innermost, no layout change; forward and grad-input).
-Linear layers: CSR/COO without im2col, and (fp32 CPU) the pointwise kernel on the transposed rows for the forward
-and grad-input, the direct dW of a 1×1 conv for the grad-weight. The sparse paths give the dense kernels' results up
-to summation order, and pay what a real sparse path pays every step: the dense -> sparse conversion (weights change
-every step, activations every batch), im2col/col2im or the layout change.
+:mod:`leanprop.ops.sparse_conv` (fp32 and bf16 CPU convs: the weight in CSR, the batch innermost, no im2col)
+and "pointwise" its other layout for 1×1 convs of NCHW tensors (the pixels innermost, no layout change; forward and
+grad-input). Linear layers: CSR/COO without im2col, and (fp32 or bf16, CPU) the pointwise kernel on the transposed
+rows for the forward and grad-input, the direct dW of a 1×1 conv for the grad-weight. The sparse paths give the
+dense kernels' results up to summation order, and pay what a real sparse path pays every step: the dense -> sparse
+conversion (weights change every step, activations every batch), im2col/col2im or the layout change.
 
 Whether they are faster depends on the machine, the shapes and the sparsity, so leanprop does not guess:
 :func:`calibrate` times both paths for every eligible layer at its real input shape, sparsity, dtype and
@@ -283,23 +283,27 @@ def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str, op: str 
     and writes X, W and Y; CSR/COO on a conv build im2col (C·k² rows per output pixel); the direct kernel's forward
     and input gradient hold X and Y once more in its layout (batch padded to 8 lanes), its weight gradient G
     channels-last (padded by the kernel's reach) and W; the pointwise kernel its output, the strided pixels of its
-    input and the weight's CSR; on a linear layer the sparse copy is at most the operand."""
+    input, the weight's CSR and, in bf16, each thread's fp32 chunk of input and output rows; on a linear layer the
+    sparse copy is at most the operand. In bf16 the compiled kernels compute in fp32: the direct forward and input
+    gradient also hold fp32 copies of X and Y, the weight gradient one of G."""
     el = x.element_size()
     dense = (x.numel() + w_s.numel() + y.numel()) * el
     if not isinstance(layer, torch.nn.Conv2d):
         return dense, dense
-    n = x.shape[0]
+    n, widened = x.shape[0], el < 4 and fmt in COMPILED
     if fmt == "pointwise":
         s = layer.stride[0]
-        return (x.numel() // (s * s) * (s > 1) + y.numel() + 3 * w_s.numel()) * 4, dense
+        chunks = widened * (x.shape[1] + y.shape[1]) * sparse_conv.PW_CHUNK * 4 * torch.get_num_threads()
+        return (x.numel() // (s * s) * (s > 1) + y.numel()) * el + 3 * w_s.numel() * 4 + chunks, dense
     if fmt == "direct" and op == "grad_weight":
         k, s = w_s.shape[2:], layer.stride[0]
         return (n * (y.shape[2] + k[0] // s + 1) * (y.shape[3] + k[1] // s + 1) * sparse_conv.lanes(y.shape[1])
-                + 2 * w_s.numel()) * 4, dense
+                + 2 * w_s.numel() + widened * y.numel()) * 4, dense
     if fmt == "direct":
         pad = layer.padding if isinstance(layer.padding, tuple) else (0, 0)
         hp, wp = x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]
-        return (x.shape[1] * hp * wp + y[0].numel()) * sparse_conv.lanes(n) * 4, dense
+        return ((x.shape[1] * hp * wp + y[0].numel()) * sparse_conv.lanes(n)
+                + widened * (x.numel() + y.numel())) * 4, dense
     return n * w_s[0].numel() * y[0, 0].numel() * el, dense
 
 

@@ -374,6 +374,60 @@ void pointwise_nchw_f32(const float *x, int64_t N, int64_t xs, int64_t P, const 
     }
 }
 
+/* bf16 <-> fp32: a bf16 is the high half of an fp32 (widening is exact); narrowing rounds to nearest, ties to
+ * even, and keeps a NaN a NaN. */
+static inline float bf2f(uint16_t h) {
+    union { uint32_t u; float f; } c = {(uint32_t)h << 16};
+    return c.f;
+}
+
+static inline uint16_t f2bf(float f) {
+    union { float f; uint32_t u; } c = {f};
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u);
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* pointwise_nchw_f32 on bf16 x and y (N images of K rows of P pixels, and of M rows): each task widens its
+ * chunk's slab of x (K rows x up to 128 pixels) into a per-thread fp32 buffer, accumulates its rows in fp32 as
+ * above, and rounds them into y; the CSR's offsets are k * 128 (the buffer's row stride), its values fp32. */
+void pointwise_nchw_bf16(const uint16_t *x, int64_t N, int64_t K, int64_t xs, int64_t P, const int64_t *rowptr,
+                         const int64_t *off, const float *val, int64_t M, const float *bias, uint16_t *y,
+                         int64_t ys, int nt) {
+    static const pw_fn fns[9] = {NULL, pw_rows1, pw_rows2, pw_rows3, pw_rows4, pw_rows5, pw_rows6, pw_rows7,
+                                 pw_rows8};
+    if (N <= 0 || P <= 0 || M <= 0) return;
+    const int64_t chunk = 128, nchunk = (P + chunk - 1) / chunk;
+    int64_t mblk = (4 * (int64_t)nt + N * nchunk - 1) / (N * nchunk);
+    if (mblk < 1) mblk = 1;
+    if (mblk > (M + 7) / 8) mblk = (M + 7) / 8;
+    const int64_t per = (M + mblk - 1) / mblk, ntask = N * nchunk * mblk;
+#pragma omp parallel num_threads(nt)
+    {
+        float *xin = (float *)malloc((size_t)(K * chunk) * sizeof(float));
+        float *yout = (float *)malloc((size_t)(per * chunk) * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntask; ++t) {
+            int64_t mb = t % mblk, c = (t / mblk) % nchunk, n = t / (mblk * nchunk);
+            int64_t p0 = c * chunk, len = P - p0 < chunk ? P - p0 : chunk;
+            int64_t m0 = mb * per, m1 = m0 + per < M ? m0 + per : M;
+            int nv = (int)((len + 15) / 16), tail = (int)(len - 16 * (nv - 1));
+            for (int64_t k = 0; k < K; ++k) {
+                const uint16_t *src = x + n * xs + k * P + p0;
+                float *dst = xin + k * chunk;
+                for (int64_t i = 0; i < len; ++i) dst[i] = bf2f(src[i]);
+            }
+            fns[nv](xin, yout, chunk, rowptr + m0, off, val, bias ? bias + m0 : NULL, 0, m1 - m0, tail);
+            for (int64_t m = m0; m < m1; ++m) {
+                const float *src = yout + (m - m0) * chunk;
+                uint16_t *dst = y + n * ys + m * P + p0;
+                for (int64_t i = 0; i < len; ++i) dst[i] = f2bf(src[i]);
+            }
+        }
+        free(xin);
+        free(yout);
+    }
+}
+
 /* ---- the weight gradient from the non-zeros of X_s ----------------------------------------------------------
  *
  *     dW[co, ci, kh, kw] = sum_n sum_(oh, ow) G[n, co, oh, ow] * X_s[n, ci, oh*s - ph + kh, ow*s - pw + kw]
@@ -415,9 +469,10 @@ DW_TAP(4)
 DW_TAP(2)
 DW_TAP(1)
 
-void sparse_grad_weight_f32(const float *x, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
-                            const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
-                            int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
+/* x is fp32 (bf16 = 0) or bf16 (bf16 = 1, widened as it is listed); everything else fp32. */
+static inline void grad_weight(const void *x, int bf16, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
+                               const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
+                               int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
     const int64_t HW = H * W, S2 = s * s;
     const float t = thr > 0.0f ? thr : 1.4e-45f; /* |x| >= t; t = the least denormal keeps all non-zeros */
     memset(out, 0, (size_t)(Ci * KH * KW * Cp) * sizeof(float));
@@ -438,12 +493,13 @@ void sparse_grad_weight_f32(const float *x, float thr, int64_t N, int64_t Ci, in
                         if (rh >= KH || rw >= KW) continue; /* no tap reads this phase (a 1x1 conv, stride 2) */
                         int64_t ih0 = ((rh - ph) % s + s) % s, iw0 = ((rw - pw) % s + s) % s;
                         for (int64_t n = n0; n < n1; ++n) {
-                            const float *pl = x + (n * Ci + ci) * HW;
+                            const int64_t pl = (n * Ci + ci) * HW;
                             for (int64_t ih = ih0; ih < H; ih += s) {
-                                const float *row = pl + ih * W;
+                                const int64_t row = pl + ih * W;
                                 int64_t o = ((n * GH + (ih + ph) / s + A) * GW + B + (iw0 + pw) / s) * Cp;
                                 for (int64_t iw = iw0; iw < W; iw += s, o += Cp) { /* branch-free: write, keep */
-                                    float v = row[iw];
+                                    float v = bf16 ? bf2f(((const uint16_t *)x)[row + iw])
+                                                   : ((const float *)x)[row + iw];
                                     off[e] = o;
                                     val[e] = v;
                                     e += __builtin_fabsf(v) >= t;
@@ -473,6 +529,18 @@ void sparse_grad_weight_f32(const float *x, float thr, int64_t N, int64_t Ci, in
         free(val);
         free(start);
     }
+}
+
+void sparse_grad_weight_f32(const float *x, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
+                            const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
+                            int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
+    grad_weight(x, 0, thr, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
+}
+
+void sparse_grad_weight_bf16(const uint16_t *x, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
+                             const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
+                             int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
+    grad_weight(x, 1, thr, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
 }
 
 /* out (N, GH, GW, Cp) = g (N, C, H, W) [cl = 0] or (N, H, W, C) [cl = 1] at (top + h, left + w), zero elsewhere
