@@ -239,8 +239,9 @@ def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
     assert "| resnet20 | 16 | blpa4 |" in head and "| resnet20 | 16 | swat-u90+blpa4 |" in head
     text = md.read_text()
     assert "## Every method on every model" in text and "| swat-u90+blpa4 |" in text
-    assert (md.parent / "img" / "matrix_time_resnet20.png").stat().st_size > 1000
-    assert "![memory of resnet20](img/matrix_memory_resnet20.png)" in text
+    # batch 16 and 1 thread are not the matrix's defaults: the table and its plots are named by them
+    assert (md.parent / "img" / "matrix_time_resnet20-b16-1t.png").stat().st_size > 1000
+    assert "![memory of resnet20-b16-1t](img/matrix_memory_resnet20-b16-1t.png)" in text
     assert "Kernels chosen by the SWAT layers' calibration" in text and "swat-u90: " in text
     assert main(["report", "--results", str(tmp_path / "nothing"), "--out", str(md), "--readme", ""]) == 2
 
@@ -483,6 +484,31 @@ def test_report_shows_compiled_over_eager_and_a_gpu_section(tmp_path):
     more = [{**packed[0], "dtype": "bf16", "batch": 32}, {**packed[0], "batch": 8, "timestamp": "z"}]
     assert headline(packed + more) == head
 
+
+def test_matrix_tables_never_mix_batches_dtypes_or_threads():
+    """Each matrix table holds one setting: a bf16 run, another batch or another thread count gets its own table,
+    headed by its own settings; the default batch of the model's family keeps the plain heading."""
+    from leanprop.bench.report import render
+
+    base = {"bench": "matrix", "model": "cifar_resnet18", "family": "cifar", "batch": 128, "threads": 2,
+            "cpu_count": 2, "dtype": "fp32", "channels_last": False, "device": "cpu", "processor": "cpu-x",
+            "git_sha": "abc", "saved_bytes": 2**20, "ratio_vs_dense": 1.0}
+
+    def rec(method, step_s, dense_s, **kw):
+        return {**base, "method": method, "step_s": step_s, "time_vs_dense": step_s / dense_s, **kw}
+
+    recs = [rec("dense", 0.5, 0.5), rec("swat-u90", 0.35, 0.5),
+            rec("dense", 0.3, 0.3, dtype="bf16"), rec("swat-u90", 0.33, 0.3, dtype="bf16"),
+            rec("dense", 0.25, 0.25, batch=64), rec("swat-u90", 0.16, 0.25, batch=64),
+            rec("dense", 0.9, 0.9, threads=1)]
+    text = render(recs)
+    tables = {t.split("\n")[0]: t for t in text.split("### cifar_resnet18")[1:]}
+    heads = sorted(tables)
+    assert heads == [" (batch 128, 1 threads, fp32, cpu, git abc)", " (batch 128, 2 threads, fp32, cpu, git abc)",
+                     " (batch 64, 2 threads, fp32, cpu, git abc)",
+                     " in bf16 (batch 128, 2 threads, bf16, cpu, git abc)"]
+    assert "| swat-u90 | 330.0 | 1.100 |" in tables[heads[3]] and "| swat-u90 | 350.0 | 0.700 |" in tables[heads[1]]
+    assert tables[heads[1]].count("| dense |") == 1 and "| swat-u90 | 160.0 | 0.640 |" in tables[heads[2]]
 
 @pytest.mark.slow
 def test_bench_matrix_compile_records_graph_breaks(tmp_path):

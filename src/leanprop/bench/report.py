@@ -315,17 +315,27 @@ def _matrix_section(recs: list[dict], plots: dict[str, str], device: str = "cpu"
     return parts
 
 
+_DEFAULT_BATCH = {"cifar": 128, "imagenet": 8}  # `leanprop bench matrix`'s --batch / --imagenet-batch
+
+
 def _group(r: dict) -> str:
-    """A matrix table's key: the model, with ``-nhwc`` for channels-last runs, ``-compile`` for compiled ones and
-    the device type unless CPU (plot file names use it)."""
+    """A matrix table's key: the model, with ``-nhwc`` for channels-last runs, ``-compile`` for compiled ones, the
+    device type unless CPU, and the batch, dtype and threads where they are not the matrix's defaults (plot file
+    names use it), so that one table never mixes settings."""
     dev = device_of(r)
+    batch = r.get("batch")
+    threads = r.get("threads")
     return (r["model"] + ("-nhwc" if r.get("channels_last") else "") + ("-compile" if r.get("compile") else "")
-            + ("" if dev == "cpu" else f"-{dev}"))
+            + ("" if dev == "cpu" else f"-{dev}")
+            + ("" if batch == _DEFAULT_BATCH.get(r.get("family", ""), batch) else f"-b{batch}")
+            + ("" if r.get("dtype", "fp32") == "fp32" else f"-{r['dtype']}")
+            + ("" if threads in (None, r.get("cpu_count")) or dev != "cpu" else f"-{threads}t"))
 
 
 def _label(r: dict) -> str:
     dev = device_of(r)
     return (r["model"] + (" (NHWC)" if r.get("channels_last") else "") + (" (compiled)" if r.get("compile") else "")
+            + ("" if r.get("dtype", "fp32") == "fp32" else f" in {r['dtype']}")
             + ("" if dev == "cpu" else f" on {dev}"))
 
 
