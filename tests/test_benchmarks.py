@@ -140,9 +140,13 @@ def test_blpa_accuracy_commands_share_the_swat_recipe():
     from leanprop.bench import accuracy_swat as swat_accuracy
     from leanprop.bench import accuracy_swat_blpa as swat_blpa_accuracy
 
-    assert list(blpa_accuracy.VARIANTS) == ["dense", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4"]
+    assert list(blpa_accuracy.VARIANTS) == ["dense", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4", "blpa4-units",
+                                            "blpa4-sr"]
+    # the issue's rows are the planned table; the two diagnostic rows appear once they have runs
+    assert blpa_accuracy.PLANNED["resnet20"] == list(blpa_accuracy.VARIANTS)[:5]
     root = BENCH.parent
-    for name, bits in (("dense", None), ("blpa8", 8), ("blpa4", 4), ("blpa2", 2), ("swat-u90+blpa4", 4)):
+    for name, bits in (("dense", None), ("blpa8", 8), ("blpa4", 4), ("blpa2", 2), ("swat-u90+blpa4", 4),
+                       ("blpa4-units", 4), ("blpa4-sr", 4)):
         cmd = blpa_accuracy.command(name, "resnet20", 30)
         assert cmd[:4] == ["leanprop", "train", "--config", cmd[3]] and (root / cmd[3]).is_file()
         sets = cmd[5::2]
@@ -156,6 +160,9 @@ def test_blpa_accuracy_commands_share_the_swat_recipe():
         else:
             assert cfg.blpa.bits == bits
         assert (cfg.swat is not None) == name.startswith("swat")
+        if bits is not None:  # only the diagnostic rows leave the codes outside the units at their defaults
+            assert cfg.blpa.outside_bits == (32 if name == "blpa4-units" else bits)
+            assert cfg.blpa.stochastic_rounding == (name == "blpa4-sr" or bits == 2)
     # one dense run for the SWAT, BLPA and SWAT+BLPA tables; the combined table's rows are the others' runs
     assert blpa_accuracy.command("dense", "resnet20", 30) == swat_accuracy.command("dense", "resnet20", 30)
     for name in swat_blpa_accuracy.VARIANTS:

@@ -51,7 +51,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                    help="swat: dense vs SWAT variants; blpa: exact vs BLPA-8/4/2; swat_blpa: SWAT + BLPA against "
                         "each alone")
     p.add_argument("--out-dir", default="runs/accuracy")
-    p.add_argument("--model", help="default: the suite's (swat: resnet8; blpa, swat_blpa: resnet20)")
+    p.add_argument("--model", help="default: the suite's (resnet20)")
     p.add_argument("--epochs", type=int, help="default: the suite's (30)")
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants of the suite")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
