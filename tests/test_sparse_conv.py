@@ -259,19 +259,62 @@ def test_unsupported_convolutions_say_why():
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("compress", [False, True])
-def test_swat_conv_on_the_direct_kernel_equals_the_dense_kernels(stride, compress, one_thread_module):
+def test_swat_conv_on_the_direct_kernel_equals_the_dense_kernels(stride, compress, one_thread_module, monkeypatch):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(18, 8, 10, 10, generator=gen, requires_grad=True)
     w = torch.randn(12, 8, 3, 3, generator=gen, requires_grad=True)
     b = torch.randn(12, generator=gen, requires_grad=True)
     ws = (w * (w.abs() > 1.0)).detach()
-    outs = []
+    outs, packed_reads = [], []
+    real = sk.conv_grad_weight_packed
+
+    def spy(*args):
+        packed_reads.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(sk, "conv_grad_weight_packed", spy)
     for ops in (sk.NO_SPARSE, ("direct", "direct", "direct")):  # dW: X and its threshold, or packed X_s
         y = swat_conv2d(x, w, ws, b, 0.5, stride, 1, compress=compress, sparse_ops=ops)
         grads = torch.autograd.grad((y * y).sum(), (x, w, b))
         outs.append((y.detach(), *grads))
     for a, r in zip(outs[1], outs[0], strict=True):
         _close(a, r)
+    # packed X_s is read by the dW kernel as it is (never expanded); uncompressed, the dense X and its threshold
+    assert packed_reads == ([x.shape] if compress else [])
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dw_from_the_packed_x_s_equals_dw_from_x_and_its_threshold(case, dtype, one_thread_module):
+    """The packed form (1-bit mask + kept values, ops.sparse_storage) listed from its set bits gives the same entries
+    in the same order as scanning X: the same dW bit for bit, every stride phase and padding."""
+    from leanprop.ops.sparse_storage import pack_above
+
+    n, c, co, h, w, k, s, p = case
+    gen = torch.Generator().manual_seed(hash(case) % 1000 + 3)
+    x = torch.randn(n, c, h, w, generator=gen).to(dtype)
+    positions, values, meta = pack_above(x, 0.8)
+    assert not meta.indexed and sc.packed_unsupported(positions, values, x.shape, meta.memory_format, False) is None
+    ho, wo = (h + 2 * p[0] - k[0]) // s + 1, (w + 2 * p[1] - k[1]) // s + 1
+    g = torch.randn(n, co, ho, wo, generator=gen).to(dtype)
+    w_shape = (co, c, *k)
+    ref = sc.conv_grad_weight(x, g, w_shape, (s, s), p, threshold=0.8)
+    got = sc.conv_grad_weight_packed(positions, values, x.shape, g, w_shape, (s, s), p)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert float(ref.abs().max()) > 0
+    with pytest.raises(ValueError, match="cannot cover"):
+        sc.conv_grad_weight_packed(positions[:-1], values, (n, c, h, w + 8), g, w_shape, (s, s), p)
+
+
+def test_packed_forms_the_dw_kernel_does_not_read_say_why():
+    from leanprop.ops.sparse_storage import pack_above
+
+    x = torch.randn(2, 3, 4, 4)
+    pos, val, meta = pack_above(x.contiguous(memory_format=torch.channels_last), 0.5)
+    assert "NCHW" in sc.packed_unsupported(pos, val, x.shape, meta.memory_format, meta.indexed)
+    pos, val, meta = pack_above(x, 3.5)  # almost nothing kept: int32 indices are smaller
+    assert meta.indexed and "indices" in sc.packed_unsupported(pos, val, x.shape, meta.memory_format, meta.indexed)
+    assert "float64" in sc.packed_unsupported(pos, val.double(), x.shape, torch.contiguous_format, False)
 
 
 def test_training_step_on_the_direct_kernel_equals_dense_kernels(one_thread_module):

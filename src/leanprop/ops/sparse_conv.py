@@ -43,7 +43,8 @@ from leanprop.ops.kernels import build_library
 from leanprop.ops.packing import memory_format_of
 
 __all__ = ["SparseConvKernels", "load_sparse_conv", "unsupported", "conv_forward", "conv_grad_input",
-           "conv_grad_weight", "lanes", "pointwise_unsupported", "pointwise_forward", "pointwise_grad_input",
+           "conv_grad_weight", "packed_unsupported", "conv_grad_weight_packed", "lanes", "pointwise_unsupported",
+           "pointwise_forward", "pointwise_grad_input",
            "linear_unsupported", "linear_forward", "linear_grad_input", "linear_grad_weight"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.c"
@@ -82,6 +83,9 @@ class SparseConvKernels:
         lib.pointwise_nchw_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p, i64, i32]
         lib.pointwise_nchw_bf16.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, i64, i32]
         lib.sparse_grad_weight_bf16.argtypes = lib.sparse_grad_weight_f32.argtypes
+        lib.plane_starts.argtypes = [p, i64, i64, p]
+        lib.sparse_grad_weight_packed.argtypes = [p, i32, p, p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64,
+                                                  i64, i64, i64, i64, i64, p, i32]
 
     def __deepcopy__(self, memo: dict) -> SparseConvKernels:
         return self
@@ -292,7 +296,50 @@ def conv_grad_weight(x: Tensor, g: Tensor, w_shape, stride, padding, dilation=(1
     non-zeros of x), the dense weight gradient of :func:`conv_forward`, by the kept entries of x."""
     _require(x, g, stride, padding, dilation)
     kern = kernels or load_sparse_conv(required=True)
-    n, ci, h, w = x.shape
+    xc = x.detach().contiguous()
+    fn = kern.lib.sparse_grad_weight_bf16 if xc.dtype == torch.bfloat16 else kern.lib.sparse_grad_weight_f32
+    return _grad_weight(kern, x.shape, x.dtype, g, w_shape, stride, padding,
+                        lambda *geometry: fn(xc.data_ptr(), float(threshold), *geometry))
+
+
+def packed_unsupported(positions: Tensor, values: Tensor, shape, memory_format: torch.memory_format,
+                       indexed: bool) -> str | None:
+    """None when :func:`conv_grad_weight_packed` reads this packed X_s, else why not."""
+    if indexed:
+        return "int32 indices (the mask form only)"
+    if len(shape) != 4 or memory_format is not torch.contiguous_format:
+        return "not an NCHW 4-D tensor"
+    if values.device.type != "cpu" or values.dtype not in TAKEN_DTYPES or positions.dtype != torch.uint8:
+        return f"{values.dtype} values on {values.device.type}"
+    return None
+
+
+def conv_grad_weight_packed(positions: Tensor, values: Tensor, x_shape, g: Tensor, w_shape, stride, padding,
+                            dilation=(1, 1), kernels: SparseConvKernels | None = None) -> Tensor:
+    """:func:`conv_grad_weight` of SWAT's packed ``X_s`` (``ops.sparse_storage``, the mask form of an NCHW tensor:
+    1-bit mask ``positions`` and the kept ``values`` in element order), read as it is: the kept entries are listed
+    from the mask's set bits, so X_s is never expanded."""
+    why = unsupported(values.new_empty(()).expand(tuple(x_shape)), g, stride, padding, dilation)
+    if why is not None:
+        raise ValueError(f"the direct sparse kernel does not take this convolution ({why}); unpack X_s first")
+    kern = kernels or load_sparse_conv(required=True)
+    n, ci, h, w = (int(v) for v in x_shape)
+    if positions.numel() * 8 < n * ci * h * w:
+        raise ValueError(f"a mask of {positions.numel()} bytes cannot cover an X_s of {tuple(x_shape)}")
+    pstart = torch.empty(n * ci, dtype=torch.int64)
+    kern.lib.plane_starts(positions.data_ptr(), n * ci, h * w, pstart.data_ptr())
+    vals = values.contiguous()
+    bf16 = int(vals.dtype == torch.bfloat16)
+    return _grad_weight(kern, x_shape, values.dtype, g, w_shape, stride, padding,
+                        lambda *geometry: kern.lib.sparse_grad_weight_packed(
+                            vals.data_ptr(), bf16, positions.data_ptr(), pstart.data_ptr(), *geometry))
+
+
+def _grad_weight(kern: SparseConvKernels, x_shape, dtype: torch.dtype, g: Tensor, w_shape, stride, padding,
+                 call) -> Tensor:
+    """The shared part of the two dW paths: G padded channels-last, then ``call(N, Ci, H, W, G, GH, GW, Cp, A, B, s,
+    ph, pw, KH, KW, nb, out, nt)`` into (Ci, KH, KW, Cp), transposed to (Co, Ci, KH, KW) in ``dtype``."""
+    n, ci, h, w = (int(v) for v in x_shape)
     co, kh, kw = int(w_shape[0]), int(w_shape[2]), int(w_shape[3])
     s = int(stride[0])
     _, _, ho, wo = g.shape
@@ -307,13 +354,10 @@ def conv_grad_weight(x: Tensor, g: Tensor, w_shape, stride, padding, dilation=(1
                           gh, gw, cp, gp.data_ptr(), nt)
     nb = max(1, min(n, BLOCK_BYTES // (gh * gw * cp * 4)))  # images whose G stays in the L2 cache together
     dwt = torch.empty((ci, kh, kw, cp), dtype=torch.float32)
-    xc = x.detach().contiguous()
-    fn = kern.lib.sparse_grad_weight_bf16 if xc.dtype == torch.bfloat16 else kern.lib.sparse_grad_weight_f32
-    fn(xc.data_ptr(), float(threshold), n, ci, h, w, gp.data_ptr(), gh, gw, cp, top, left, s, padding[0], padding[1],
-       kh, kw, nb, dwt.data_ptr(), nt)
+    call(n, ci, h, w, gp.data_ptr(), gh, gw, cp, top, left, s, padding[0], padding[1], kh, kw, nb, dwt.data_ptr(), nt)
     dw = torch.empty((co, ci, kh, kw), dtype=torch.float32)
     kern.lib.transpose_rows_f32(dwt.data_ptr(), ci * kh * kw, cp, co, dw.data_ptr(), nt)
-    return dw.to(x.dtype)
+    return dw.to(dtype)
 
 
 def pointwise_unsupported(x: Tensor, w: Tensor, stride, padding, dilation, groups: int = 1,

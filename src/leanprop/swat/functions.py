@@ -100,16 +100,21 @@ def _drops_nothing(thr: Threshold) -> bool:
     return not thr > 0.0
 
 
-def _saved(ctx, direct_dw: bool = False) -> tuple[Tensor | None, Tensor, tuple[Tensor, float] | None]:
+def _saved(ctx, direct_dw: bool = False) -> tuple[Tensor | None, Tensor, tuple | None]:
     """``(X_s or None, W_s, None)`` as the forward computed them, restored from what it kept (``ctx.saved_tensors``
-    is read once: a saved-tensor hook decodes each access). ``direct_dw``: where the forward kept the dense X and
-    its threshold, ``(None, W_s, (X, threshold))`` instead -- the direct dW kernel reads X_s = X where
-    ``|X| >= threshold`` as it goes, so X_s is never written out (packed X_s is restored as usual)."""
+    is read once: a saved-tensor hook decodes each access). ``direct_dw``: where the direct dW kernel can read what
+    the forward kept, ``(None, W_s, what it reads)`` instead, so X_s is never written out: ``(X, threshold)`` for
+    the dense X (X_s = X where ``|X| >= threshold``, read as it goes), or ``(positions, values, meta)`` for a packed
+    X_s in the mask form (its kept entries listed from the mask; a conv's NCHW X_s, see
+    ``sparse_conv.packed_unsupported``)."""
     xa, xb, weight, w_bits = ctx.saved_tensors
     ws = weight.detach().to(ctx.w_dtype) if w_bits is None else restore_sparse_weight(weight, w_bits, ctx.w_meta,
                                                                                        ctx.w_dtype)
     if direct_dw and ctx.x_meta is None and xa is not None:
         return None, ws, (xa, 0.0 if xb is None else float(xb))
+    meta = ctx.x_meta
+    if direct_dw and meta is not None and meta.offsets is not None and sk.packed_readable(xa, xb, meta):
+        return None, ws, (xa, xb, meta)
     return _x_s(ctx, xa, xb), ws, None
 
 
@@ -147,7 +152,10 @@ class _SWATConv2d(torch.autograd.Function):
                     False, [0, 0], groups, dense_mask)
             if sparse_dx:
                 dx = sk.conv_grad_input(g, ws, ctx.x_shape, stride, padding, dilation, ctx.sparse_ops[1])
-            if sparse_dw:
+            if sparse_dw and x_thr is not None and len(x_thr) == 3:  # the packed X_s, read as it is
+                positions, values, meta = x_thr
+                dw = sk.conv_grad_weight_packed(positions, values, meta.shape, g, ws.shape, stride, padding, dilation)
+            elif sparse_dw:
                 x_in, thr = x_thr if x_thr is not None else (x_s, 0.0)
                 dw = sk.conv_grad_weight(x_in, g, ws.shape, stride, padding, dilation, ctx.sparse_ops[2], thr)
         return (_to(dx, x_dtype), _to(dw, w_dtype), None, _to(db, b_dtype) if mask[2] else None,

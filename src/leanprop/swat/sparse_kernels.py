@@ -132,6 +132,19 @@ def conv_grad_weight(x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation,
     return torch.sparse.mm(cm, gm.t()).t().reshape(w_shape)
 
 
+def packed_readable(positions: Tensor, values: Tensor, meta) -> bool:
+    """Whether the direct dW kernel reads this packed X_s (``ops.sparse_storage.PackedSparse``) without expanding
+    it: the mask form of an NCHW 4-D CPU tensor, fp32 or bf16, with the compiled kernels built."""
+    return sparse_conv.packed_unsupported(positions, values, meta.shape, meta.memory_format, meta.indexed) is None \
+        and sparse_conv.load_sparse_conv() is not None
+
+
+def conv_grad_weight_packed(positions: Tensor, values: Tensor, x_shape, g: Tensor, w_shape, stride, padding,
+                            dilation) -> Tensor:
+    """The direct dW kernel on SWAT's packed X_s (:func:`packed_readable`), which it never expands."""
+    return sparse_conv.conv_grad_weight_packed(positions, values, x_shape, g, w_shape, stride, padding, dilation)
+
+
 def linear_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, fmt: str = "csr") -> Tensor:
     """``x @ W_sᵀ + b`` as ``(S(W_s) @ xᵀ)ᵀ``, or by the pointwise kernel (``fmt="pointwise"``); x has shape
     (..., in)."""

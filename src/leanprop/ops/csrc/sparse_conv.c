@@ -469,8 +469,30 @@ DW_TAP(4)
 DW_TAP(2)
 DW_TAP(1)
 
-/* x is fp32 (bf16 = 0) or bf16 (bf16 = 1, widened as it is listed); everything else fp32. */
-static inline void grad_weight(const void *x, int bf16, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
+/* The packed X_s of SWAT's compressed storage (ops/sparse_storage.py): a 1-bit mask over the NCHW elements (element
+ * i at bit 7 - i % 8 of byte i / 8) and the kept values in element order.  plane_starts gives each (n, ci) plane's
+ * first value index: the set bits before it. */
+void plane_starts(const uint8_t *bits, int64_t nplanes, int64_t HW, int64_t *pstart) {
+    int64_t cnt = 0, f = 0;
+    for (int64_t p = 0; p < nplanes; ++p) {
+        pstart[p] = cnt;
+        const int64_t hi = f + HW;
+        for (; f < hi && (f & 7); ++f) cnt += (bits[f >> 3] >> (7 - (f & 7))) & 1;
+        for (; f + 64 <= hi; f += 64) {
+            uint64_t w;
+            memcpy(&w, bits + (f >> 3), 8);
+            cnt += __builtin_popcountll(w);
+        }
+        for (; f + 8 <= hi; f += 8) cnt += __builtin_popcount(bits[f >> 3]);
+        for (; f < hi; ++f) cnt += (bits[f >> 3] >> (7 - (f & 7))) & 1;
+    }
+}
+
+/* x is fp32 (bf16 = 0) or bf16 (bf16 = 1, widened as it is listed); everything else fp32.  With bits != NULL, x is
+ * the packed X_s's values (pstart: plane_starts), listed from the mask's set bits in one pass, each into its stride
+ * phase's region of the list (a phase's region holds every pixel of that phase, so none overflows). */
+static inline void grad_weight(const void *x, int bf16, float thr, const uint8_t *bits, const int64_t *pstart,
+                               int64_t N, int64_t Ci, int64_t H, int64_t W,
                                const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
                                int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
     const int64_t HW = H * W, S2 = s * s;
@@ -482,11 +504,34 @@ static inline void grad_weight(const void *x, int bf16, float thr, int64_t N, in
         int64_t *off = (int64_t *)malloc((size_t)(nb * HW + 1) * sizeof(int64_t));
         float *val = (float *)malloc((size_t)(nb * HW + 1) * sizeof(float));
         int64_t *start = (int64_t *)malloc((size_t)(S2 + 1) * sizeof(int64_t)); /* phase k: [start[k], start[k+1]) */
+        int64_t *end = (int64_t *)malloc((size_t)(S2 + 1) * sizeof(int64_t));    /* and its end (packed: a cursor) */
         for (int64_t n0 = 0; n0 < N; n0 += nb) {
             int64_t n1 = n0 + nb < N ? n0 + nb : N;
 #pragma omp for schedule(static)
             for (int64_t ci = 0; ci < Ci; ++ci) {
                 int64_t e = 0;
+                if (bits) {
+                    for (int64_t rh = 0; rh < s; ++rh) /* region k: (n1 - n0) x its rows x its columns */
+                        for (int64_t rw = 0; rw < s; ++rw) {
+                            int64_t ih0 = ((rh - ph) % s + s) % s, iw0 = ((rw - pw) % s + s) % s;
+                            int64_t rows = ih0 < H ? (H - ih0 + s - 1) / s : 0, cols = iw0 < W ? (W - iw0 + s - 1) / s : 0;
+                            start[rh * s + rw] = end[rh * s + rw] = e;
+                            e += (n1 - n0) * rows * cols;
+                        }
+                    for (int64_t n = n0; n < n1; ++n) {
+                        const int64_t p = n * Ci + ci, f0 = p * HW;
+                        int64_t r = pstart[p];
+                        for (int64_t f = f0; f < f0 + HW; ++f) {
+                            if (!(f & 7) && f + 8 <= f0 + HW && !bits[f >> 3]) { f += 7; continue; } /* 8 dropped */
+                            if (!((bits[f >> 3] >> (7 - (f & 7))) & 1)) continue;
+                            const int64_t q = f - f0, ih = q / W, iw = q - ih * W;
+                            const int64_t k = ((ih + ph) % s) * s + (iw + pw) % s, ee = end[k]++;
+                            off[ee] = ((n * GH + (ih + ph) / s + A) * GW + B + (iw + pw) / s) * Cp;
+                            val[ee] = bf16 ? bf2f(((const uint16_t *)x)[r]) : ((const float *)x)[r];
+                            ++r;
+                        }
+                    }
+                } else {
                 for (int64_t rh = 0; rh < s; ++rh)
                     for (int64_t rw = 0; rw < s; ++rw) {
                         start[rh * s + rw] = e;
@@ -508,9 +553,11 @@ static inline void grad_weight(const void *x, int bf16, float thr, int64_t N, in
                         }
                     }
                 start[S2] = e;
+                for (int64_t k = 0; k < S2; ++k) end[k] = start[k + 1];
+                }
                 for (int64_t rh = 0; rh < s; ++rh)
                     for (int64_t rw = 0; rw < s; ++rw) {
-                        int64_t e0 = start[rh * s + rw], e1 = start[rh * s + rw + 1];
+                        int64_t e0 = start[rh * s + rw], e1 = end[rh * s + rw];
                         if (e0 == e1) continue;
                         for (int64_t kh = rh; kh < KH; kh += s)
                             for (int64_t kw = rw; kw < KW; kw += s) {
@@ -528,19 +575,30 @@ static inline void grad_weight(const void *x, int bf16, float thr, int64_t N, in
         free(off);
         free(val);
         free(start);
+        free(end);
     }
 }
 
 void sparse_grad_weight_f32(const float *x, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
                             const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
                             int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
-    grad_weight(x, 0, thr, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
+    grad_weight(x, 0, thr, NULL, NULL, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
 }
 
 void sparse_grad_weight_bf16(const uint16_t *x, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
                              const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
                              int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
-    grad_weight(x, 1, thr, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
+    grad_weight(x, 1, thr, NULL, NULL, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
+}
+
+/* dW from SWAT's packed X_s (bits, values of dtype bf16 ? bf16 : fp32, pstart = plane_starts) without expanding
+ * it. */
+void sparse_grad_weight_packed(const void *values, int bf16, const uint8_t *bits, const int64_t *pstart, int64_t N,
+                               int64_t Ci, int64_t H, int64_t W, const float *g, int64_t GH, int64_t GW, int64_t Cp,
+                               int64_t A, int64_t B, int64_t s, int64_t ph, int64_t pw, int64_t KH, int64_t KW,
+                               int64_t nb, float *out, int nt) {
+    if (bf16) grad_weight(values, 1, 0.0f, bits, pstart, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
+    else grad_weight(values, 0, 0.0f, bits, pstart, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
 }
 
 /* out (N, GH, GW, Cp) = g (N, C, H, W) [cl = 0] or (N, H, W, C) [cl = 1] at (top + h, left + w), zero elsewhere
