@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from leanprop import models
 from leanprop.nn.convert import convert_
+from leanprop.ops import sparse_storage
 from leanprop.swat import sparse_kernels as sk
 from leanprop.swat.config import SWATConfig
 from leanprop.swat.functions import swat_conv2d, swat_linear
@@ -173,6 +174,31 @@ def test_calibration_sets_the_measured_choice_and_leaves_training_state():
     assert "sparse" in sk.format_table(timings)
     assert ctl.kernel_summary().startswith("SWAT sparse kernels: ") and "timing took" in ctl.kernel_summary()
 
+
+def test_calibration_of_packed_layers_times_dw_as_their_backward_pays_it(monkeypatch):
+    """compress_saved: the grad-weight trials expand the packed X_s first (dense, CSR, COO), except the direct
+    kernel, which reads the packed form; every trial's result is still checked against the dense one."""
+    _, ctl = _resnet(compress_saved=True)
+    expands, packed = [], []
+    real_unpack, real_packed = sparse_storage.unpack_sparse, sk.conv_grad_weight_packed
+    monkeypatch.setattr(sparse_storage, "unpack_sparse", lambda *a: (expands.append(1), real_unpack(*a))[1])
+    monkeypatch.setattr(sk, "conv_grad_weight_packed", lambda *a: (packed.append(a[2]), real_packed(*a))[1])
+    seen = {}
+
+    def timer(name, path, fn, reps):
+        if path in ("dense", "direct"):
+            n0, p0 = len(expands), len(packed)
+            fn()
+            seen.setdefault((name, path), []).append((len(expands) - n0, len(packed) - p0))
+        return {"dense": 2.0, "direct": 1.0}.get(path, 3.0)
+
+    timings = ctl.calibrate_kernels(torch.randn(16, 3, 16, 16), timer=timer)
+    dw = [t for t in timings if t.op == "grad_weight" and t.sparse_ms is not None and not t.note.startswith("as ")]
+    assert dw and all(t.format == "direct" and t.sparse for t in dw)
+    convs = [t.layer for t in dw if isinstance(ctl.layers[t.layer], nn.Conv2d)]
+    assert convs
+    for name in convs:  # per layer: dense fwd / dX (no expansion), dense dW (one), direct fwd / dX, direct dW (none)
+        assert (1, 0) in seen[(name, "dense")] and (0, 1) in seen[(name, "direct")]
 
 def test_calibration_keeps_dense_kernels_where_they_win():
     _, ctl = _resnet()

@@ -287,8 +287,31 @@ def _op_pairs(layer, x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, formats=FOR
     if isinstance(layer, torch.nn.Conv2d):
         x, padding = layer._pad(x)
         x_s, _ = layer._pad(x_s)
-        return conv_op_pairs(x, w_s, x_s, g, layer.stride, padding, layer.dilation, formats)
+        pairs = conv_op_pairs(x, w_s, x_s, g, layer.stride, padding, layer.dilation, formats)
+        if getattr(layer, "compress", False) and formats:
+            pairs["grad_weight"] = _packed_dw_pair(pairs["grad_weight"], x_s, g, w_s.shape, layer.stride, padding,
+                                                   layer.dilation)
+        return pairs
     return linear_op_pairs(x, w_s, x_s, g, formats)
+
+
+def _packed_dw_pair(pair, x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation):
+    """The grad-weight trials of a layer that keeps X_s packed (``compress_saved``), as its backward pays them: every
+    path expands X_s first, except the direct kernel where it reads the packed form as it is
+    (:func:`packed_readable`); packing is the forward's and costs every path the same, so it is not timed."""
+    from leanprop.ops.sparse_storage import pack_above, unpack_sparse
+
+    positions, values, meta = pack_above(x_s, torch.finfo(torch.float32).tiny)
+    dense, sparse = pair
+
+    def expanded(fn):
+        return lambda: (unpack_sparse(positions, values, meta), fn())[1]
+
+    paths = {f: expanded(fn) for f, fn in sparse.items()}
+    if "direct" in sparse and meta.offsets is not None and packed_readable(positions, values, meta):
+        paths["direct"] = functools.partial(conv_grad_weight_packed, positions, values, x_s.shape, g, w_shape, stride,
+                                            padding, dilation)
+    return expanded(dense), paths
 
 
 def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str, op: str = "forward") -> tuple[int, int]:
