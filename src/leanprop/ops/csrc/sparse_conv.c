@@ -473,32 +473,69 @@ DW_TAP(1)
  * i at bit 7 - i % 8 of byte i / 8) and the kept values in element order.  plane_starts gives each (n, ci) plane's
  * first value index: the set bits before it. */
 void plane_starts(const uint8_t *bits, int64_t nplanes, int64_t HW, int64_t *pstart) {
-    int64_t cnt = 0, f = 0;
-    for (int64_t p = 0; p < nplanes; ++p) {
-        pstart[p] = cnt;
-        const int64_t hi = f + HW;
-        for (; f < hi && (f & 7); ++f) cnt += (bits[f >> 3] >> (7 - (f & 7))) & 1;
-        for (; f + 64 <= hi; f += 64) {
-            uint64_t w;
-            memcpy(&w, bits + (f >> 3), 8);
-            cnt += __builtin_popcountll(w);
-        }
-        for (; f + 8 <= hi; f += 8) cnt += __builtin_popcount(bits[f >> 3]);
-        for (; f < hi; ++f) cnt += (bits[f >> 3] >> (7 - (f & 7))) & 1;
+    const int64_t numel = nplanes * HW, nw = numel / 64 + 1;
+    int64_t *cum = (int64_t *)malloc((size_t)(nw + 1) * sizeof(int64_t)); /* set bits before word w (64 elements) */
+    cum[0] = 0;
+    for (int64_t w = 0; w < nw; ++w) {
+        int64_t c = 0;
+        if ((w + 1) * 64 <= numel) {
+            uint64_t v;
+            memcpy(&v, bits + w * 8, 8);
+            c = __builtin_popcountll(v);
+        } else
+            for (int64_t b = w * 8; b < (numel + 7) / 8; ++b) c += __builtin_popcount(bits[b]);
+        cum[w + 1] = cum[w] + c;
     }
+    for (int64_t p = 0; p < nplanes; ++p) { /* before element f: its word's count, whole bytes, the byte's top bits */
+        const int64_t f = p * HW;
+        int64_t c = cum[f >> 6];
+        for (int64_t b = (f >> 6) * 8; b < (f >> 3); ++b) c += __builtin_popcount(bits[b]);
+        if (f & 7) c += __builtin_popcount((unsigned)bits[f >> 3] >> (8 - (f & 7)));
+        pstart[p] = c;
+    }
+    free(cum);
+}
+
+/* The mask bits of elements [f, f + len) (len <= 64) at the top of a word: element f at bit 63.  nbytes bounds
+ * the reads (the mask's size). */
+static inline uint64_t bits_at(const uint8_t *bits, int64_t f, int len, int64_t nbytes) {
+    const int64_t b = f >> 3;
+    const int o = (int)(f & 7);
+    uint8_t buf[9] = {0};
+    memcpy(buf, bits + b, (size_t)(b + 9 <= nbytes ? 9 : nbytes - b));
+    uint64_t w;
+    memcpy(&w, buf, 8);
+    w = __builtin_bswap64(w); /* byte 0 on top: bit 7 of byte 0 is bit 63 */
+    if (o) w = (w << o) | ((uint64_t)buf[8] >> (8 - o));
+    return len == 64 ? w : w & ~(~0ull >> len);
 }
 
 /* x is fp32 (bf16 = 0) or bf16 (bf16 = 1, widened as it is listed); everything else fp32.  With bits != NULL, x is
  * the packed X_s's values (pstart: plane_starts), listed from the mask's set bits in one pass, each into its stride
  * phase's region of the list (a phase's region holds every pixel of that phase, so none overflows). */
 static inline void grad_weight(const void *x, int bf16, float thr, const uint8_t *bits, const int64_t *pstart,
-                               int64_t N, int64_t Ci, int64_t H, int64_t W,
+                               int64_t nbytes, int64_t N, int64_t Ci, int64_t H, int64_t W,
                                const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
                                int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
     const int64_t HW = H * W, S2 = s * s;
     const float t = thr > 0.0f ? thr : 1.4e-45f; /* |x| >= t; t = the least denormal keeps all non-zeros */
     memset(out, 0, (size_t)(Ci * KH * KW * Cp) * sizeof(float));
     if (nb < 1) nb = 1;
+    int64_t *otab = NULL; /* packed: pixel q's offset into an image's padded G, its stride phase, and (tmask) */
+    int32_t *ktab = NULL;  /* whether any tap reads it, 64 pixels per word */
+    uint64_t *tmask = NULL;
+    if (bits) {
+        otab = (int64_t *)malloc((size_t)HW * sizeof(int64_t));
+        ktab = (int32_t *)malloc((size_t)HW * sizeof(int32_t));
+        tmask = (uint64_t *)calloc((size_t)(HW / 64 + 1), sizeof(uint64_t));
+        for (int64_t q = 0; q < HW; ++q) {
+            const int64_t ih = q / W, iw = q % W;
+            otab[q] = (((ih + ph) / s + A) * GW + B + (iw + pw) / s) * Cp;
+            const int64_t rh = (ih + ph) % s, rw = (iw + pw) % s;
+            ktab[q] = rh < KH && rw < KW ? (int32_t)(rh * s + rw) : -1; /* -1: no tap reads this phase */
+            if (ktab[q] >= 0) tmask[q >> 6] |= 0x8000000000000000ull >> (q & 63);
+        }
+    }
 #pragma omp parallel num_threads(nt)
     {
         int64_t *off = (int64_t *)malloc((size_t)(nb * HW + 1) * sizeof(int64_t));
@@ -519,16 +556,21 @@ static inline void grad_weight(const void *x, int bf16, float thr, const uint8_t
                             e += (n1 - n0) * rows * cols;
                         }
                     for (int64_t n = n0; n < n1; ++n) {
-                        const int64_t p = n * Ci + ci, f0 = p * HW;
+                        const int64_t p = n * Ci + ci, f0 = p * HW, obase = n * GH * GW * Cp;
                         int64_t r = pstart[p];
-                        for (int64_t f = f0; f < f0 + HW; ++f) {
-                            if (!(f & 7) && f + 8 <= f0 + HW && !bits[f >> 3]) { f += 7; continue; } /* 8 dropped */
-                            if (!((bits[f >> 3] >> (7 - (f & 7))) & 1)) continue;
-                            const int64_t q = f - f0, ih = q / W, iw = q - ih * W;
-                            const int64_t k = ((ih + ph) % s) * s + (iw + pw) % s, ee = end[k]++;
-                            off[ee] = ((n * GH + (ih + ph) / s + A) * GW + B + (iw + pw) / s) * Cp;
-                            val[ee] = bf16 ? bf2f(((const uint16_t *)x)[r]) : ((const float *)x)[r];
-                            ++r;
+                        for (int64_t q0 = 0; q0 < HW; q0 += 64) { /* 64 pixels of the plane at once */
+                            const int len = HW - q0 < 64 ? (int)(HW - q0) : 64;
+                            const uint64_t all = bits_at(bits, f0 + q0, len, nbytes);
+                            uint64_t word = all & tmask[q0 >> 6]; /* the pixels some tap reads */
+                            while (word) { /* set bits high to low = pixels in order */
+                                const int t = __builtin_clzll(word);
+                                word &= ~(0x8000000000000000ull >> t);
+                                const int64_t q = q0 + t, ee = end[ktab[q]]++;
+                                const int64_t v = r + (t ? __builtin_popcountll(all >> (64 - t)) : 0); /* its rank */
+                                off[ee] = obase + otab[q];
+                                val[ee] = bf16 ? bf2f(((const uint16_t *)x)[v]) : ((const float *)x)[v];
+                            }
+                            r += __builtin_popcountll(all);
                         }
                     }
                 } else {
@@ -577,18 +619,21 @@ static inline void grad_weight(const void *x, int bf16, float thr, const uint8_t
         free(start);
         free(end);
     }
+    free(otab);
+    free(ktab);
+    free(tmask);
 }
 
 void sparse_grad_weight_f32(const float *x, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
                             const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
                             int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
-    grad_weight(x, 0, thr, NULL, NULL, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
+    grad_weight(x, 0, thr, NULL, NULL, 0, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
 }
 
 void sparse_grad_weight_bf16(const uint16_t *x, float thr, int64_t N, int64_t Ci, int64_t H, int64_t W,
                              const float *g, int64_t GH, int64_t GW, int64_t Cp, int64_t A, int64_t B, int64_t s,
                              int64_t ph, int64_t pw, int64_t KH, int64_t KW, int64_t nb, float *out, int nt) {
-    grad_weight(x, 1, thr, NULL, NULL, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
+    grad_weight(x, 1, thr, NULL, NULL, 0, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
 }
 
 /* dW from SWAT's packed X_s (bits, values of dtype bf16 ? bf16 : fp32, pstart = plane_starts) without expanding
@@ -597,8 +642,13 @@ void sparse_grad_weight_packed(const void *values, int bf16, const uint8_t *bits
                                int64_t Ci, int64_t H, int64_t W, const float *g, int64_t GH, int64_t GW, int64_t Cp,
                                int64_t A, int64_t B, int64_t s, int64_t ph, int64_t pw, int64_t KH, int64_t KW,
                                int64_t nb, float *out, int nt) {
-    if (bf16) grad_weight(values, 1, 0.0f, bits, pstart, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
-    else grad_weight(values, 0, 0.0f, bits, pstart, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb, out, nt);
+    const int64_t nbytes = (N * Ci * H * W + 7) / 8;
+    if (bf16)
+        grad_weight(values, 1, 0.0f, bits, pstart, nbytes, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb,
+                    out, nt);
+    else
+        grad_weight(values, 0, 0.0f, bits, pstart, nbytes, N, Ci, H, W, g, GH, GW, Cp, A, B, s, ph, pw, KH, KW, nb,
+                    out, nt);
 }
 
 /* out (N, GH, GW, Cp) = g (N, C, H, W) [cl = 0] or (N, H, W, C) [cl = 1] at (top + h, left + w), zero elsewhere
