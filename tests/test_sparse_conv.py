@@ -157,6 +157,68 @@ def test_bf16_linear_on_the_compiled_kernels(one_thread_module):
     _within_one_bf16_rounding(dw, g.float().reshape(-1, 24).t() @ x.float().reshape(-1, 40))
 
 
+ROWS_CASES = [  # (batch, C, Co, H, W, kernel, padding): stride 1, square and not, padding 0 to k - 1
+    (3, 5, 7, 9, 11, (3, 3), (1, 1)),
+    (2, 4, 6, 7, 7, (5, 3), (2, 0)),
+    (4, 8, 3, 6, 5, (3, 3), (0, 0)),
+    (1, 3, 4, 4, 4, (2, 2), (1, 1)),
+    (2, 16, 24, 15, 13, (3, 3), (2, 2)),
+    (5, 8, 8, 20, 20, (7, 7), (3, 3)),
+]
+
+
+@pytest.mark.parametrize("case", ROWS_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("density", [0.1, 0.0, 1.0])
+def test_rows_kernel_equals_dense(case, channels_last, density, one_thread_module):
+    """The k×k kernel over the padded rows (NCHW, width innermost): forward (bias included) and input gradient; a
+    channels-last tensor is copied in and out and keeps its layout; the scratch columns never reach the result."""
+    n, c, co, h, w, k, p = case
+    gen = torch.Generator().manual_seed(hash(case) % 1000 + 11)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=fmt)
+    ws, b = _sparse_weight(co, c, k, density, gen), torch.randn(co, generator=gen)
+    ref = F.conv2d(x, ws, b, 1, p)
+    y = sc.rows_forward(x, ws, b, (1, 1), p)
+    _close(y, ref)
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.randn(ref.shape, generator=gen).contiguous(memory_format=fmt)
+    dref = torch.ops.aten.convolution_backward(g, x, ws, None, [1, 1], list(p), [1, 1], False, [0, 0], 1,
+                                               [True, False, False])[0]
+    dx = sc.rows_grad_input(g, ws, x.shape, (1, 1), p)
+    _close(dx, dref)
+    assert dx.is_contiguous(memory_format=fmt)
+    _close(sk.conv_forward(x, ws, b, (1, 1), p, (1, 1), "rows"), ref)
+    _close(sk.conv_grad_input(g, ws, x.shape, (1, 1), p, (1, 1), "rows"), dref)
+
+
+def test_rows_kernel_says_what_it_does_not_take():
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3, 3)
+    assert sc.rows_unsupported(x, w, (1, 1), (1, 1), (1, 1)) is None
+    assert "1x1" in sc.rows_unsupported(x, w[:, :, :1, :1], (1, 1), (0, 0), (1, 1))
+    assert "strided" in sc.rows_unsupported(x, w, (2, 2), (1, 1), (1, 1))
+    assert "padding" in sc.rows_unsupported(x, w, (1, 1), (3, 3), (1, 1))
+    assert "fp32 only" in sc.rows_unsupported(x.bfloat16(), w.bfloat16(), (1, 1), (1, 1), (1, 1))
+    assert "NCHW" in sc.rows_unsupported(x.contiguous(memory_format=torch.channels_last), w, (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="rows sparse kernel does not take"):
+        sc.rows_forward(x, w, None, (2, 2), (1, 1))
+    with pytest.raises(ValueError, match="no weight gradient"):
+        sk.conv_grad_weight(x, torch.randn(2, 3, 6, 6), w.shape, (1, 1), (1, 1), (1, 1), "rows")
+
+
+def test_swat_conv_on_the_rows_kernel_equals_the_dense_kernels(one_thread_module):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 8, 12, 12, generator=gen, requires_grad=True)
+    w = torch.randn(12, 8, 3, 3, generator=gen, requires_grad=True)
+    b = torch.randn(12, generator=gen, requires_grad=True)
+    ws = (w * (w.abs() > 1.0)).detach()
+    outs = []
+    for ops in (sk.NO_SPARSE, ("rows", "rows", "direct")):
+        y = swat_conv2d(x, w, ws, b, 0.5, 1, 1, sparse_ops=ops)
+        outs.append((y.detach(), *torch.autograd.grad((y * y).sum(), (x, w, b))))
+    for a, r in zip(outs[1], outs[0], strict=True):
+        _close(a, r)
+
 def test_pointwise_kernel_is_offered_where_it_applies():
     """Forward and grad-input of an unpadded 1x1 conv on an NCHW input; never dW, 3x3, padded or channels-last."""
     x, g = torch.randn(2, 8, 6, 6), torch.randn(2, 4, 6, 6)
@@ -174,6 +236,14 @@ def test_pointwise_kernel_is_offered_where_it_applies():
         sk.conv_grad_weight(x, g, w.shape, (1, 1), (0, 0), (1, 1), "pointwise")
     with pytest.raises(ValueError, match="pointwise sparse kernel does not take"):
         sc.pointwise_forward(x, torch.randn(4, 8, 3, 3), None, (1, 1), (1, 1))
+    # the rows kernel: a k×k stride-1 conv's forward and grad-input on an NCHW fp32 input, never its dW
+    w3 = torch.randn(4, 8, 3, 3)
+    pairs = sk.conv_op_pairs(x, w3, x, g, (1, 1), (1, 1), (1, 1))
+    assert "rows" in pairs["forward"][1] and "rows" in pairs["grad_input"][1] and "rows" not in pairs["grad_weight"][1]
+    assert "rows" not in sk.conv_op_pairs(x, w, x, g, (1, 1), (0, 0), (1, 1))["forward"][1]  # 1x1: pointwise's
+    assert "rows" not in sk.conv_op_pairs(x, w3, x, g[..., ::2, ::2], (2, 2), (1, 1), (1, 1))["forward"][1]
+    assert "rows" not in sk.conv_op_pairs(x.contiguous(memory_format=torch.channels_last), w3, x, g, (1, 1), (1, 1),
+                                          (1, 1))["forward"][1]
 
 
 def test_swat_conv_on_the_pointwise_kernel_equals_the_dense_kernels(one_thread_module):

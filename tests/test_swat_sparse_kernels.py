@@ -143,9 +143,9 @@ def test_calibration_sets_the_measured_choice_and_leaves_training_state():
     assert all(layer.sparse_ops == sk.NO_SPARSE for layer in ctl.layers.values())
     calls = []
 
-    def timer(name, path, fn, reps):  # pointwise wins where offered, then direct and CSR; COO loses
+    def timer(name, path, fn, reps):  # pointwise wins where offered, then rows, direct and CSR; COO loses
         calls.append((name, path))
-        return {"dense": 2.0, "pointwise": 0.5, "direct": 1.0, "csr": 1.0, "coo": 3.0}[path]
+        return {"dense": 2.0, "pointwise": 0.5, "rows": 0.8, "direct": 1.0, "csr": 1.0, "coo": 3.0}[path]
 
     timer.calls = calls
     bn = {k: v.clone() for k, v in model.state_dict().items()}
@@ -164,9 +164,14 @@ def test_calibration_sets_the_measured_choice_and_leaves_training_state():
             assert layer.sparse_ops == sk.NO_SPARSE
         elif isinstance(layer, nn.Linear) or layer.kernel_size == (1, 1):  # pointwise forward and dX, direct dW
             assert layer.sparse_ops == ("pointwise", "pointwise", "direct")
+        elif layer.stride == (1, 1):  # k×k stride 1: rows forward and dX (tried although direct wins clearly too),
+            rows = [t for t in timings if t.layer == n and t.op == "forward"][0]  # unless its workspace is too big
+            wide = "rows: workspace over 2x" in rows.note or "as " in rows.note and layer.sparse_ops[0] == "direct"
+            assert layer.sparse_ops == (("direct",) * 3 if wide else ("rows", "rows", "direct"))
         else:  # the direct kernel wins all three ops (it is tried before CSR, which only ties it)
             assert layer.sparse_ops == ("direct", "direct", "direct")
     assert any(isinstance(ctl.layers[n], nn.Linear) for n in eligible)
+    assert any(layer.sparse_ops[0] == "rows" for layer in ctl.layers.values())
     notes = [t.note for t in timings if t.op == "grad_weight" and not t.note.startswith("as ")]
     assert any("workspace over 2x" in note for note in notes)
     # identical shapes are timed once

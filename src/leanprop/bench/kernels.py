@@ -5,8 +5,9 @@ shape of ResNet-50 at 224 px, for ``--batch 8``) and each sparsity, on the same 
 
 * dense: oneDNN's forward, grad-input and grad-weight on the zero-filled weight (what SWAT runs without kernels);
 * the library's sparse paths (``leanprop.swat.sparse_kernels.conv_op_pairs``, what the calibration chooses
-  between): "direct" (all three ops, :mod:`leanprop.ops.sparse_conv`), "pointwise" (forward and grad-input of the
-  1x1 convs in their NCHW layout) and CSR/COO on im2col, each paying what it pays every step (the weight's CSR
+  between): "direct" (all three ops, :mod:`leanprop.ops.sparse_conv`, the batch innermost), "pointwise" (forward and
+  grad-input of the 1x1 convs in their NCHW layout), "rows" (forward and grad-input of the k×k stride-1 convs, the
+  padded rows innermost) and CSR/COO on im2col, each paying what it pays every step (the weight's CSR
   form, layout changes or im2col);
 * SparseProp (Nikdan et al., ICML 2023; PyPI ``sparseprop``, when installed): its forward and its backward, which
   computes the input gradient and the gradient of the kept weights only, with the weight converted once (its
@@ -16,7 +17,7 @@ One JSONL record per (layer, sparsity, op, path) with ``ratio = path / dense``, 
 compiled kernel and dense, against SparseProp's forward + backward) and "layer" (all three ops of one SWAT layer's
 step, dW by the direct kernel); the report puts them side by side.
 
-    leanprop bench kernels                     # batch 64, 2 threads, 90 / 95 %, direct + pointwise (+ sparseprop)
+    leanprop bench kernels       # batch 64, 2 threads, 90 / 95 %, direct + pointwise + rows (+ sparseprop)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = ["add_parser", "run", "main", "measure", "layer_label", "LAYERS", "RES
 
 KIND = "kernels"
 #: the library's sparse formats (``leanprop.swat.sparse_kernels.FORMATS``, written here to keep torch out of --help)
-FORMATS = ("pointwise", "direct", "csr", "coo")
+FORMATS = ("pointwise", "rows", "direct", "csr", "coo")
 
 # (Cin, Cout, input H, kernel, stride) of CIFAR ResNet-18: the 3x3 stride-1 convs of the four stages, the 3x3
 # stride-2 first convs of stages 2-4 and their 1x1 stride-2 shortcut convs
@@ -58,8 +59,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsities", default="0.9,0.95")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--formats", default="direct,pointwise", help=f"library formats, a subset of {','.join(FORMATS)} "
-                   "(default: %(default)s)")
+    p.add_argument("--formats", default="direct,pointwise,rows",
+                   help=f"library formats, a subset of {','.join(FORMATS)} (default: %(default)s)")
     p.add_argument("--no-sparseprop", action="store_true", help="skip SparseProp even when it is installed")
     p.add_argument("--out", default="benchmarks/results/sparse_kernels.jsonl")
     p.add_argument("--report", default="docs/benchmarks.md", help="'' to skip the report")
@@ -103,7 +104,7 @@ def measure(cin: int, cout: int, h: int, k: int, stride: int, batch: int, s: flo
         calls[("grad_weight", "direct")] = lambda: conv_grad_weight(x, grad, w_s.shape, (stride,) * 2,
                                                                     (k // 2,) * 2, (1, 1), "direct", thr)
     dfwd, ddx, ddw = pairs["forward"][0], pairs["grad_input"][0], pairs["grad_weight"][0]
-    for fmt in ("direct", "pointwise"):  # the compiled kernels: dW by the direct one (pointwise has none)
+    for fmt in ("direct", "pointwise", "rows"):  # the compiled kernels: dW by the direct one (the others have none)
         if fmt in pairs["forward"][1]:
             fwd, dx = pairs["forward"][1][fmt], pairs["grad_input"][1][fmt]
             dw = calls.get(("grad_weight", "direct"), ddw)

@@ -134,7 +134,7 @@ def _sparse_kernels_section(recs: list[dict]) -> list[str]:
 def _direct_kernels_section(recs: list[dict]) -> list[str]:
     """The direct sparse kernel against oneDNN and SparseProp per layer (``leanprop bench kernels``)."""
     sk = _latest([r for r in recs if r.get("bench") == "sparse_kernels"
-                  and r.get("format") in ("direct", "pointwise", "sparseprop")],
+                  and r.get("format") in ("direct", "pointwise", "rows", "sparseprop")],
                  ("layer", "op", "format", "sparsity", "batch", "threads", "processor"))
     if not sk:
         return []
@@ -144,9 +144,10 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
         keys = [k for k in keys if (*k, "forward+backward", "sparseprop") in cell]
     rows, wins, compared = [], {}, {}  # per batch
     for key in keys:
-        # the faster compiled kernel of this layer's forward + input gradient (pointwise: 1x1 convs only)
-        kern = min((f for f in ("direct", "pointwise") if (*key, "forward+grad_input", f) in cell), default=None,
-                   key=lambda f: cell[(*key, "forward+grad_input", f)]["sparse_ms"])
+        # the fastest compiled kernel of this layer's forward + input gradient (pointwise: 1x1 convs; rows: k×k,
+        # stride 1)
+        kern = min((f for f in ("direct", "pointwise", "rows") if (*key, "forward+grad_input", f) in cell),
+                   default=None, key=lambda f: cell[(*key, "forward+grad_input", f)]["sparse_ms"])
         if kern is None:
             continue
         both = cell[(*key, "forward+grad_input", kern)]
@@ -168,8 +169,10 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
              "sparsity. dense: oneDNN on the zero-filled weight. direct: `leanprop.ops.sparse_conv` (weight in CSR "
              "rebuilt every call, batch-innermost layout in and out, all counted). SparseProp: its forward + "
              "backward (the backward also computes the gradient of the kept weights; its weight is converted once, "
-             "its output stays in its own layout). A layer marked (pointwise) shows the pointwise kernel, where it "
-             "beats the direct one: a 1x1 conv in its NCHW layout, no layout change. direct dW: SWAT's dense weight "
+             "its output stays in its own layout). A layer marked (pointwise) or (rows) shows that kernel, where it "
+             "beats the direct one: the pointwise kernel takes a 1x1 conv in its NCHW layout, no layout change; the "
+             "rows kernel a k×k stride-1 conv in NCHW with the padded rows innermost (X padded, the output cropped, "
+             "both counted). direct dW: SWAT's dense weight "
              "gradient from the kept 10 or 5 % "
              "of X (read from the dense X with its threshold), against oneDNN's on the zero-filled X_s; layer: "
              "forward, input and weight gradient together, direct against oneDNN. "
@@ -186,7 +189,7 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
 
 def _direct_break_even(sk: list[dict]) -> list[str]:
     """Where the direct kernel pays: one SWAT layer's three ops, direct / dense, per layer, threads and sparsity."""
-    lay = [r for r in sk if r["op"] == "layer" and r["format"] in ("direct", "pointwise")]
+    lay = [r for r in sk if r["op"] == "layer" and r["format"] in ("direct", "pointwise", "rows")]
     if not lay:
         return []
     sps = sorted({r["sparsity"] for r in lay})
@@ -203,7 +206,7 @@ def _direct_break_even(sk: list[dict]) -> list[str]:
                      f"{min(wins):.0%}" if wins else f"none up to {max(got):.0%}"])
     return ["### Break-even of the direct kernel (one SWAT layer)", "",
             "Forward + input gradient + weight gradient of one SWAT conv (weight and X_s at the given sparsity) by "
-            "the direct kernel (forward and input gradient of a 1x1 conv by the pointwise kernel where that is "
+            "the direct kernel (forward and input gradient by the pointwise or the rows kernel where that is "
             "faster), over the same three ops on oneDNN; below 1 the sparse layer is faster. Break-even: "
             "the lowest measured sparsity from which it wins at every higher one. Command: `leanprop bench kernels "
             "--sparsities ... --threads ...`.", "",

@@ -44,7 +44,7 @@ from leanprop.ops.packing import memory_format_of
 
 __all__ = ["SparseConvKernels", "load_sparse_conv", "unsupported", "conv_forward", "conv_grad_input",
            "conv_grad_weight", "packed_unsupported", "conv_grad_weight_packed", "lanes", "pointwise_unsupported",
-           "pointwise_forward", "pointwise_grad_input",
+           "pointwise_forward", "pointwise_grad_input", "rows_unsupported", "rows_forward", "rows_grad_input",
            "linear_unsupported", "linear_forward", "linear_grad_input", "linear_grad_weight"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.c"
@@ -408,6 +408,84 @@ def pointwise_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding=(0, 0)
     dx = torch.empty(tuple(x_shape), dtype=g.dtype, memory_format=fmt).zero_()
     dx[:, :, ::s, ::s] = dxs
     return dx
+
+
+def rows_unsupported(x: Tensor, w: Tensor, stride, padding, dilation, groups: int = 1,
+                     layout: bool = True) -> str | None:
+    """None when the rows kernel takes this convolution (fp32, k×k with k > 1, stride 1, padding below the kernel
+    size; with ``layout``, an NCHW input: another layout pays a copy in and out), else why not."""
+    why = unsupported(x, w, stride, padding, dilation, groups)
+    kh, kw = (int(v) for v in w.shape[2:]) if w.dim() == 4 else (1, 1)
+    if why is None and x.dtype != torch.float32:
+        why = f"dtype {x.dtype} (the rows kernel is fp32 only)"
+    if why is None and (kh, kw) == (1, 1):
+        why = "a 1x1 conv (the pointwise kernel's)"
+    if why is None and int(stride[0]) != 1:
+        why = "a strided conv"
+    if why is None and not (0 <= padding[0] < kh and 0 <= padding[1] < kw):
+        why = "padding as large as the kernel"
+    if why is None and layout and not x.is_contiguous():
+        why = "not NCHW (a channels-last input takes the batch-innermost kernel)"
+    return why
+
+
+def _require_rows(t: Tensor, w: Tensor, stride, padding, dilation) -> None:
+    why = rows_unsupported(t, w, stride, padding, dilation, layout=False)
+    if why is not None:
+        raise ValueError(f"the rows sparse kernel does not take this convolution ({why}); use 'direct' or dense")
+
+
+def _rows_correlation(kern: SparseConvKernels, x: Tensor, w: Tensor, bias: Tensor | None, pad: tuple[int, int]
+                      ) -> Tensor:
+    """The stride-1 correlation of ``x`` (N, C, H, W) zero-padded by ``pad`` with ``w`` (M, C, kh, kw), as the
+    pointwise kernel over the padded width: output pixel q = oh·Wp + ow of an image reads input q + kh·Wp + kw,
+    so every non-zero weight multiplies a contiguous run of the padded rows. Returns (N, M, Ho, Wp): the columns from
+    Wo on are scratch (they read across a row's end; the caller drops them)."""
+    n, c, h, wd = x.shape
+    m, _, kh, kw = (int(v) for v in w.shape)
+    hp, wp = h + 2 * pad[0], wd + 2 * pad[1]
+    ho, plane = hp - kh + 1, hp * wp
+    buf = torch.empty(n * c * plane + kw, dtype=torch.float32)  # the last scratch column reads kw - 2 past the end
+    buf[n * c * plane:].zero_()
+    xp = buf[:n * c * plane].view(n, c, hp, wp)
+    if pad[0]:
+        xp[:, :, :pad[0]].zero_()
+        xp[:, :, hp - pad[0]:].zero_()
+    if pad[1]:
+        xp[:, :, :, :pad[1]].zero_()
+        xp[:, :, :, wp - pad[1]:].zero_()
+    xp[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + wd].copy_(x)
+    rowptr, off, val = kern.csr_forward(w.detach().to(torch.float32).contiguous(), hp, wp, 1)  # (ci·Hp + kh)·Wp + kw
+    y = torch.empty((n, m, ho, wp), dtype=torch.float32)
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    kern.lib.pointwise_nchw_f32(xp.data_ptr(), n, c * plane, ho * wp, rowptr.data_ptr(), off.data_ptr(),
+                                val.data_ptr(), m, None if b is None else b.data_ptr(), y.data_ptr(), m * ho * wp,
+                                torch.get_num_threads())
+    return y
+
+
+def rows_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, dilation=(1, 1),
+                 kernels: SparseConvKernels | None = None) -> Tensor:
+    """``conv2d(x, w_s, bias, 1, padding)`` of a k×k ``w_s`` by the rows kernel (NCHW, the pixels of each padded
+    row innermost: the width-innermost layout), in x's memory format; the padded copy of x and the cropped copy of
+    the output are part of every call."""
+    _require_rows(x, w_s, stride, padding, dilation)
+    kern = kernels or load_sparse_conv(required=True)
+    wo = x.shape[3] + 2 * padding[1] - w_s.shape[3] + 1
+    y = _rows_correlation(kern, x, w_s, bias, (padding[0], padding[1]))
+    return y[..., :wo].contiguous(memory_format=memory_format_of(x))
+
+
+def rows_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation=(1, 1),
+                    kernels: SparseConvKernels | None = None) -> Tensor:
+    """``dX = conv_transpose(g, w_s)`` of :func:`rows_forward`: the correlation of G, padded by ``k - 1 - p``, with
+    the flipped, transposed weight (stride 1), in g's memory format."""
+    _require_rows(g, w_s, stride, padding, dilation)
+    kern = kernels or load_sparse_conv(required=True)
+    kh, kw = (int(v) for v in w_s.shape[2:])
+    wt = w_s.detach().flip(2, 3).transpose(0, 1)
+    dx = _rows_correlation(kern, g, wt, None, (kh - 1 - padding[0], kw - 1 - padding[1]))
+    return dx[..., :int(x_shape[3])].contiguous(memory_format=memory_format_of(g))
 
 
 def linear_unsupported(x: Tensor, w: Tensor) -> str | None:

@@ -10,6 +10,7 @@ A SWAT layer's training step has three products (docs/methods/swat.md, 'Technica
 with ``S`` the CSR or the COO form (``torch.sparse.mm``), "direct" the compiled direct convolution of
 :mod:`leanprop.ops.sparse_conv` (fp32 and bf16 CPU convs: the weight in CSR, the batch innermost, no im2col)
 and "pointwise" its other layout for 1×1 convs of NCHW tensors (the pixels innermost, no layout change; forward and
+grad-input), "rows" the same product for k×k stride-1 convs over the padded rows (width innermost; fp32; forward and
 grad-input). Linear layers: CSR/COO without im2col, and (fp32 or bf16, CPU) the pointwise kernel on the transposed
 rows for the forward and grad-input, the direct dW of a 1×1 conv for the grad-weight. The sparse paths give the
 dense kernels' results up to summation order, and pay what a real sparse path pays every step: the dense -> sparse
@@ -20,7 +21,7 @@ Whether they are faster depends on the machine, the shapes and the sparsity, so 
 device, and a layer uses the sparse kernel for an op only where it measured faster by a margin
 (``SWATConfig.sparse_kernels="auto"``, run by :meth:`SWATController.calibrate_kernels`). The per-op choice
 is the layer's ``sparse_ops`` attribute: a ``(forward, grad_input, grad_weight)`` tuple whose entries are None
-(dense) or a format, "csr", "coo", "direct" or "pointwise" (True means "csr").
+(dense) or a format, "csr", "coo", "direct", "pointwise" or "rows" (True means "csr").
 
 The calibration is bounded: its trials spend at most 2 times the dense time of every SWAT layer's three ops
 (:class:`Budget`), so that with the capturing forward it stays under 3 dense training steps; a trial whose
@@ -50,13 +51,14 @@ from leanprop.timing import time_calls
 __all__ = ["OPS", "FORMATS", "NO_SPARSE", "format_of", "KernelTiming", "conv_forward", "conv_grad_input",
            "conv_grad_weight", "linear_forward", "linear_grad_input", "linear_grad_weight", "conv_op_pairs",
            "linear_op_pairs", "eligible", "calibrate", "format_table", "Budget", "workspace_bytes", "DIRECT_OPS",
-           "POINTWISE_OPS", "COMPILED"]
+           "POINTWISE_OPS", "ROWS_OPS", "COMPILED"]
 
 OPS = ("forward", "grad_input", "grad_weight")
-FORMATS = ("pointwise", "direct", "csr", "coo")  # the order trials run in: the likeliest winner first
+FORMATS = ("pointwise", "rows", "direct", "csr", "coo")  # the order trials run in: the likeliest winner first
 DIRECT_OPS = OPS  # the ops the direct kernel has (convs only)
 POINTWISE_OPS = ("forward", "grad_input")  # the pointwise kernel's (1×1 convs; dW: the direct kernel)
-COMPILED = ("pointwise", "direct")  # the compiled kernels (sparse_conv), as against torch.sparse's CSR/COO
+ROWS_OPS = ("forward", "grad_input")  # the rows kernel's (k×k stride-1 convs; dW: the direct kernel)
+COMPILED = ("pointwise", "rows", "direct")  # the compiled kernels (sparse_conv), against torch.sparse's CSR/COO
 NO_SPARSE = (None, None, None)
 SparseOps = tuple  # (forward, grad_input, grad_weight): each None, "csr", "coo" (or a bool: True is "csr")
 
@@ -92,6 +94,8 @@ def conv_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, d
         return sparse_conv.conv_forward(x, w_s, bias, stride, padding, dilation)
     if fmt == "pointwise":
         return sparse_conv.pointwise_forward(x, w_s, bias, stride, padding, dilation)
+    if fmt == "rows":
+        return sparse_conv.rows_forward(x, w_s, bias, stride, padding, dilation)
     n, cout, k = x.shape[0], w_s.shape[0], tuple(w_s.shape[2:])
     cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # (N, C·kh·kw, L)
     ho, wo = _out_hw(x.shape[2:], k, stride, padding, dilation)
@@ -108,6 +112,8 @@ def conv_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation, 
         return sparse_conv.conv_grad_input(g, w_s, x_shape, stride, padding, dilation)
     if fmt == "pointwise":
         return sparse_conv.pointwise_grad_input(g, w_s, x_shape, stride, padding, dilation)
+    if fmt == "rows":
+        return sparse_conv.rows_grad_input(g, w_s, x_shape, stride, padding, dilation)
     n, cout, k = g.shape[0], w_s.shape[0], tuple(w_s.shape[2:])
     gm = g.transpose(0, 1).reshape(cout, -1)  # (Cout, N·L)
     cols = torch.sparse.mm(_sparse(w_s.reshape(cout, -1).t(), fmt), gm)  # (C·kh·kw, N·L)
@@ -122,9 +128,9 @@ def conv_grad_weight(x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation,
     the other formats take X_s itself)."""
     if fmt == "direct":
         return sparse_conv.conv_grad_weight(x_s, g, w_shape, stride, padding, dilation, threshold)
-    if fmt == "pointwise":
-        raise ValueError("the pointwise kernel has no weight gradient; use 'direct' (it takes 1x1 convs), 'csr', "
-                         "'coo' or dense (None)")
+    if fmt in ("pointwise", "rows"):
+        raise ValueError(f"the {fmt} kernel has no weight gradient; use 'direct' (it takes every conv they take), "
+                         "'csr', 'coo' or dense (None)")
     cout, k = g.shape[1], tuple(w_shape[2:])
     cols = F.unfold(x_s, k, dilation=dilation, padding=padding, stride=stride)
     cm = _sparse(cols.transpose(0, 1).reshape(cols.shape[1], -1), fmt)  # (C·kh·kw, N·L)
@@ -245,10 +251,12 @@ def conv_op_pairs(x: Tensor, w_s: Tensor, x_s: Tensor, g: Tensor, stride, paddin
     direct = built and "direct" in formats and sparse_conv.unsupported(x, w_s, stride, padding, dilation) is None
     pointwise = built and "pointwise" in formats and \
         sparse_conv.pointwise_unsupported(x, w_s, stride, padding, dilation) is None
+    rows = built and "rows" in formats and sparse_conv.rows_unsupported(x, w_s, stride, padding, dilation) is None
 
     def offered(op):
         return [f for f in formats if f not in COMPILED or (direct and f == "direct" and op in DIRECT_OPS)
-                or (pointwise and f == "pointwise" and op in POINTWISE_OPS)]
+                or (pointwise and f == "pointwise" and op in POINTWISE_OPS)
+                or (rows and f == "rows" and op in ROWS_OPS)]
 
     def dense_dx():
         return cb(g, x, w_s, None, *map(list, conf), False, [0, 0], 1, [True, False, False])[0]
@@ -331,6 +339,15 @@ def workspace_bytes(layer, x: Tensor, w_s: Tensor, y: Tensor, fmt: str, op: str 
         s = layer.stride[0]
         chunks = widened * (x.shape[1] + y.shape[1]) * sparse_conv.PW_CHUNK * 4 * torch.get_num_threads()
         return (x.numel() // (s * s) * (s > 1) + y.numel()) * el + 3 * w_s.numel() * 4 + chunks, dense
+    if fmt == "rows":  # X padded (+ the weight's CSR), the output over the padded width, and its cropped copy
+        k = w_s.shape[2:]
+        pad = layer.padding if isinstance(layer.padding, tuple) else (0, 0)
+        if op == "grad_input":
+            pad = (k[0] - 1 - pad[0], k[1] - 1 - pad[1])
+            x, y = y, x  # G (Y's shape) is padded, dX (X's shape) produced
+        hp, wp = x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]
+        return (n * x.shape[1] * hp * wp + y.numel() // max(y.shape[3], 1) * wp + y.numel()) * el \
+            + 3 * w_s.numel() * 4, dense
     if fmt == "direct" and op == "grad_weight":
         k, s = w_s.shape[2:], layer.stride[0]
         return (n * (y.shape[2] + k[0] // s + 1) * (y.shape[3] + k[1] // s + 1) * sparse_conv.lanes(y.shape[1])
@@ -477,8 +494,8 @@ def _time_op(name: str, op: str, dense: Callable, sparse: dict[str, Callable], r
     best: tuple[float, str] | None = None
     notes = [f"{f}: {why}" for f, why in (skipped or {}).items()]
     for fmt, fn in sparse.items():
-        if real and best is not None and best[0] < 0.8 * dense_ms:
-            break  # a clear winner already
+        if real and best is not None and best[0] < 0.8 * dense_ms and fmt not in COMPILED:
+            break  # a clear winner already: CSR/COO (slow to try) are not tried; every compiled layout is
         # a compiled kernel's trial costs about a dense run; CSR/COO often several (im2col, conversion): those run only
         # where the budget holds two dense runs more, i.e. on shapes several layers share
         if budget.left_ms < (1.0 if fmt in COMPILED else 2.0) * dense_ms:
