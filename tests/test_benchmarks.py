@@ -163,6 +163,7 @@ def test_blpa_accuracy_commands_share_the_swat_recipe():
         if bits is not None:  # only the diagnostic rows leave the codes outside the units at their defaults
             assert cfg.blpa.outside_bits == (32 if name == "blpa4-units" else bits)
             assert cfg.blpa.stochastic_rounding == (name == "blpa4-sr" or bits == 2)
+            assert cfg.blpa.policy == ({"batch_norm": 4} if name == "blpa4-units" else {})
     # one dense run for the SWAT, BLPA and SWAT+BLPA tables; the combined table's rows are the others' runs
     assert blpa_accuracy.command("dense", "resnet20", 30) == swat_accuracy.command("dense", "resnet20", 30)
     for name in swat_blpa_accuracy.VARIANTS:
@@ -535,3 +536,29 @@ def test_bench_matrix_compile_records_graph_breaks(tmp_path):
                  "--warmup", "0", "--no-peak", "--compile", "--threads", "1", "--progress", "off",
                  "--out", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 1  # the compiled record counts as measured; eager would not
+
+
+def test_blpa_grad_error_measures_each_part_against_exact_gradients():
+    """32-bit codes everywhere give the exact gradient (cos 1, error 0); 4-bit BN codes alone move it; the report
+    lists each variant."""
+    import torch
+
+    from leanprop import models
+    from leanprop.bench.blpa_grad_error import measure
+    from leanprop.bench.report import render
+
+    torch.manual_seed(0)
+    model = models.create("resnet8", num_classes=10)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+               for _ in range(2)]
+    got = measure(model, batches, {"exact": {"bits": 32}, "units": {"bits": 4, "codec_bits": 32,
+                                                                    "policy": {"batch_norm": 4}}})
+    assert got["exact"]["cos"] == pytest.approx(1.0, abs=1e-6) and got["exact"]["rel_err"] < 1e-5
+    assert got["exact"]["drift"] < 1e-5
+    assert 0.5 < got["units"]["cos"] < 0.99999 and got["units"]["rel_err"] > 1e-3
+    assert got["units"]["cos_min"] <= got["units"]["cos"]
+    recs = [{"bench": "blpa_grad_error", "model": "resnet8", "state": "init (seed 0)", "variant": v, "batches": 2,
+             **got[v]} for v in got]
+    text = render(recs)
+    assert "## BLPA gradient error by part" in text and "| resnet8 | init (seed 0) | units | 2 |" in text

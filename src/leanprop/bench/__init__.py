@@ -18,7 +18,7 @@ __all__ = ["KINDS", "kind_modules", "script_main"]
 
 #: the kinds, in the order ``leanprop bench --help`` lists them (each one a module of this package)
 KINDS = ("matrix", "memory", "modes", "train_throughput", "swat_speed", "blpa_speed", "kernels", "swat_packing",
-         "swat_threshold", "swat_filter_floor", "swat_compile", "blpa_memory", "accuracy")
+         "swat_threshold", "swat_filter_floor", "swat_compile", "blpa_memory", "blpa_grad_error", "accuracy")
 
 
 def kind_modules() -> tuple[ModuleType, ...]:

@@ -213,6 +213,24 @@ def _direct_break_even(sk: list[dict]) -> list[str]:
             _table(["layer", "batch", "threads", *[f"{s:.0%}" for s in sps], "break-even"], rows), ""]
 
 
+def _blpa_grad_error_section(recs: list[dict]) -> list[str]:
+    """BLPA's gradients against exact ones, part by part (``leanprop bench blpa_grad_error``)."""
+    ge = _latest([r for r in recs if r.get("bench") == "blpa_grad_error"], ("model", "state", "variant", "processor"))
+    if not ge:
+        return []
+    rows = [[r["model"], r["state"], r["variant"], str(r["batches"]), f"{r['cos']:.4f}", f"{r['cos_min']:.4f}",
+             f"{r['rel_err']:.3f}", f"{r['drift']:.3f}", r.get("git_sha") or "?"] for r in ge]
+    return ["## BLPA gradient error by part", "",
+            "The gradient of every parameter under each BLPA variant against the exact gradient of the same model "
+            "on the same CIFAR-10 training batch (fp32, train mode). cos: mean cosine over the batches (worst in "
+            "the next column); rel. error: mean |g - g_exact| / |g_exact|; drift: |mean (g - g_exact)| / mean "
+            "|g_exact| over the batches, the part of the error that does not average out. Variants: `units` the BN "
+            "codes only (the paper's scope), `sr` stochastic rounding, `bn8` the BN codes at 8 bits and the rest "
+            "at 4. Command: `leanprop bench blpa_grad_error [--checkpoint ...]`.", "",
+            _table(["model", "state", "variant", "batches", "cos", "worst cos", "rel. error", "drift", "git"], rows),
+            ""]
+
+
 def _packing_section(recs: list[dict]) -> list[str]:
     """Bits per element of SWAT's packed ``X_s`` (``benchmarks/swat_packing.py``)."""
     pk = _latest([r for r in recs if r.get("bench") == "swat_packing"],
@@ -450,6 +468,7 @@ def render(recs: list[dict], plots: dict[str, str] | None = None) -> str:
                 for r in sorted(sw, key=lambda r: (r["model"], r["topk_period"], r["threads"]))]
         parts += [_table(["model", "method", "period", "threads", "dense ms", "SWAT ms", "ratio (median)",
                           "ratio (mean)", "rounds", "git"], rows), ""]
+    parts += _blpa_grad_error_section(recs)
     th = _latest([r for r in recs if r.get("bench") == "swat_threshold"], ("shape", "op", "threads", "processor"))
     if th:
         parts += ["## Top-K threshold and mask cost", "",
