@@ -508,14 +508,15 @@ def test_matrix_tables_never_mix_batches_dtypes_or_threads():
     recs = [rec("dense", 0.5, 0.5), rec("swat-u90", 0.35, 0.5),
             rec("dense", 0.3, 0.3, dtype="bf16"), rec("swat-u90", 0.33, 0.3, dtype="bf16"),
             rec("dense", 0.25, 0.25, batch=64), rec("swat-u90", 0.16, 0.25, batch=64),
-            rec("dense", 0.9, 0.9, threads=1)]
+            rec("dense", 0.9, 0.9, threads=1), rec("dense", 9.0, 9.0, input_shape=[3, 224, 224])]
     text = render(recs)
     tables = {t.split("\n")[0]: t for t in text.split("### cifar_resnet18")[1:]}
     heads = sorted(tables)
     assert heads == [" (batch 128, 1 threads, fp32, cpu, git abc)", " (batch 128, 2 threads, fp32, cpu, git abc)",
                      " (batch 64, 2 threads, fp32, cpu, git abc)",
+                     " at 224x224 (batch 128, 2 threads, fp32, cpu, git abc)",
                      " in bf16 (batch 128, 2 threads, bf16, cpu, git abc)"]
-    assert "| swat-u90 | 330.0 | 1.100 |" in tables[heads[3]] and "| swat-u90 | 350.0 | 0.700 |" in tables[heads[1]]
+    assert "| swat-u90 | 330.0 | 1.100 |" in tables[heads[4]] and "| swat-u90 | 350.0 | 0.700 |" in tables[heads[1]]
     assert tables[heads[1]].count("| dense |") == 1 and "| swat-u90 | 160.0 | 0.640 |" in tables[heads[2]]
 
 @pytest.mark.slow

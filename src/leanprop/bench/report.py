@@ -252,10 +252,11 @@ def _packing_section(recs: list[dict]) -> list[str]:
 
 
 def _matrix_records(recs: list[dict]) -> list[dict]:
-    """The newest matrix record per (model, method, batch, threads, dtype, layout, compiled, device, machine)."""
+    """The newest matrix record per (model, method, batch, input shape, threads, dtype, layout, compiled, device,
+    machine)."""
     found = [{**r, "compile": bool(r.get("compile"))} for r in recs if r.get("bench") == "matrix" and "step_s" in r]
-    return _latest(found, ("model", "method", "batch", "threads", "dtype", "channels_last", "compile", "device",
-                           "processor", "gpu"))
+    return _latest(found, ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last", "compile",
+                           "device", "processor", "gpu"))
 
 
 def _eager_step(mx: list[dict], r: dict) -> float | None:
@@ -263,7 +264,7 @@ def _eager_step(mx: list[dict], r: dict) -> float | None:
     them, else the newest eager record of the same settings (None when there is none)."""
     if r.get("eager_step_s"):
         return r["eager_step_s"]
-    key = ("model", "method", "batch", "threads", "dtype", "channels_last", "processor", "gpu")
+    key = ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last", "processor", "gpu")
     found = [e for e in mx if not e["compile"] and device_of(e) == device_of(r)
              and all(str(e.get(k)) == str(r.get(k)) for k in key)]
     return found[-1]["step_s"] if found else None
@@ -337,17 +338,20 @@ def _matrix_section(recs: list[dict], plots: dict[str, str], device: str = "cpu"
 
 
 _DEFAULT_BATCH = {"cifar": 128, "imagenet": 8}  # `leanprop bench matrix`'s --batch / --imagenet-batch
+_DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}  # the family's input size
 
 
 def _group(r: dict) -> str:
     """A matrix table's key: the model, with ``-nhwc`` for channels-last runs, ``-compile`` for compiled ones, the
-    device type unless CPU, and the batch, dtype and threads where they are not the matrix's defaults (plot file
-    names use it), so that one table never mixes settings."""
+    device type unless CPU, and the input size, batch, dtype and threads where they are not the matrix's defaults
+    (plot file names use it), so that one table never mixes settings."""
     dev = device_of(r)
     batch = r.get("batch")
     threads = r.get("threads")
+    size = (r.get("input_shape") or [None])[-1]
     return (r["model"] + ("-nhwc" if r.get("channels_last") else "") + ("-compile" if r.get("compile") else "")
             + ("" if dev == "cpu" else f"-{dev}")
+            + ("" if size in (None, _DEFAULT_SIZE.get(r.get("family", ""), size)) else f"-{size}px")
             + ("" if batch == _DEFAULT_BATCH.get(r.get("family", ""), batch) else f"-b{batch}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f"-{r['dtype']}")
             + ("" if threads in (None, r.get("cpu_count")) or dev != "cpu" else f"-{threads}t"))
@@ -355,7 +359,9 @@ def _group(r: dict) -> str:
 
 def _label(r: dict) -> str:
     dev = device_of(r)
+    size = (r.get("input_shape") or [None])[-1]
     return (r["model"] + (" (NHWC)" if r.get("channels_last") else "") + (" (compiled)" if r.get("compile") else "")
+            + ("" if size in (None, _DEFAULT_SIZE.get(r.get("family", ""), size)) else f" at {size}x{size}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f" in {r['dtype']}")
             + ("" if dev == "cpu" else f" on {dev}"))
 
