@@ -364,28 +364,34 @@ def pointwise_unsupported(x: Tensor, w: Tensor, stride, padding, dilation, group
                           layout: bool = True) -> str | None:
     """None when the pointwise kernel takes this convolution (one the direct kernels take, 1×1, unpadded; with
     ``layout``, an NCHW input: the kernels take any layout, but another one pays a copy in and out), else why not."""
-    why = unsupported(x, w, stride, padding, dilation, groups)
-    if why is None and tuple(w.shape[2:]) != (1, 1):
-        why = "not a 1x1 conv"
-    if why is None and tuple(padding) != (0, 0):
-        why = "a padded 1x1 conv"
-    if why is None and layout and not x.is_contiguous():
+    return _first_reason(unsupported(x, w, stride, padding, dilation, groups), x if layout else None,
+                         (tuple(w.shape[2:]) != (1, 1), "not a 1x1 conv"),
+                         (tuple(padding) != (0, 0), "a padded 1x1 conv"))
+
+
+def _first_reason(why: str | None, nchw: Tensor | None, *checks: tuple[bool, str]) -> str | None:
+    """``why``, else the reason of the first failed check, else "not NCHW" when ``nchw`` is given and is not."""
+    for bad, reason in checks:
+        if why is None and bad:
+            why = reason
+    if why is None and nchw is not None and not nchw.is_contiguous():
         why = "not NCHW (a channels-last input takes the batch-innermost kernel)"
     return why
 
 
-def _require_pointwise(t: Tensor, w: Tensor, stride, padding, dilation) -> None:
-    why = pointwise_unsupported(t, w, stride, padding, dilation, layout=False)
+def _require_layout_kernel(name: str, check, t: Tensor, w: Tensor, stride, padding, dilation) -> None:
+    """Raise ValueError naming the fix when the ``name`` kernel (``check``: its ``*_unsupported``) does not take
+    this convolution (any memory format: another one than NCHW is copied in and out)."""
+    why = check(t, w, stride, padding, dilation, layout=False)
     if why is not None:
-        raise ValueError(f"the pointwise sparse kernel does not take this convolution ({why}); use 'direct' or "
-                         "dense")
+        raise ValueError(f"the {name} sparse kernel does not take this convolution ({why}); use 'direct' or dense")
 
 
 def pointwise_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding=(0, 0), dilation=(1, 1),
                       kernels: SparseConvKernels | None = None) -> Tensor:
     """``conv2d(x, w_s, bias, stride)`` of a 1×1 ``w_s`` by the pointwise kernel (a stride s reads every s-th pixel,
     copied out first), in x's memory format (another one than NCHW is copied in and out)."""
-    _require_pointwise(x, w_s, stride, padding, dilation)
+    _require_layout_kernel("pointwise", pointwise_unsupported, x, w_s, stride, padding, dilation)
     kern = kernels or load_sparse_conv(required=True)
     s, fmt = int(stride[0]), memory_format_of(x)
     xs = (x[:, :, ::s, ::s] if s > 1 else x).contiguous()
@@ -396,7 +402,7 @@ def pointwise_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding=(0, 0)
                          kernels: SparseConvKernels | None = None) -> Tensor:
     """``dX = conv_transpose(g, w_s)`` of :func:`pointwise_forward`: ``W_sᵀ · G`` per image (the CSR of the
     transposed weight), scattered to every s-th pixel of a zero ``dX`` when the stride s > 1."""
-    _require_pointwise(g, w_s, stride, padding, dilation)
+    _require_layout_kernel("pointwise", pointwise_unsupported, g, w_s, stride, padding, dilation)
     kern = kernels or load_sparse_conv(required=True)
     co, ci = int(w_s.shape[0]), int(w_s.shape[1])
     fmt, g = memory_format_of(g), g.contiguous()
@@ -414,25 +420,12 @@ def rows_unsupported(x: Tensor, w: Tensor, stride, padding, dilation, groups: in
                      layout: bool = True) -> str | None:
     """None when the rows kernel takes this convolution (fp32, k×k with k > 1, stride 1, padding below the kernel
     size; with ``layout``, an NCHW input: another layout pays a copy in and out), else why not."""
-    why = unsupported(x, w, stride, padding, dilation, groups)
     kh, kw = (int(v) for v in w.shape[2:]) if w.dim() == 4 else (1, 1)
-    if why is None and x.dtype != torch.float32:
-        why = f"dtype {x.dtype} (the rows kernel is fp32 only)"
-    if why is None and (kh, kw) == (1, 1):
-        why = "a 1x1 conv (the pointwise kernel's)"
-    if why is None and int(stride[0]) != 1:
-        why = "a strided conv"
-    if why is None and not (0 <= padding[0] < kh and 0 <= padding[1] < kw):
-        why = "padding as large as the kernel"
-    if why is None and layout and not x.is_contiguous():
-        why = "not NCHW (a channels-last input takes the batch-innermost kernel)"
-    return why
-
-
-def _require_rows(t: Tensor, w: Tensor, stride, padding, dilation) -> None:
-    why = rows_unsupported(t, w, stride, padding, dilation, layout=False)
-    if why is not None:
-        raise ValueError(f"the rows sparse kernel does not take this convolution ({why}); use 'direct' or dense")
+    return _first_reason(unsupported(x, w, stride, padding, dilation, groups), x if layout else None,
+                         (x.dtype != torch.float32, f"dtype {x.dtype} (the rows kernel is fp32 only)"),
+                         ((kh, kw) == (1, 1), "a 1x1 conv (the pointwise kernel's)"),
+                         (int(stride[0]) != 1, "a strided conv"),
+                         (not (0 <= padding[0] < kh and 0 <= padding[1] < kw), "padding as large as the kernel"))
 
 
 def _rows_correlation(kern: SparseConvKernels, x: Tensor, w: Tensor, bias: Tensor | None, pad: tuple[int, int]
@@ -469,7 +462,7 @@ def rows_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, d
     """``conv2d(x, w_s, bias, 1, padding)`` of a k×k ``w_s`` by the rows kernel (NCHW, the pixels of each padded
     row innermost: the width-innermost layout), in x's memory format; the padded copy of x and the cropped copy of
     the output are part of every call."""
-    _require_rows(x, w_s, stride, padding, dilation)
+    _require_layout_kernel("rows", rows_unsupported, x, w_s, stride, padding, dilation)
     kern = kernels or load_sparse_conv(required=True)
     wo = x.shape[3] + 2 * padding[1] - w_s.shape[3] + 1
     y = _rows_correlation(kern, x, w_s, bias, (padding[0], padding[1]))
@@ -480,7 +473,7 @@ def rows_grad_input(g: Tensor, w_s: Tensor, x_shape, stride, padding, dilation=(
                     kernels: SparseConvKernels | None = None) -> Tensor:
     """``dX = conv_transpose(g, w_s)`` of :func:`rows_forward`: the correlation of G, padded by ``k - 1 - p``, with
     the flipped, transposed weight (stride 1), in g's memory format."""
-    _require_rows(g, w_s, stride, padding, dilation)
+    _require_layout_kernel("rows", rows_unsupported, g, w_s, stride, padding, dilation)
     kern = kernels or load_sparse_conv(required=True)
     kh, kw = (int(v) for v in w_s.shape[2:])
     wt = w_s.detach().flip(2, 3).transpose(0, 1)
