@@ -164,10 +164,11 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
                      "" if fwd is None else f"{fwd['ratio']:.2f}x", "" if dx is None else f"{dx['ratio']:.2f}x",
                      "" if sp is None else f"{sp['sparse_ms']:.2f} ({sp['ratio']:.2f}x)", ratio,
                      "" if dw is None else f"{dw['ratio']:.2f}x", "" if layer is None else f"{layer['ratio']:.2f}x"])
-    parts = ["## Direct sparse convolution against oneDNN and SparseProp (per layer)", "",
-             "Forward + input gradient of one SWAT conv on CIFAR ResNet-18's shapes, the weight at the given "
-             "sparsity. dense: oneDNN on the zero-filled weight. direct: `leanprop.ops.sparse_conv` (weight in CSR "
-             "rebuilt every call, batch-innermost layout in and out, all counted). SparseProp: its forward + "
+    parts = ["## Sparse convolution kernels against oneDNN and SparseProp (per layer)", "",
+             "Forward + input gradient of one SWAT conv on CIFAR ResNet-18's shapes (and ResNet-50's at batch 8), "
+             "the weight at the given sparsity. dense: oneDNN on the zero-filled weight. library: the fastest of the "
+             "compiled kernels of `leanprop.ops.sparse_conv` (weight in CSR rebuilt every call, any layout change "
+             "in and out counted): direct (batch-innermost) unless the layer is marked. SparseProp: its forward + "
              "backward (the backward also computes the gradient of the kept weights; its weight is converted once, "
              "its output stays in its own layout). A layer marked (pointwise) or (rows) shows that kernel, where it "
              "beats the direct one: the pointwise kernel takes a 1x1 conv in its NCHW layout, no layout change; the "
@@ -177,9 +178,9 @@ def _direct_kernels_section(recs: list[dict]) -> list[str]:
              "of X (read from the dense X with its threshold), against oneDNN's on the zero-filled X_s; layer: "
              "forward, input and weight gradient together, direct against oneDNN. "
              "Command: `leanprop bench kernels`.", "",
-             _table(["layer", "sparsity", "batch", "threads", "dense fwd+dX ms", "direct fwd+dX ms",
-                     "direct fwd", "direct dX", "SparseProp fwd+bwd ms", "direct / SparseProp", "direct dW",
-                     "direct layer"], rows), ""]
+             _table(["layer", "sparsity", "batch", "threads", "dense fwd+dX ms", "library fwd+dX ms",
+                     "library fwd", "library dX", "SparseProp fwd+bwd ms", "library / SparseProp", "direct dW",
+                     "library layer"], rows), ""]
     if compared:
         per = "; ".join(f"{wins[b]} of {compared[b]} layer x sparsity cells at batch {b}" for b in compared)
         parts += [f"The library's forward + input gradient is at least as fast as SparseProp's forward + "
