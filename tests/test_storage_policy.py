@@ -120,6 +120,19 @@ def test_blpa_policy_state_roundtrip_and_summary():
         BLPAConfig(policy={"conv2d": 4})
 
 
+def test_a_policy_that_codes_some_kinds_loads_the_compiled_kernels():
+    """codec_bits=32 with a coded kind (the BN codes only) still runs the compiled coders where they build; nothing
+    coded needs none."""
+    from leanprop.ops.kernels import load_kernels
+
+    if load_kernels(required=False) is None:
+        pytest.skip("no C compiler for the compiled kernels")
+    units = leanprop.convert_(models.create("resnet8"), BLPAConfig(bits=4, codec_bits=32, policy={"batch_norm": 4}))
+    assert units.kernels_path is not None and "compiled C" in units.summary()
+    exact = leanprop.convert_(models.create("resnet8"), BLPAConfig(bits=4, codec_bits=32))
+    assert exact.kernels_path is None
+
+
 @pytest.mark.parametrize("name", sorted(USER_MODELS))
 def test_blpa4_on_user_models_keeps_less_with_close_gradients(name):
     """Any model: the policy applies wherever fused units are not found (F.relu, shared ReLUs, SiLU, LayerNorm)."""

@@ -33,7 +33,8 @@ def _convert(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, othe
     modules = dict(model.named_modules())
     units = [u for u in find_units(model) if filter_fn is None or filter_fn(u.bn, modules[u.bn])]
     kernels = None
-    if cfg.kernels != "torch" and ((units and cfg.bits != 32) or (cfg.outside_bits or 32) < 32):
+    coded = (cfg.outside_bits or 32) < 32 or (cfg.outside_bits is not None and any(v < 32 for v in cfg.policy.values()))
+    if cfg.kernels != "torch" and ((units and cfg.bits != 32) or coded):
         kernels = load_kernels(required=cfg.kernels == "c")
     for u in units:
         head, relu, tail = make_unit(modules[u.bn], modules[u.relu], modules[u.conv] if u.conv else None,
