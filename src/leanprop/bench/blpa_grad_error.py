@@ -90,8 +90,9 @@ def measure(model, batches, variants: dict[str, dict]) -> dict[str, dict]:
         g0 = _flat_grad(model, x, y)
         norms += float(g0.norm())
         for name, net in nets.items():
-            d = _flat_grad(net, x, y) - g0
-            cos[name].append(float(F.cosine_similarity(d + g0, g0, dim=0)))
+            g = _flat_grad(net, x, y)
+            d = g - g0
+            cos[name].append(float(F.cosine_similarity(g, g0, dim=0)))
             rel[name].append(float(d.norm() / g0.norm()))
             diff[name] = diff[name] + d
     n = max(len(cos[next(iter(nets))]) if nets else 0, 1)

@@ -342,6 +342,12 @@ _DEFAULT_BATCH = {"cifar": 128, "imagenet": 8}  # `leanprop bench matrix`'s --ba
 _DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}  # the family's input size
 
 
+def _other_size(r: dict) -> int | None:
+    """A record's input size when it is not its model family's (None: the family's, or not recorded)."""
+    size = (r.get("input_shape") or [None])[-1]
+    return None if size in (None, _DEFAULT_SIZE.get(r.get("family", ""), size)) else size
+
+
 def _group(r: dict) -> str:
     """A matrix table's key: the model, with ``-nhwc`` for channels-last runs, ``-compile`` for compiled ones, the
     device type unless CPU, and the input size, batch, dtype and threads where they are not the matrix's defaults
@@ -349,10 +355,9 @@ def _group(r: dict) -> str:
     dev = device_of(r)
     batch = r.get("batch")
     threads = r.get("threads")
-    size = (r.get("input_shape") or [None])[-1]
+    size = _other_size(r)
     return (r["model"] + ("-nhwc" if r.get("channels_last") else "") + ("-compile" if r.get("compile") else "")
-            + ("" if dev == "cpu" else f"-{dev}")
-            + ("" if size in (None, _DEFAULT_SIZE.get(r.get("family", ""), size)) else f"-{size}px")
+            + ("" if dev == "cpu" else f"-{dev}") + ("" if size is None else f"-{size}px")
             + ("" if batch == _DEFAULT_BATCH.get(r.get("family", ""), batch) else f"-b{batch}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f"-{r['dtype']}")
             + ("" if threads in (None, r.get("cpu_count")) or dev != "cpu" else f"-{threads}t"))
@@ -360,9 +365,9 @@ def _group(r: dict) -> str:
 
 def _label(r: dict) -> str:
     dev = device_of(r)
-    size = (r.get("input_shape") or [None])[-1]
+    size = _other_size(r)
     return (r["model"] + (" (NHWC)" if r.get("channels_last") else "") + (" (compiled)" if r.get("compile") else "")
-            + ("" if size in (None, _DEFAULT_SIZE.get(r.get("family", ""), size)) else f" at {size}x{size}")
+            + ("" if size is None else f" at {size}x{size}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f" in {r['dtype']}")
             + ("" if dev == "cpu" else f" on {dev}"))
 

@@ -105,7 +105,7 @@ class SparseConvKernels:
         c, h, w, lane = y.shape
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty((n, c, h, w), dtype=torch.float32, memory_format=fmt)
-        b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        b = _bias_f32(bias)
         self.lib.nb_unpack_f32(y.data_ptr(), n, c, h, w, lane, int(channels_last), None if b is None else b.data_ptr(),
                                out.data_ptr(), torch.get_num_threads())
         return out
@@ -138,19 +138,28 @@ class SparseConvKernels:
         in fp32: each 128-pixel chunk of ``inp`` is widened once, the result rounded once)."""
         n, k, h, w_ = inp.shape
         plane = h * w_
-        bf16 = inp.dtype == torch.bfloat16
         wf = w.detach().to(torch.float32).contiguous()
-        rowptr, off, val = self.csr_forward(wf, PW_CHUNK if bf16 else plane, 1, 1)  # offsets k·(chunk or P)
+        if inp.dtype != torch.bfloat16:
+            out = torch.empty((n, wf.shape[0], h, w_), dtype=torch.float32)
+            return self.products(inp, n, k * plane, plane, self.csr_forward(wf, plane, 1, 1), bias, out)
+        rowptr, off, val = self.csr_forward(wf, PW_CHUNK, 1, 1)  # offsets k·chunk: the widened chunk's rows
         rows = rowptr.numel() - 1
         out = torch.empty((n, rows, h, w_), dtype=inp.dtype)
-        b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        bp, nt = None if b is None else b.data_ptr(), torch.get_num_threads()
-        if bf16:
-            self.lib.pointwise_nchw_bf16(inp.data_ptr(), n, k, k * plane, plane, rowptr.data_ptr(), off.data_ptr(),
-                                         val.data_ptr(), rows, bp, out.data_ptr(), rows * plane, nt)
-        else:
-            self.lib.pointwise_nchw_f32(inp.data_ptr(), n, k * plane, plane, rowptr.data_ptr(), off.data_ptr(),
-                                        val.data_ptr(), rows, bp, out.data_ptr(), rows * plane, nt)
+        b = _bias_f32(bias)
+        self.lib.pointwise_nchw_bf16(inp.data_ptr(), n, k, k * plane, plane, rowptr.data_ptr(), off.data_ptr(),
+                                     val.data_ptr(), rows, None if b is None else b.data_ptr(), out.data_ptr(),
+                                     rows * plane, torch.get_num_threads())
+        return out
+
+    def products(self, inp: Tensor, n: int, xs: int, pixels: int, csr: tuple[Tensor, Tensor, Tensor],
+                 bias: Tensor | None, out: Tensor) -> Tensor:
+        """``out[i, m, p] = bias[m] + Σ_e val[e]·inp[i·xs + off[e] + p]`` for p < ``pixels`` and the n images of
+        fp32 ``inp`` (csrc ``pointwise_nchw_f32``: the pointwise and the rows kernels); ``out`` (n, rows, pixels)."""
+        rowptr, off, val = csr
+        rows, b = rowptr.numel() - 1, _bias_f32(bias)
+        self.lib.pointwise_nchw_f32(inp.data_ptr(), n, xs, pixels, rowptr.data_ptr(), off.data_ptr(),
+                                    val.data_ptr(), rows, None if b is None else b.data_ptr(), out.data_ptr(),
+                                    rows * pixels, torch.get_num_threads())
         return out
 
     def corr(self, inp: Tensor, si: int, csr: tuple[Tensor, Tensor, Tensor], t: tuple[int, int],
@@ -166,6 +175,10 @@ class SparseConvKernels:
                                     nrows, t[0], t[1], u[0], u[1], out.data_ptr(), out[0].numel(), out.shape[2], so,
                                     r0, c0, per_block * hp * wp * lane, nblk, blkptr.data_ptr(),
                                     torch.get_num_threads())
+
+
+def _bias_f32(bias: Tensor | None) -> Tensor | None:
+    return None if bias is None else bias.detach().to(torch.float32).contiguous()
 
 
 def _dense_layout(t: Tensor) -> Tensor:
@@ -448,13 +461,8 @@ def _rows_correlation(kern: SparseConvKernels, x: Tensor, w: Tensor, bias: Tenso
         xp[:, :, :, :pad[1]].zero_()
         xp[:, :, :, wp - pad[1]:].zero_()
     xp[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + wd].copy_(x)
-    rowptr, off, val = kern.csr_forward(w.detach().to(torch.float32).contiguous(), hp, wp, 1)  # (ci·Hp + kh)·Wp + kw
-    y = torch.empty((n, m, ho, wp), dtype=torch.float32)
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    kern.lib.pointwise_nchw_f32(xp.data_ptr(), n, c * plane, ho * wp, rowptr.data_ptr(), off.data_ptr(),
-                                val.data_ptr(), m, None if b is None else b.data_ptr(), y.data_ptr(), m * ho * wp,
-                                torch.get_num_threads())
-    return y
+    csr = kern.csr_forward(w.detach().to(torch.float32).contiguous(), hp, wp, 1)  # offsets (ci·Hp + kh)·Wp + kw
+    return kern.products(xp, n, c * plane, ho * wp, csr, bias, torch.empty((n, m, ho, wp), dtype=torch.float32))
 
 
 def rows_forward(x: Tensor, w_s: Tensor, bias: Tensor | None, stride, padding, dilation=(1, 1),

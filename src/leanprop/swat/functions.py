@@ -112,9 +112,8 @@ def _saved(ctx, direct_dw: bool = False) -> tuple[Tensor | None, Tensor, tuple |
                                                                                        ctx.w_dtype)
     if direct_dw and ctx.x_meta is None and xa is not None:
         return None, ws, (xa, 0.0 if xb is None else float(xb))
-    meta = ctx.x_meta
-    if direct_dw and meta is not None and meta.offsets is not None and sk.packed_readable(xa, xb, meta):
-        return None, ws, (xa, xb, meta)
+    if direct_dw and ctx.x_meta is not None and sk.packed_readable(xa, xb, ctx.x_meta):
+        return None, ws, (xa, xb, ctx.x_meta)
     return _x_s(ctx, xa, xb), ws, None
 
 

@@ -140,9 +140,10 @@ def conv_grad_weight(x_s: Tensor, g: Tensor, w_shape, stride, padding, dilation,
 
 def packed_readable(positions: Tensor, values: Tensor, meta) -> bool:
     """Whether the direct dW kernel reads this packed X_s (``ops.sparse_storage.PackedSparse``) without expanding
-    it: the mask form of an NCHW 4-D CPU tensor, fp32 or bf16, with the compiled kernels built."""
-    return sparse_conv.packed_unsupported(positions, values, meta.shape, meta.memory_format, meta.indexed) is None \
-        and sparse_conv.load_sparse_conv() is not None
+    it: the mask form (made by the compiled packer) of an NCHW 4-D CPU tensor, fp32 or bf16, with the compiled kernels
+    built."""
+    return meta.offsets is not None and sparse_conv.load_sparse_conv() is not None \
+        and sparse_conv.packed_unsupported(positions, values, meta.shape, meta.memory_format, meta.indexed) is None
 
 
 def conv_grad_weight_packed(positions: Tensor, values: Tensor, x_shape, g: Tensor, w_shape, stride, padding,
@@ -316,7 +317,7 @@ def _packed_dw_pair(pair, x_s: Tensor, g: Tensor, w_shape, stride, padding, dila
         return lambda: (unpack_sparse(positions, values, meta), fn())[1]
 
     paths = {f: expanded(fn) for f, fn in sparse.items()}
-    if "direct" in sparse and meta.offsets is not None and packed_readable(positions, values, meta):
+    if "direct" in sparse and packed_readable(positions, values, meta):
         paths["direct"] = functools.partial(conv_grad_weight_packed, positions, values, x_s.shape, g, w_shape, stride,
                                             padding, dilation)
     return expanded(dense), paths

@@ -354,23 +354,45 @@ typedef void (*pw_fn)(const float *, float *, int64_t, const int64_t *, const in
 
 /* x: N images of xs floats, each (K, P); y: N images of ys floats, each (M, P); rows m of the CSR (rowptr, off,
  * val) with off = k * P.  bias may be NULL. */
+static const pw_fn pw_fns[9] = {NULL, pw_rows1, pw_rows2, pw_rows3, pw_rows4, pw_rows5, pw_rows6, pw_rows7,
+                                 pw_rows8};
+
+/* The tasks of a pointwise call: (image n, 128-pixel chunk c, block mb of `per` rows), enough for every thread. */
+typedef struct { int64_t nchunk, mblk, per, ntask; } pw_split;
+enum { PW_CHUNK = 128 };
+
+static pw_split pw_tasks(int64_t N, int64_t P, int64_t M, int nt) {
+    pw_split t;
+    t.nchunk = (P + PW_CHUNK - 1) / PW_CHUNK;
+    t.mblk = (4 * (int64_t)nt + N * t.nchunk - 1) / (N * t.nchunk);
+    if (t.mblk < 1) t.mblk = 1;
+    if (t.mblk > (M + 7) / 8) t.mblk = (M + 7) / 8;
+    t.per = (M + t.mblk - 1) / t.mblk;
+    t.ntask = N * t.nchunk * t.mblk;
+    return t;
+}
+
+/* task t's image n, first pixel p0 and pixel count len, rows [m0, m1) */
+static inline void pw_task(pw_split s, int64_t t, int64_t P, int64_t M, int64_t *n, int64_t *p0, int64_t *len,
+                           int64_t *m0, int64_t *m1) {
+    const int64_t mb = t % s.mblk, c = (t / s.mblk) % s.nchunk;
+    *n = t / (s.mblk * s.nchunk);
+    *p0 = c * PW_CHUNK;
+    *len = P - *p0 < PW_CHUNK ? P - *p0 : PW_CHUNK;
+    *m0 = mb * s.per;
+    *m1 = *m0 + s.per < M ? *m0 + s.per : M;
+}
+
 void pointwise_nchw_f32(const float *x, int64_t N, int64_t xs, int64_t P, const int64_t *rowptr, const int64_t *off,
                         const float *val, int64_t M, const float *bias, float *y, int64_t ys, int nt) {
-    static const pw_fn fns[9] = {NULL, pw_rows1, pw_rows2, pw_rows3, pw_rows4, pw_rows5, pw_rows6, pw_rows7,
-                                 pw_rows8};
     if (N <= 0 || P <= 0 || M <= 0) return;
-    const int64_t chunk = 128, nchunk = (P + chunk - 1) / chunk;
-    int64_t mblk = (4 * (int64_t)nt + N * nchunk - 1) / (N * nchunk); /* enough tasks for every thread */
-    if (mblk < 1) mblk = 1;
-    if (mblk > (M + 7) / 8) mblk = (M + 7) / 8;
-    const int64_t per = (M + mblk - 1) / mblk, ntask = N * nchunk * mblk;
+    const pw_split s = pw_tasks(N, P, M, nt);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t t = 0; t < ntask; ++t) {
-        int64_t mb = t % mblk, c = (t / mblk) % nchunk, n = t / (mblk * nchunk);
-        int64_t p0 = c * chunk, len = P - p0 < chunk ? P - p0 : chunk;
-        int64_t m0 = mb * per, m1 = m0 + per < M ? m0 + per : M;
+    for (int64_t t = 0; t < s.ntask; ++t) {
+        int64_t n, p0, len, m0, m1;
+        pw_task(s, t, P, M, &n, &p0, &len, &m0, &m1);
         int nv = (int)((len + 15) / 16), tail = (int)(len - 16 * (nv - 1));
-        fns[nv](x + n * xs + p0, y + n * ys + p0, P, rowptr, off, val, bias, m0, m1, tail);
+        pw_fns[nv](x + n * xs + p0, y + n * ys + p0, P, rowptr, off, val, bias, m0, m1, tail);
     }
 }
 
@@ -393,30 +415,24 @@ static inline uint16_t f2bf(float f) {
 void pointwise_nchw_bf16(const uint16_t *x, int64_t N, int64_t K, int64_t xs, int64_t P, const int64_t *rowptr,
                          const int64_t *off, const float *val, int64_t M, const float *bias, uint16_t *y,
                          int64_t ys, int nt) {
-    static const pw_fn fns[9] = {NULL, pw_rows1, pw_rows2, pw_rows3, pw_rows4, pw_rows5, pw_rows6, pw_rows7,
-                                 pw_rows8};
     if (N <= 0 || P <= 0 || M <= 0) return;
-    const int64_t chunk = 128, nchunk = (P + chunk - 1) / chunk;
-    int64_t mblk = (4 * (int64_t)nt + N * nchunk - 1) / (N * nchunk);
-    if (mblk < 1) mblk = 1;
-    if (mblk > (M + 7) / 8) mblk = (M + 7) / 8;
-    const int64_t per = (M + mblk - 1) / mblk, ntask = N * nchunk * mblk;
+    const pw_split s = pw_tasks(N, P, M, nt);
+    const int64_t chunk = PW_CHUNK;
 #pragma omp parallel num_threads(nt)
     {
         float *xin = (float *)malloc((size_t)(K * chunk) * sizeof(float));
-        float *yout = (float *)malloc((size_t)(per * chunk) * sizeof(float));
+        float *yout = (float *)malloc((size_t)(s.per * chunk) * sizeof(float));
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < ntask; ++t) {
-            int64_t mb = t % mblk, c = (t / mblk) % nchunk, n = t / (mblk * nchunk);
-            int64_t p0 = c * chunk, len = P - p0 < chunk ? P - p0 : chunk;
-            int64_t m0 = mb * per, m1 = m0 + per < M ? m0 + per : M;
+        for (int64_t t = 0; t < s.ntask; ++t) {
+            int64_t n, p0, len, m0, m1;
+            pw_task(s, t, P, M, &n, &p0, &len, &m0, &m1);
             int nv = (int)((len + 15) / 16), tail = (int)(len - 16 * (nv - 1));
             for (int64_t k = 0; k < K; ++k) {
                 const uint16_t *src = x + n * xs + k * P + p0;
                 float *dst = xin + k * chunk;
                 for (int64_t i = 0; i < len; ++i) dst[i] = bf2f(src[i]);
             }
-            fns[nv](xin, yout, chunk, rowptr + m0, off, val, bias ? bias + m0 : NULL, 0, m1 - m0, tail);
+            pw_fns[nv](xin, yout, chunk, rowptr + m0, off, val, bias ? bias + m0 : NULL, 0, m1 - m0, tail);
             for (int64_t m = m0; m < m1; ++m) {
                 const float *src = yout + (m - m0) * chunk;
                 uint16_t *dst = y + n * ys + m * P + p0;
