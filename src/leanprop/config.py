@@ -111,6 +111,9 @@ class MethodConfig:
 class RunConfig:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None: PyTorch's default
+    # glibc malloc's mmap threshold, e.g. 256KiB: freed activations leave the resident set at once, so the peak
+    # follows the bytes in use (leanprop.allocator); None: the C library's default (a threshold that rises)
+    malloc_mmap_threshold: int | str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "runs"
     run_name: str | None = None  # None: <model>-<dataset>-<method>-<timestamp>
@@ -357,6 +360,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("schedule.warmup_epochs must be >= 0")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError("threads must be >= 1")
+    if cfg.malloc_mmap_threshold is not None:
+        malloc_mmap_threshold_bytes(cfg)
     used = {_section_of(c) for c in _parse_spec(cfg.method.name)}
     for section in METHOD_SECTIONS:
         if getattr(cfg, section) is not None and section not in used:
@@ -368,3 +373,16 @@ def validate(cfg: RunConfig) -> None:
                               f"{section}: set method.name={fix} (or remove the {section}: section)")
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path: the .npz file with x_train, y_train, x_test, y_test")
+
+
+def malloc_mmap_threshold_bytes(cfg: RunConfig) -> int | None:
+    """``cfg.malloc_mmap_threshold`` in bytes (``256KiB``, ``262144``), None when unset; ``ConfigError`` when bad."""
+    if cfg.malloc_mmap_threshold is None:
+        return None
+    from leanprop.accounting.memory import parse_size
+    from leanprop.allocator import check_mmap_threshold
+
+    try:
+        return check_mmap_threshold(parse_size(cfg.malloc_mmap_threshold))
+    except ValueError as e:
+        raise ConfigError(f"malloc_mmap_threshold: {e}") from None

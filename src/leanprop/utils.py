@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from leanprop import allocator
+
 try:  # POSIX only; elsewhere concurrent builders simply both do the work
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -143,7 +145,7 @@ def environment(device: torch.device, world_size: int = 1) -> dict:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "world_size": world_size,
-        "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
+        "allocator": allocator.describe(),
         "git_sha": git_sha(),
         "argv": sys.argv,
     }

@@ -81,6 +81,7 @@ def run(payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
     import torch
     import torch.nn.functional as F
 
+    from leanprop import allocator
     from leanprop.accounting.memory import build_model, make_batch, normalize_spec
     from leanprop.ops.autocast import autocast_context
     from leanprop.timing import time_calls
@@ -95,7 +96,7 @@ def run(payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
     cuda = device.type == "cuda"
     base = {"batch": batch, "method": spec["method"], "device": str(device), "model": spec["model"],
             "threads": torch.get_num_threads(), "dtype": spec["dtype"], "warmup_batch": 2 if warmup else 0,
-            "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"}
+            "allocator": allocator.describe()}
     stop = threading.Event()
     if limit and cuda:
         total = torch.cuda.get_device_properties(device).total_memory

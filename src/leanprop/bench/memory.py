@@ -67,6 +67,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="skip the fresh-process peak measurement (saved bytes only)")
     m.add_argument("--probe-timeout", type=float, default=600.0,
                    help="seconds before a probe process is killed (default: 600)")
+    m.add_argument("--malloc-mmap-threshold", metavar="SIZE",
+                   help="fix glibc malloc's mmap threshold (e.g. 256KiB) here and in the probes, for every method: "
+                        "freed activations then leave the resident set at once (see leanprop.allocator); "
+                        "recorded as the allocator")
     m.add_argument("--jsonl", metavar="PATH", help="append one JSON record per method (with the machine context)")
     m.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bar over methods on stderr (auto: only on a TTY)")
@@ -308,13 +312,17 @@ def run(args: argparse.Namespace) -> int:
     progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
     if not 0 <= args.max_batch_tolerance < 1:
         raise ValueError(f"--max-batch-tolerance must be in [0, 1), got {args.max_batch_tolerance}")
+    if args.malloc_mmap_threshold is not None:
+        from leanprop import allocator
+
+        allocator.set_mmap_threshold(allocator.check_mmap_threshold(parse_size(args.malloc_mmap_threshold)))
     records = measure_methods(base, methods, batch, peak=args.peak, mem_cap=cap, limit=args.max_batch_limit,
                               timeout=args.probe_timeout, progress=progress, tolerance=args.max_batch_tolerance)
     r0 = records[0]
     opts = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     shown = base["model"]
     print(f"{shown}{f' ({opts})' if opts else ''}, batch {batch}, input {'x'.join(map(str, r0['input_shape']))}, "
-          f"{r0['device']}, {r0['dtype']}, {r0['threads']} threads"
+          f"{r0['device']}, {r0['dtype']}, {r0['threads']} threads, allocator {r0.get('allocator', '?')}"
           + (f", memory cap {args.mem_cap}" if cap else ""))
     print(format_table(records))
     good = [r for r in records if "saved_bytes" in r]

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanprop import models
-from leanprop.config import ConfigError, RunConfig, method_configs, to_dict
+from leanprop import allocator, models
+from leanprop.config import ConfigError, RunConfig, malloc_mmap_threshold_bytes, method_configs, to_dict
 from leanprop.data import DataBundle, build_data
 from leanprop.methods import Controller
 from leanprop.modes import ExecutionMode, check_mode
@@ -180,6 +180,12 @@ class Trainer:
             threads = max(1, (torch.get_num_threads() or 1) // int(_env_int("LOCAL_WORLD_SIZE", self.dist.world_size)))
         if threads:
             torch.set_num_threads(threads)
+        mmap_threshold = malloc_mmap_threshold_bytes(cfg)
+        if mmap_threshold is not None:
+            try:
+                allocator.set_mmap_threshold(mmap_threshold)
+            except ValueError as e:
+                raise ConfigError(f"malloc_mmap_threshold: {e}") from None
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.show_progress = self._progress_enabled(progress)
