@@ -112,3 +112,26 @@ def test_config_validates_the_threshold():
         load(None, ["malloc_mmap_threshold=64MiB"])
     with pytest.raises(ConfigError, match="bad size"):
         load(None, ["malloc_mmap_threshold=lots"])
+
+
+def test_trainer_applies_the_threshold_and_records_it(monkeypatch, tmp_path):
+    import json as _json
+
+    from leanprop.train.trainer import Trainer
+    from tests._helpers import synth_overrides
+
+    calls = []
+
+    def fake_set(n: int) -> None:  # the test process keeps its allocator; only the call and the record are checked
+        calls.append(n)
+        monkeypatch.setenv(allocator.MMAP_THRESHOLD_ENV, str(n))
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(allocator, "set_mmap_threshold", fake_set)
+    cfg = load(None, synth_overrides(tmp_path, "train.epochs=1", "data.synthetic_train=16", "data.synthetic_test=16",
+                                     "model.name=resnet8", "malloc_mmap_threshold=256KiB"))
+    t = Trainer(cfg, progress=False)
+    assert calls == [262144]
+    t.fit()
+    env = _json.loads((t.run_dir / "env.json").read_text())
+    assert env["allocator"] == "system, mmap threshold 256 KiB"
