@@ -383,6 +383,15 @@ def test_report_capacity_sections_and_plot(tmp_path):
 
     assert "under 4 GiB (fresh-process peak): resnet20: dense 1000, swat-u90-packed 1500 (1.50x)." in \
         _headline_max_batch(recs)
+    # a search under another allocator setting is a row of its own, not the newest of the same row
+    tuned = [{**r, "allocator": "system, mmap threshold 256 KiB", "max_batch": 2 * r["max_batch"]} for r in recs]
+    (results / "memory.jsonl").write_text("\n".join(json.dumps(r) for r in recs + tuned) + "\n")
+    write_report(results, out)
+    text = out.read_text()
+    assert "| resnet20 | swat-u90-packed | 1500 | 1530 | 1.50 | cpu | fp32 | system |" in text
+    assert "| resnet20 | swat-u90-packed | 3000 | 1530 | 1.50 | cpu | fp32 | system, mmap threshold 256 KiB |" in text
+    assert "resnet20 (system, mmap threshold 256 KiB): dense 2000, swat-u90-packed 3000 (1.50x)" in \
+        _headline_max_batch(recs + tuned)
 
 
 def test_checkpointed_blocks_run_under_torch_compile():

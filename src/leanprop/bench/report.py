@@ -553,12 +553,15 @@ def _headline_max_batch(recs: list[dict]) -> str:
     out = []
     for cap in sorted({r["mem_cap_bytes"] for r in mb}):
         parts = []
-        for model in dict.fromkeys(r["model"] for r in mb if r["mem_cap_bytes"] == cap):
-            cell = {r["method"]: r["max_batch"] for r in mb if r["mem_cap_bytes"] == cap and r["model"] == model}
+        here = [r for r in mb if r["mem_cap_bytes"] == cap]
+        for model, alloc in dict.fromkeys((r["model"], r.get("allocator", "system")) for r in here):
+            cell = {r["method"]: r["max_batch"] for r in here
+                    if r["model"] == model and r.get("allocator", "system") == alloc}
             if "dense" not in cell:
                 continue
             shown = [f"{m} {cell[m]} ({cell[m] / cell['dense']:.2f}x)" for m in HEADLINE_METHODS if m in cell]
-            parts.append(f"{model}: dense {cell['dense']}" + "".join(f", {x}" for x in shown))
+            name = model if alloc == "system" else f"{model} ({alloc})"
+            parts.append(f"{name}: dense {cell['dense']}" + "".join(f", {x}" for x in shown))
         if parts:
             out.append(f"Largest training batch under {cap / 2**30:g} GiB (fresh-process peak): " + "; ".join(parts)
                        + ".")

@@ -55,8 +55,9 @@ def kept_by_module_section(recs: list[dict]) -> list[str]:
 def max_batch_records(recs: list[dict]) -> list[dict]:
     """Max-batch searches to show: of each (model, method, batch, layout, ...) only the newest matrix record and
     the newest memory record per cap count, so a search made by older code is dropped once a newer record of
-    the same kind exists (a newer matrix run without ``--mem-cap`` retires an old matrix search)."""
-    key = ("model", "method", "batch", "device", "dtype", "channels_last")
+    the same kind exists (a newer matrix run without ``--mem-cap`` retires an old matrix search). Searches under
+    different allocator settings are kept apart."""
+    key = ("model", "method", "batch", "device", "dtype", "channels_last", "allocator")
     newest = (_latest([r for r in recs if r.get("bench") == "matrix" and "step_s" in r], key)
               + _latest([r for r in recs if r.get("bench") == "memory" and "saved_bytes" in r],
                         (*key, "mem_cap_bytes")))
@@ -74,25 +75,35 @@ def max_batch_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
              "peaks under the cap in a fresh process (peak RSS on CPU, max allocated on CUDA): doubling/halving "
              "from a guess, then binary search; with a tolerance the true largest batch lies in [max batch, first "
              "failing batch). Command: `leanprop bench blpa_memory --models M --methods ... --mem-cap 4GiB "
-             "--max-batch-tolerance 0.02` (or `leanprop bench memory --mem-cap 4GiB`).", ""]
+             "--max-batch-tolerance 0.02` (or `leanprop bench memory --mem-cap 4GiB`). Allocator "
+             "`system, mmap threshold 256 KiB`: glibc malloc with `--malloc-mmap-threshold 256KiB` for every method "
+             "of the row's search, so memory freed during the step leaves the resident set (`leanprop.allocator`).",
+             ""]
     for cap in sorted({r["mem_cap_bytes"] for r in mb}):
         group = [r for r in mb if r["mem_cap_bytes"] == cap]
         rows = []
-        for model in dict.fromkeys(r["model"] for r in group):
-            mine = sorted((r for r in group if r["model"] == model), key=lambda r: _rank(r["method"]))
+        for model, alloc in dict.fromkeys((r["model"], r.get("allocator", "system")) for r in group):
+            mine = sorted((r for r in group if r["model"] == model and r.get("allocator", "system") == alloc),
+                          key=lambda r: _rank(r["method"]))
             dense = next((r["max_batch"] for r in mine if r["method"] == "dense"), None)
             for r in mine:
                 fails = r.get("max_batch_fails")
                 rows.append([model, r["method"], str(r["max_batch"]) + ("+" if r.get("max_batch_hit_limit") else ""),
                              "-" if fails is None else str(fails),
                              f"{r['max_batch'] / dense:.2f}" if dense else "-", r.get("device", "?"),
-                             r.get("dtype", "fp32"), r.get("git_sha") or "?"])
+                             r.get("dtype", "fp32"), alloc, r.get("git_sha") or "?"])
         parts += [f"### Cap {cap / 2**30:.2f} GiB", "",
-                  _table(["model", "method", "max batch", "first failing batch", "x dense", "device", "dtype", "git"],
-                         rows), ""]
+                  _table(["model", "method", "max batch", "first failing batch", "x dense", "device", "dtype",
+                          "allocator", "git"], rows), ""]
         if f"max_batch:{cap}" in plots:
             parts += [f"![largest batch under {cap / 2**30:.2f} GiB]({plots[f'max_batch:{cap}']})", ""]
     return parts
+
+
+def _plot_label(r: dict) -> str:
+    """The model's name, with its allocator setting on a second line when it is not the plain default."""
+    alloc = r.get("allocator", "system")
+    return r["model"] if alloc == "system" else f"{r['model']}\n({alloc})"
 
 
 def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]:
@@ -107,9 +118,9 @@ def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[
     written = {}
     for cap in sorted({r["mem_cap_bytes"] for r in mb}):
         group = [r for r in mb if r["mem_cap_bytes"] == cap]
-        model_names = list(dict.fromkeys(r["model"] for r in group))
+        model_names = list(dict.fromkeys(_plot_label(r) for r in group))
         methods = sorted({r["method"] for r in group}, key=_rank)
-        cell = {(r["model"], r["method"]): r["max_batch"] for r in group}
+        cell = {(_plot_label(r), r["method"]): r["max_batch"] for r in group}
         dense = {m: cell.get((m, "dense")) or None for m in model_names}
         width = 0.8 / len(methods)
         fig, ax = plt.subplots(figsize=(max(7.5, 1.8 * len(model_names) + 3.5), 4))
