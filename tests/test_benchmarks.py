@@ -212,7 +212,7 @@ def test_blpa_accuracy_report_and_runner(tmp_path, monkeypatch):
     assert blpa_accuracy.MATRIX.report_path("resnet20").name == "blpa.md"
 
 
-def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
+def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys, monkeypatch):
     """`leanprop bench matrix --quick` (what CI runs): one record per method with the ratios to the dense step of
     the same run, a second call skips what is measured, and `leanprop report` writes tables and plots."""
     from leanprop.cli import main
@@ -238,12 +238,23 @@ def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
     assert main(["bench", "matrix", "--quick", "--threads", "1", "--progress", "off", "--out", str(out)]) == 0
     assert "already measured" in capsys.readouterr().out
     assert len(out.read_text().splitlines()) == 4
+    # under another allocator setting the same rows are measured again, recorded with it and tabled apart
+    from leanprop import allocator
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(allocator, "set_mmap_threshold",  # this process keeps its allocator: only the record
+                        lambda n: monkeypatch.setenv(allocator.MMAP_THRESHOLD_ENV, str(n)))
+    assert main(["bench", "matrix", "--quick", "--threads", "1", "--progress", "off", "--out", str(out),
+                 "--malloc-mmap-threshold", "256KiB"]) == 0
+    tuned = [json.loads(line) for line in out.read_text().splitlines()[4:]]
+    assert [r["method"] for r in tuned] == [r["method"] for r in recs]
+    assert {r["allocator"] for r in tuned} == {"system, mmap threshold 256 KiB"}
     md = tmp_path / "docs" / "benchmarks.md"
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- report:headline -->\nold\n<!-- /report:headline -->\nrest\n")
     assert main(["report", "--results", str(out.parent), "--out", str(md), "--readme", str(readme)]) == 0
     head = readme.read_text()
-    assert "old" not in head and head.endswith("<!-- /report:headline -->\nrest\n")
+    assert "\nold\n" not in head and head.endswith("<!-- /report:headline -->\nrest\n")
     assert "| resnet20 | 16 | blpa4 |" in head and "| resnet20 | 16 | swat-u90+blpa4 |" in head
     text = md.read_text()
     assert "## Every method on every model" in text and "| swat-u90+blpa4 |" in text
@@ -251,6 +262,8 @@ def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys):
     assert (md.parent / "img" / "matrix_time_resnet20-b16-1t.png").stat().st_size > 1000
     assert "![memory of resnet20-b16-1t](img/matrix_memory_resnet20-b16-1t.png)" in text
     assert "Kernels chosen by the SWAT layers' calibration" in text and "swat-u90: " in text
+    assert "resnet20, malloc mmap threshold 256KiB" in text and "| swat-u90+blpa4 |" in text
+    assert (md.parent / "img" / "matrix_time_resnet20-b16-1t-mmap256KiB.png").stat().st_size > 1000
     assert main(["report", "--results", str(tmp_path / "nothing"), "--out", str(md), "--readme", ""]) == 2
 
 

@@ -33,8 +33,8 @@ DEFAULT_METHODS = ("dense", "checkpoint", "swat-u90", "swat-u90-packed", "swat-e
                    "swat-filter70-p10", "blpa8", "blpa4", "blpa2", "swat-u90+blpa4")
 QUICK = {"models": ("resnet20",), "methods": ("dense", "swat-u90", "blpa4", "swat-u90+blpa4"), "batch": 16,
          "imagenet_batch": 2, "rounds": 2, "warmup": 1, "peak": False}
-_KEY = ("model", "method", "batch", "threads", "dtype", "channels_last", "compile", "device", "git_sha")
-_KEY_DEFAULTS = {"compile": False}  # records from before a key existed
+_KEY = ("model", "method", "batch", "threads", "dtype", "channels_last", "compile", "device", "allocator", "git_sha")
+_KEY_DEFAULTS = {"compile": False, "allocator": "system"}  # records from before a key existed
 
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
@@ -60,6 +60,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                    help="time every method under torch.compile (at least 2 warm-up steps absorb the compilation; "
                         "records carry the graph breaks; `leanprop report` shows compiled / eager step time)")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
+    p.add_argument("--malloc-mmap-threshold", metavar="SIZE",
+                   help="fix glibc malloc's mmap threshold (e.g. 256KiB) for every method, here and in the memory "
+                        "probes (leanprop.allocator); recorded as the allocator, and tabled apart")
     p.add_argument("--mem-cap", help="also find the largest batch under this cap, e.g. 4GiB (fresh processes)")
     p.add_argument("--max-batch-tolerance", type=float, default=0.0, metavar="FRACTION",
                    help="relative resolution of the --mem-cap search (default 0: exact; 0.02: within 2 %%)")
@@ -250,8 +253,10 @@ def done_keys(path: Path) -> set[tuple]:
 
 
 def _key(model: str, method: str, batch: int, a: argparse.Namespace, threads: int, sha: str | None) -> tuple:
+    from leanprop import allocator
+
     return tuple(str(v) for v in (model, method, batch, threads, a.dtype, a.channels_last,
-                                  bool(getattr(a, "compile", False)), a.device, sha))
+                                  bool(getattr(a, "compile", False)), a.device, allocator.describe(), sha))
 
 
 def run(a: argparse.Namespace) -> int:
@@ -282,6 +287,11 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError("--rounds must be >= 1 and --warmup >= 0")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if getattr(a, "malloc_mmap_threshold", None) is not None:
+        from leanprop import allocator
+        from leanprop.accounting.memory import parse_size
+
+        allocator.set_mmap_threshold(allocator.check_mmap_threshold(parse_size(a.malloc_mmap_threshold)))
     threads = a.threads or torch.get_num_threads()
     sha = run_context(a.device)[0].get("git_sha")
     out = Path(a.out)

@@ -257,7 +257,7 @@ def _matrix_records(recs: list[dict]) -> list[dict]:
     machine)."""
     found = [{**r, "compile": bool(r.get("compile"))} for r in recs if r.get("bench") == "matrix" and "step_s" in r]
     return _latest(found, ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last", "compile",
-                           "device", "processor", "gpu"))
+                           "device", "processor", "gpu", "allocator"))
 
 
 def _eager_step(mx: list[dict], r: dict) -> float | None:
@@ -265,7 +265,8 @@ def _eager_step(mx: list[dict], r: dict) -> float | None:
     them, else the newest eager record of the same settings (None when there is none)."""
     if r.get("eager_step_s"):
         return r["eager_step_s"]
-    key = ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last", "processor", "gpu")
+    key = ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last", "processor", "gpu",
+           "allocator")
     found = [e for e in mx if not e["compile"] and device_of(e) == device_of(r)
              and all(str(e.get(k)) == str(r.get(k)) for k in key)]
     return found[-1]["step_s"] if found else None
@@ -360,7 +361,15 @@ def _group(r: dict) -> str:
             + ("" if dev == "cpu" else f"-{dev}") + ("" if size is None else f"-{size}px")
             + ("" if batch == _DEFAULT_BATCH.get(r.get("family", ""), batch) else f"-b{batch}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f"-{r['dtype']}")
-            + ("" if threads in (None, r.get("cpu_count")) or dev != "cpu" else f"-{threads}t"))
+            + ("" if threads in (None, r.get("cpu_count")) or dev != "cpu" else f"-{threads}t")
+            + ("" if _mmap_threshold(r) is None else f"-mmap{_mmap_threshold(r)}"))
+
+
+def _mmap_threshold(r: dict) -> str | None:
+    """The fixed malloc mmap threshold a record ran under (``leanprop.allocator``; e.g. ``256KiB``), None for the
+    allocator's default."""
+    alloc = str(r.get("allocator", ""))
+    return alloc.split("mmap threshold ", 1)[1].replace(" ", "") if "mmap threshold " in alloc else None
 
 
 def _label(r: dict) -> str:
@@ -369,7 +378,8 @@ def _label(r: dict) -> str:
     return (r["model"] + (" (NHWC)" if r.get("channels_last") else "") + (" (compiled)" if r.get("compile") else "")
             + ("" if size is None else f" at {size}x{size}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f" in {r['dtype']}")
-            + ("" if dev == "cpu" else f" on {dev}"))
+            + ("" if dev == "cpu" else f" on {dev}")
+            + ("" if _mmap_threshold(r) is None else f", malloc mmap threshold {_mmap_threshold(r)}"))
 
 
 def _gpu_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
