@@ -17,11 +17,17 @@ from leanprop.config import ConfigError, load
 def test_describe_names_the_allocator(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv(allocator.MMAP_THRESHOLD_ENV, raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     assert allocator.describe() == "system" and allocator.mmap_threshold() is None
     monkeypatch.setenv(allocator.MMAP_THRESHOLD_ENV, "262144")
     assert allocator.describe() == "system, mmap threshold 256 KiB" and allocator.mmap_threshold() == 262144
     monkeypatch.setenv(allocator.MMAP_THRESHOLD_ENV, "1000")
     assert allocator.describe() == "system, mmap threshold 1000 B"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert allocator.describe() == "system, mmap threshold 1000 B, huge pages"
+    monkeypatch.delenv(allocator.MMAP_THRESHOLD_ENV)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=524288:glibc.malloc.hugetlb=2")
+    assert allocator.describe() == "system, mmap threshold 512 KiB, huge pages (hugetlb=2)"
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
     assert allocator.describe() == "jemalloc"
 
@@ -66,7 +72,7 @@ def test_set_threshold_maps_smaller_blocks_in_a_fresh_process():
     def child(mode: str) -> dict:
         out = subprocess.run([sys.executable, "-c", _MMAPPED_CHILD, mode], capture_output=True, text=True,
                              env={k: v for k, v in __import__("os").environ.items()
-                                  if k not in (allocator.MMAP_THRESHOLD_ENV, "LD_PRELOAD")})
+                                  if k not in (allocator.MMAP_THRESHOLD_ENV, "LD_PRELOAD", "GLIBC_TUNABLES")})
         if "mallinfo2" in out.stderr:
             pytest.skip("this C library has no mallinfo2 (glibc < 2.33)")
         assert out.returncode == 0, out.stderr

@@ -262,7 +262,7 @@ def test_bench_matrix_quick_records_resume_and_report(tmp_path, capsys, monkeypa
     assert (md.parent / "img" / "matrix_time_resnet20-b16-1t.png").stat().st_size > 1000
     assert "![memory of resnet20-b16-1t](img/matrix_memory_resnet20-b16-1t.png)" in text
     assert "Kernels chosen by the SWAT layers' calibration" in text and "swat-u90: " in text
-    assert "resnet20, malloc mmap threshold 256KiB" in text and "| swat-u90+blpa4 |" in text
+    assert "resnet20, malloc: mmap threshold 256 KiB" in text and "| swat-u90+blpa4 |" in text
     assert (md.parent / "img" / "matrix_time_resnet20-b16-1t-mmap256KiB.png").stat().st_size > 1000
     assert main(["report", "--results", str(tmp_path / "nothing"), "--out", str(md), "--readme", ""]) == 2
 

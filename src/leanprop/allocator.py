@@ -38,21 +38,35 @@ def _jemalloc_preloaded() -> bool:
     return "jemalloc" in os.environ.get("LD_PRELOAD", "")
 
 
+def _tunables() -> dict[str, str]:
+    """``GLIBC_TUNABLES`` (``glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=262144``) as a dict."""
+    pairs = (item.split("=", 1) for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def mmap_threshold() -> int | None:
-    """The fixed mmap threshold this process was given through :data:`MMAP_THRESHOLD_ENV`, None if none (or
-    when the value is not a whole number of bytes, which glibc ignores too)."""
-    text = os.environ.get(MMAP_THRESHOLD_ENV, "").strip()
+    """The fixed mmap threshold this process was given through :data:`MMAP_THRESHOLD_ENV` (or the
+    ``glibc.malloc.mmap_threshold`` tunable), None if none (or when the value is not a whole number of bytes,
+    which glibc ignores too)."""
+    text = os.environ.get(MMAP_THRESHOLD_ENV, "").strip() or _tunables().get("glibc.malloc.mmap_threshold", "")
     return int(text) if text.isdigit() else None
 
 
 def describe() -> str:
-    """The allocator a record ran under: ``jemalloc``, ``system`` or ``system, mmap threshold 256 KiB``."""
+    """The allocator a record ran under: ``jemalloc``, ``system``, or ``system`` with its settings, e.g.
+    ``system, mmap threshold 256 KiB, huge pages`` (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: glibc asks the
+    kernel for transparent huge pages on the memory it maps, so a fresh block faults in 2 MiB at a time instead
+    of 4 KiB; glibc manual, "Memory Allocation Tunables")."""
     if _jemalloc_preloaded():
         return "jemalloc"
+    parts = ["system"]
     n = mmap_threshold()
-    if n is None:
-        return "system"
-    return f"system, mmap threshold {n // 1024} KiB" if n % 1024 == 0 else f"system, mmap threshold {n} B"
+    if n is not None:
+        parts.append(f"mmap threshold {n // 1024} KiB" if n % 1024 == 0 else f"mmap threshold {n} B")
+    huge = _tunables().get("glibc.malloc.hugetlb", "0")
+    if huge not in ("", "0"):
+        parts.append("huge pages" if huge == "1" else f"huge pages (hugetlb={huge})")
+    return ", ".join(parts)
 
 
 def check_mmap_threshold(nbytes: int) -> int:

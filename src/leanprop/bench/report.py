@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -362,14 +363,21 @@ def _group(r: dict) -> str:
             + ("" if batch == _DEFAULT_BATCH.get(r.get("family", ""), batch) else f"-b{batch}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f"-{r['dtype']}")
             + ("" if threads in (None, r.get("cpu_count")) or dev != "cpu" else f"-{threads}t")
-            + ("" if _mmap_threshold(r) is None else f"-mmap{_mmap_threshold(r)}"))
+            + _allocator_tag(r))
 
 
-def _mmap_threshold(r: dict) -> str | None:
-    """The fixed malloc mmap threshold a record ran under (``leanprop.allocator``; e.g. ``256KiB``), None for the
-    allocator's default."""
+def _allocator_tag(r: dict) -> str:
+    """File-name suffix of a record's glibc malloc settings (``leanprop.allocator.describe``): ``-mmap256KiB``,
+    ``-thp`` (huge pages); empty for the allocator's defaults."""
     alloc = str(r.get("allocator", ""))
-    return alloc.split("mmap threshold ", 1)[1].replace(" ", "") if "mmap threshold " in alloc else None
+    m = re.search(r"mmap threshold (\d+) (KiB|B)", alloc)
+    return ("" if m is None else f"-mmap{m.group(1)}{m.group(2)}") + ("-thp" if "huge pages" in alloc else "")
+
+
+def _allocator_note(r: dict) -> str:
+    """``, malloc: mmap threshold 256 KiB, huge pages`` for a record with glibc malloc settings, else empty."""
+    alloc = str(r.get("allocator", ""))
+    return f", malloc: {alloc.split(', ', 1)[1]}" if alloc.startswith("system, ") else ""
 
 
 def _label(r: dict) -> str:
@@ -379,7 +387,7 @@ def _label(r: dict) -> str:
             + ("" if size is None else f" at {size}x{size}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f" in {r['dtype']}")
             + ("" if dev == "cpu" else f" on {dev}")
-            + ("" if _mmap_threshold(r) is None else f", malloc mmap threshold {_mmap_threshold(r)}"))
+            + _allocator_note(r))
 
 
 def _gpu_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
