@@ -227,7 +227,8 @@ def profile(model: Any, example_inputs: Any, methods: str | Sequence[str] = DEFA
     ``mem_cap``: bytes or a size string (``"4GiB"``) for the largest-batch search. ``rounds``/``warmup``: timed
     and untimed steps per method (at least one untimed step always runs: it also catches a method whose step
     fails). ``peak``: measure the fresh-process peak (and max batch). ``progress``: a progress bar on stderr.
-    ``timer``: the clock of the step times (tests inject a fake one).
+    ``timer``: the clock of the step times (tests inject a fake one). The fresh-process probes inherit this
+    process's glibc malloc settings (:func:`leanprop.allocator.set_mmap_threshold`, ``GLIBC_TUNABLES``).
 
     Record keys: ``method``, ``model``, ``batch``, ``input_shape``, ``device``; ``saved_bytes``,
     ``saved_raw_bytes``, ``saved_by_kind``, ``saved_by_origin``, ``saved_via``, ``ratio_vs_dense``; ``step_s``
