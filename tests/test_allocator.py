@@ -91,15 +91,24 @@ def test_fresh_process_probe_inherits_and_records_the_threshold(monkeypatch):
     assert r["allocator"] == "system, mmap threshold 256 KiB"
 
 
-def test_bench_memory_sets_the_threshold_and_records_it(monkeypatch, tmp_path, capsys):
-    calls = []
+@pytest.fixture
+def threshold_calls(monkeypatch) -> list[int]:
+    """``set_mmap_threshold`` replaced by a fake that only records its calls and sets the environment variable
+    (this test process keeps its allocator); glibc malloc, no preloaded allocator."""
+    calls: list[int] = []
 
-    def fake_set(n: int) -> None:  # the test process keeps its allocator; only the call and the record are checked
+    def fake_set(n: int) -> None:
         calls.append(n)
         monkeypatch.setenv(allocator.MMAP_THRESHOLD_ENV, str(n))
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setattr(allocator, "set_mmap_threshold", fake_set)
+    return calls
+
+
+def test_bench_memory_sets_the_threshold_and_records_it(threshold_calls, tmp_path, capsys):
+    calls = threshold_calls
     out = tmp_path / "mem.jsonl"
     argv = ["bench", "memory", "--model", "resnet20", "--batch", "2", "--input-size", "16", "--method", "dense",
             "--no-peak", "--threads", "1", "--malloc-mmap-threshold", "256KiB", "--jsonl", str(out),
@@ -120,20 +129,13 @@ def test_config_validates_the_threshold():
         load(None, ["malloc_mmap_threshold=lots"])
 
 
-def test_trainer_applies_the_threshold_and_records_it(monkeypatch, tmp_path):
+def test_trainer_applies_the_threshold_and_records_it(threshold_calls, tmp_path):
     import json as _json
 
     from leanprop.train.trainer import Trainer
     from tests._helpers import synth_overrides
 
-    calls = []
-
-    def fake_set(n: int) -> None:  # the test process keeps its allocator; only the call and the record are checked
-        calls.append(n)
-        monkeypatch.setenv(allocator.MMAP_THRESHOLD_ENV, str(n))
-
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.setattr(allocator, "set_mmap_threshold", fake_set)
+    calls = threshold_calls
     cfg = load(None, synth_overrides(tmp_path, "train.epochs=1", "data.synthetic_train=16", "data.synthetic_test=16",
                                      "model.name=resnet8", "malloc_mmap_threshold=256KiB"))
     t = Trainer(cfg, progress=False)
