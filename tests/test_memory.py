@@ -385,12 +385,14 @@ def test_report_capacity_sections_and_plot(tmp_path):
         _headline_max_batch(recs)
     # a search under another allocator setting is a row of its own, not the newest of the same row
     tuned = [{**r, "allocator": "system, mmap threshold 256 KiB", "max_batch": 2 * r["max_batch"]} for r in recs]
-    (results / "memory.jsonl").write_text("\n".join(json.dumps(r) for r in recs + tuned) + "\n")
+    older = [{**r, "allocator": "jemalloc", "max_batch": 7} for r in recs]  # another default allocator: superseded
+    (results / "memory.jsonl").write_text("\n".join(json.dumps(r) for r in older + recs + tuned) + "\n")
     write_report(results, out)
     text = out.read_text()
-    assert "| resnet20 | swat-u90-packed | 1500 | 1530 | 1.50 | cpu | fp32 | system |" in text
+    assert "| resnet20 | swat-u90-packed | 1500 | 1530 | 1.50 | cpu | fp32 | ? |" in text
     assert "| resnet20 | swat-u90-packed | 3000 | 1530 | 1.50 | cpu | fp32 | system, mmap threshold 256 KiB |" in text
-    assert "resnet20 (system, mmap threshold 256 KiB): dense 2000, swat-u90-packed 3000 (1.50x)" in \
+    assert "| 7 |" not in text
+    assert "resnet20 (malloc: mmap threshold 256 KiB): dense 2000, swat-u90-packed 3000 (1.50x)" in \
         _headline_max_batch(recs + tuned)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -21,8 +20,8 @@ from leanprop.bench.report_capacity import (
 )
 from leanprop.bench.report_modes import device_of, gpu_memory_rows, modes_section
 from leanprop.bench.report_tables import latest as _latest
+from leanprop.bench.report_tables import malloc_settings, malloc_tag, method_rank, pyplot, save_fig
 from leanprop.bench.report_tables import markdown_table as _table
-from leanprop.bench.report_tables import method_rank, pyplot, save_fig
 
 __all__ = ["read_records", "render", "write_report", "write_plots", "main"]
 
@@ -256,9 +255,10 @@ def _packing_section(recs: list[dict]) -> list[str]:
 def _matrix_records(recs: list[dict]) -> list[dict]:
     """The newest matrix record per (model, method, batch, input shape, threads, dtype, layout, compiled, device,
     machine)."""
-    found = [{**r, "compile": bool(r.get("compile"))} for r in recs if r.get("bench") == "matrix" and "step_s" in r]
+    found = [{**r, "compile": bool(r.get("compile")), "malloc_settings": malloc_settings(r)}
+             for r in recs if r.get("bench") == "matrix" and "step_s" in r]
     return _latest(found, ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last", "compile",
-                           "device", "processor", "gpu", "allocator"))
+                           "device", "processor", "gpu", "malloc_settings"))
 
 
 def _eager_step(mx: list[dict], r: dict) -> float | None:
@@ -267,7 +267,7 @@ def _eager_step(mx: list[dict], r: dict) -> float | None:
     if r.get("eager_step_s"):
         return r["eager_step_s"]
     key = ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last", "processor", "gpu",
-           "allocator")
+           "malloc_settings")
     found = [e for e in mx if not e["compile"] and device_of(e) == device_of(r)
              and all(str(e.get(k)) == str(r.get(k)) for k in key)]
     return found[-1]["step_s"] if found else None
@@ -363,21 +363,7 @@ def _group(r: dict) -> str:
             + ("" if batch == _DEFAULT_BATCH.get(r.get("family", ""), batch) else f"-b{batch}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f"-{r['dtype']}")
             + ("" if threads in (None, r.get("cpu_count")) or dev != "cpu" else f"-{threads}t")
-            + _allocator_tag(r))
-
-
-def _allocator_tag(r: dict) -> str:
-    """File-name suffix of a record's glibc malloc settings (``leanprop.allocator.describe``): ``-mmap256KiB``,
-    ``-thp`` (huge pages); empty for the allocator's defaults."""
-    alloc = str(r.get("allocator", ""))
-    m = re.search(r"mmap threshold (\d+) (KiB|B)", alloc)
-    return ("" if m is None else f"-mmap{m.group(1)}{m.group(2)}") + ("-thp" if "huge pages" in alloc else "")
-
-
-def _allocator_note(r: dict) -> str:
-    """``, malloc: mmap threshold 256 KiB, huge pages`` for a record with glibc malloc settings, else empty."""
-    alloc = str(r.get("allocator", ""))
-    return f", malloc: {alloc.split(', ', 1)[1]}" if alloc.startswith("system, ") else ""
+            + malloc_tag(r))
 
 
 def _label(r: dict) -> str:
@@ -387,7 +373,7 @@ def _label(r: dict) -> str:
             + ("" if size is None else f" at {size}x{size}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f" in {r['dtype']}")
             + ("" if dev == "cpu" else f" on {dev}")
-            + _allocator_note(r))
+            + (f", malloc: {malloc_settings(r)}" if malloc_settings(r) else ""))
 
 
 def _gpu_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
@@ -544,7 +530,7 @@ def headline(recs: list[dict]) -> str:
     """The README's headline table: a few methods per model (fp32, eager, its largest batch measured), from the
     newest matrix records."""
     mx = [r for r in _matrix_records(recs) if device_of(r) == "cpu" and not r["compile"]
-          and r.get("dtype", "fp32") == "fp32"]
+          and r.get("dtype", "fp32") == "fp32" and not r["malloc_settings"]]
     largest = {}
     for r in mx:
         largest[(_label(r), r["method"])] = max(largest.get((_label(r), r["method"]), 0), r["batch"])
@@ -572,13 +558,13 @@ def _headline_max_batch(recs: list[dict]) -> str:
     for cap in sorted({r["mem_cap_bytes"] for r in mb}):
         parts = []
         here = [r for r in mb if r["mem_cap_bytes"] == cap]
-        for model, alloc in dict.fromkeys((r["model"], r.get("allocator", "system")) for r in here):
+        for model, settings in dict.fromkeys((r["model"], r["malloc_settings"]) for r in here):
             cell = {r["method"]: r["max_batch"] for r in here
-                    if r["model"] == model and r.get("allocator", "system") == alloc}
+                    if r["model"] == model and r["malloc_settings"] == settings}
             if "dense" not in cell:
                 continue
             shown = [f"{m} {cell[m]} ({cell[m] / cell['dense']:.2f}x)" for m in HEADLINE_METHODS if m in cell]
-            name = model if alloc == "system" else f"{model} ({alloc})"
+            name = f"{model} (malloc: {settings})" if settings else model
             parts.append(f"{name}: dense {cell['dense']}" + "".join(f", {x}" for x in shown))
         if parts:
             out.append(f"Largest training batch under {cap / 2**30:g} GiB (fresh-process peak): " + "; ".join(parts)

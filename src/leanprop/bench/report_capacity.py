@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 from .report_tables import latest as _latest
+from .report_tables import malloc_settings, pyplot, save_fig
 from .report_tables import markdown_table as _table
 from .report_tables import method_rank as _rank
-from .report_tables import pyplot, save_fig
 
 __all__ = ["filter_floor_section", "kept_by_module_section", "max_batch_records", "max_batch_section",
            "write_max_batch_plot"]
@@ -57,7 +57,8 @@ def max_batch_records(recs: list[dict]) -> list[dict]:
     the newest memory record per cap count, so a search made by older code is dropped once a newer record of
     the same kind exists (a newer matrix run without ``--mem-cap`` retires an old matrix search). Searches under
     different allocator settings are kept apart."""
-    key = ("model", "method", "batch", "device", "dtype", "channels_last", "allocator")
+    key = ("model", "method", "batch", "device", "dtype", "channels_last", "malloc_settings")
+    recs = [{**r, "malloc_settings": malloc_settings(r)} for r in recs]
     newest = (_latest([r for r in recs if r.get("bench") == "matrix" and "step_s" in r], key)
               + _latest([r for r in recs if r.get("bench") == "memory" and "saved_bytes" in r],
                         (*key, "mem_cap_bytes")))
@@ -82,8 +83,8 @@ def max_batch_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
     for cap in sorted({r["mem_cap_bytes"] for r in mb}):
         group = [r for r in mb if r["mem_cap_bytes"] == cap]
         rows = []
-        for model, alloc in dict.fromkeys((r["model"], r.get("allocator", "system")) for r in group):
-            mine = sorted((r for r in group if r["model"] == model and r.get("allocator", "system") == alloc),
+        for model, settings in dict.fromkeys((r["model"], r["malloc_settings"]) for r in group):
+            mine = sorted((r for r in group if r["model"] == model and r["malloc_settings"] == settings),
                           key=lambda r: _rank(r["method"]))
             dense = next((r["max_batch"] for r in mine if r["method"] == "dense"), None)
             for r in mine:
@@ -91,7 +92,7 @@ def max_batch_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
                 rows.append([model, r["method"], str(r["max_batch"]) + ("+" if r.get("max_batch_hit_limit") else ""),
                              "-" if fails is None else str(fails),
                              f"{r['max_batch'] / dense:.2f}" if dense else "-", r.get("device", "?"),
-                             r.get("dtype", "fp32"), alloc, r.get("git_sha") or "?"])
+                             r.get("dtype", "fp32"), r.get("allocator", "?"), r.get("git_sha") or "?"])
         parts += [f"### Cap {cap / 2**30:.2f} GiB", "",
                   _table(["model", "method", "max batch", "first failing batch", "x dense", "device", "dtype",
                           "allocator", "git"], rows), ""]
@@ -101,9 +102,8 @@ def max_batch_section(recs: list[dict], plots: dict[str, str]) -> list[str]:
 
 
 def _plot_label(r: dict) -> str:
-    """The model's name, with its allocator setting on a second line when it is not the plain default."""
-    alloc = r.get("allocator", "system")
-    return r["model"] if alloc == "system" else f"{r['model']}\n({alloc})"
+    """The model's name, with its glibc malloc settings on a second line when it has some."""
+    return f"{r['model']}\n({r['malloc_settings']})" if r["malloc_settings"] else r["model"]
 
 
 def write_max_batch_plot(recs: list[dict], out_dir: Path, rel_to: Path) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -21,6 +22,21 @@ def latest(recs: list[dict], key: tuple[str, ...]) -> list[dict]:
     for r in recs:
         out[tuple(str(r.get(k)) for k in key)] = r
     return list(out.values())
+
+
+def malloc_settings(r: dict) -> str:
+    """A record's glibc malloc settings (``leanprop.allocator.describe`` after ``system, ``), e.g. ``mmap threshold
+    256 KiB, huge pages``; empty for an allocator's defaults (so a newer default record still supersedes an older
+    one made under another default allocator)."""
+    alloc = str(r.get("allocator", ""))
+    return alloc.split(", ", 1)[1] if alloc.startswith("system, ") else ""
+
+
+def malloc_tag(r: dict) -> str:
+    """File-name suffix of :func:`malloc_settings`: ``-mmap256KiB``, ``-thp`` (huge pages), both, or empty."""
+    settings = malloc_settings(r)
+    m = re.search(r"mmap threshold (\d+) (KiB|B)", settings)
+    return ("" if m is None else f"-mmap{m.group(1)}{m.group(2)}") + ("-thp" if "huge pages" in settings else "")
 
 
 def method_rank(method: str) -> tuple[int, str]:
