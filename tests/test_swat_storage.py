@@ -163,7 +163,10 @@ def test_compressed_swat_max_pool_keeps_window_positions_with_the_same_gradients
 @pytest.mark.parametrize("k, s, p, d, ceil, shape, channels_last", [
     (3, 2, 1, 1, False, (2, 3, 9, 9), False), (2, 2, 0, 1, False, (2, 3, 8, 8), False),
     (3, 2, 1, 2, True, (2, 3, 10, 11), False), (3, 1, 1, 1, False, (2, 4, 7, 7), True),
-    (3, 2, 0, 1, True, (3, 8, 8), False)])
+    (3, 2, 0, 1, True, (3, 8, 8), False),
+    ((3, 2), (1, 2), (1, 0), (2, 1), False, (2, 3, 9, 6), False),  # rectangular window, row dilation
+    ((2, 3), 1, (0, 1), (1, 2), False, (2, 3, 6, 7), False),  # column dilation
+    (3, 1, 1, 1, False, (2, 3, 5, 2), False)])  # a window as wide as the input: the division path
 def test_max_pool_window_index_equals_max_pool2d(k, s, p, d, ceil, shape, channels_last):
     from leanprop.ops.saving_layers import max_pool2d_window_index
 

@@ -61,6 +61,24 @@ def mask_relu(x: Tensor, kernels: CKernels | None = None) -> Tensor:
     return _MaskReLU.apply(x, kernels)
 
 
+def _window_position(flat: Tensor, h: int, w: int, out_shape, kernel, stride, padding, dilation) -> Tensor:
+    """uint8 position ``dr * kw + dc`` of each max inside its window, from max-pool's flat per-plane indices.
+
+    ``flat - (r0 * w + c0) = dr * dh * w + dc * dw``: with ``(kw - 1) * dw < w`` the row step ``dr`` is the number
+    of multiples of ``dh * w`` the offset reaches (a few comparisons in int32 instead of int64 divisions)."""
+    r0, c0 = _window_origins(out_shape[-2], out_shape[-1], stride, padding, flat.device)
+    if (kernel[1] - 1) * dilation[1] >= w or kernel[0] > 8 or h * w >= 2**31:
+        return (((flat // w - r0) // dilation[0]) * kernel[1] + (flat % w - c0) // dilation[1]).to(torch.uint8)
+    off = (flat - (r0 * w + c0)).to(torch.int32)
+    dr = torch.zeros_like(off)
+    for i in range(1, kernel[0]):
+        dr += off >= i * dilation[0] * w
+    dc = off - dr * (dilation[0] * w)
+    if dilation[1] != 1:
+        dc = dc // dilation[1]
+    return (dr * kernel[1] + dc).to(torch.uint8)
+
+
 def _window_origins(out_h: int, out_w: int, stride, padding, device) -> tuple[Tensor, Tensor]:
     """Top-left input row of every output row and left input column of every output column."""
     rows = torch.arange(out_h, device=device).mul_(stride[0]).sub_(padding[0]).view(-1, 1)
@@ -76,10 +94,8 @@ class _MaxPoolWindowIndex(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
         out, flat = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-        w = x.shape[-1]
-        r0, c0 = _window_origins(out.shape[-2], out.shape[-1], stride, padding, x.device)
-        pos = ((flat // w - r0) // dilation[0]) * kernel[1] + (flat % w - c0) // dilation[1]
-        ctx.save_for_backward(pos.to(torch.uint8))
+        ctx.save_for_backward(_window_position(flat, x.shape[-2], x.shape[-1], out.shape, kernel, stride, padding,
+                                               dilation))
         ctx.conf = (x.shape, memory_format_of(x), kernel, stride, padding, dilation)
         return out
 
@@ -90,8 +106,10 @@ class _MaxPoolWindowIndex(torch.autograd.Function):
         shape, fmt, kernel, stride, padding, dilation = ctx.conf
         n, c, h, w = shape
         r0, c0 = _window_origins(g.shape[-2], g.shape[-1], stride, padding, g.device)
-        pos = pos.long()
-        flat = (r0 + (pos // kernel[1]) * dilation[0]) * w + c0 + (pos % kernel[1]) * dilation[1]
+        # flat index = the window's top-left flat index + the offset of the window position (a 9-entry table)
+        step = torch.arange(kernel[0] * kernel[1], device=g.device)
+        table = (step // kernel[1]) * (dilation[0] * w) + (step % kernel[1]) * dilation[1]
+        flat = table[pos.long()] + (r0 * w + c0)
         grad = g.new_zeros((n, c, h * w)).scatter_add_(2, flat.reshape(n, c, -1), g.reshape(n, c, -1))
         return grad.view(n, c, h, w).contiguous(memory_format=fmt), None, None, None, None, None
 
