@@ -406,3 +406,41 @@ def test_compiled_relu6_of_bn_output_matches_the_torch_path(channels_last):
     g_c, g_t = _grads(m_c, x, y), _grads(m_t, x, y)
     assert counting.calls.get("range_bits", 0) >= 2 and c.stats["derived"] >= 2
     assert F.cosine_similarity(g_c, g_t, 0) > 0.9999
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_run_of_post_activation_blocks_is_rebuilt_in_one_pass_with_the_same_gradients(channels_last, monkeypatch):
+    """A block's saved input ReLU(BN + identity), whose identity is the previous block's output and so on, is
+    rebuilt by one compiled pass over the whole run (CKernels.group_decode_chain); its gradients equal, bit for
+    bit, those of the level-by-level rebuild."""
+    import copy
+
+    from leanprop.ops import bn_units
+    from leanprop.ops.kernels import load_kernels
+
+    if load_kernels(required=False) is None:
+        pytest.skip("no C compiler for the compiled kernels")
+    torch.manual_seed(0)
+    model = models.create("resnet20", num_classes=10)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    leanprop.convert_(model, BLPAConfig(bits=4))
+    runs = []
+    chain = bn_units.ReluOfBN._residual_chain
+
+    def spied(self, bn, other):
+        found = chain(self, bn, other)
+        runs.append(len(found[0]) if found else 1)
+        return found
+
+    def grads(rebuild) -> list[torch.Tensor]:
+        monkeypatch.setattr(bn_units.ReluOfBN, "_residual_chain", rebuild)
+        m = copy.deepcopy(model)
+        F.cross_entropy(m(x), y).backward()
+        return [p.grad for p in m.parameters()]
+
+    level_by_level = grads(lambda self, bn, other: [])
+    in_one_pass = grads(spied)
+    assert max(runs) == 3  # resnet20: three blocks a stage, the third one's input is a run of three
+    assert all(torch.equal(a, b) for a, b in zip(level_by_level, in_one_pass, strict=True))

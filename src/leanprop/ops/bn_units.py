@@ -275,6 +275,39 @@ class ReluOfBN:
     def tensors(self) -> list[torch.Tensor]:
         return []
 
+    def _residual_level(self) -> tuple[BNRecord, Any] | None:
+        """``(bn, identity)`` when this is ``ReLU(BN + identity)`` with compiled BN codes in the mask's layout."""
+        r = self.record
+        if self.clamp is not None or not isinstance(r, SumRecipe):
+            return None
+        for bn, other in ((r.a, r.b), (r.b, r.a)):
+            if type(bn) is BNRecord and isinstance(bn.codes, AffineCodes) \
+                    and bn.codes.channels_last == self.mask.channels_last:
+                return bn, other
+        return None
+
+    def _residual_chain(self, bn: BNRecord, other: Any) -> tuple[list[tuple], Any] | list:
+        """The run of post-activation block outputs below this one (each block's identity is the previous block's
+        output), innermost level first, as :meth:`CKernels.group_decode_chain` levels, and the identity below the
+        run; ``[]`` when the identity is not such an output (then one level is all there is)."""
+        levels = [(bn, self.mask)]
+        node = getattr(other, "saved", None)
+        while type(node) is ReluOfBN and node.dtype == torch.float32 and node.shape == self.shape \
+                and node.stride == self.stride and node.mask.bits.device.type == "cpu":
+            level = node._residual_level()
+            if level is None or (level[0].codes.group, level[0].codes.shape) != (bn.codes.group, bn.codes.shape):
+                break
+            levels.append((level[0], node.mask))
+            other = level[1]
+            node = getattr(other, "saved", None)
+        if len(levels) == 1:
+            return []
+        out = []
+        for record, mask in reversed(levels):
+            codes = record.codes
+            out.append((codes.packed, codes.lo, codes.step, codes.bits, *record.affine(), mask.bits))
+        return out, other
+
     def unpack(self) -> torch.Tensor:
         r = self.record
         fused = self.mask.bits.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
@@ -284,14 +317,20 @@ class ReluOfBN:
             # ReLU(gamma * xhat + beta), or its clamp (ReLU6), in one compiled pass
             clamp = None if self.clamp is None else (float(self.clamp[0]), float(self.clamp[1]), self.clamp[2].bits)
             return restride(r.codes.decode(*r.affine(), self.mask.bits, dtype=self.dtype, clamp=clamp), self.stride)
-        if fused and self.clamp is None and isinstance(r, SumRecipe):  # ReLU(BN + identity): plus the identity
-            for bn, other in ((r.a, r.b), (r.b, r.a)):
-                if type(bn) is BNRecord and isinstance(bn.codes, AffineCodes) \
-                        and bn.codes.channels_last == self.mask.channels_last:
-                    like = torch.empty(0).new_empty(self.shape, device="meta")
-                    z = bn.codes.decode(*bn.affine(), self.mask.bits, other.y(like).reshape(self.shape),
-                                        dtype=self.dtype)
-                    return restride(z, self.stride)
+        level = self._residual_level() if fused else None
+        if level is not None:  # ReLU(BN + identity): plus the identity
+            bn, other = level
+            like = torch.empty(0).new_empty(self.shape, device="meta")
+            chain = self._residual_chain(bn, other) if self.dtype == torch.float32 else []
+            if chain:  # the identity is itself such an output, and so on: the whole run in one pass
+                levels, other = chain
+                base = other.y(like).reshape(self.shape)
+                z = bn.codes.kernels.group_decode_chain(levels, bn.codes.group, bn.codes.shape, base,
+                                                        bn.codes.channels_last)
+            else:
+                z = bn.codes.decode(*bn.affine(), self.mask.bits, other.y(like).reshape(self.shape),
+                                    dtype=self.dtype)
+            return restride(z, self.stride)
         like = torch.empty(0).new_empty(self.shape, device="meta")
         y = r.y(like)
         m = self.mask.bool_mask().view(self.shape)

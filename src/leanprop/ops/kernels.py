@@ -86,6 +86,7 @@ class CKernels:
         lib.blpa_unpack.argtypes = [p, i64, i32, p, i32]
         lib.group_encode_f32.argtypes = [p, p, i64, i64, i32, p, p, p, i32]
         lib.group_decode_f32.argtypes = [p, p, p, i64, i64, i32, p, i32]
+        lib.group_decode_chain_f32.argtypes = [p, i32, i64, i64, i64, i64, p, p, i32]
         for suf in _SUFFIX.values():
             getattr(lib, f"group_encode_affine_{suf}").argtypes = [p, p, p, i64, i64, p, i64, i64, i32, p, p, p, i32]
             getattr(lib, f"group_decode_affine_{suf}").argtypes = [p, p, p, i64, i64, i32, p, p, i64, i64, p, p, p,
@@ -185,6 +186,25 @@ class CKernels:
             None if addend is None else addend.data_ptr(), None if mask is None else mask.data_ptr(),
             None if clamp is None else clamp[2].data_ptr(), 0.0 if clamp is None else clamp[0],
             0.0 if clamp is None else clamp[1], out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def group_decode_chain(self, levels: list[tuple], group: int, shape: tuple[int, ...],
+                           base: torch.Tensor | None, channels_last: bool = False) -> torch.Tensor:
+        """A chain of residual outputs in one pass (fp32): ``acc = base`` (or 0), then for each level ``(packed, lo,
+        step, bits, scale, shift, mask)``, innermost first, ``acc = mask * ((lo + q * step) * scale[c] + shift[c] +
+        acc)`` -- what :meth:`group_decode_affine` gives level by level with the previous level as its addend,
+        without writing the levels in between. All levels share ``shape``, layout and ``group``."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty(shape, dtype=torch.float32, memory_format=fmt)
+        if base is not None:
+            base = base.to(torch.float32).contiguous(memory_format=fmt)
+        table = torch.tensor([[0 if t is None else t.data_ptr() for t in (packed, lo, step, scale, shift, mask)]
+                              + [bits] for packed, lo, step, bits, scale, shift, mask in levels], dtype=torch.int64)
+        _require_cpu(*(lv[0] for lv in levels))
+        c, inner = affine_layout(out)
+        self.lib.group_decode_chain_f32(table.data_ptr(), len(levels), levels[0][1].numel(), group, c, inner,
+                                        None if base is None else base.data_ptr(), out.data_ptr(),
+                                        torch.get_num_threads())
         return out
 
     def unpack(self, packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

@@ -533,6 +533,29 @@ void group_decode_f32(const uint8_t *packed, const float *lo, const float *step,
     }
 }
 
+/* One group of decoded codes through a per-channel affine, o[i] = (l + q[i] * s) * scale[c] + shift[c] with
+ * c = ((i0 + i) / inner) % C (a missing scale is 1, a missing shift 0). */
+static void affine_group(const uint8_t *q, float l, float s, const float *scale, const float *shift, int64_t C,
+                         int64_t inner, int64_t i0, int64_t G, float *o) {
+    int64_t c = (i0 / inner) % C, r = i0 % inner, i = 0;
+    if (inner == 1 && scale && shift) { /* channels-last: runs of consecutive channels, vectorisable */
+        for (; i < G; c = 0) {
+            const int64_t n = (G - i) < (C - c) ? (G - i) : (C - c);
+            for (int64_t t = 0; t < n; ++t) o[i + t] = (l + (float)q[i + t] * s) * scale[c + t] + shift[c + t];
+            i += n;
+        }
+    }
+    while (i < G) { /* runs of one channel: y = a + q * b, vectorisable */
+        const int64_t n = (G - i) < (inner - r) ? (G - i) : (inner - r);
+        const float sc = scale ? scale[c] : 1.0f, sh = shift ? shift[c] : 0.0f;
+        const float a0 = l * sc + sh, b0 = s * sc;
+        for (int64_t t = 0; t < n; ++t) o[i + t] = a0 + (float)q[i + t] * b0;
+        i += n;
+        r = 0;
+        if (++c == C) c = 0;
+    }
+}
+
 /* The same group codes of a per-channel affine image of a tensor in its memory order, v = (x - shift[c]) * scale[c]
  * with c = (i / inner) % C (NCHW-contiguous: inner = H * W; channels-last: inner = 1) -- a BatchNorm input's xhat
  * without materialising it (leanprop.ops.bn_units) -- and the decode of such codes back through an affine,
@@ -591,25 +614,7 @@ void group_decode_affine_##SUF(const uint8_t *packed, const float *lo, const flo
         for (int64_t g = 0; g < ngroups; ++g) {                                                                 \
             const int64_t i0 = g * G;                                                                           \
             unpack_chunk(packed + g * (G / k), G, bits, q);                                                     \
-            const float l = lo[g], s = step[g];                                                                 \
-            int64_t c = (i0 / inner) % C, r = i0 % inner, i = 0;                                                \
-            if (inner == 1 && scale && shift) { /* channels-last: runs of consecutive channels, vectorisable */ \
-                for (; i < G; c = 0) {                                                                          \
-                    const int64_t n = (G - i) < (C - c) ? (G - i) : (C - c);                                    \
-                    for (int64_t t = 0; t < n; ++t)                                                             \
-                        o[i + t] = (l + (float)q[i + t] * s) * scale[c + t] + shift[c + t];                     \
-                    i += n;                                                                                     \
-                }                                                                                               \
-            }                                                                                                   \
-            while (i < G) { /* runs of one channel: y = a + q * b, vectorisable */                              \
-                const int64_t n = (G - i) < (inner - r) ? (G - i) : (inner - r);                                \
-                const float sc = scale ? scale[c] : 1.0f, sh = shift ? shift[c] : 0.0f;                         \
-                const float a0 = l * sc + sh, b0 = s * sc;                                                      \
-                for (int64_t t = 0; t < n; ++t) o[i + t] = a0 + (float)q[i + t] * b0;                           \
-                i += n;                                                                                         \
-                r = 0;                                                                                          \
-                if (++c == C) c = 0;                                                                            \
-            }                                                                                                   \
+            affine_group(q, lo[g], step[g], scale, shift, C, inner, i0, G, o);                                  \
             if (addend) for (int64_t t = 0; t < G; ++t) o[t] += addend[i0 + t];                                 \
             if (mask && above) { /* a clamp: o inside (clo, chi), else chi where `above` is set, else clo */    \
                 const uint8_t *mb = mask + (i0 >> 3), *ab = above + (i0 >> 3);                                  \
@@ -631,6 +636,43 @@ void group_decode_affine_##SUF(const uint8_t *packed, const float *lo, const flo
 }
 DEFINE_AFFINE(float, f32, f32_load, f32_store)
 DEFINE_AFFINE(uint16_t, bf16, bf16_load, bf16_store)
+
+/* A chain of post-activation residual outputs rebuilt in one pass: acc = base (or 0), then for each level L
+ * (innermost first) acc = ReLU_L((lo + q * step) * scale[c] + shift[c] + acc), the ReLU a 1-bit mask (none: no
+ * ReLU); the same arithmetic, level by level, as group_decode_affine_f32 with acc as its addend, without writing
+ * the levels in between. `levels` holds 7 int64 per level: packed, lo, step, scale, shift, mask addresses (0:
+ * none) and bits. All levels share the shape, layout and group G. */
+void group_decode_chain_f32(const int64_t *levels, int nlev, int64_t ngroups, int64_t G, int64_t C, int64_t inner,
+                            const float *base, float *out, int nt) {
+    #pragma omp parallel num_threads(nt)
+    {
+        uint8_t q[4096];
+        float o[4096], acc[4096];
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < ngroups; ++g) {
+            const int64_t i0 = g * G;
+            for (int64_t t = 0; t < G; ++t) acc[t] = base ? base[i0 + t] : 0.0f;
+            for (int L = 0; L < nlev; ++L) {
+                const int64_t *lv = levels + 7 * L;
+                const int bits = (int)lv[6], k = 8 / bits;
+                const float *lo = (const float *)lv[1], *step = (const float *)lv[2];
+                unpack_chunk((const uint8_t *)lv[0] + g * (G / k), G, bits, q);
+                affine_group(q, lo[g], step[g], (const float *)lv[3], (const float *)lv[4], C, inner, i0, G, o);
+                for (int64_t t = 0; t < G; ++t) o[t] += acc[t];
+                const uint8_t *mask = (const uint8_t *)lv[5];
+                if (mask) {
+                    const uint8_t *mb = mask + (i0 >> 3);
+                    for (int64_t t = 0; t < G; t += 8) {
+                        const float *f = MASK_LUT[mb[t >> 3]];
+                        for (int bit = 0; bit < 8; ++bit) o[t + bit] *= f[bit];
+                    }
+                }
+                for (int64_t t = 0; t < G; ++t) acc[t] = o[t];
+            }
+            for (int64_t t = 0; t < G; ++t) out[i0 + t] = acc[t];
+        }
+    }
+}
 
 /* A 1-bit mask (NumPy packbits order) as values: out[i] = bit ? inside : outside, in one pass. */
 #define DEFINE_MASK_VALUES(T_, SUF, STORE)                                                                    \
