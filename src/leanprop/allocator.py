@@ -22,16 +22,14 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["MMAP_THRESHOLD_ENV", "MMAP_THRESHOLD_MAX", "TRIM_THRESHOLD_ENV", "check_mmap_threshold", "describe",
-           "mmap_threshold", "set_mmap_threshold"]
+__all__ = ["MMAP_THRESHOLD_ENV", "MMAP_THRESHOLD_MAX", "check_mmap_threshold", "describe", "mmap_threshold",
+           "set_mmap_threshold"]
 
 #: the environment variable glibc reads at start-up (it also turns the dynamic threshold off)
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 #: the largest threshold glibc accepts on 64-bit systems (``HEAP_MAX_SIZE / 2``)
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
-#: the trim threshold glibc pairs with it (free space at the heap's top above it goes back to the system)
-TRIM_THRESHOLD_ENV = "MALLOC_TRIM_THRESHOLD_"
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
 
 
 def _jemalloc_preloaded() -> bool:
@@ -86,10 +84,10 @@ def set_mmap_threshold(nbytes: int) -> None:
     nbytes = check_mmap_threshold(nbytes)
     if _jemalloc_preloaded():
         raise ValueError("the malloc mmap threshold is a glibc setting, but jemalloc is preloaded (LD_PRELOAD); "
-                           "run with LEANPROP_ALLOCATOR=system to use glibc malloc, or leave the threshold unset")
+                         "run with LEANPROP_ALLOCATOR=system to use glibc malloc, or leave the threshold unset")
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
     if mallopt is None or mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(nbytes)) != 1:
         raise ValueError("cannot set the malloc mmap threshold here: it needs Linux with glibc (mallopt); "
-                           "leave the setting unset on this platform")
+                         "leave the setting unset on this platform")
     os.environ[MMAP_THRESHOLD_ENV] = str(nbytes)

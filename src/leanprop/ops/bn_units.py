@@ -286,10 +286,10 @@ class ReluOfBN:
                 return bn, other
         return None
 
-    def _residual_chain(self, bn: BNRecord, other: Any) -> tuple[list[tuple], Any] | list:
+    def _residual_chain(self, bn: BNRecord, other: Any) -> tuple[list[tuple], Any] | None:
         """The run of post-activation block outputs below this one (each block's identity is the previous block's
         output), innermost level first, as :meth:`CKernels.group_decode_chain` levels, and the identity below the
-        run; ``[]`` when the identity is not such an output (then one level is all there is)."""
+        run; None when the identity is not such an output (then one level is all there is)."""
         levels = [(bn, self.mask)]
         node = getattr(other, "saved", None)
         while type(node) is ReluOfBN and node.dtype == torch.float32 and node.shape == self.shape \
@@ -301,7 +301,7 @@ class ReluOfBN:
             other = level[1]
             node = getattr(other, "saved", None)
         if len(levels) == 1:
-            return []
+            return None
         out = []
         for record, mask in reversed(levels):
             codes = record.codes
@@ -321,7 +321,7 @@ class ReluOfBN:
         if level is not None:  # ReLU(BN + identity): plus the identity
             bn, other = level
             like = torch.empty(0).new_empty(self.shape, device="meta")
-            chain = self._residual_chain(bn, other) if self.dtype == torch.float32 else []
+            chain = self._residual_chain(bn, other) if self.dtype == torch.float32 else None
             if chain:  # the identity is itself such an output, and so on: the whole run in one pass
                 levels, other = chain
                 base = other.y(like).reshape(self.shape)

@@ -106,7 +106,7 @@ class _MaxPoolWindowIndex(torch.autograd.Function):
         shape, fmt, kernel, stride, padding, dilation = ctx.conf
         n, c, h, w = shape
         r0, c0 = _window_origins(g.shape[-2], g.shape[-1], stride, padding, g.device)
-        # flat index = the window's top-left flat index + the offset of the window position (a 9-entry table)
+        # flat index = the window's top-left flat index + the offset of the window position (a kh*kw table)
         step = torch.arange(kernel[0] * kernel[1], device=g.device)
         table = (step // kernel[1]) * (dilation[0] * w) + (step % kernel[1]) * dilation[1]
         flat = table[pos.long()] + (r0 * w + c0)

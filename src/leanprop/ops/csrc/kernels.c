@@ -556,6 +556,16 @@ static void affine_group(const uint8_t *q, float l, float s, const float *scale,
     }
 }
 
+/* o[i] zeroed where bit i0 + i of a 1-bit mask (NumPy packbits order) is clear; i0 and G are multiples of 8, so
+ * the group covers whole mask bytes. */
+static void mask_group(const uint8_t *mask, int64_t i0, int64_t G, float *o) {
+    const uint8_t *mb = mask + (i0 >> 3);
+    for (int64_t t = 0; t < G; t += 8) {
+        const float *f = MASK_LUT[mb[t >> 3]];
+        for (int bit = 0; bit < 8; ++bit) o[t + bit] *= f[bit];
+    }
+}
+
 /* The same group codes of a per-channel affine image of a tensor in its memory order, v = (x - shift[c]) * scale[c]
  * with c = (i / inner) % C (NCHW-contiguous: inner = H * W; channels-last: inner = 1) -- a BatchNorm input's xhat
  * without materialising it (leanprop.ops.bn_units) -- and the decode of such codes back through an affine,
@@ -623,12 +633,8 @@ void group_decode_affine_##SUF(const uint8_t *packed, const float *lo, const flo
                     for (int bit = 0; bit < 8; ++bit)                                                           \
                         o[t + bit] = o[t + bit] * f[bit] + (1.0f - f[bit]) * (clo + h[bit] * (chi - clo));      \
                 }                                                                                               \
-            } else if (mask) { /* G and i0 are multiples of 8: whole mask bytes */                              \
-                const uint8_t *mb = mask + (i0 >> 3);                                                           \
-                for (int64_t t = 0; t < G; t += 8) {                                                            \
-                    const float *f = MASK_LUT[mb[t >> 3]];                                                      \
-                    for (int bit = 0; bit < 8; ++bit) o[t + bit] *= f[bit];                                     \
-                }                                                                                               \
+            } else if (mask) {                                                                                  \
+                mask_group(mask, i0, G, o);                                                                     \
             }                                                                                                   \
             for (int64_t t = 0; t < G; ++t) STORE(out, i0 + t, o[t]);                                           \
         }                                                                                                       \
@@ -647,10 +653,11 @@ void group_decode_chain_f32(const int64_t *levels, int nlev, int64_t ngroups, in
     #pragma omp parallel num_threads(nt)
     {
         uint8_t q[4096];
-        float o[4096], acc[4096];
+        float buf_a[4096], buf_b[4096];
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < ngroups; ++g) {
             const int64_t i0 = g * G;
+            float *acc = buf_a, *o = buf_b;
             for (int64_t t = 0; t < G; ++t) acc[t] = base ? base[i0 + t] : 0.0f;
             for (int L = 0; L < nlev; ++L) {
                 const int64_t *lv = levels + 7 * L;
@@ -659,15 +666,10 @@ void group_decode_chain_f32(const int64_t *levels, int nlev, int64_t ngroups, in
                 unpack_chunk((const uint8_t *)lv[0] + g * (G / k), G, bits, q);
                 affine_group(q, lo[g], step[g], (const float *)lv[3], (const float *)lv[4], C, inner, i0, G, o);
                 for (int64_t t = 0; t < G; ++t) o[t] += acc[t];
-                const uint8_t *mask = (const uint8_t *)lv[5];
-                if (mask) {
-                    const uint8_t *mb = mask + (i0 >> 3);
-                    for (int64_t t = 0; t < G; t += 8) {
-                        const float *f = MASK_LUT[mb[t >> 3]];
-                        for (int bit = 0; bit < 8; ++bit) o[t + bit] *= f[bit];
-                    }
-                }
-                for (int64_t t = 0; t < G; ++t) acc[t] = o[t];
+                if (lv[5]) mask_group((const uint8_t *)lv[5], i0, G, o);
+                float *done = o; /* this level's value is the next one's addend */
+                o = acc;
+                acc = done;
             }
             for (int64_t t = 0; t < G; ++t) out[i0 + t] = acc[t];
         }
