@@ -575,4 +575,30 @@ def test_blpa_grad_error_measures_each_part_against_exact_gradients():
     recs = [{"bench": "blpa_grad_error", "model": "resnet8", "state": "init (seed 0)", "variant": v, "batches": 2,
              **got[v]} for v in got]
     text = render(recs)
-    assert "## BLPA gradient error by part" in text and "| resnet8 | init (seed 0) | units | 2 |" in text
+    assert "## BLPA gradient error by part" in text and "| resnet8 | init (seed 0) | dense | units | 2 |" in text
+
+
+def test_blpa_grad_error_on_swat_measures_what_blpa_adds_to_swat():
+    """``on="swat-u90"``: 32-bit codes on top of SWAT give SWAT's own gradient (cos 1; SWAT's gradient is far
+    from the exact one, so a reference that were the exact gradient would fail this); 4-bit codes move it; a
+    base that already holds BLPA is refused; the report names the combination."""
+    import torch
+
+    from leanprop import models
+    from leanprop.bench.blpa_grad_error import measure
+    from leanprop.bench.report import render
+
+    torch.manual_seed(0)
+    model = models.create("resnet8", num_classes=10)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+               for _ in range(2)]
+    variants = {"exact": {"bits": 32}, "blpa4": {"bits": 4}}
+    on_swat = measure(model, batches, variants, on="swat-u90")
+    assert on_swat["exact"]["cos"] == pytest.approx(1.0, abs=1e-6) and on_swat["exact"]["rel_err"] < 1e-5
+    assert 0.5 < on_swat["blpa4"]["cos"] < 0.99999 and on_swat["blpa4"]["rel_err"] > 1e-3
+    with pytest.raises(ValueError, match="already holds BLPA"):
+        measure(model, batches, variants, on="swat-u90+blpa8")
+    recs = [{"bench": "blpa_grad_error", "model": "resnet8", "state": "init (seed 0)", "on": "swat-u90",
+             "variant": v, "batches": 2, **on_swat[v]} for v in on_swat]
+    assert "| resnet8 | init (seed 0) | swat-u90 | swat-u90+blpa4 | 2 |" in render(recs)

@@ -12,12 +12,15 @@ batch (fp32, train mode: the forward is exact, so both see the same batch statis
 The variants split BLPA-K into its parts (docs/methods/blpa.md): ``units``: the BN codes only, every other tensor
 kept as PyTorch keeps it (the BLPA paper's scope); ``sr``: stochastic rounding; ``bn8``: the BN codes at 8 bits,
 the rest of the storage policy at K. ``--checkpoint`` takes a trained model (a ``leanprop train`` checkpoint);
-without it the model is the seed-0 initialisation.
+without it the model is the seed-0 initialisation. ``--on METHOD`` adds each variant to another method and
+measures against that method alone: ``--on swat-u90`` gives the distance BLPA adds to SWAT's gradients, where
+SWAT's kept activations are rebuilt from the units' codes instead of being kept (docs/methods/swat_blpa.md).
 
     leanprop bench blpa_grad_error --data-dir ../shared/data                     # resnet20 at init, 8 batches
     leanprop bench blpa_grad_error --checkpoint runs/accuracy/acc-resnet20-dense/checkpoint.pt
+    leanprop bench blpa_grad_error --on swat-u90 --variants blpa8,blpa4,blpa2
 
-One JSONL record per (model, state, variant) in ``benchmarks/results/blpa_grad_error.jsonl``.
+One JSONL record per (model, state, base method, variant) in ``benchmarks/results/blpa_grad_error.jsonl``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--checkpoint", type=Path, default=None, help="a `leanprop train` checkpoint (default: the "
                                                                   "seed-0 initialisation)")
+    p.add_argument("--on", default="dense", metavar="METHOD",
+                   help="the method the variants are added to and measured against (default: dense, i.e. the exact "
+                        "gradient; e.g. swat-u90)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch", type=int, default=128)
@@ -66,28 +72,37 @@ def _flat_grad(model, x, y):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def measure(model, batches, variants: dict[str, dict]) -> dict[str, dict]:
-    """``{variant: {cos, cos_min, rel_err, drift}}`` of each BLPA variant's gradient against ``model``'s exact one
-    on each ``(x, y)`` of ``batches``; ``model`` is left unconverted (each variant converts a copy)."""
+def measure(model, batches, variants: dict[str, dict], on: str = "dense") -> dict[str, dict]:
+    """``{variant: {cos, cos_min, rel_err, drift}}`` of each BLPA variant's gradient on each ``(x, y)`` of
+    ``batches`` against the gradient of ``model`` under ``on`` alone (a method spec; ``"dense"``: the exact
+    gradient); ``model`` is left unconverted (the reference and each variant convert a copy)."""
     import copy
 
     import torch
     import torch.nn.functional as F
 
     from leanprop.blpa.config import BLPAConfig
+    from leanprop.methods import parse_method
     from leanprop.nn.convert import convert_
 
+    base = parse_method(on)
+    if any(isinstance(c, BLPAConfig) for c in base):
+        raise ValueError(f"--on {on!r} already holds BLPA; name the method the BLPA variants are added to "
+                         "(e.g. dense or swat-u90)")
     model.train()
+    reference = copy.deepcopy(model)
+    if base:
+        convert_(reference, copy.deepcopy(base))
     nets = {}
     for name, kw in variants.items():
         nets[name] = copy.deepcopy(model)
-        convert_(nets[name], BLPAConfig(**kw))
+        convert_(nets[name], [*copy.deepcopy(base), BLPAConfig(**kw)])
     cos = {n: [] for n in nets}
     rel = {n: [] for n in nets}
     diff = dict.fromkeys(nets, 0.0)
     norms = 0.0
     for x, y in batches:
-        g0 = _flat_grad(model, x, y)
+        g0 = _flat_grad(reference, x, y)
         norms += float(g0.norm())
         for name, net in nets.items():
             g = _flat_grad(net, x, y)
@@ -115,6 +130,13 @@ def run(a: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown variant(s) {', '.join(unknown)}: use {', '.join(VARIANTS)}")
         return 2
+    from leanprop.methods import format_method, parse_method
+
+    try:
+        on = format_method(parse_method(a.on))
+    except ValueError as e:
+        print(f"--on: {e}")
+        return 2
     if a.threads:
         torch.set_num_threads(a.threads)
     data = build_data(DataConfig(name="cifar10", root=a.data_dir, batch_size=a.batch), seed=0, progress=False)
@@ -126,11 +148,15 @@ def run(a: argparse.Namespace) -> int:
         model.load_state_dict(ck["model"])
         state = f"{a.checkpoint.parent.name}, epoch {ck.get('epoch', '?')}"
     batches = list(itertools.islice(iter(data.train), a.batches))
-    got = measure(model, batches, {n: VARIANTS[n] for n in names})
+    try:
+        got = measure(model, batches, {n: VARIANTS[n] for n in names}, on=on)
+    except ValueError as e:
+        print(e)
+        return 2
     env, stamp = run_context()
-    records = [{"bench": KIND, "model": a.model, "state": state, "variant": n, "config": VARIANTS[n],
+    records = [{"bench": KIND, "model": a.model, "state": state, "on": on, "variant": n, "config": VARIANTS[n],
                 "batches": len(batches), "batch": a.batch, **got[n], **env, "timestamp": stamp} for n in names]
-    print(f"{a.model}, {state}, {len(batches)} batches of {a.batch}")
+    print(f"{a.model}, {state}, {len(batches)} batches of {a.batch}; against {on} alone")
     print(f"{'variant':16s} {'cos':>7s} {'worst':>7s} {'rel.err':>8s} {'drift':>7s}")
     for r in records:
         print(f"{r['variant']:16s} {r['cos']:7.4f} {r['cos_min']:7.4f} {r['rel_err']:8.3f} {r['drift']:7.3f}")

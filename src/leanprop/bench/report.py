@@ -216,19 +216,24 @@ def _direct_break_even(sk: list[dict]) -> list[str]:
 
 def _blpa_grad_error_section(recs: list[dict]) -> list[str]:
     """BLPA's gradients against exact ones, part by part (``leanprop bench blpa_grad_error``)."""
-    ge = _latest([r for r in recs if r.get("bench") == "blpa_grad_error"], ("model", "state", "variant", "processor"))
+    ge = _latest([{"on": "dense", **r} for r in recs if r.get("bench") == "blpa_grad_error"],
+                 ("model", "state", "on", "variant", "processor"))
     if not ge:
         return []
-    rows = [[r["model"], r["state"], r["variant"], str(r["batches"]), f"{r['cos']:.4f}", f"{r['cos_min']:.4f}",
-             f"{r['rel_err']:.3f}", f"{r['drift']:.3f}", r.get("git_sha") or "?"] for r in ge]
+    rows = [[r["model"], r["state"], r["on"], r["variant"] if r["on"] == "dense" else f"{r['on']}+{r['variant']}",
+             str(r["batches"]), f"{r['cos']:.4f}", f"{r['cos_min']:.4f}", f"{r['rel_err']:.3f}", f"{r['drift']:.3f}",
+             r.get("git_sha") or "?"] for r in ge]
     return ["## BLPA gradient error by part", "",
             "The gradient of every parameter under each BLPA variant against the exact gradient of the same model "
             "on the same CIFAR-10 training batch (fp32, train mode). cos: mean cosine over the batches (worst in "
             "the next column); rel. error: mean |g - g_exact| / |g_exact|; drift: |mean (g - g_exact)| / mean "
             "|g_exact| over the batches, the part of the error that does not average out. Variants: `units` the BN "
             "codes only (the paper's scope), `sr` stochastic rounding, `bn8` the BN codes at 8 bits and the rest "
-            "at 4. Command: `leanprop bench blpa_grad_error [--checkpoint ...]`.", "",
-            _table(["model", "state", "variant", "batches", "cos", "worst cos", "rel. error", "drift", "git"], rows),
+            "at 4. `against`: the reference gradient, `dense` the exact one; another method (e.g. `swat-u90`) "
+            "means the variant runs on top of it and is compared with that method alone, which is the distance "
+            "BLPA adds there. Command: `leanprop bench blpa_grad_error [--checkpoint ...] [--on METHOD]`.", "",
+            _table(["model", "state", "against", "variant", "batches", "cos", "worst cos", "rel. error", "drift",
+                    "git"], rows),
             ""]
 
 
