@@ -578,6 +578,22 @@ def test_blpa_grad_error_measures_each_part_against_exact_gradients():
     assert "## BLPA gradient error by part" in text and "| resnet8 | init (seed 0) | dense | units | 2 |" in text
 
 
+def test_blpa_grad_error_draws_the_same_dropout_masks_for_every_net():
+    """A model with dropout: 32-bit codes still give the reference gradient exactly (without one seed per step
+    the nets' dropout masks differ and the cosine falls far below 1)."""
+    import torch
+    from torch import nn
+
+    from leanprop.bench.blpa_grad_error import measure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8 * 6 * 6, 10))
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    got = measure(model, batches, {"exact": {"bits": 32}})
+    assert got["exact"]["cos"] == pytest.approx(1.0, abs=1e-9) and got["exact"]["rel_err"] < 1e-6
+
+
 def test_blpa_grad_error_on_swat_measures_what_blpa_adds_to_swat():
     """``on="swat-u90"``: 32-bit codes on top of SWAT give SWAT's own gradient (cos 1; SWAT's gradient is far
     from the exact one, so a reference that were the exact gradient would fail this); 4-bit codes move it; a
