@@ -220,6 +220,7 @@ def _blpa_grad_error_section(recs: list[dict]) -> list[str]:
                  ("model", "state", "on", "variant", "processor"))
     if not ge:
         return []
+    ge.sort(key=lambda r: (r["model"], r["state"], r["on"]))  # stable: variants keep their measured order
     rows = [[r["model"], r["state"], r["on"], r["variant"] if r["on"] == "dense" else f"{r['on']}+{r['variant']}",
              str(r["batches"]), f"{r['cos']:.4f}", f"{r['cos_min']:.4f}", f"{r['rel_err']:.3f}", f"{r['drift']:.3f}",
              r.get("git_sha") or "?"] for r in ge]
