@@ -307,6 +307,29 @@ def test_convert_generic_sequential_and_warns_when_nothing_fuses():
         leanprop.convert_(mlp, BLPAConfig(bits=4))
 
 
+@pytest.mark.parametrize(("kernel", "padding", "mode", "fused"), [
+    (3, "same", "zeros", True), (3, "valid", "zeros", True), (5, "same", "zeros", True), (2, "same", "zeros", False),
+    (3, 1, "reflect", False), (3, 1, "circular", False), (3, "same", "replicate", False)])
+def test_unit_conv_padding_string_or_mode(kernel, padding, mode, fused):
+    """``padding="same"/"valid"`` convs join a fused unit with the zero padding they stand for; a conv the unit cannot
+    run (another padding mode, uneven "same" padding) is left out of it -- the run is a half unit, never an error --
+    and 32-bit codes still give plain PyTorch's forward bit for bit and its gradients."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, kernel, padding=padding, padding_mode=mode), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    ref = copy.deepcopy(seq)
+    ctl = leanprop.convert_(seq, BLPAConfig(bits=32, codec_bits=None))
+    assert [(u.bn, u.conv) for u in ctl.units] == [("1", "3" if fused else None), ("4", None)]
+    x = torch.randn(4, 3, 9, 9)
+    out, out_ref = seq(x), ref(x)
+    assert torch.equal(out, out_ref)
+    out.sum().backward()
+    out_ref.sum().backward()
+    for (n, p), q in zip(seq.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_codec_dedups_and_compresses_outside_units():
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
     codec = SavedTensorCodec(bits=8, min_bytes=0)

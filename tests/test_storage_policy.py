@@ -82,6 +82,30 @@ def test_32_bit_policy_is_exact_and_keeps_masks_shapes_and_narrow_indices():
     assert kept.by_kind["mask"] < 0.05 * kept.total_bytes and kept.by_kind["index"] == 4 * 16 * 8 * 8 * 2
 
 
+@pytest.mark.parametrize("pool", [lambda t: F.adaptive_max_pool2d(t, 4), nn.AdaptiveMaxPool2d((4, 2)),
+                                  lambda t: F.adaptive_max_pool1d(t.flatten(2), 8).unsqueeze(-1)])
+def test_adaptive_max_pool_keeps_narrow_indices_and_the_input_shape_only(pool):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), _Lambda(pool), nn.Flatten(),
+                          nn.LazyLinear(10))
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    model(x)  # materialise the lazy layer
+    m, codec = _with_codec(model, 32)
+    assert torch.equal(_grads(m, x, y), _grads(model, x, y))
+    assert codec.stats["shape_only"] == 1 and codec.stats["indices"] == 1
+    pooled = model[:4](x).numel()
+    assert saved_bytes(m, x).by_kind["index"] == 2 * pooled  # the window indices as int16, not int64
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 @pytest.mark.parametrize("bits,cosine", [(8, 0.999), (4, 0.98), (2, 0.80)])
 def test_k_bit_codes_keep_less_with_gradients_close_to_exact(bits, cosine):
     torch.manual_seed(0)

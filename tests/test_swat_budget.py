@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+import leanprop
 from leanprop import models
-from leanprop.swat.budget import LayerSpec, assign_budget, collect_layers
+from leanprop.swat.budget import LayerSpec, assign_budget, collect_layers, uncovered_layers
 from leanprop.swat.config import SWATConfig
 from leanprop.swat.momentum import (
     MomentumRedistributor,
@@ -79,6 +80,31 @@ def test_collect_layers_order_kinds_and_subclasses():
     assert [(lay.name, lay.kind, lay.shape) for lay in layers] == [
         ("0", "conv", (4, 3, 3, 3)), ("2.0", "conv", (2, 4, 1, 1)), ("4", "linear", (5, 8))]
     assert layers[0].numel == 108
+
+
+def test_layers_swat_cannot_run_are_left_out_and_named():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: a SWAT layer there would never run
+    (its reported sparsity and the final prune would then be wrong); 1-D / 3-D / transposed convs are not SWAT's."""
+
+    class Hybrid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv1d(3, 8, 3)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.up = nn.ConvTranspose2d(8, 8, 2)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            t = self.stem(x).transpose(1, 2)
+            return self.fc(self.attn(t, t, t)[0].mean(1))
+
+    net = Hybrid()
+    assert [lay.name for lay in collect_layers(net)] == ["fc"]
+    assert uncovered_layers(net) == ["stem (Conv1d)", "attn.out_proj (read directly by its MultiheadAttention)",
+                                     "up (ConvTranspose2d)"]
+    with pytest.warns(UserWarning, match=r"left dense: stem \(Conv1d\), attn.out_proj"):
+        leanprop.convert_(net, SWATConfig(sparsity=0.5, sparsify_last_layer=True))
+    assert type(net.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
 
 
 @pytest.mark.parametrize("name, count", [("cifar_vgg16", 16), ("wrn16_8", 17), ("cifar_densenet121", 121)])

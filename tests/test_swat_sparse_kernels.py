@@ -137,6 +137,25 @@ def _resnet(**cfg):
     return model, convert_(model, SWATConfig(sparsity=0.9, topk_period=1, **cfg))
 
 
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_calibration_and_steps_take_padding_modes(mode):
+    """A conv padded by another mode runs on the explicitly padded input with zero conv padding (a pair, as the
+    kernels' checks read it); calibration, the chosen kernels and a training step then work as for zero padding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, padding_mode=mode),
+                          nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 4))
+    ctl = convert_(model, SWATConfig(sparsity=0.9, topk_period=1))
+    x = torch.randn(16, 3, 8, 8)
+    ctl.calibrate_kernels(x, timer=lambda name, path, fn, reps: 0.5 if path != "dense" else 1.0)
+    h = model[1](model[0](x))
+    ref = F.conv2d(F.pad(h, (1, 1, 1, 1), mode=mode), model[2].weight * model[2].weight_mask(), model[2].bias)
+    torch.testing.assert_close(model[2](h), ref.detach())
+    model(x).sum().backward()
+    ctl.step()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_calibration_sets_the_measured_choice_and_leaves_training_state():
     model, ctl = _resnet()
     assert ctl.needs_kernel_calibration

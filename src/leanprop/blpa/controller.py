@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from leanprop.blpa.config import BLPAConfig
+from leanprop.blpa.layers import unit_padding
 from leanprop.methods import Controller
 from leanprop.ops.codec import SavedTensorCodec
 from leanprop.ops.fusion import FusableConv
@@ -37,7 +38,9 @@ def _is_relu(m: nn.Module | None) -> bool:
 
 
 def _is_conv(m: nn.Module | None) -> bool:
-    return type(m) is nn.Conv2d or (isinstance(m, nn.Conv2d) and isinstance(m, FusableConv))
+    """A conv a fused unit can run: a plain (or another method's fusable) ``nn.Conv2d`` with zero padding."""
+    return (type(m) is nn.Conv2d or (isinstance(m, nn.Conv2d) and isinstance(m, FusableConv))) \
+        and unit_padding(m) is not None
 
 
 def find_units(model: nn.Module) -> list[Unit]:

@@ -115,6 +115,20 @@ def _params_need_grad(bn: nn.Module, conv: nn.Module | None) -> bool:
 BLPA_LAYERS = (BLPABatchNorm2d, FusedConvTail)
 
 
+def unit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The zero padding a fused unit runs ``conv`` with, or None when it cannot: another padding mode, or
+    ``padding="same"`` that pads unevenly (an even kernel extent).  ``"valid"`` is no padding; ``"same"`` (stride 1)
+    pads ``dilation * (kernel - 1) / 2`` on each side."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
+    return (int(conv.padding[0]), int(conv.padding[1]))
+
+
 def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_kwargs: dict, relu_name: str = "",
               conv_name: str | None = None) -> tuple[BLPABatchNorm2d, nn.Module, FusedConvTail | None]:
     """The three replacement modules of one unit (conv None: a half unit)."""
@@ -123,15 +137,17 @@ def make_unit(bn: nn.BatchNorm2d, relu: nn.Module, conv: nn.Conv2d | None, spec_
     head = swap_class(bn, BLPABatchNorm2d)
     tail = None
     if conv is not None:
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            raise ValueError("BLPA units support zero, numeric conv padding only")
+        padding = unit_padding(conv)
+        if padding is None:
+            raise ValueError(f"a BLPA unit runs its conv with zero padding; this one pads with mode "
+                             f"{conv.padding_mode!r}, padding {conv.padding!r} (find_units leaves such a conv out)")
         if isinstance(conv, FusableConv):  # another method's conv (SWAT + BLPA): same object, still driven by it
             conv.in_fused_unit = True
             tail = conv
         else:
             tail = swap_class(conv, FusedConvTail)
             tail._unit_active = True
-        head.blpa_spec = UnitSpec(eps=bn.eps, momentum=0.0, stride=tuple(conv.stride), padding=tuple(conv.padding),
+        head.blpa_spec = UnitSpec(eps=bn.eps, momentum=0.0, stride=tuple(conv.stride), padding=padding,
                                   dilation=tuple(conv.dilation), groups=conv.groups, **spec_kwargs)
     else:
         head.blpa_spec = UnitSpec(eps=bn.eps, momentum=0.0, **spec_kwargs)

@@ -40,6 +40,7 @@ from .config import SWATConfig
 __all__ = [
     "LayerSpec",
     "collect_layers",
+    "uncovered_layers",
     "assign_budget",
     "budget_layers",
     "erk_raw_score",
@@ -65,14 +66,38 @@ class LayerSpec:
         return math.prod(self.shape)
 
 
+#: modules whose forward reads their children's weights without calling them (``nn.MultiheadAttention`` passes
+#: ``out_proj.weight`` to ``F.multi_head_attention_forward``): a SWAT layer there would never run
+_READ_DIRECTLY = (nn.MultiheadAttention,)
+#: weighted layers SWAT leaves dense (:func:`uncovered_layers`)
+_UNCOVERED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+
+
+def uncovered_layers(model: nn.Module) -> list[str]:
+    """``"name (Type)"`` of every weighted layer :func:`collect_layers` leaves out: 1-D / 3-D and transposed
+    convolutions, bilinear layers, and the linear layers of ``nn.MultiheadAttention`` (which never calls them)."""
+    skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, _READ_DIRECTLY))
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, _UNCOVERED):
+            out.append(f"{name} ({type(m).__name__})")
+        elif skip and name.startswith(skip) and isinstance(m, (nn.Linear, nn.Conv2d)):
+            out.append(f"{name} (read directly by its MultiheadAttention)")
+    return out
+
+
 def collect_layers(model: nn.Module) -> list[LayerSpec]:
-    """Every ``nn.Conv2d`` and ``nn.Linear`` (subclasses included) in ``named_modules()`` order (§1.4).
+    """Every ``nn.Conv2d`` and ``nn.Linear`` (subclasses included) in ``named_modules()`` order (§1.4), except
+    those inside ``nn.MultiheadAttention``, whose forward reads their weights without calling them.
 
     Registration order is the budget index order of the official code (dynamic_sparsity.py:56-66):
     index 0 is the first layer, the last entry the classifier for the model zoo's networks.
     """
     layers = []
+    skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, _READ_DIRECTLY))
     for name, module in model.named_modules():
+        if skip and name.startswith(skip):
+            continue
         if isinstance(module, nn.Conv2d):
             layers.append(LayerSpec(name, "conv", tuple(module.weight.shape)))
         elif isinstance(module, nn.Linear):

@@ -206,7 +206,7 @@ class SWATConv2d(SWATMixin, FusableConv, nn.Conv2d):
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
         if self.padding_mode != "zeros":
-            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
         return x, self.padding
 
     def _swat_op(self, x, w_s, x_thr):

@@ -11,6 +11,7 @@ leaves it to that method's storage policy (docs/methods/swat_blpa.md).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 from leanprop.methods import FilterFn, Method, method_for
 from leanprop.ops.kernels import load_kernels
 from leanprop.ops.saving_layers import keep_masks_, keep_relu_outputs_eager_
-from leanprop.swat.budget import assign_budget, collect_layers
+from leanprop.swat.budget import assign_budget, collect_layers, uncovered_layers
 from leanprop.swat.config import PRESET_GRAMMAR, SWATConfig
 from leanprop.swat.controller import SWATController
 from leanprop.swat.layers import SWAT_LAYERS, SWATConv2d, SWATLinear, to_dense
@@ -39,6 +40,10 @@ def _convert(model: nn.Module, cfg: SWATConfig, filter_fn: FilterFn | None, othe
     if not specs:
         raise ValueError("convert_: no nn.Conv2d or nn.Linear layer to convert "
                          "(the model has none, or filter_fn rejected them all)")
+    left = uncovered_layers(model)
+    if left:
+        shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+        warnings.warn(f"SWAT covers nn.Conv2d and nn.Linear; left dense: {shown}", stacklevel=3)
     budget = assign_budget(specs, cfg)
     layers: dict[str, nn.Module] = {}
     for spec in specs:
