@@ -407,19 +407,21 @@ def test_mask_relu_keeps_one_bit_and_exact_gradient(kernels):
 
 
 def test_outside_relus_keep_masks_through_the_codec_and_revert():
-    """ReLU modules stay (the storage policy sees them, as it sees F.relu); max-pooling modules keep window indices."""
+    """ReLU-family modules stay ReLUs that the storage policy sees (as it sees F.relu), kept eager under
+    torch.compile; max-pooling modules keep window indices; revert_ gives the PyTorch classes back."""
     from leanprop.ops.codec import find_codec
-    from leanprop.ops.saving_layers import IndexMaxPool2d
+    from leanprop.ops.saving_layers import EagerLeakyReLU, EagerReLU, EagerReLU6, IndexMaxPool2d
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.MaxPool2d(2))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6(),
+                          nn.MaxPool2d(2), nn.Conv2d(8, 8, 1), nn.LeakyReLU(0.1))
     with pytest.warns(RuntimeWarning, match="storage policy still keeps masks"):
         leanprop.convert_(model, BLPAConfig(bits=4))
-    assert type(model[1]) is nn.ReLU and type(model[3]) is nn.ReLU and isinstance(model[4], IndexMaxPool2d)
+    assert [type(model[i]) for i in (1, 3, 4, 6)] == [EagerReLU, EagerReLU6, IndexMaxPool2d, EagerLeakyReLU]
+    assert model[6].negative_slope == 0.1
     model(torch.randn(2, 3, 8, 8)).sum().backward()
-    assert find_codec(model).stats["masks"] == 2
+    assert find_codec(model).stats["masks"] == 3
     leanprop.revert_(model)
-    assert type(model[4]) is nn.MaxPool2d
+    assert [type(model[i]) for i in (1, 3, 4, 6)] == [nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.LeakyReLU]
 
 
 def test_convert_imagenet_preact_resnet152():

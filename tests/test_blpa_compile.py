@@ -155,7 +155,9 @@ def test_compiled_step_equals_eager_on_every_blpa_layer():
         assert stats_c[key] == stats_e[key], (stats_c, stats_e)
     assert stats_c["kept"] + stats_c["param_copies"] == stats_e["kept"] + stats_e["param_copies"]
     assert abs(loss_c - loss_e) < 1e-5
-    assert _rel_l2(grads_c, grads_e) < 1e-4
+    # the last conv's input (a ReLU output) is saved by a compiled graph, whose codes keep its zeros exact where
+    # eager's (which keep the ReLU's mask on its own) round values below half a step to zero: measured 7.9e-3
+    assert _rel_l2(grads_c, grads_e) < 2e-2
     kept_e, kept_c = saved_bytes(eager, x).total_bytes, saved_bytes(cmodel, x).total_bytes
     assert abs(kept_c / kept_e - 1) <= 0.02, (kept_e, kept_c)
 
@@ -194,9 +196,11 @@ def test_compiled_resnet_step_matches_eager(name, method, dtype):
     assert cs.recompile_limit_hits == 0, cs.as_dict()
     if name == "resnet8":
         # post-activation: eager rebuilds every ReLU(BN) and ReLU(BN + identity) output from the BN codes (virtual
-        # units), a compiled graph saves those outputs and the codec, which no longer sees the ops, codes them:
-        # two different 4-bit approximations of the same step (measured 0.10-0.12 apart, kept bytes 1.40-1.60x)
-        bound = 0.15
+        # units); compiled, each ReLU runs eagerly between graphs and keeps its 1-bit mask, but the graphs save the
+        # BN inputs and the ReLU outputs, which the codec, no longer seeing the ops, codes as they are: two 4-bit
+        # approximations of the same step, measured 0.034-0.035 apart for BLPA-4 (0.12 when the ReLUs were traced
+        # and read their masks off those codes) and 0.103 for SWAT-U90 + BLPA-4; kept bytes 1.55-1.60x
+        bound = 0.06 if method == "blpa" else 0.15
     dist = _rel_l2(grads_c, grads_e)
     assert dist <= bound, (dist, bound)
     with _amp(dtype):
@@ -205,3 +209,29 @@ def test_compiled_resnet_step_matches_eager(name, method, dtype):
     # codes what eager rebuilds from BN codes (resnet8)
     upper = 1.36 if name.startswith("preact") else 1.65
     assert 0.98 <= kept_c / kept_e <= upper, (kept_e, kept_c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "bound"), [("FunctionalReLUNet", 0.13), ("MobileNetStyle", 0.06),
+                                             ("EfficientNetStyle", 0.10)])
+def test_compiled_user_model_step_is_close_to_exact(name, bound):
+    """Models written the way users write them (``F.relu`` in a forward, ReLU6 + depthwise, SiLU + squeeze-excite),
+    compiled: BLPA-4's gradient stays within ``bound`` relative L2 of plain PyTorch's (measured 0.117, 0.028, 0.068;
+    eager BLPA-4: 0.051, 0.026, 0.070). The ReLU-family modules run eagerly between the graphs and keep exact 1-bit
+    masks, and a ReLU output a graph saves keeps its zeros; before, the traced ReLU6s read their masks off 4-bit
+    codes (0.148 from exact), ``F.relu`` lost the masks of small values (0.137), and the EfficientNet-style model
+    did not compile at all (an internal Dynamo error in the codec's BN bookkeeping)."""
+    from .user_models import USER_MODELS, example_batch
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = USER_MODELS[name]()
+    for m in plain.modules():  # a compiled dropout draws from another generator than eager's
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    model = copy.deepcopy(plain)
+    _convert(model, "blpa")
+    x, y = example_batch(8)
+    _, grads_exact = _step(plain, x, y)
+    _, grads_c = _step(torch.compile(model), x, y, params_of=model)
+    assert _rel_l2(grads_c, grads_exact) <= bound

@@ -106,6 +106,36 @@ class _Lambda(nn.Module):
         return self.fn(x)
 
 
+@pytest.mark.parametrize("kernels", [None, "c"])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_exact_zero_codes_keep_a_relu_outputs_zeros(kernels, stochastic):
+    """What a compiled graph saves reaches the codec without its op, and a ReLU's backward may read its mask off it
+    (result > 0): with ``exact_zero`` the rebuilt tensor is zero exactly where the original is; without, values
+    below half a step round to zero (the codes eager uses, where masks are kept on their own). Only codes of 0 of
+    positive values move, by one step, and a group without a zero keeps its codes."""
+    from leanprop.ops.codec import _Packed
+    from leanprop.ops.kernels import load_kernels
+
+    kern = load_kernels(required=False) if kernels == "c" else None
+    if kernels == "c" and kern is None:
+        pytest.skip("no C compiler: the compiled kernels are not built")
+    torch.manual_seed(0)
+    t = F.relu(torch.randn(8, 4096)) * torch.rand(8, 1) * 10  # groups of range [0, max]: tiny positives exist
+    t[0, :256] = torch.rand(256) + 1  # one group without a zero: nothing changes there
+
+    def codes(exact):
+        return _Packed(t, 2, torch.Generator().manual_seed(3) if stochastic else None, kern, exact_zero=exact)
+
+    exact, plain = codes(True).unpack(), codes(False).unpack()
+    assert torch.equal(exact > 0, t > 0) and torch.equal(exact == 0, t == 0)
+    assert ((plain == 0) & (t > 0)).any()  # without it, some positives become zeros
+    assert torch.equal(exact[0, :256], plain[0, :256])
+    moved = exact != plain
+    step = codes(True).step.expand(-1, 256).reshape(t.shape)
+    assert bool((plain[moved] == 0).all() and (t[moved] > 0).all())
+    torch.testing.assert_close(exact[moved], step[moved])
+
+
 @pytest.mark.parametrize("bits,cosine", [(8, 0.999), (4, 0.98), (2, 0.80)])
 def test_k_bit_codes_keep_less_with_gradients_close_to_exact(bits, cosine):
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from leanprop.blpa.layers import BLPA_LAYERS, BLPABatchNorm2d, make_unit, unmake
 from leanprop.methods import FilterFn, Method
 from leanprop.ops.codec import SavedTensorCodec, find_codec
 from leanprop.ops.kernels import load_kernels
-from leanprop.ops.saving_layers import keep_masks_
+from leanprop.ops.saving_layers import keep_activations_eager_, keep_masks_
 from leanprop.utils import set_submodule
 
 __all__ = ["METHOD"]
@@ -47,6 +47,7 @@ def _convert(model: nn.Module, cfg: BLPAConfig, filter_fn: FilterFn | None, othe
     if cfg.outside_bits is not None:
         # ReLUs stay: the codec keeps their masks and sees a ReLU of a BN output (a virtual unit, ops.bn_units)
         keep_masks_(model, kernels, relus=False)
+        keep_activations_eager_(model)  # compiled, they still run under the codec and keep exact masks
         codec = SavedTensorCodec(cfg.outside_bits, cfg.codec_min_bytes, by_op=True, stochastic=cfg.stochastic_rounding,
                                  seed=cfg.seed, policy=cfg.policy, kernels=kernels)
         codec.attach(model)

@@ -105,11 +105,17 @@ class _Packed:
 
     Groups are 256 consecutive elements in the tensor's *logical* (NCHW) order whatever its memory layout, so a
     channels-last copy of a tensor gets the same codes as the tensor (``torch.compile`` may save the one where
-    eager saves the other); the rebuilt tensor has the original's strides."""
+    eager saves the other); the rebuilt tensor has the original's strides.
+
+    ``exact_zero``: in a group whose minimum is 0, every positive value gets a code of at least 1, so the rebuilt
+    tensor is zero exactly where the original is -- for a tensor whose op is unknown (what a compiled graph saves),
+    whose backward may read a ReLU mask off it (``result > 0``). (Moving codes to keep every sign, as a mask of a
+    signed tensor would need, costs more accuracy elsewhere than it gains: measured on compiled user models.)"""
 
     __slots__ = ("codes", "lo", "step", "shape", "stride", "dtype", "numel", "bits", "kernels")
 
-    def __init__(self, t: torch.Tensor, bits: int, generator: torch.Generator | None = None, kernels: Any = None):
+    def __init__(self, t: torch.Tensor, bits: int, generator: torch.Generator | None = None, kernels: Any = None,
+                 exact_zero: bool = False):
         self.shape, self.stride, self.dtype, self.numel, self.bits = t.shape, t.stride(), t.dtype, t.numel(), bits
         flat = t.detach().reshape(-1).float()
         pad = (-flat.numel()) % GROUP
@@ -120,7 +126,7 @@ class _Packed:
         if self.kernels is not None:  # one compiled pass: ranges, rounding and packing
             seeds = None if generator is None else torch.randint(
                 -(2**63), 2**63 - 1, (g.shape[0],), generator=generator, dtype=torch.int64)
-            self.codes, self.lo, self.step = self.kernels.group_encode(g.contiguous(), bits, seeds)
+            self.codes, self.lo, self.step = self.kernels.group_encode(g.contiguous(), bits, seeds, exact_zero)
             return
         lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
         levels = (1 << bits) - 1
@@ -130,8 +136,10 @@ class _Packed:
             scaled.round_()
         else:  # unbiased stochastic rounding: floor(v + u), u ~ U[0, 1)
             scaled.add_(torch.rand(scaled.shape, generator=generator, device=scaled.device)).floor_()
-        q = scaled.clamp_(0, levels).to(torch.uint8).view(-1)
-        self.codes = pack_bits(q, bits)
+        q = scaled.clamp_(0, levels).to(torch.uint8)
+        if exact_zero:
+            q += ((q == 0) & (g > 0) & (lo == 0)).to(torch.uint8)
+        self.codes = pack_bits(q.view(-1), bits)
         self.lo, self.step = lo, step
 
     def tensors(self) -> list[torch.Tensor]:
@@ -326,6 +334,8 @@ class _OpTracker(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # traced into a graph, whose saves reach the codec without their op
+            return func(*args, **kwargs)
         entry = (op_kind(func), getattr(func, "__name__", ""), args, kwargs)
         self.stack.append(entry)
         try:
@@ -530,6 +540,7 @@ class SavedTensorCodec:
 
         return pack
 
+    @torch.compiler.disable  # bookkeeping, called eagerly only: never a graph of its own
     def _before(self, func: Any, entry: tuple) -> Any:
         """Called before a torch function runs in the forward: a BN call or a ReLU of a BN output to follow."""
         kind, _, args, kwargs = entry
@@ -540,8 +551,13 @@ class SavedTensorCodec:
                 return None
             weight = kwargs.get("weight", args[3] if len(args) > 3 else None)
             bias = kwargs.get("bias", args[4] if len(args) > 4 else None)
-            skip = {id(a) for a in (args[1:3] if len(args) > 2 else ()) if isinstance(a, torch.Tensor)}
-            skip |= {id(kwargs[k]) for k in ("running_mean", "running_var") if kwargs.get(k) is not None}
+            skip = set()  # the running statistics (loops, not comprehensions: a comprehension is a frame of its own)
+            for a in (args[1], args[2]) if len(args) > 2 else ():
+                if isinstance(a, torch.Tensor):
+                    skip.add(id(a))
+            for k in ("running_mean", "running_var"):
+                if kwargs.get(k) is not None:
+                    skip.add(id(kwargs[k]))
             record = BNRecord(weight, bias, float(kwargs.get("eps", args[7] if len(args) > 7 else 1e-5)), skip)
             self._bn_pending.append(record)
             return record
@@ -586,6 +602,7 @@ class SavedTensorCodec:
             return SavedValue(kept[0])
         return None
 
+    @torch.compiler.disable  # bookkeeping, called eagerly only: never a graph of its own
     def _after(self, entry: tuple, record: BNRecord, out: Any) -> None:
         kind = entry[0]
         if kind in ("batch_norm", "norm") and isinstance(record, BNRecord):
@@ -667,6 +684,7 @@ class SavedTensorCodec:
             return self._last_mask
         return None
 
+    @torch.compiler.disable  # bookkeeping, called eagerly only: never a graph of its own
     def pack(self, t: torch.Tensor) -> Any:
         if self.by_op:
             kind, name, args, kwargs = self._current_op()
@@ -709,7 +727,7 @@ class SavedTensorCodec:
                         self._record(part, "mask" if isinstance(special, _Mask) else None)
                     return special
         else:
-            kind = "other"
+            kind, name = "other", None
         bits = self.policy.get(kind, self.bits)
         if (bits is None or bits >= 32 or not t.is_floating_point() or isinstance(t, nn.Parameter)
                 or t.data_ptr() in self._params):
@@ -729,7 +747,8 @@ class SavedTensorCodec:
         # a live weak reference proves the memory still belongs to the tensor packed under this key
         packed = hit[0] if hit is not None and hit[1]() is not None else None
         if packed is None:
-            packed = _Packed(t, bits, self._generator(t.device), self.kernels)
+            # an unknown op (a compiled graph's save) may read a ReLU mask off the codes: keep its zeros exact
+            packed = _Packed(t, bits, self._generator(t.device), self.kernels, exact_zero=name == "")
             self.stats["coded"] += 1
             self._seen[key] = (packed, weakref.ref(t))
             if self.by_op:
@@ -744,6 +763,7 @@ class SavedTensorCodec:
         return t
 
     @staticmethod
+    @torch.compiler.disable
     def unpack(obj: Any) -> torch.Tensor:
         return obj.unpack() if isinstance(obj, (_Packed, _ParamRef, _Mask, _ShapeOnly, _NarrowIndex, BNInput,
                                                 ReluOfBN, RecipeValue)) else obj

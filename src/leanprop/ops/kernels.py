@@ -84,7 +84,7 @@ class CKernels:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.blpa_pack.argtypes = [p, i64, i32, p, i32]
         lib.blpa_unpack.argtypes = [p, i64, i32, p, i32]
-        lib.group_encode_f32.argtypes = [p, p, i64, i64, i32, p, p, p, i32]
+        lib.group_encode_f32.argtypes = [p, p, i64, i64, i32, i32, p, p, p, i32]
         lib.group_decode_f32.argtypes = [p, p, p, i64, i64, i32, p, i32]
         lib.group_decode_chain_f32.argtypes = [p, i32, i64, i64, i64, i64, p, p, i32]
         for suf in _SUFFIX.values():
@@ -128,16 +128,18 @@ class CKernels:
         self.lib.blpa_pack(codes.data_ptr(), codes.numel(), bits, out.data_ptr(), torch.get_num_threads())
         return out
 
-    def group_encode(self, groups: torch.Tensor, bits: int, seeds: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def group_encode(self, groups: torch.Tensor, bits: int, seeds: torch.Tensor | None = None,
+                     exact_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(packed codes, lo, step)`` of a contiguous fp32 ``(ngroups, G)`` tensor: per-group min and step,
-        nearest rounding, or stochastic with one int64 ``seeds`` entry per group (:class:`leanprop.ops.codec`)."""
+        nearest rounding, or stochastic with one int64 ``seeds`` entry per group (:class:`leanprop.ops.codec`);
+        ``exact_zero``: in a group whose minimum is 0, positive values get a code of 1 or more."""
         _require_cpu(groups)
         ng, g = groups.shape
         packed = torch.empty(ng * g * bits // 8, dtype=torch.uint8)
         lo, step = torch.empty(ng, 1), torch.empty(ng, 1)
         self.lib.group_encode_f32(groups.data_ptr(), None if seeds is None else seeds.data_ptr(), ng, g, bits,
-                                  packed.data_ptr(), lo.data_ptr(), step.data_ptr(), torch.get_num_threads())
+                                  int(exact_zero), packed.data_ptr(), lo.data_ptr(), step.data_ptr(),
+                                  torch.get_num_threads())
         return packed, lo, step
 
     def group_decode(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,

@@ -3,7 +3,8 @@
 * :class:`MaskReLU` keeps a 1-bit packed mask ``[x > 0]`` instead of its output (a ReLU's backward needs only
   which inputs were positive);
 * :class:`IndexMaxPool2d` keeps one uint8 window position per output instead of its input and int64 indices;
-* :class:`EagerReLU` is ``nn.ReLU`` whose training forward stays eager under ``torch.compile``.
+* :class:`EagerReLU` (and :class:`EagerReLU6`, :class:`EagerHardtanh`, :class:`EagerLeakyReLU`) is the PyTorch
+  activation whose training forward stays eager under ``torch.compile``.
 
 ``keep_masks_(model, kernels)`` swaps every plain ``nn.ReLU`` / ``nn.MaxPool2d`` of a model; ``revert_saving_layers_``
 swaps them back. Each swap is a class change of the same object (same attributes, hooks and ``inplace``). The
@@ -23,7 +24,8 @@ from leanprop.utils import set_submodule, swap_class
 
 __all__ = ["mask_relu", "max_pool2d_window_index", "MaskReLU", "IndexMaxPool2d", "EagerReLU", "SAVING_LAYERS",
            "to_mask_relu", "from_mask_relu", "to_index_maxpool", "from_index_maxpool", "to_eager_relu",
-           "from_eager_relu", "keep_masks_", "keep_relu_outputs_eager_", "revert_saving_layers_"]
+           "from_eager_relu", "keep_masks_", "keep_relu_outputs_eager_", "keep_activations_eager_",
+           "revert_saving_layers_", "EagerReLU6", "EagerHardtanh", "EagerLeakyReLU"]
 
 
 class _MaskReLU(torch.autograd.Function):
@@ -179,16 +181,8 @@ def from_index_maxpool(pool: IndexMaxPool2d) -> nn.MaxPool2d:
     return swap_class(pool, nn.MaxPool2d)
 
 
-class EagerReLU(nn.ReLU):
-    """``nn.ReLU`` whose training forward stays eager under ``torch.compile`` (SWAT swaps every plain ReLU of an
-    uncompressed model for one; identical in eager mode).
-
-    Uncompressed SWAT keeps ``X`` for its backward because the ReLU that produced it saves the same storage
-    (no extra bytes). A SWAT layer is a graph break under compile, so a compiled ReLU's output leaves its graph,
-    and Inductor then saves a 1-byte mask for the ReLU's backward *besides* the ``X`` the SWAT layer keeps (+11 %
-    kept bytes on resnet20 fp32, +23 % bf16, measured). Eager, the ReLU saves its output again, the one storage
-    the SWAT layer shares: compiled SWAT keeps what eager SWAT keeps. See docs/methods/swat.md, "torch.compile".
-    """
+class _EagerActivation:
+    """The training forward of an activation module, kept eager under ``torch.compile`` (identical in eager mode)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.training and torch.is_grad_enabled():
@@ -197,7 +191,39 @@ class EagerReLU(nn.ReLU):
 
     @torch.compiler.disable
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x, inplace=self.inplace)
+        return super().forward(x)
+
+
+class EagerReLU(_EagerActivation, nn.ReLU):
+    """``nn.ReLU`` whose training forward stays eager under ``torch.compile`` (SWAT swaps every plain ReLU of an
+    uncompressed model for one; identical in eager mode).
+
+    Uncompressed SWAT keeps ``X`` for its backward because the ReLU that produced it saves the same storage
+    (no extra bytes). A SWAT layer is a graph break under compile, so a compiled ReLU's output leaves its graph,
+    and Inductor then saves a 1-byte mask for the ReLU's backward *besides* the ``X`` the SWAT layer keeps (+11 %
+    kept bytes on resnet20 fp32, +23 % bf16, measured). Eager, the ReLU saves its output again, the one storage
+    the SWAT layer shares: compiled SWAT keeps what eager SWAT keeps. See docs/methods/swat.md, "torch.compile".
+
+    BLPA's storage policy swaps the ReLU-family modules for these classes too: run eagerly, each keeps its exact
+    1-bit mask through the codec, where a traced one's backward would read the mask off what the compiled graph
+    saves -- for the codec, 4-bit codes (docs/methods/blpa.md, "torch.compile").
+    """
+
+
+class EagerReLU6(_EagerActivation, nn.ReLU6):
+    """``nn.ReLU6`` kept eager under ``torch.compile`` in training (see :class:`EagerReLU`)."""
+
+
+class EagerHardtanh(_EagerActivation, nn.Hardtanh):
+    """``nn.Hardtanh`` kept eager under ``torch.compile`` in training (see :class:`EagerReLU`)."""
+
+
+class EagerLeakyReLU(_EagerActivation, nn.LeakyReLU):
+    """``nn.LeakyReLU`` kept eager under ``torch.compile`` in training (see :class:`EagerReLU`)."""
+
+
+_EAGER = {nn.ReLU: EagerReLU, nn.ReLU6: EagerReLU6, nn.Hardtanh: EagerHardtanh, nn.LeakyReLU: EagerLeakyReLU}
+_PLAIN = {eager: plain for plain, eager in _EAGER.items()}
 
 
 def to_eager_relu(relu: nn.ReLU) -> EagerReLU:
@@ -210,7 +236,15 @@ def from_eager_relu(relu: EagerReLU) -> nn.ReLU:
     return swap_class(relu, nn.ReLU)
 
 
-SAVING_LAYERS = (MaskReLU, IndexMaxPool2d, EagerReLU)
+def keep_activations_eager_(model: nn.Module) -> None:
+    """Every plain ``nn.ReLU`` / ``nn.ReLU6`` / ``nn.Hardtanh`` / ``nn.LeakyReLU`` of ``model`` becomes its eager
+    class (:class:`EagerReLU`...), whose training forward a compiled graph calls instead of tracing."""
+    for name, m in list(model.named_modules()):
+        if type(m) in _EAGER:
+            set_submodule(model, name, swap_class(m, _EAGER[type(m)]))
+
+
+SAVING_LAYERS = (MaskReLU, IndexMaxPool2d, *_PLAIN)
 
 
 def keep_masks_(model: nn.Module, kernels: CKernels | None, relus: bool = True) -> None:
@@ -233,7 +267,9 @@ def keep_relu_outputs_eager_(model: nn.Module) -> None:
 
 def revert_saving_layers_(model: nn.Module) -> None:
     """Swap every layer of this module back to its PyTorch class."""
-    back = {MaskReLU: from_mask_relu, EagerReLU: from_eager_relu, IndexMaxPool2d: from_index_maxpool}
+    back = {MaskReLU: from_mask_relu, IndexMaxPool2d: from_index_maxpool}
     for name, m in list(model.named_modules()):
         if type(m) in back:
             set_submodule(model, name, back[type(m)](m))
+        elif type(m) in _PLAIN:
+            set_submodule(model, name, swap_class(m, _PLAIN[type(m)]))

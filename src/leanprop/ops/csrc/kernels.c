@@ -451,7 +451,9 @@ DEFINE_RELU_MASK(uint16_t, bf16, bf16_load)
  * (the caller pads), per group lo = min, step = max((max - lo) / (2^bits - 1), FLT_MIN), codes
  * q = clamp(floor((v - lo) / step + r), 0, 2^bits - 1) with r = 0.5 (nearest, ties up) or r uniform in [0, 1)
  * (stochastic): drawn by a xorshift64* generator per group, seeded by seeds[g] (the caller draws them from its
- * torch generator, so the draws follow its seed). Packed like blpa_pack; decode writes lo + q * step. */
+ * torch generator, so the draws follow its seed). Packed like blpa_pack; decode writes lo + q * step. With
+ * exact_zero, a group whose minimum is 0 (a ReLU output) codes every positive value as 1 or more, so its decoded
+ * zeros are exactly the original's: a backward that reads v > 0 off the codes reads the exact mask. */
 /* range of a group: min and max of v[0..G) (G > 0) */
 static inline void group_minmax(const float *v, int64_t G, float *lo_out, float *hi_out) {
     int64_t i = 0;
@@ -486,7 +488,7 @@ static inline float uniform01(uint64_t *s) {
 }
 /* codes of one group of G values with range [lo, hi]: returns the step */
 static inline float quantize_group(const float *v, int64_t G, float lo, float hi, float levels, const uint64_t *seed,
-                                   uint8_t *q) {
+                                   int exact_zero, uint8_t *q) {
     float step = (hi - lo) / levels;
     if (!(step > 1.17549435e-38f)) step = 1.17549435e-38f;
     const float inv = 1.0f / step;
@@ -496,10 +498,12 @@ static inline float quantize_group(const float *v, int64_t G, float lo, float hi
         t = t < 0.0f ? 0.0f : (t > levels ? levels : t);
         q[i] = (uint8_t)t; /* truncation = floor for t >= 0 */
     }
+    if (exact_zero && lo == 0.0f)
+        for (int64_t i = 0; i < G; ++i) q[i] += (uint8_t)(q[i] == 0 && v[i] > 0.0f);
     return step;
 }
-void group_encode_f32(const float *x, const uint64_t *seeds, int64_t ngroups, int64_t G, int bits, uint8_t *packed,
-                      float *lo_out, float *step_out, int nt) {
+void group_encode_f32(const float *x, const uint64_t *seeds, int64_t ngroups, int64_t G, int bits, int exact_zero,
+                      uint8_t *packed, float *lo_out, float *step_out, int nt) {
     const int k = 8 / bits;
     const float levels = (float)((1 << bits) - 1);
     #pragma omp parallel num_threads(nt)
@@ -510,7 +514,7 @@ void group_encode_f32(const float *x, const uint64_t *seeds, int64_t ngroups, in
             const float *v = x + g * G;
             float lo, hi;
             group_minmax(v, G, &lo, &hi);
-            const float step = quantize_group(v, G, lo, hi, levels, seeds ? seeds + g : 0, q);
+            const float step = quantize_group(v, G, lo, hi, levels, seeds ? seeds + g : 0, exact_zero, q);
             pack_chunk(q, G, bits, packed + g * (G / k));
             lo_out[g] = lo;
             step_out[g] = step;
@@ -604,7 +608,7 @@ void group_encode_affine_##SUF(const T_ *x, const float *shift, const float *sca
             }                                                                                                   \
             float lo, hi;                                                                                       \
             group_minmax(v, G, &lo, &hi);                                                                       \
-            const float step = quantize_group(v, G, lo, hi, levels, seeds ? seeds + g : 0, q);                  \
+            const float step = quantize_group(v, G, lo, hi, levels, seeds ? seeds + g : 0, 0, q);               \
             pack_chunk(q, G, bits, packed + g * (G / k));                                                       \
             lo_out[g] = lo;                                                                                     \
             step_out[g] = step;                                                                                 \
