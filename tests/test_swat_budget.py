@@ -107,6 +107,29 @@ def test_layers_swat_cannot_run_are_left_out_and_named():
     assert type(net.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated")
+def test_layers_with_a_computed_weight_are_left_dense_and_named():
+    """weight_norm / spectral_norm compute ``weight`` from other tensors (a parametrization, or the older forward
+    pre-hook): SWAT's layer would need a Parameter to sparsify, so such a layer stays as it is (converting it was a
+    TypeError) and the warning names it."""
+    from torch.nn.utils import parametrizations, weight_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), parametrizations.weight_norm(nn.Conv2d(8, 8, 3)),
+                        nn.ReLU(), parametrizations.spectral_norm(nn.Conv2d(8, 8, 1)), weight_norm(nn.Conv2d(8, 8, 1)),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    keys = list(net.state_dict())
+    assert [lay.name for lay in collect_layers(net)] == ["0", "8"]
+    assert [u.split(" ")[0] for u in uncovered_layers(net)] == ["2", "4", "5"]
+    with pytest.warns(UserWarning, match=r"left dense: 2 \(ParametrizedConv2d whose weight is computed"):
+        ctl = leanprop.convert_(net, SWATConfig(sparsity=0.5, sparsify_last_layer=True))
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    ctl.step()
+    assert list(net.state_dict()) == keys
+    leanprop.revert_(net)
+    assert list(net.state_dict()) == keys
+
+
 @pytest.mark.parametrize("name, count", [("cifar_vgg16", 16), ("wrn16_8", 17), ("cifar_densenet121", 121)])
 def test_layers_match_official_bookkeeping(name, count):
     net = _model(name)

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import SWATConfig
 
@@ -75,7 +76,8 @@ _UNCOVERED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.C
 
 def uncovered_layers(model: nn.Module) -> list[str]:
     """``"name (Type)"`` of every weighted layer :func:`collect_layers` leaves out: 1-D / 3-D and transposed
-    convolutions, bilinear layers, and the linear layers of ``nn.MultiheadAttention`` (which never calls them)."""
+    convolutions, bilinear layers, the linear layers of ``nn.MultiheadAttention`` (which never calls them), and
+    conv / linear layers whose weight is computed (weight or spectral normalisation)."""
     skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, _READ_DIRECTLY))
     out = []
     for name, m in model.named_modules():
@@ -83,12 +85,22 @@ def uncovered_layers(model: nn.Module) -> list[str]:
             out.append(f"{name} ({type(m).__name__})")
         elif skip and name.startswith(skip) and isinstance(m, (nn.Linear, nn.Conv2d)):
             out.append(f"{name} (read directly by its MultiheadAttention)")
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) and _derived_weight(m):
+            out.append(f"{name} ({type(m).__name__} whose weight is computed: weight_norm, spectral_norm...)")
     return out
+
+
+def _derived_weight(m: nn.Module) -> bool:
+    """Whether ``m.weight`` is computed rather than a Parameter of ``m`` (``torch.nn.utils.parametrize``, or the
+    hook-based ``weight_norm`` / ``spectral_norm``): SWAT's top-K would have to act on what computes it."""
+    return isinstance(m, (nn.Linear, nn.Conv2d)) and (parametrize.is_parametrized(m, "weight")
+                                                       or not isinstance(m._parameters.get("weight"), nn.Parameter))
 
 
 def collect_layers(model: nn.Module) -> list[LayerSpec]:
     """Every ``nn.Conv2d`` and ``nn.Linear`` (subclasses included) in ``named_modules()`` order (§1.4), except
-    those inside ``nn.MultiheadAttention``, whose forward reads their weights without calling them.
+    those inside ``nn.MultiheadAttention``, whose forward reads their weights without calling them, and those whose
+    weight is computed (:func:`uncovered_layers`).
 
     Registration order is the budget index order of the official code (dynamic_sparsity.py:56-66):
     index 0 is the first layer, the last entry the classifier for the model zoo's networks.
@@ -96,7 +108,7 @@ def collect_layers(model: nn.Module) -> list[LayerSpec]:
     layers = []
     skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, _READ_DIRECTLY))
     for name, module in model.named_modules():
-        if skip and name.startswith(skip):
+        if (skip and name.startswith(skip)) or _derived_weight(module):
             continue
         if isinstance(module, nn.Conv2d):
             layers.append(LayerSpec(name, "conv", tuple(module.weight.shape)))
