@@ -106,6 +106,47 @@ class _Lambda(nn.Module):
         return self.fn(x)
 
 
+class _ChunkNet(nn.Module):
+    """ShuffleNet / CSP style: a conv on one half of the channels (``chunk``, a view with gaps) and a smooth
+    activation of a slice of a concatenation (GhostNet style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.branch = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        y = torch.cat([a, self.branch(b)], 1)[:, :24]
+        return self.fc(F.hardswish(y).mean((2, 3)))
+
+
+def test_views_with_gaps_are_coded_and_rebuilt_with_their_strides():
+    """A chunk of the channels (what ShuffleNet's and CSP's branches convolve) or a slice of them is a view with
+    gaps: it is coded like any tensor and rebuilt with its strides (32 bits: the gradients of plain PyTorch), where
+    it used to be kept in full -- its whole base storage with it; an expanded view (overlapping) is still kept."""
+    from leanprop.ops.codec import _non_overlapping, _Packed
+
+    base = torch.randn(4, 32, 8, 8)
+    assert _non_overlapping(base.chunk(2, 1)[1]) and _non_overlapping(base[:, :24]) and _non_overlapping(base)
+    assert not _non_overlapping(torch.randn(4, 1, 8, 8).expand(4, 3, 8, 8))
+    view = base.chunk(2, 1)[1]
+    packed = _Packed(view, 8)
+    rebuilt = packed.unpack()
+    assert rebuilt.shape == view.shape and rebuilt.stride() == view.stride()
+    step = packed.step.max()
+    assert float((rebuilt - view).abs().max()) <= float(step) * 0.5001
+    torch.manual_seed(0)
+    model = _ChunkNet()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    m, codec = _with_codec(model, 32)
+    assert torch.equal(_grads(m, x, y), _grads(model, x, y))
+    m4, codec4 = _with_codec(model, 4)
+    kept = saved_bytes(m4, x)
+    assert kept.by_kind.get("float", 0) < 0.1 * kept.total_bytes, kept.table()  # nothing of activation size as is
+    assert F.cosine_similarity(_grads(m4, x, y), _grads(model, x, y), 0) > 0.98
+
+
 @pytest.mark.parametrize("kernels", [None, "c"])
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_exact_zero_codes_keep_a_relu_outputs_zeros(kernels, stochastic):

@@ -738,9 +738,9 @@ class SavedTensorCodec:
             self._record(ref.param, None)
             return ref
         # 1-D tensors are not exempt: SWAT's packed X_s values (the kept activations) are 1-D and become codes;
-        # a tensor whose elements overlap or leave gaps (an expanded or strided view) is kept: its strides could
-        # not be rebuilt from codes
-        if t.numel() * t.element_size() < self.min_bytes or not _dense(t):
+        # a view that leaves gaps (a chunk / split / slice of the channels) is coded too, and rebuilt with its
+        # strides; one whose elements overlap (an expanded view) is kept: no tensor of its strides could be written
+        if t.numel() * t.element_size() < self.min_bytes or not _non_overlapping(t):
             return self._keep(t)
         key = (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, bits)
         hit = self._seen.get(key)
@@ -769,10 +769,15 @@ class SavedTensorCodec:
                                                 ReluOfBN, RecipeValue)) else obj
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill its memory span exactly once (any order of dimensions)."""
-    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
-    return span == t.numel() and all(st > 0 for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """Whether no two elements of ``t`` share memory (dense, or a view with gaps; not an expanded view): with the
+    dimensions in increasing stride, each stride reaches past everything the smaller ones span."""
+    extent = 1
+    for st, n in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1):
+        if st < extent:
+            return False
+        extent += (n - 1) * st
+    return True
 
 
 def find_codec(model: nn.Module) -> SavedTensorCodec | None:
