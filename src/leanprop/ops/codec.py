@@ -551,13 +551,8 @@ class SavedTensorCodec:
                 return None
             weight = kwargs.get("weight", args[3] if len(args) > 3 else None)
             bias = kwargs.get("bias", args[4] if len(args) > 4 else None)
-            skip = set()  # the running statistics (loops, not comprehensions: a comprehension is a frame of its own)
-            for a in (args[1], args[2]) if len(args) > 2 else ():
-                if isinstance(a, torch.Tensor):
-                    skip.add(id(a))
-            for k in ("running_mean", "running_var"):
-                if kwargs.get(k) is not None:
-                    skip.add(id(kwargs[k]))
+            skip = {id(a) for a in (args[1:3] if len(args) > 2 else ()) if isinstance(a, torch.Tensor)}
+            skip |= {id(kwargs[k]) for k in ("running_mean", "running_var") if kwargs.get(k) is not None}
             record = BNRecord(weight, bias, float(kwargs.get("eps", args[7] if len(args) > 7 else 1e-5)), skip)
             self._bn_pending.append(record)
             return record

@@ -23,9 +23,8 @@ from leanprop.ops.packing import flat_memory_view, from_flat_memory, memory_form
 from leanprop.utils import set_submodule, swap_class
 
 __all__ = ["mask_relu", "max_pool2d_window_index", "MaskReLU", "IndexMaxPool2d", "EagerReLU", "SAVING_LAYERS",
-           "to_mask_relu", "from_mask_relu", "to_index_maxpool", "from_index_maxpool", "to_eager_relu",
-           "from_eager_relu", "keep_masks_", "keep_relu_outputs_eager_", "keep_activations_eager_",
-           "revert_saving_layers_", "EagerReLU6", "EagerHardtanh", "EagerLeakyReLU"]
+           "to_mask_relu", "from_mask_relu", "to_index_maxpool", "from_index_maxpool", "keep_masks_",
+           "keep_activations_eager_", "revert_saving_layers_", "EagerReLU6", "EagerHardtanh", "EagerLeakyReLU"]
 
 
 class _MaskReLU(torch.autograd.Function):
@@ -226,21 +225,12 @@ _EAGER = {nn.ReLU: EagerReLU, nn.ReLU6: EagerReLU6, nn.Hardtanh: EagerHardtanh, 
 _PLAIN = {eager: plain for plain, eager in _EAGER.items()}
 
 
-def to_eager_relu(relu: nn.ReLU) -> EagerReLU:
-    """The same ReLU (``inplace``, mode, hooks) as an :class:`EagerReLU`."""
-    return swap_class(relu, EagerReLU)
-
-
-def from_eager_relu(relu: EagerReLU) -> nn.ReLU:
-    """A plain ``nn.ReLU`` again (same ``inplace``, mode, hooks)."""
-    return swap_class(relu, nn.ReLU)
-
-
-def keep_activations_eager_(model: nn.Module) -> None:
-    """Every plain ``nn.ReLU`` / ``nn.ReLU6`` / ``nn.Hardtanh`` / ``nn.LeakyReLU`` of ``model`` becomes its eager
-    class (:class:`EagerReLU`...), whose training forward a compiled graph calls instead of tracing."""
+def keep_activations_eager_(model: nn.Module, types: tuple[type, ...] = tuple(_EAGER)) -> None:
+    """Every plain module of ``types`` (default: ``nn.ReLU`` / ``nn.ReLU6`` / ``nn.Hardtanh`` / ``nn.LeakyReLU``) of
+    ``model`` becomes its eager class (:class:`EagerReLU`...), whose training forward a compiled graph calls instead
+    of tracing."""
     for name, m in list(model.named_modules()):
-        if type(m) in _EAGER:
+        if type(m) in types:
             set_submodule(model, name, swap_class(m, _EAGER[type(m)]))
 
 
@@ -256,13 +246,6 @@ def keep_masks_(model: nn.Module, kernels: CKernels | None, relus: bool = True) 
             set_submodule(model, name, to_mask_relu(m, kernels))
         elif type(m) is nn.MaxPool2d:
             set_submodule(model, name, to_index_maxpool(m))
-
-
-def keep_relu_outputs_eager_(model: nn.Module) -> None:
-    """Every plain ``nn.ReLU`` of ``model`` becomes an :class:`EagerReLU`."""
-    for name, m in list(model.named_modules()):
-        if type(m) is nn.ReLU:
-            set_submodule(model, name, to_eager_relu(m))
 
 
 def revert_saving_layers_(model: nn.Module) -> None:

@@ -78,23 +78,23 @@ def uncovered_layers(model: nn.Module) -> list[str]:
     """``"name (Type)"`` of every weighted layer :func:`collect_layers` leaves out: 1-D / 3-D and transposed
     convolutions, bilinear layers, the linear layers of ``nn.MultiheadAttention`` (which never calls them), and
     conv / linear layers whose weight is computed (weight or spectral normalisation)."""
-    skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, _READ_DIRECTLY))
-    out = []
+    return [f"{name} ({why})" for name, why in _left_out(model).items()]
+
+
+def _left_out(model: nn.Module) -> dict[str, str]:
+    """``{name: why}`` of the weighted layers SWAT does not convert (:func:`uncovered_layers`)."""
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, _READ_DIRECTLY))
+    out = {}
     for name, m in model.named_modules():
         if isinstance(m, _UNCOVERED):
-            out.append(f"{name} ({type(m).__name__})")
-        elif skip and name.startswith(skip) and isinstance(m, (nn.Linear, nn.Conv2d)):
-            out.append(f"{name} (read directly by its MultiheadAttention)")
-        elif isinstance(m, (nn.Linear, nn.Conv2d)) and _derived_weight(m):
-            out.append(f"{name} ({type(m).__name__} whose weight is computed: weight_norm, spectral_norm...)")
+            out[name] = type(m).__name__
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            if inside and name.startswith(inside):
+                out[name] = "read directly by its MultiheadAttention"
+            elif parametrize.is_parametrized(m, "weight") or not isinstance(m._parameters.get("weight"), nn.Parameter):
+                # weight_norm / spectral_norm: SWAT's top-K would have to act on what computes the weight
+                out[name] = f"{type(m).__name__} whose weight is computed: weight_norm, spectral_norm..."
     return out
-
-
-def _derived_weight(m: nn.Module) -> bool:
-    """Whether ``m.weight`` is computed rather than a Parameter of ``m`` (``torch.nn.utils.parametrize``, or the
-    hook-based ``weight_norm`` / ``spectral_norm``): SWAT's top-K would have to act on what computes it."""
-    return isinstance(m, (nn.Linear, nn.Conv2d)) and (parametrize.is_parametrized(m, "weight")
-                                                       or not isinstance(m._parameters.get("weight"), nn.Parameter))
 
 
 def collect_layers(model: nn.Module) -> list[LayerSpec]:
@@ -106,9 +106,9 @@ def collect_layers(model: nn.Module) -> list[LayerSpec]:
     index 0 is the first layer, the last entry the classifier for the model zoo's networks.
     """
     layers = []
-    skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, _READ_DIRECTLY))
+    left_out = _left_out(model)
     for name, module in model.named_modules():
-        if (skip and name.startswith(skip)) or _derived_weight(module):
+        if name in left_out:
             continue
         if isinstance(module, nn.Conv2d):
             layers.append(LayerSpec(name, "conv", tuple(module.weight.shape)))

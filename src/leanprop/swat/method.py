@@ -19,7 +19,7 @@ from torch import nn
 
 from leanprop.methods import FilterFn, Method, method_for
 from leanprop.ops.kernels import load_kernels
-from leanprop.ops.saving_layers import keep_masks_, keep_relu_outputs_eager_
+from leanprop.ops.saving_layers import keep_activations_eager_, keep_masks_
 from leanprop.swat.budget import assign_budget, collect_layers, uncovered_layers
 from leanprop.swat.config import PRESET_GRAMMAR, SWATConfig
 from leanprop.swat.controller import SWATController
@@ -55,7 +55,7 @@ def _convert(model: nn.Module, cfg: SWATConfig, filter_fn: FilterFn | None, othe
     if cfg.compress_saved:
         keep_masks_(model, load_kernels(required=False))
     else:  # X is the ReLU's saved output: keep it so under torch.compile too
-        keep_relu_outputs_eager_(model)
+        keep_activations_eager_(model, (nn.ReLU,))
     return SWATController(model, layers, cfg, budget)
 
 
