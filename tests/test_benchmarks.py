@@ -496,7 +496,7 @@ def test_report_shows_compiled_over_eager_and_a_gpu_section(tmp_path):
     cpu_part, gpu_part = text.split("## On a CUDA GPU")
     assert "on cuda" not in cpu_part and "H100" not in cpu_part
     assert "#### resnet20 on cuda (batch 16" in gpu_part and "| blpa4 | 20.0 |" in gpu_part
-    assert "### Execution modes" in gpu_part and "| dense | 5.0e-02 / 5.0e-02 (1.0e-01) |" in gpu_part
+    assert "### Execution modes" in gpu_part and "| dense | resnet8 | 5.0e-02 / 5.0e-02 (1.0e-01) |" in gpu_part
     assert "### Memory on the GPU" in gpu_part and "| resnet20 | 64 | blpa4 | 3.0 | 0.270 | 50.0 | H100 |" in gpu_part
     packed = [{**r, "method": "swat-u90-packed"} for r in recs if r["bench"] == "matrix"]
     head = headline(packed)

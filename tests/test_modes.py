@@ -281,4 +281,24 @@ def test_bench_modes_records_and_report(tmp_path):
     md = tmp_path / "benchmarks.md"
     assert main(["report", "--results", str(out.parent), "--out", str(md), "--readme", ""]) == 0
     text = md.read_text()
-    assert "## Execution modes" in text and "| blpa4 |" in text and "refused" in text
+    assert "## Execution modes" in text and "| blpa4 | preact_resnet8 |" in text and "refused" in text
+
+
+def test_modes_command_runs_named_models_against_plain_pytorch(tmp_path, capsys):
+    """``--models`` runs each method on the models named (here one without BN->ReLU->conv units, whose BLPA-4 step
+    is a 4-bit approximation), ``--exact`` measures both sides against plain PyTorch's gradients: dense's own
+    distance is 0 in its reference mode, BLPA-4's is not, and the cosine says how close it stays."""
+    from leanprop.cli import main
+
+    out = tmp_path / "modes.jsonl"
+    assert main(["bench", "modes", "--methods", "dense,blpa4", "--modes", "cpu-fp32-nhwc", "--models", "resnet8",
+                 "--exact", "--batch", "4", "--steps", "1", "--threads", "1", "--progress", "off",
+                 "--out", str(out)]) == 0
+    dense, blpa = [json.loads(line) for line in out.read_text().splitlines()]
+    assert dense["model"] == blpa["model"] == "resnet8" and blpa["method"] == "blpa4"
+    assert dense["grad_rel_l2_exact_ref"] == 0.0 and dense["grad_cos_exact_ref"] == pytest.approx(1.0)
+    assert dense["grad_rel_l2_exact"] < 1e-4  # channels-last dense against contiguous dense
+    assert 1e-3 < blpa["grad_rel_l2_exact_ref"] < 0.3 and 0.95 < blpa["grad_cos_exact_ref"] < 1.0
+    assert blpa["grad_rel_l2_exact"] == pytest.approx(blpa["grad_rel_l2_exact_ref"], rel=0.2)
+    assert main(["bench", "modes", "--models", "no_such_net", "--out", str(out)]) == 2  # before running anything
+    assert "unknown model 'no_such_net'" in capsys.readouterr().err and len(out.read_text().splitlines()) == 2

@@ -11,8 +11,15 @@ Per step: the loss and the parameter gradients; the record keeps the largest los
 relative L2 distance of all gradients together (``grad_rel_l2``) and of the worst conv/linear weight
 (``grad_rel_l2_worst``, ``worst_param``), and under compile the graph breaks, graphs compiled and recompile-limit
 hits (:class:`leanprop.modes.CompileStats`); with ``--kept`` also the bytes kept for backward in the mode against
-the reference (saved-tensor audit). tests/test_modes.py checks the same runs against per-mode tolerances;
-``leanprop report`` tabulates the records (docs/benchmarks.md, "Execution modes").
+the reference (saved-tensor audit); with ``--exact`` also each side's distance to plain PyTorch (dense in the
+reference mode: how far the method itself is from exact, compiled and not). tests/test_modes.py checks the same runs
+against per-mode tolerances; ``leanprop report`` tabulates the records (docs/benchmarks.md, "Execution modes").
+
+    leanprop bench modes                                    # the matrix: every method, every CPU mode
+    leanprop bench modes --methods blpa4 --modes cpu-fp32-compile --models resnet20,mobilenet_v2 --kept --exact
+
+Dropout runs with p = 0: a compiled dropout draws other masks than eager's, so its gradients would differ by the
+random stream alone.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["METHODS", "MODEL_OF", "CPU_MODES", "CUDA_MODES", "StepRun", "reference_mode", "model_for", "run_steps",
-           "grad_distance", "compare", "add_parser", "run"]
+           "grad_distance", "grad_cosine", "compare", "add_parser", "run"]
 
 #: every method of the mode matrix (`leanprop bench memory` names)
 METHODS = ("dense", "swat-u90", "swat-erk90", "swat-filter70", "swat-u90-packed", "blpa8", "blpa4", "blpa2",
@@ -77,9 +84,10 @@ class StepRun:
 def run_steps(method: str, mode: Any, *, model: str | None = None, batch: int = 16, steps: int = 1, seed: int = 0,
               lr: float = 0.01, measure_kept: bool = False, fp16_init_scale: float = 2.0**10,
               emulate_precision_casts: bool | None = None) -> StepRun:
-    """``steps`` training steps of ``method`` on ``model`` (default :func:`model_for`) in ``mode``, from the weights
-    of ``seed`` on one seeded random batch of 32x32 images (SGD, momentum 0.9, the controller's ``step()`` after
-    each). A mode the method refuses raises :class:`leanprop.config.ConfigError` (:func:`leanprop.modes.check_mode`).
+    """``steps`` training steps of ``method`` on ``model`` (default :func:`model_for`; a registry name or a
+    ``package.module:factory``) in ``mode``, from the weights of ``seed`` on one seeded random batch of the model's
+    input size and 10 classes (SGD, momentum 0.9, the controller's ``step()`` after each; dropout with p = 0). A
+    mode the method refuses raises :class:`leanprop.config.ConfigError` (:func:`leanprop.modes.check_mode`).
     fp16 scales the loss with a GradScaler starting at ``fp16_init_scale`` and unscales before the gradients are
     read. SWAT layers keep their dense kernels (no kernel calibration: the comparison is about the mode).
     ``emulate_precision_casts`` (default: on for compiled bf16/fp16): Inductor rounds its fused intermediates to the
@@ -88,25 +96,26 @@ def run_steps(method: str, mode: Any, *, model: str | None = None, batch: int = 
     import torch
     import torch.nn.functional as F
 
-    from leanprop import models
-    from leanprop.accounting.memory import apply_method, saved_bytes
+    from leanprop.accounting.memory import build_model, make_batch, normalize_spec, saved_bytes
     from leanprop.bench.memory import default_model_kwargs
     from leanprop.modes import CompileStats, check_mode
     from leanprop.timing import device_sync, time_calls
 
     name = model or model_for(method)
-    torch.manual_seed(seed)
-    net = models.create(name, num_classes=10, **default_model_kwargs(name, {}))
-    handle = apply_method(net, method)
+    spec = normalize_spec({"model": name, "model_kwargs": default_model_kwargs(name, {}), "method": method,
+                           "num_classes": 10, "seed": seed})
+    net, handle = build_model(spec)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
     check_mode(handle, mode, method=method)
     device = torch.device(mode.device)
     net.to(device)
     if mode.channels_last:
         net.to(memory_format=torch.channels_last)
     net.train()
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    x, y = make_batch(spec, batch)
+    x, y = x.to(device), y.to(device)
     if mode.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
@@ -180,10 +189,24 @@ def grad_distance(run: dict[str, Any], ref: dict[str, Any]) -> tuple[float, floa
     return total, worst, worst_name
 
 
+def grad_cosine(run: dict[str, Any], ref: dict[str, Any]) -> float:
+    """Cosine between all of one step's gradients and the reference's (parameters of either side)."""
+    dot = na = nb = 0.0
+    for name in set(run) | set(ref):
+        a, b = run.get(name), ref.get(name)
+        if a is not None and b is not None:
+            dot += float((a * b).sum())
+        na += 0.0 if a is None else float(a.pow(2).sum())
+        nb += 0.0 if b is None else float(b.pow(2).sum())
+    return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else float(na == nb)
+
+
 def compare(method: str, mode: Any, run: StepRun, ref: StepRun, *, model: str | None = None,
-            batch: int | None = None) -> dict[str, Any]:
+            batch: int | None = None, exact: StepRun | None = None) -> dict[str, Any]:
     """The record of ``run`` (``method`` in ``mode``) against ``ref`` (the same steps in
-    :func:`reference_mode`): per-step maxima of the loss difference and the gradient distances."""
+    :func:`reference_mode`): per-step maxima of the loss difference and the gradient distances. ``exact``: dense
+    (plain PyTorch) in the reference mode; the first step's gradients of ``run`` and of ``ref`` are measured against
+    its (relative L2 and cosine: ``grad_rel_l2_exact``/``grad_cos_exact`` and ``..._exact_ref``)."""
     dists = [grad_distance(a, b) for a, b in zip(run.grads, ref.grads, strict=True)]
     total = max(d[0] for d in dists)
     worst = max(dists, key=lambda d: d[1])
@@ -198,6 +221,11 @@ def compare(method: str, mode: Any, run: StepRun, ref: StepRun, *, model: str | 
     }
     if run.compile is not None:
         rec.update(run.compile, emulate_precision_casts=run.emulate_precision_casts)
+    if exact is not None:
+        rec.update(grad_rel_l2_exact=grad_distance(run.grads[0], exact.grads[0])[0],
+                   grad_rel_l2_exact_ref=grad_distance(ref.grads[0], exact.grads[0])[0],
+                   grad_cos_exact=grad_cosine(run.grads[0], exact.grads[0]),
+                   grad_cos_exact_ref=grad_cosine(ref.grads[0], exact.grads[0]))
     if run.kept_bytes is not None and ref.kept_bytes:
         rec.update(kept_bytes=run.kept_bytes, kept_bytes_ref=ref.kept_bytes,
                    kept_vs_ref=run.kept_bytes / ref.kept_bytes)
@@ -220,17 +248,23 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="training steps compared (default 3)")
     p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
+    p.add_argument("--models", help="comma-separated registry names or package.module:factory (default: each "
+                   "method's own tiny model: " + ", ".join(f"{v} ({'BLPA, SWAT+BLPA' if k else 'dense, SWAT'})"
+                                                          for k, v in MODEL_OF.items()) + ")")
     p.add_argument("--kept", action="store_true", help="also audit the bytes kept for backward in each mode")
+    p.add_argument("--exact", action="store_true", help="also measure each side's first-step gradients against "
+                   "plain PyTorch (dense in the reference mode)")
     p.add_argument("--out", default="benchmarks/results/modes.jsonl", help="JSONL file records are appended to")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
     p.set_defaults(bench_run=run)
 
 
 def run(a: argparse.Namespace) -> int:
-    """Run every (method, mode) pair, appending one record each to ``--out`` (refused or failed ones too)."""
+    """Run every (model, method, mode), appending one record each to ``--out`` (refused or failed ones too)."""
     import torch
     from tqdm import tqdm
 
+    from leanprop.accounting.memory import normalize_spec
     from leanprop.config import ConfigError
     from leanprop.methods import parse_method
     from leanprop.modes import ExecutionMode
@@ -248,24 +282,37 @@ def run(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     env, stamp = run_context("cuda" if any(m.device == "cuda" for m in modes) else "cpu")
+    given = [m.strip() for m in a.models.split(",") if m.strip()] if a.models else None
+    for name in given or ():
+        normalize_spec({"model": name})  # a ValueError naming the registry and the factory forms
+    cases = [(model, method) for method in methods for model in (given or [model_for(method)])]
     show = {"on": True, "off": False}.get(a.progress, sys.stderr.isatty())
-    bar = tqdm(total=len(methods) * len(modes), desc="bench modes", unit="case", disable=not show, file=sys.stderr)
-    refs: dict[tuple[str, str], StepRun] = {}
+    bar = tqdm(total=len(cases) * len(modes), desc="bench modes", unit="case", disable=not show, file=sys.stderr)
+    refs: dict[tuple[str, str, str], StepRun] = {}
     failed = False
-    for method in methods:
+
+    def steps_of(model: str, method: str, mode: Any, cache: bool = True) -> StepRun:
+        key = (model, method, mode.name)
+        if key in refs:
+            return refs[key]
+        out = run_steps(method, mode, model=model, batch=a.batch, steps=a.steps, measure_kept=a.kept)
+        if cache:
+            refs[key] = out
+        return out
+
+    for model, method in cases:
         records = []
         for mode in modes:
-            bar.set_postfix_str(f"{method} {mode.name}")
-            base = {"bench": "modes", "model": model_for(method), "method": method, "mode": mode.name,
+            bar.set_postfix_str(f"{model} {method} {mode.name}")
+            base = {"bench": "modes", "model": model, "method": method, "mode": mode.name,
                     "reference": reference_mode(mode).name, "device": mode.device, "batch": a.batch, **env,
                     "timestamp": stamp}
             try:
                 ref_mode = reference_mode(mode)
-                key = (method, ref_mode.name)
-                if key not in refs:
-                    refs[key] = run_steps(method, ref_mode, batch=a.batch, steps=a.steps, measure_kept=a.kept)
-                rec = compare(method, mode, run_steps(method, mode, batch=a.batch, steps=a.steps, measure_kept=a.kept),
-                              refs[key], batch=a.batch)
+                ref = steps_of(model, method, ref_mode)
+                exact = steps_of(model, "dense", ref_mode) if a.exact else None
+                rec = compare(method, mode, steps_of(model, method, mode, cache=False), ref, model=model,
+                              batch=a.batch, exact=exact)
                 records.append({**base, **rec})
             except ConfigError as e:
                 records.append({**base, "refused": str(e)})
@@ -282,7 +329,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _line(r: dict[str, Any]) -> str:
-    head = f"{r['method']:<16} {r['mode']:<18} vs {r['reference']:<10}"
+    head = f"{r['model']} {r['method']:<16} {r['mode']:<18} vs {r['reference']:<10}"
     if "refused" in r:
         return f"{head} refused: {r['refused']}"
     if "error" in r:
@@ -290,5 +337,8 @@ def _line(r: dict[str, Any]) -> str:
     comp = (f"  graph breaks {r['graph_breaks']}, graphs {r['graphs']}, recompile-limit hits "
             f"{r['recompile_limit_hits']}" if r.get("compile") else "")
     kept = f"  kept x ref {r['kept_vs_ref']:.3f}" if "kept_vs_ref" in r else ""
+    if "grad_rel_l2_exact" in r:
+        kept += (f"  vs plain PyTorch: rel L2 {r['grad_rel_l2_exact']:.3f} (reference {r['grad_rel_l2_exact_ref']:.3f})"
+                 f", cosine {r['grad_cos_exact']:.4f} ({r['grad_cos_exact_ref']:.4f})")
     return (f"{head} grad rel L2 {r['grad_rel_l2']:.2e} (worst {r['grad_rel_l2_worst']:.2e} {r['worst_param']}), "
             f"loss diff {r['loss_diff']:.1e}{comp}{kept}")

@@ -34,6 +34,8 @@ def _cell(r: dict) -> str:
                                                    if r.get("recompile_limit_hits") else "")
     if r.get("kept_vs_ref") is not None:
         cell += f", kept x{r['kept_vs_ref']:.3f}"
+    if r.get("grad_rel_l2_exact") is not None:
+        cell += f"; vs exact {r['grad_rel_l2_exact']:.1e} (reference {r['grad_rel_l2_exact_ref']:.1e})"
     return cell
 
 
@@ -54,21 +56,27 @@ def modes_section(recs: list[dict], device: str = "cpu", heading: str = "## Exec
              "CPU. Cell: relative L2 distance of all parameter gradients at the first step / the largest over the "
              "steps, in brackets the worst single conv/linear weight (any step); kept: bytes kept for backward "
              "against the reference's; under `torch.compile` the graph breaks counted by Dynamo. Models: "
-             "resnet8 (dense, SWAT), preact_resnet8 (BLPA, SWAT+BLPA). tests/test_modes.py holds the tolerances."
+             "resnet8 (dense, SWAT), preact_resnet8 (BLPA, SWAT+BLPA), others where `--models` named them. "
+             "vs exact (`--exact`): the first step's gradients against plain PyTorch's (dense in the reference "
+             "mode), in brackets the reference's own. tests/test_modes.py holds the tolerances."
              + (" Compiled bf16/fp16 with Inductor emulating eager's low-precision roundings "
                 "(`emulate_precision_casts`)." if any(r.get("emulate_precision_casts") for r in mr) else ""), ""]
     rows = []
     notes = []
-    for method in sorted(dict.fromkeys(r["method"] for r in mr), key=_rank):
-        cell = {r["mode"]: r for r in mr if r["method"] == method}
-        rows.append([method, *[_cell(cell[m]) if m in cell else "" for m in modes]])
-        notes += [f"{method} in {m}: {cell[m].get('refused') or cell[m].get('error')}" for m in modes
+    order = sorted(dict.fromkeys((r.get("model", "?"), r["method"]) for r in mr),
+                   key=lambda k: (_rank(k[1]), k[0]))
+    for model, method in order:
+        cell = {r["mode"]: r for r in mr if r["method"] == method and r.get("model", "?") == model}
+        rows.append([method, model, *[_cell(cell[m]) if m in cell else "" for m in modes]])
+        notes += [f"{method} ({model}) in {m}: {cell[m].get('refused') or cell[m].get('error')}" for m in modes
                   if m in cell and ("refused" in cell[m] or "error" in cell[m])]
-    parts += [_table(["method", *[f"{m} vs {refs[m]}" for m in modes]], rows), ""]
+    parts += [_table(["method", "model", *[f"{m} vs {refs[m]}" for m in modes]], rows), ""]
     if notes:
         parts += ["Refused or failed: " + "; ".join(notes) + ".", ""]
     sha = sorted({str(r.get("git_sha")) for r in mr})
-    parts += [f"torch {r0.get('torch', '?')}, {r0.get('gpu') or r0.get('processor', '?')}, git {', '.join(sha)}.", ""]
+    machines = sorted({str(r.get("gpu") or r.get("processor") or "?") for r in mr})
+    torches = sorted({str(r.get("torch", "?")) for r in mr})
+    parts += [f"torch {', '.join(torches)}; {'; '.join(machines)}; git {', '.join(sha)}.", ""]
     return parts
 
 
