@@ -121,7 +121,9 @@ def test_compiled_swat_bf16_step_equals_eager_bf16(variant, one_thread):
     """bf16 autocast, compiled against eager bf16. Inductor by default keeps fp32 intermediates where eager rounds
     to bf16 (BN, adds); SWAT's Top-K then selects among slightly different values and the gradients move far more
     than a dense model's (resnet8 u90, all parameters: 0.17 relative L2 against dense's 0.027, measured).
-    ``emulate_precision_casts`` makes Inductor round where eager does: the same step up to summation order."""
+    ``emulate_precision_casts`` makes Inductor round where eager does: the same step up to summation order, which
+    moves the worst parameter (a BN weight, one sum over the batch) by up to 0.0207 on an AMD EPYC with native bf16
+    instructions (under 0.02 on the Intel Xeon these bounds were first measured on), hence 3e-2."""
     import torch._inductor.config as inductor_config
 
     # the config's own patch: monkeypatch (pytest >= 9.2) restores a module attribute by deleting it, which hides
@@ -130,7 +132,7 @@ def test_compiled_swat_bf16_step_equals_eager_bf16(variant, one_thread):
         (g_e, thr_e, kept_e, _, _, _), (g_c, thr_c, kept_c, first, later, _) = _compare(variant, amp=True)
     dist = {n: _rel(g_c[n], g_e[n]) for n in g_e}
     worst = max(dist, key=dist.get)
-    assert dist[worst] <= 2e-2, f"{variant} bf16: gradient of {worst} {dist[worst]:.3g} off (relative L2)"
+    assert dist[worst] <= 3e-2, f"{variant} bf16: gradient of {worst} {dist[worst]:.3g} off (relative L2)"
     for n, (_, a) in thr_e.items():
         torch.testing.assert_close(thr_c[n][1], a, rtol=1e-2, atol=0, msg=f"{variant} {n} activation threshold")
     assert abs(kept_c / kept_e - 1) <= 0.02, f"{variant} bf16: kept bytes compiled {kept_c} vs eager {kept_e}"

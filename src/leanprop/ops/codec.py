@@ -335,7 +335,13 @@ class _OpTracker(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.compiler.is_compiling():  # traced into a graph, whose saves reach the codec without their op
+            if op_kind(func) in _EAGER_KINDS and torch.is_grad_enabled():
+                return _call_eagerly(self, func, args, kwargs)
             return func(*args, **kwargs)
+        return self.call(func, args, kwargs)
+
+    def call(self, func, args: tuple, kwargs: dict):
+        """``func(*args, **kwargs)`` seen by the codec: its saves are kept by the storage policy of its kind."""
         entry = (op_kind(func), getattr(func, "__name__", ""), args, kwargs)
         self.stack.append(entry)
         try:
@@ -346,6 +352,18 @@ class _OpTracker(TorchFunctionMode):
             return out
         finally:
             self.stack.pop()
+
+
+#: kinds whose functional calls (``F.relu``, ``torch.relu_``, ``F.relu6``...) leave a compiled graph to run eagerly
+_EAGER_KINDS = frozenset({"relu", "hardtanh", "leaky_relu"})
+
+
+@torch.compiler.disable
+def _call_eagerly(tracker: _OpTracker, func: Any, args: tuple, kwargs: dict) -> Any:
+    """A ReLU-family call met inside a compiled graph, run eagerly between graphs (one graph break), so that its
+    backward keeps the exact 1-bit mask as in eager mode instead of reading it off what the graph saves (or
+    recomputes from another tensor's codes)."""
+    return tracker.call(func, args, kwargs)
 
 
 def _hardtanh_range(args: tuple, kwargs: dict, name: str) -> tuple[float, float]:
