@@ -532,6 +532,32 @@ def test_matrix_tables_never_mix_batches_dtypes_or_threads():
     assert "| swat-u90 | 330.0 | 1.100 |" in tables[heads[4]] and "| swat-u90 | 350.0 | 0.700 |" in tables[heads[1]]
     assert tables[heads[1]].count("| dense |") == 1 and "| swat-u90 | 160.0 | 0.640 |" in tables[heads[2]]
 
+
+def test_matrix_tables_never_mix_machines():
+    """Records of a second CPU get tables of their own, named after it (their step ratios are that machine's);
+    the CPU that ran most records keeps the plain tables and alone feeds the README headline."""
+    from leanprop.bench.report import headline, render
+
+    base = {"bench": "matrix", "model": "resnet20", "family": "cifar", "batch": 128, "threads": 2, "cpu_count": 2,
+            "dtype": "fp32", "channels_last": False, "device": "cpu", "git_sha": "abc", "saved_bytes": 2**20,
+            "ratio_vs_dense": 0.1}
+
+    def rec(method, step_s, dense_s, cpu):
+        return {**base, "method": method, "step_s": step_s, "time_vs_dense": step_s / dense_s, "processor": cpu}
+
+    main, other = "Intel(R) Xeon(R) Processor", "AMD EPYC"
+    recs = [rec("dense", 0.2, 0.2, main), rec("blpa4", 0.24, 0.2, main),
+            rec("dense", 0.3, 0.3, other), rec("blpa4", 0.33, 0.3, other)]
+    text = render(recs)
+    tables = {t.split("\n")[0]: t for t in text.split("### resnet20")[1:]}
+    assert sorted(tables) == [" (batch 128, 2 threads, fp32, cpu, git abc)",
+                              " on AMD EPYC (batch 128, 2 threads, fp32, cpu, git abc)"]
+    assert "| blpa4 | 240.0 | 1.200 |" in tables[" (batch 128, 2 threads, fp32, cpu, git abc)"]
+    assert "| blpa4 | 330.0 | 1.100 |" in tables[" on AMD EPYC (batch 128, 2 threads, fp32, cpu, git abc)"]
+    assert all(t.count("| dense |") == 1 for t in tables.values())
+    head = headline(recs)
+    assert "| resnet20 | 128 | blpa4 | 0.100 | 1.20 |" in head and "EPYC" not in head and "1.10" not in head
+
 @pytest.mark.slow
 def test_bench_matrix_compile_records_graph_breaks(tmp_path):
     """`leanprop bench matrix --compile` times compiled steps (warm-up absorbs the compilation) and records it."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from leanprop.bench.report_capacity import (
@@ -263,8 +265,18 @@ def _matrix_records(recs: list[dict]) -> list[dict]:
     machine)."""
     found = [{**r, "compile": bool(r.get("compile")), "malloc_settings": malloc_settings(r)}
              for r in recs if r.get("bench") == "matrix" and "step_s" in r]
-    return _latest(found, ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last", "compile",
-                           "device", "processor", "gpu", "malloc_settings"))
+    latest = _latest(found, ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last",
+                             "compile", "device", "processor", "gpu", "malloc_settings"))
+    main = _main_processor(latest)
+    return [{**r, "other_machine": "" if device_of(r) != "cpu" or str(r.get("processor")) == main
+             else str(r.get("processor"))} for r in latest]
+
+
+def _main_processor(mx: list[dict]) -> str | None:
+    """The CPU that ran most of the CPU matrix records: its tables carry no machine name; another CPU's records
+    get tables of their own, named after it, so that no table mixes machines (step ratios differ by CPU)."""
+    counts = Counter(str(r.get("processor")) for r in mx if device_of(r) == "cpu")
+    return max(counts, key=lambda p: (counts[p], p)) if counts else None
 
 
 def _eager_step(mx: list[dict], r: dict) -> float | None:
@@ -369,7 +381,8 @@ def _group(r: dict) -> str:
             + ("" if batch == _DEFAULT_BATCH.get(r.get("family", ""), batch) else f"-b{batch}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f"-{r['dtype']}")
             + ("" if threads in (None, r.get("cpu_count")) or dev != "cpu" else f"-{threads}t")
-            + malloc_tag(r))
+            + malloc_tag(r) + ("-" + re.sub(r"[^a-z0-9]+", "-", r["other_machine"].lower()).strip("-")
+                               if r.get("other_machine") else ""))
 
 
 def _label(r: dict) -> str:
@@ -378,7 +391,7 @@ def _label(r: dict) -> str:
     return (r["model"] + (" (NHWC)" if r.get("channels_last") else "") + (" (compiled)" if r.get("compile") else "")
             + ("" if size is None else f" at {size}x{size}")
             + ("" if r.get("dtype", "fp32") == "fp32" else f" in {r['dtype']}")
-            + ("" if dev == "cpu" else f" on {dev}")
+            + ("" if dev == "cpu" else f" on {dev}") + (f" on {r['other_machine']}" if r.get("other_machine") else "")
             + (f", malloc: {malloc_settings(r)}" if malloc_settings(r) else ""))
 
 
@@ -534,9 +547,9 @@ HEADLINE_METHODS = ("swat-u90", "swat-u90-packed", "swat-filter70", "blpa4", "sw
 
 def headline(recs: list[dict]) -> str:
     """The README's headline table: a few methods per model (fp32, eager, its largest batch measured), from the
-    newest matrix records."""
+    newest matrix records of the CPU that ran most of them."""
     mx = [r for r in _matrix_records(recs) if device_of(r) == "cpu" and not r["compile"]
-          and r.get("dtype", "fp32") == "fp32" and not r["malloc_settings"]]
+          and r.get("dtype", "fp32") == "fp32" and not r["malloc_settings"] and not r["other_machine"]]
     largest = {}
     for r in mx:
         largest[(_label(r), r["method"])] = max(largest.get((_label(r), r["method"]), 0), r["batch"])
