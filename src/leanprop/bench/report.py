@@ -262,7 +262,7 @@ def _packing_section(recs: list[dict]) -> list[str]:
 
 def _matrix_records(recs: list[dict]) -> list[dict]:
     """The newest matrix record per (model, method, batch, input shape, threads, dtype, layout, compiled, device,
-    machine)."""
+    machine), with ``other_machine``: its CPU's name when that is not :func:`_main_processor`'s, else empty."""
     found = [{**r, "compile": bool(r.get("compile")), "malloc_settings": malloc_settings(r)}
              for r in recs if r.get("bench") == "matrix" and "step_s" in r]
     latest = _latest(found, ("model", "method", "batch", "input_shape", "threads", "dtype", "channels_last",
